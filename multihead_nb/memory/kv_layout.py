@@ -1,0 +1,74 @@
+"""A model's view of the arena's pages as K/V storage.
+
+Owns: the arithmetic from a model's shape to `tokens_per_page`, and the tensor views of the arena through which
+the model reads and writes its keys and values. Knows nothing of which pages belong to whom (`PagePool`).
+
+Inside a page the bytes are `[2, layers, tokens_per_page, kv_heads, head_dim]` in the model's dtype; the bytes
+past that are unused. A layer's keys over all pages are one strided view of the arena, no copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .arena import Arena
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    page_bytes: int
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "head_dim", "page_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
+        if self.tokens_per_page < 1:
+            raise ConfigError(
+                f"a page of {self.page_bytes} bytes cannot hold one token of this model, which needs "
+                f"{self.bytes_per_token} bytes of K/V per token ({self.num_layers} layers x {self.num_kv_heads} "
+                f"KV heads x {self.head_dim} head dim x 2 x {self.itemsize} bytes); use a larger page_bytes"
+            )
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def tokens_per_page(self) -> int:
+        return self.page_bytes // self.bytes_per_token
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of a page that hold K/V (the rest of the page is unused by this model)."""
+        return self.tokens_per_page * self.bytes_per_token
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.tokens_per_page)
+
+    def view(self, arena: Arena) -> torch.Tensor:
+        """All pages as `[num_pages, 2, layers, tokens_per_page, kv_heads, head_dim]` (a view, no copy)."""
+        if arena.page_bytes != self.page_bytes:
+            raise ConfigError(f"layout is for pages of {self.page_bytes} bytes, arena has {arena.page_bytes}")
+        raw = arena.pages()[:, : self.used_bytes]  # [P, used_bytes] uint8, row stride page_bytes
+        typed = raw.view(self.dtype)  # [P, used_bytes / itemsize]
+        out = typed.view(
+            arena.num_pages, 2, self.num_layers, self.tokens_per_page, self.num_kv_heads, self.head_dim
+        )
+        assert out.data_ptr() == arena.data.data_ptr()
+        return out
+
+    def layer_views(self, arena: Arena) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (keys, values), each `[num_pages, tokens_per_page, kv_heads, head_dim]` strided views."""
+        full = self.view(arena)
+        return [(full[:, 0, layer], full[:, 1, layer]) for layer in range(self.num_layers)]

@@ -1,0 +1,455 @@
+"""The kernel-resident workspace: one arena, its page pool, the loaded models, the heads, the engine and the bus.
+
+Owns: the public Python API (`add_head`, `generate`, `submit`, `pages`, `stats`, frames) and the wiring between
+layers: loading a model charges its weights to the pool, a head's quota becomes pages, a prompt becomes token ids
+through the model's chat template. Knows nothing of notebooks (the magics and widgets sit on top of it).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .config import format_size, parse_size, resolve_device, resolve_dtype
+from .engine.engine import Engine, ModelSlot
+from .engine.recorder import Recorder
+from .engine.request import Request, RequestIds, Status
+from .engine.scheduler import Scheduler
+from .errors import ConfigError, OutOfPagesError, RequestError
+from .heads import Head
+from .memory import Arena, PagePool
+
+
+@dataclass
+class LoadedModel:
+    key: str
+    spec: object
+    runner: object
+    tokenizer: object
+    weight_pages: int
+    heads: set = field(default_factory=set)
+
+
+@dataclass
+class Completion:
+    """A finished request: its text, ids, why it ended, and its per-token timing frame."""
+
+    head: str
+    request_id: int
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    tokens: pd.DataFrame
+    ttft_s: float | None  # time from arrival to the first token
+    duration_s: float  # time from arrival to the end
+    num_cached_tokens: int  # prompt tokens found in the prefix cache
+    num_preemptions: int
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class RequestHandle:
+    """A submitted request: stream its text, wait for its result, or cancel it."""
+
+    def __init__(self, ws: "Workspace", req: Request):
+        self._ws = ws
+        self.request = req
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def done(self) -> bool:
+        return self.request.done_event.is_set()
+
+    def stream(self):
+        """Yield text deltas as they are generated; ends when the request does."""
+        engine = self._ws.engine
+        try:
+            while True:
+                try:
+                    delta = self.request.deltas.get(timeout=0.05) if engine.background else self.request.deltas.get_nowait()
+                except Exception:  # queue.Empty
+                    if not engine.background:
+                        engine.step()
+                    continue
+                if delta is None:
+                    break
+                yield delta
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        self._raise_if_failed()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        try:
+            self._ws.engine.run_until(self.request.done_event.is_set, timeout)
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+        self._raise_if_failed()
+        return self._ws._completion(self.request)
+
+    def cancel(self) -> None:
+        """Stop the request and free its pages; returns once they are free."""
+        engine = self._ws.engine
+        engine.cancel(self.request)
+        if engine.background:
+            self.request.done_event.wait(timeout=30)
+        else:
+            engine.process_inbox()
+
+    def _raise_if_failed(self) -> None:
+        if self.request.status == Status.FAILED:
+            err = self.request.error
+            raise err if isinstance(err, Exception) else RequestError(str(err))
+
+    def __repr__(self) -> str:
+        return f"RequestHandle({self.request!r})"
+
+
+class Workspace:
+    """One device, one arena, many heads. `background=None` runs the engine on a thread inside a Jupyter kernel
+    and inline (driven by `result()` / `stream()`) elsewhere."""
+
+    def __init__(
+        self,
+        device: str = "auto",
+        pool: str | int = "1GiB",
+        page_bytes: str | int = "256KiB",
+        dtype: str = "auto",
+        *,
+        max_batched_tokens: int = 512,
+        max_seqs: int = 128,
+        background: bool | None = None,
+        seed: int = 0,
+    ):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        pool_bytes = parse_size(pool, what="pool")
+        self.page_bytes = parse_size(page_bytes, what="page_bytes")
+        if pool_bytes < self.page_bytes:
+            raise ConfigError(f"pool of {format_size(pool_bytes)} is smaller than one page of {format_size(self.page_bytes)}")
+        for name, v in (("max_batched_tokens", max_batched_tokens), ("max_seqs", max_seqs)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        import time
+
+        self.epoch = time.perf_counter()
+        self.arena = Arena(pool_bytes // self.page_bytes, self.page_bytes, self.device)
+        self.pool = PagePool(self.arena.num_pages)
+        self.scheduler = Scheduler(self.pool, max_batched_tokens=max_batched_tokens, max_seqs=max_seqs)
+        self.recorder = Recorder()
+        self.engine = Engine(self.scheduler, self.recorder, self.epoch)
+        self.heads: dict[str, Head] = {}
+        self.models: dict[str, LoadedModel] = {}
+        self._ids = RequestIds()
+        self._run_ids = RequestIds()
+        self._rng = random.Random(seed)
+        self._lock = threading.RLock()
+        self._closed = False
+        from .bus import Bus  # the bus listens to the engine's tokens
+
+        self.bus = Bus(self.epoch)
+        self.engine.listeners.append(self._publish)
+        if background is None:
+            background = "ipykernel" in sys.modules
+        if background:
+            self.engine.start_thread()
+
+    # ---- models and heads ----------------------------------------------------------------------------------
+    def add_head(self, name: str, model: str, system: str | None = None, *, replace: bool = False, **defaults) -> Head:
+        """Define a head; heads naming the same model share one loaded copy of its weights."""
+        self._check_open()
+        head = Head.from_options(name, str(model), system, **defaults)
+        with self._lock:
+            if name in self.heads:
+                if not replace:
+                    raise ConfigError(f"a head named {name!r} already exists; remove_head({name!r}) first")
+                self.remove_head(name)
+            loaded = self._load_model(str(model))
+            head.model = loaded.key
+            quota_pages = self._quota_pages(head)
+            self.scheduler.add_head(
+                name, loaded.key, weight=head.weight, quota_pages=quota_pages, max_concurrent=head.max_concurrent
+            )
+            loaded.heads.add(name)
+            self.heads[name] = head
+        return head
+
+    def remove_head(self, name: str) -> None:
+        """Cancel the head's requests, free their pages; unload its model if no other head uses it."""
+        with self._lock:
+            head = self._head(name)
+            for req in [r for r in self.scheduler.requests() if r.head == name]:
+                self.engine.cancel(req)
+            self._sync()
+            self.scheduler.remove_head(name)
+            del self.heads[name]
+            loaded = self.models[head.model]
+            loaded.heads.discard(name)
+            if not loaded.heads:
+                self._unload(loaded)
+
+    def _sync(self) -> None:
+        """Let the engine apply queued adds and cancels before returning."""
+        if self.engine.background:
+            done = threading.Event()
+            self.engine.call_soon(done.set)
+            if not done.wait(timeout=60):
+                raise RuntimeError("the engine thread did not respond within 60 s")
+        else:
+            self.engine.process_inbox()
+
+    def _model_key(self, model: str) -> str:
+        p = Path(model).expanduser()
+        return str(p.resolve()) if p.exists() else model
+
+    def _load_model(self, model: str) -> LoadedModel:
+        key = self._model_key(model)
+        if key in self.models:
+            return self.models[key]
+        from .models import ModelRunner, read_spec
+
+        spec = read_spec(model)
+        layout = spec.kv_layout(self.dtype, self.page_bytes)  # raises when a page cannot hold one token
+        wbytes = spec.weight_bytes(self.dtype)
+        wpages = -(-wbytes // self.page_bytes)
+        if wpages + 1 > self.pool.num_free:
+            raise OutOfPagesError(
+                f"model {model!r} needs {format_size(wbytes)} of weights in {self.dtype} plus at least one page of "
+                f"K/V ({format_size(self.page_bytes)}), but only {format_size(self.pool.num_free * self.page_bytes)} "
+                f"of the pool ({format_size(self.arena.nbytes)}) is free; use a larger pool (Workspace(pool=...)) "
+                "or remove heads of other models"
+            )
+        self.pool.reserve_weights(key, wpages)
+        try:
+            runner = ModelRunner(spec, self.arena, dtype=self.dtype, device=self.device)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
+        except BaseException:
+            self.pool.release_weights(key)
+            raise
+        eos = set(spec.eos_token_ids or ())
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        slot = ModelSlot(runner, tokenizer, frozenset(eos), spec.max_position_embeddings)
+        self.scheduler.add_model(key, layout)
+        self.engine.models[key] = slot
+        loaded = LoadedModel(key, spec, runner, tokenizer, wpages)
+        self.models[key] = loaded
+        return loaded
+
+    def _unload(self, loaded: LoadedModel) -> None:
+        self.scheduler.remove_model(loaded.key)
+        self.engine.models.pop(loaded.key, None)
+        self.pool.release_weights(loaded.key)
+        del self.models[loaded.key]
+
+    def _quota_pages(self, head: Head) -> int | None:
+        q = head.quota
+        if q is None:
+            return None
+        kv_pages = self.pool.num_pages - sum(len(p) for p in self.pool.weights().values())
+        if isinstance(q, str) and q.strip().endswith("%"):
+            try:
+                pct = float(q.strip()[:-1])
+            except ValueError:
+                raise ConfigError(f"quota must be like '25%' or a size like '64MiB', got {q!r}") from None
+            if not 0 < pct <= 100:
+                raise ConfigError(f"quota percentage must be in (0, 100], got {q!r}")
+            return max(1, int(kv_pages * pct / 100))
+        if isinstance(q, float) and 0 < q <= 1:
+            return max(1, int(kv_pages * q))
+        return max(1, parse_size(q, what="quota") // self.page_bytes)
+
+    def _head(self, name: str) -> Head:
+        if name not in self.heads:
+            known = ", ".join(sorted(self.heads)) or "none yet"
+            raise ConfigError(f"unknown head {name!r}; heads: {known}")
+        return self.heads[name]
+
+    # ---- prompts -------------------------------------------------------------------------------------------
+    def tokenizer(self, head: str):
+        return self.models[self._head(head).model].tokenizer
+
+    def render_prompt(self, head: str, prompt: str | list[dict]) -> str:
+        """The text the model sees: the head's system prompt and the user turn through the chat template."""
+        h = self._head(head)
+        tok = self.models[h.model].tokenizer
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+            if h.system:
+                messages.insert(0, {"role": "system", "content": h.system})
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            messages = prompt
+        else:
+            raise ConfigError(f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}")
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+    def encode_prompt(self, head: str, prompt: str | list[dict]) -> list[int]:
+        text = self.render_prompt(head, prompt)
+        tok = self.tokenizer(head)
+        has_template = bool(getattr(tok, "chat_template", None))
+        return list(tok(text, add_special_tokens=not has_template)["input_ids"])
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def submit(self, head: str, prompt: str | list[dict], **overrides) -> RequestHandle:
+        """Queue a generation and return at once; `.stream()`, `.result()`, `.cancel()` on the handle."""
+        self._check_open()
+        ids = self.encode_prompt(head, prompt)
+        return self.submit_ids(head, ids, **overrides)
+
+    def submit_ids(
+        self, head: str, prompt_ids: list[int], *, prompt_open: bool = False, tag: dict | None = None, **overrides
+    ) -> RequestHandle:
+        """Queue a generation from token ids (an open prompt may grow; see `extend_prompt`)."""
+        self._check_open()
+        h = self._head(head)
+        params = h.sampling.replace(**overrides)
+        loaded = self.models[h.model]
+        max_ctx = loaded.spec.max_position_embeddings
+        if len(prompt_ids) + 1 > max_ctx:
+            raise RequestError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of {h.model!r} ({max_ctx} tokens)"
+            )
+        layout = self.scheduler.layouts[h.model]
+        q = self.scheduler.heads[head]
+        capacity = self.scheduler._capacity(q)
+        need = layout.pages_for(len(prompt_ids) + 1)
+        if need > capacity:
+            raise RequestError(
+                f"prompt of {len(prompt_ids)} tokens needs {need} pages ({layout.tokens_per_page} tokens per page) "
+                f"but head {head!r} can hold at most {capacity} pages of K/V; use a larger pool or quota"
+            )
+        seed = params.seed if params.seed is not None else self._rng.randrange(2**63)
+        gen = None if params.greedy else torch.Generator().manual_seed(seed)
+        req = Request(
+            id=self._ids.next(), head=head, model=h.model, prompt_ids=list(prompt_ids), params=params,
+            arrival=self.engine.now(), prompt_open=prompt_open, tag=dict(tag or {}), generator=gen,
+        )
+        self.engine.submit(req)
+        return RequestHandle(self, req)
+
+    def extend_prompt(self, handle: RequestHandle, ids: list[int], *, close: bool = False) -> None:
+        """Append token ids to an open prompt (from the engine's side); `close=True` lets it start sampling."""
+        req = handle.request
+
+        def apply():
+            if req.status.done:
+                return
+            req.prompt_ids.extend(ids)
+            if close:
+                req.prompt_open = False
+
+        self.engine.call_soon(apply)
+
+    def team(self, steps: dict):
+        """A team of this workspace's heads: {head: template or Step}; see `multihead_nb.team`."""
+        from .team import Team
+
+        self._check_open()
+        return Team(self, steps)
+
+    def generate(self, head: str, prompt: str | list[dict], **overrides) -> Completion:
+        """Generate and wait: the blocking form of `submit(...).result()`."""
+        return self.submit(head, prompt, **overrides).result()
+
+    def _completion(self, req: Request) -> Completion:
+        end = req.finish_time if req.finish_time is not None else self.engine.now()
+        return Completion(
+            head=req.head, request_id=req.id, text=req.text, token_ids=list(req.output_ids),
+            prompt_token_ids=list(req.prompt_ids), finish_reason=req.finish_reason or "",
+            tokens=self.recorder.tokens({req.id}),
+            ttft_s=None if req.first_token_time is None else req.first_token_time - req.arrival,
+            duration_s=end - req.arrival, num_cached_tokens=req.num_cached, num_preemptions=req.num_preemptions,
+        )
+
+    def _publish(self, event: str, req: Request, payload) -> None:
+        self.bus.on_engine_event(event, req, payload)
+
+    # ---- views ---------------------------------------------------------------------------------------------
+    def pages(self) -> pd.DataFrame:
+        """One row per page: page, state (free, cached, kv, weights), owner, holders, model, tokens, shared."""
+        rows = []
+        for p in range(self.pool.num_pages):
+            state = self.pool.state(p).value
+            holders = self.pool.holders(p)
+            owner = next(iter(holders), None) if holders else None
+            model = self.pool.model_of(p)
+            rows.append(
+                (p, state, owner if state == "kv" else ("weights" if state == "weights" else None),
+                 ",".join(sorted(holders)), model, self.pool.tokens_in(p) if state in ("kv", "cached") else 0,
+                 self.pool.refcount(p))
+            )
+        return pd.DataFrame(rows, columns=["page", "state", "owner", "holders", "model", "tokens", "shared"])
+
+    def stats(self) -> dict:
+        usage = self.pool.usage()
+        slots = held = 0
+        for r in self.scheduler.requests():
+            if r.block_table:
+                tpp = self.scheduler.layouts[r.model].tokens_per_page
+                slots += len(r.block_table) * tpp
+                held += r.num_computed
+        busy = self.engine.busy_s
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "page_bytes": self.page_bytes,
+            "pool": usage,
+            "waste": 0.0 if slots == 0 else 1 - held / slots,
+            "queues": self.scheduler.queue_lengths(),
+            "steps": self.engine.step_count,
+            "tokens_generated": self.engine.tokens_generated,
+            "tokens_per_s": self.engine.tokens_generated / busy if busy else 0.0,
+            "models": {k: {"heads": sorted(m.heads), "weight_pages": m.weight_pages} for k, m in self.models.items()},
+        }
+
+    def steps(self) -> pd.DataFrame:
+        return self.recorder.steps()
+
+    def tokens(self) -> pd.DataFrame:
+        return self.recorder.tokens()
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("this workspace is closed; create a new one")
+
+    def close(self) -> None:
+        """Cancel everything, stop the engine thread and drop the models and the arena."""
+        if self._closed:
+            return
+        for req in self.scheduler.requests():
+            self.engine.cancel(req)
+        self._sync()
+        self.engine.stop_thread()
+        for loaded in list(self.models.values()):
+            self._unload(loaded)
+        self.heads.clear()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Workspace(device={self.device}, pool={format_size(self.arena.nbytes)}, pages={self.pool.num_pages} x "
+            f"{format_size(self.page_bytes)}, heads={sorted(self.heads)})"
+        )
