@@ -180,6 +180,21 @@ class Team:
         """Run to the end (KeyboardInterrupt cancels every step and frees its pages)."""
         return self.start(**variables).wait()
 
+    def sequential(self, **variables) -> dict[str, object]:
+        """Run the steps one by one with `ws.generate`, each after its inputs finished (the naive baseline).
+
+        Returns instance -> Completion; the prompts are the ones a streamed run builds."""
+        from .team_run import TeamRun
+
+        self.check_variables(variables)
+        builder = TeamRun(self, variables)
+        done: dict = {}
+        for inst in self.order:
+            ups = {src: (done[src].token_ids, done[src].text) for src in self.sources[inst] if src is not None}
+            ids = builder.build_reference(inst, ups)
+            done[inst] = self.ws.generate(inst.head, ids, **self.steps[inst.head].options)
+        return done
+
     def __repr__(self) -> str:
         edges = ", ".join(f"{h}<-{'+'.join(r) or '-'}" for h, r in self.refs.items())
         return f"Team({edges}; variables: {', '.join(self.variables) or 'none'})"

@@ -237,20 +237,25 @@ class TeamRun:
     def reference_prompt_ids(self, head: str, round: int | None = None) -> list[int]:
         """The prompt ids built from the finished upstream outputs (what waiting would have given)."""
         inst = self._instance(head, round)
-        t = self._targets[inst]
-        ups = []
+        ups = {}
+        for src in self._targets[inst].sources:
+            if src is not None:
+                req = self._targets[src].handle.request
+                ups[src] = (list(req.output_ids), req.text)
+        return self.build_reference(inst, ups)
+
+    def build_reference(self, inst, upstream: dict) -> list[int]:
+        """Prompt ids of `inst` given each source instance's finished (token ids, text)."""
+        t = self._targets.get(inst) or self._build_target(inst)
+        ups, eos = [], set()
         for src, feed in zip(t.sources, t.feeds):
             if src is None:
                 ups.append("")
                 continue
-            req = self._targets[src].handle.request
-            ups.append(list(req.output_ids) if feed.same_tokenizer else req.text)
-        eos = self.ws.engine.models[self.ws.heads[head].model].eos_ids if t.sources else frozenset()
-        all_eos = set(eos)
-        for src in t.sources:
-            if src is not None:
-                all_eos |= self.ws.engine.models[self.ws.heads[src.head].model].eos_ids
-        return reference_ids(t.pieces, ups, t.tokenizer, frozenset(all_eos))
+            ids, text = upstream[src]
+            ups.append(ids if feed.same_tokenizer else text)
+            eos |= feed.eos_ids
+        return reference_ids(t.pieces, ups, t.tokenizer, frozenset(eos))
 
     def _instance(self, head, round):
         insts = [i for i in self._targets if i.head == head and (round is None or i.round == round)]

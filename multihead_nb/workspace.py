@@ -244,7 +244,7 @@ class Workspace:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         slot = ModelSlot(runner, tokenizer, frozenset(eos), spec.max_position_embeddings)
-        self.scheduler.add_model(key, layout)
+        self.scheduler.add_model(key, layout, max_context=spec.max_position_embeddings)
         self.engine.models[key] = slot
         loaded = LoadedModel(key, spec, runner, tokenizer, wpages)
         self.models[key] = loaded
@@ -306,9 +306,14 @@ class Workspace:
         return list(tok(text, add_special_tokens=not has_template)["input_ids"])
 
     # ---- requests ------------------------------------------------------------------------------------------
-    def submit(self, head: str, prompt: str | list[dict], **overrides) -> RequestHandle:
-        """Queue a generation and return at once; `.stream()`, `.result()`, `.cancel()` on the handle."""
+    def submit(self, head: str, prompt: str | list[dict] | list[int], **overrides) -> RequestHandle:
+        """Queue a generation and return at once; `.stream()`, `.result()`, `.cancel()` on the handle.
+
+        `prompt` is the user turn (formatted with the head's system prompt by the chat template), a list of chat
+        messages, or a list of token ids used as they are."""
         self._check_open()
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            return self.submit_ids(head, list(prompt), **overrides)  # already token ids
         ids = self.encode_prompt(head, prompt)
         return self.submit_ids(head, ids, **overrides)
 
@@ -363,7 +368,7 @@ class Workspace:
         self._check_open()
         return Team(self, steps)
 
-    def generate(self, head: str, prompt: str | list[dict], **overrides) -> Completion:
+    def generate(self, head: str, prompt: str | list[dict] | list[int], **overrides) -> Completion:
         """Generate and wait: the blocking form of `submit(...).result()`."""
         return self.submit(head, prompt, **overrides).result()
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import RequestError
 from ..models.batch import ForwardBatch
 from .detokenizer import IncrementalDetokenizer
 from .recorder import Recorder
@@ -103,7 +104,11 @@ class Engine:
             self._drain_inbox()
             plan = self.scheduler.schedule()
             t1 = self.now()
-            out = self.run(plan)
+            try:
+                out = self.run(plan)
+            except Exception as e:  # a failed forward fails the requests in it, not the workspace
+                self._fail_plan(plan, e)
+                return True
             t2 = self.now()
             self.postprocess(plan, out)
             t3 = self.now()
@@ -112,6 +117,20 @@ class Engine:
                 self.step_count += 1
                 self.busy_s += t3 - t0
             return bool(plan.chunks)
+
+    def _fail_plan(self, plan: StepPlan, error: Exception) -> None:
+        for req in plan.failed:
+            self._finish(req)
+        for c in plan.chunks:
+            req = c.request
+            if req.status.done:
+                continue
+            self.scheduler.finish(req)
+            req.status = Status.FAILED
+            req.finish_reason = "error"
+            req.error = RequestError(f"the forward pass of {req.model!r} failed: {type(error).__name__}: {error}")
+            req.error.__cause__ = error
+            self._finish(req)
 
     def run(self, plan: StepPlan) -> StepOutput:
         sampled: dict[int, int] = {}

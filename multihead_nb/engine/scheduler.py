@@ -66,16 +66,19 @@ class Scheduler:
         self.heads: dict[str, HeadQueue] = {}
         self.layouts: dict[str, KVLayout] = {}
         self.prefix_keys: dict[str, object] = {}
+        self.max_context: dict[str, int] = {}
         self._page_hashes: dict[int, list[bytes]] = {}  # request id -> hashes of its registered full pages
 
     # ---- registration --------------------------------------------------------------------------------------
-    def add_model(self, model: str, layout: KVLayout, prefix_key: object = None) -> None:
+    def add_model(self, model: str, layout: KVLayout, prefix_key: object = None, max_context: int = 1 << 30) -> None:
         self.layouts[model] = layout
+        self.max_context[model] = max_context
         self.prefix_keys[model] = prefix_key if prefix_key is not None else model
 
     def remove_model(self, model: str) -> None:
         self.layouts.pop(model, None)
         self.prefix_keys.pop(model, None)
+        self.max_context.pop(model, None)
 
     def add_head(self, name: str, model: str, *, weight=1.0, quota_pages=None, max_concurrent=None) -> None:
         old = self.heads.get(name)
@@ -170,7 +173,12 @@ class Scheduler:
             if not cands:
                 continue
             req = cands.popleft()
-            if req.status == Status.WAITING:
+            if req.num_tokens + (0 if req.prompt_open else 1) > self.max_context[req.model]:
+                self._fail(req, q, plan, (
+                    f"request {req.id} of head {req.head!r} has {req.num_tokens} tokens, more than the "
+                    f"{self.max_context[req.model]}-token context of its model; shorten its prompt or inputs"))
+                n = 0
+            elif req.status == Status.WAITING:
                 n = self._admit(req, q, budget, plan)
                 if n == 0:
                     cands.clear()  # this head admits nothing more this step (concurrency, quota or pages)

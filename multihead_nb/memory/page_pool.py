@@ -176,9 +176,11 @@ class PagePool:
         Pass a sequence's pages in order: they are released last-first, so its early (most shared) prefix
         pages are evicted last.
         """
-        for page in reversed(list(pages)):
-            if self._holders[page][owner] <= 0:
+        pages = list(pages)
+        for page, n in Counter(pages).items():  # check all first: a bad release changes nothing
+            if self._holders[page][owner] < n:
                 raise ValueError(f"{owner!r} releases page {page}, which it does not hold (double free)")
+        for page in reversed(pages):
             self._holders[page][owner] -= 1
             if self._holders[page][owner] == 0:
                 del self._holders[page][owner]

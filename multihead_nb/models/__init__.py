@@ -1,0 +1,8 @@
+"""The native model runner for the Llama family: checkpoints (`loader`), the model (`llama`), paged attention
+(`attention`), and `ModelRunner` (one model's forward over a `ForwardBatch`)."""
+
+from .batch import ForwardBatch
+from .loader import ModelSpec, load_weights, read_spec, resolve_checkpoint
+from .runner import ModelRunner
+
+__all__ = ["ForwardBatch", "ModelRunner", "ModelSpec", "load_weights", "read_spec", "resolve_checkpoint"]

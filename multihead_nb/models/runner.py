@@ -1,0 +1,70 @@
+"""One model's runner: its weights, its view of the arena's pages, and `forward(ForwardBatch) -> logits`.
+
+Owns: loading a `ModelSpec`'s weights onto the device, the model's `KVLayout` over the shared arena (per-layer
+cache views, no copy), and turning a `ForwardBatch` into one forward pass. Knows nothing of requests, heads or
+which pages are whose: the batch's `slot_mapping` and `block_tables` say where K/V is written and read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import parse_dtype
+from ..errors import ConfigError
+from ..memory import Arena
+from .attention import build_metadata
+from .batch import ForwardBatch
+from .llama import LlamaModel
+from .loader import ModelSpec, load_weights
+
+
+class ModelRunner:
+    """Runs `spec` in `dtype` on `device`, keeping its K/V in `arena`'s pages.
+
+    `packed`: None uses oneDNN prepacked linears where they work (CPU, bfloat16), False plain `F.linear`.
+    """
+
+    def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,
+                 device: torch.device | str | None = None, packed: bool | None = None):
+        self.spec = spec
+        self.arena = arena
+        self.dtype = parse_dtype(dtype)
+        self.device = torch.device(device) if device is not None else arena.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        arena_dev = arena.device
+        if arena_dev.type == "cuda" and arena_dev.index is None:
+            arena_dev = torch.device("cuda", torch.cuda.current_device())
+        if arena_dev != self.device:
+            raise ConfigError(f"the runner's device {self.device} differs from the arena's device {arena.device}")
+        self.layout = spec.kv_layout(self.dtype, arena.page_bytes)  # ConfigError when a page cannot hold a token
+        full = self.layout.view(arena)  # [P, 2, layers, tpp, KV, d]
+        # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
+        self.caches = [full[:, :, layer].permute(0, 2, 1, 3, 4) for layer in range(spec.num_layers)]
+        weights = load_weights(spec, self.dtype, self.device)
+        self.model = LlamaModel(spec, weights, self.dtype, self.device, packed=packed)
+
+    @property
+    def tokens_per_page(self) -> int:
+        return self.layout.tokens_per_page
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits `[L, vocab]` float32 of the tokens at `batch.logits_indices`; writes the batch's K/V."""
+        spec = self.spec
+        max_ctx = max(batch.context_lens)
+        if max_ctx > spec.max_position_embeddings:
+            raise ConfigError(
+                f"a sequence of {max_ctx} tokens exceeds the model's {spec.max_position_embeddings} positions"
+            )
+        with torch.inference_mode():
+            meta = build_metadata(
+                batch, self.layout.tokens_per_page, spec.num_heads // spec.num_kv_heads, spec.sliding_window,
+                self.device,
+            )
+            return self.model.forward(
+                batch.input_ids, batch.positions, max_ctx - 1, self.caches, meta, batch.logits_indices
+            )
+
+    def __repr__(self) -> str:
+        return (f"ModelRunner({self.spec.name!r}, {self.spec.family}, dtype={self.dtype}, device={self.device}, "
+                f"tokens_per_page={self.layout.tokens_per_page})")

@@ -1,0 +1,286 @@
+"""The workspace and engine: heads batched together produce what they would alone; fairness, quotas,
+preemption, cancellation, bad input, and the frames."""
+
+import _thread
+import threading
+
+import pytest
+import torch
+
+import multihead_nb as mh
+from multihead_nb.errors import CheckpointError, ConfigError, RequestError
+
+PROMPTS = [
+    "Write a function that adds two numbers.",
+    "Tell me about the sea and the sky",
+    "def f(x): return x",
+    "List three colours",
+]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ckpt):
+    return {
+        "a": str(tiny_ckpt("llama")),
+        "b": str(tiny_ckpt("qwen2", num_hidden_layers=3, head_dim=8, num_attention_heads=8, num_key_value_heads=2)),
+    }
+
+
+def tight_pool(model_path, kv_pages, page_bytes=4096):
+    """A pool size holding the model's float32 weights plus `kv_pages` pages of K/V."""
+    from multihead_nb.models import read_spec
+
+    w = read_spec(model_path).weight_bytes(torch.float32)
+    return (-(-w // page_bytes) + kv_pages) * page_bytes
+
+
+def make_ws(**kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("pool", "8MiB")
+    kw.setdefault("page_bytes", "8KiB")
+    kw.setdefault("background", False)
+    return mh.Workspace(**kw)
+
+
+def add_team(ws, models):
+    ws.add_head("h1", models["a"], system="You are terse.")
+    ws.add_head("h2", models["a"], system="You are verbose.")
+    ws.add_head("h3", models["a"])
+    ws.add_head("h4", models["b"], system="Other model.")
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, top_k=50, seed=7)])
+def test_heads_together_equal_alone(models, sampling):
+    alone = {}
+    ws = make_ws()
+    add_team(ws, models)
+    heads = ["h1", "h2", "h3", "h4"]
+    for h, p in zip(heads, PROMPTS):
+        alone[h] = ws.generate(h, p, max_tokens=24, ignore_eos=True, **sampling).token_ids
+    ws.close()
+
+    ws = make_ws(max_batched_tokens=64)
+    add_team(ws, models)
+    handles = {h: ws.submit(h, p, max_tokens=24, ignore_eos=True, **sampling) for h, p in zip(heads, PROMPTS)}
+    together = {h: handles[h].result().token_ids for h in heads}
+    assert together == alone
+    steps = ws.steps()
+    # heads of one model shared forwards, and both models ran within the same engine steps
+    assert steps.num_seqs.max() >= 3
+    assert (steps.groupby("step").model.nunique() == 2).any()
+    ws.pool.check()
+    ws.close()
+
+
+def test_one_copy_of_weights_per_model(models):
+    ws = make_ws()
+    add_team(ws, models)
+    assert len(ws.models) == 2
+    assert ws.pages().state.eq("weights").sum() == sum(m.weight_pages for m in ws.models.values())
+    ws.remove_head("h4")
+    assert len(ws.models) == 1  # the second model is unloaded with its last head
+    ws.close()
+
+
+def test_fairness_weights_1_to_3(models):
+    ws = make_ws(max_batched_tokens=8, max_seqs=8)
+    ws.add_head("light", models["a"], weight=1)
+    ws.add_head("heavy", models["a"], weight=3)
+    handles = []
+    for i in range(16):
+        for h in ("light", "heavy"):
+            handles.append(ws.submit(h, f"request {i} of {h}", max_tokens=16, ignore_eos=True))
+    served = {"light": 0, "heavy": 0}
+    # measure service while both heads are backlogged (each still has requests waiting for a place)
+    sched = ws.scheduler
+    ws.engine.process_inbox()
+    while all(sched.heads[h].waiting for h in served):
+        before = {h: sched.heads[h].served for h in served}
+        ws.engine.step()
+        for h in served:
+            served[h] += sched.heads[h].served - before[h]
+    ratio = served["heavy"] / served["light"]
+    assert 3 * 0.9 <= ratio <= 3 * 1.1, served
+    for h in handles:
+        h.result()
+    ws.pool.check()
+    ws.close()
+
+
+def test_quota_is_never_exceeded_and_others_proceed(models):
+    ws = make_ws(pool="2MiB")
+    ws.add_head("small", models["a"], quota="5%")
+    ws.add_head("free", models["a"])
+    quota = ws.pool.quota("small")
+    assert quota is not None and quota >= 1
+    peak = {"small": 0}
+    ws.engine.listeners.append(lambda ev, req, _: peak.__setitem__("small", max(peak["small"], ws.pool.held_by("small"))))
+    tpp = ws.scheduler.layouts[ws.heads["small"].model].tokens_per_page
+    n_tokens = (quota * tpp) // 3  # three of these do not fit the quota at once
+    hs = [ws.submit("small", "x " * max(1, n_tokens - 20), max_tokens=8, ignore_eos=True) for _ in range(3)]
+    other = ws.submit("free", "hello there", max_tokens=8, ignore_eos=True)
+    assert other.result().finish_reason == "length"
+    for h in hs:
+        assert h.result().finish_reason == "length"
+    assert 0 < peak["small"] <= quota
+    ws.pool.check()
+    ws.close()
+
+
+def test_overload_completes_through_preemption_without_leaks(models):
+    ws = make_ws(pool="1MiB", page_bytes="4KiB", max_batched_tokens=256)
+    ws.add_head("a", models["a"])
+    ws.add_head("b", models["a"], weight=2)
+    free_at_start = ws.pool.num_free
+    tpp = ws.scheduler.layouts[ws.heads["a"].model].tokens_per_page
+    kv_tokens = free_at_start * tpp
+    prompt_len = (4 * kv_tokens) // 32  # 32 prompts together need 4x the pool
+    prompts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(prompt_len // 3)) for i in range(32)]
+    alone_ws = make_ws(pool="8MiB", page_bytes="4KiB")
+    alone_ws.add_head("a", models["a"])
+    alone_ws.add_head("b", models["a"])
+    expected = [alone_ws.generate("ab"[i % 2], p, max_tokens=6, ignore_eos=True).token_ids for i, p in enumerate(prompts)]
+    alone_ws.close()
+    total = sum(len(ws.encode_prompt("a", p)) for p in prompts)
+    assert total >= 3.5 * kv_tokens
+    handles = [ws.submit("ab"[i % 2], p, max_tokens=6, ignore_eos=True) for i, p in enumerate(prompts)]
+    got = [h.result().token_ids for h in handles]
+    assert got == expected
+    assert sum(h.request.num_preemptions for h in handles) > 0 or ws.steps().pages_free.min() == 0
+    assert ws.pool.num_free + ws.pool.usage()["cached"] * 0 == free_at_start
+    ws.pool.check()
+    ws.close()
+
+
+def test_request_too_big_for_pool_fails_alone(models):
+    ws = make_ws(pool=tight_pool(models["a"], 24), page_bytes="4KiB")
+    ws.add_head("a", models["a"])
+    ws.add_head("b", models["a"])
+    free = ws.pool.num_free
+    assert free == 24
+    tpp = ws.scheduler.layouts[ws.heads["a"].model].tokens_per_page
+    big = ws.submit("a", "go", max_tokens=free * tpp + 10, ignore_eos=True)
+    small = ws.submit("b", "hi", max_tokens=5, ignore_eos=True)
+    assert small.result().finish_reason == "length"
+    with pytest.raises(RequestError, match="pages"):
+        big.result()
+    assert ws.pool.num_free == free
+    assert ws.generate("a", "again", max_tokens=3).finish_reason in ("length", "stop")
+    ws.close()
+
+
+def test_cancel_mid_generation_frees_pages(models):
+    ws = make_ws()
+    ws.add_head("a", models["a"])
+    free = ws.pool.num_free
+    h = ws.submit("a", "stream me", max_tokens=200, ignore_eos=True)
+    pieces = []
+    for delta in h.stream():
+        pieces.append(delta)
+        if len(h.request.output_ids) >= 5:
+            break
+    h.cancel()
+    assert h.request.finish_reason == "cancelled"
+    assert ws.pool.num_free == free
+    assert ws.generate("a", "next", max_tokens=4, ignore_eos=True).finish_reason == "length"
+    ws.close()
+
+
+def test_keyboard_interrupt_cancels_cleanly(models):
+    ws = make_ws()
+    ws.add_head("a", models["a"])
+    free = ws.pool.num_free
+    h = ws.submit("a", "interrupt me", max_tokens=100000 // 1000 * 5, ignore_eos=True)
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        h.result()
+    timer.cancel()
+    assert h.request.status.value == "cancelled"
+    assert ws.pool.num_free == free
+    ws.pool.check()
+    assert ws.generate("a", "after", max_tokens=3, ignore_eos=True).finish_reason == "length"
+    ws.close()
+
+
+def test_background_thread_mode(models):
+    ws = make_ws(background=True)
+    ws.add_head("a", models["a"])
+    ws.add_head("b", models["b"])
+    h1 = ws.submit("a", "one", max_tokens=10, ignore_eos=True)
+    h2 = ws.submit("b", "two", max_tokens=10, ignore_eos=True)
+    text = "".join(h1.stream())
+    assert text == h1.result().text
+    assert len(h2.result().token_ids) == 10
+    ws.close()
+
+
+def test_bad_input_is_clear_and_harmless(models, tmp_path):
+    ws = make_ws()
+    ws.add_head("a", models["a"])
+    with pytest.raises(ConfigError, match="unknown head 'nope'"):
+        ws.generate("nope", "hi")
+    with pytest.raises(ConfigError, match="already exists"):
+        ws.add_head("a", models["a"])
+    with pytest.raises(ConfigError, match="unknown head option"):
+        ws.add_head("c", models["a"], temprature=0.5)
+    with pytest.raises(ConfigError, match="unknown sampling option"):
+        ws.generate("a", "hi", max_tokns=3)
+    with pytest.raises(CheckpointError, match="does-not-exist"):
+        ws.add_head("d", str(tmp_path / "does-not-exist"))
+    with pytest.raises(RequestError, match="context"):
+        ws.generate("a", "word " * 2000)
+    small = make_ws(pool=tight_pool(models["a"], 8), page_bytes="4KiB")
+    small.add_head("a", models["a"])
+    with pytest.raises(RequestError, match="pages"):
+        small.generate("a", "word " * 60)
+    small.close()
+    assert set(ws.heads) == {"a"}
+    assert ws.generate("a", "still fine", max_tokens=3, ignore_eos=True).finish_reason == "length"
+    ws.pool.check()
+    ws.close()
+
+
+def test_prefix_cache_reuses_full_pages(models):
+    ws = make_ws()
+    ws.add_head("a", models["a"], system="A long shared system prompt. " * 12)
+    first = ws.generate("a", "first question", max_tokens=8)
+    second = ws.generate("a", "first question", max_tokens=8)
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens > 0
+    assert second.token_ids == first.token_ids
+    # computed tokens of the second request: only the uncached rest of its prompt (plus decode)
+    steps = ws.steps()
+    assert ws.scheduler.heads["a"].served == len(first.prompt_token_ids) + len(first.token_ids) - 1 + (
+        len(second.prompt_token_ids) - second.num_cached_tokens + len(second.token_ids) - 1
+    )
+    assert not steps.empty
+    ws.close()
+
+
+def test_frames_have_documented_columns(models):
+    from multihead_nb.engine.recorder import STEP_COLUMNS, TOKEN_COLUMNS
+
+    ws = make_ws()
+    ws.add_head("a", models["a"])
+    ws.add_head("b", models["b"])
+    ha = ws.submit("a", "alpha", max_tokens=12, ignore_eos=True)
+    hb = ws.submit("b", "beta", max_tokens=12, ignore_eos=True)
+    ca, cb = ha.result(), hb.result()
+    assert list(ws.steps().columns) == STEP_COLUMNS
+    assert list(ca.tokens.columns)[: len(TOKEN_COLUMNS)] == TOKEN_COLUMNS
+    for c in (ca, cb):
+        t = c.tokens
+        assert len(t) == 12 and t["index"].tolist() == list(range(12))
+        assert t.t.is_monotonic_increasing and (t.dt >= 0).all()
+        assert "".join(t.text) == c.text or c.text.startswith("".join(t.text))
+    tokens = ws.tokens()
+    assert set(tokens["head"]) == {"a", "b"}
+    stats = ws.stats()
+    assert stats["steps"] == ws.engine.step_count and stats["tokens_generated"] == 24
+    assert 0 <= stats["waste"] < 1
+    pages = ws.pages()
+    assert list(pages.columns) == ["page", "state", "owner", "holders", "model", "tokens", "shared"]
+    assert set(pages.state) <= {"free", "cached", "kv", "weights"}
+    ws.close()
