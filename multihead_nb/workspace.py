@@ -424,9 +424,17 @@ class Workspace:
         }
 
     def steps(self) -> pd.DataFrame:
+        """One row per engine step and model (columns documented in `multihead_nb.engine.recorder`)."""
         return self.recorder.steps()
 
+    def dashboard(self, **options):
+        """A live dashboard (page map, scheduler queues, token streams, timeline); static figures without widgets."""
+        from .widgets.dashboard import dashboard
+
+        return dashboard(self, **options)
+
     def tokens(self) -> pd.DataFrame:
+        """One row per generated token (columns documented in `multihead_nb.engine.recorder`)."""
         return self.recorder.tokens()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------

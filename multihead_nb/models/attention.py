@@ -34,6 +34,7 @@ class AttentionMetadata:
     mask: torch.Tensor | None  # [S, 1, max_q * group or 1, max_k] bool, True = attend
     pad_index: torch.Tensor | None  # [T] int64 row of each token in [S * max_q]; None when all queries are max_q
     fresh: bool  # one sequence with no earlier context: attend its own K/V with a causal mask, no gather
+    kv_len: int = 0  # with mask None: keys to attend (one sequence decoding one token attends all its context)
 
 
 def build_metadata(
@@ -60,6 +61,10 @@ def build_metadata(
         pages.extend([table[0]] * (max_pages - n))
     gather_pages = torch.tensor(pages, dtype=torch.long, device=device)  # [S * max_pages]
     max_k = max_pages * tpp
+
+    if S == 1 and max_q == 1 and not windowed:  # one sequence decoding: it attends its whole context, no mask
+        return AttentionMetadata(S, 1, max_k, group, write_page, write_offset, gather_pages, None, None, False,
+                                 kv_len=clens[0])
 
     ctx = torch.tensor(clens, dtype=torch.long, device=device)  # [S]
     ql = torch.tensor(qlens, dtype=torch.long, device=device)  # [S]
@@ -112,6 +117,8 @@ def paged_attention(
     keys = gathered[:, :, 0].reshape(S, meta.max_k, KV, D).transpose(1, 2)  # [S, KV, max_k, D] (a view)
     values = gathered[:, :, 1].reshape(S, meta.max_k, KV, D).transpose(1, 2)  # [S, KV, max_k, D]
 
+    if meta.mask is None:
+        keys, values = keys[:, :, : meta.kv_len], values[:, :, : meta.kv_len]  # [1, KV, ctx, D]
     if meta.pad_index is not None:
         q = q.new_zeros(S * Q, H, D).index_copy_(0, meta.pad_index, q)  # [S * Q, H, D]
     if Q == 1:

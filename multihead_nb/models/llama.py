@@ -111,12 +111,20 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool):
         self.bias = bias
         self.packed = packed
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if packed else weight.contiguous()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight) if packed else weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """`silu(linear(x))` (packed only; oneDNN calls silu "swish")."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "swish", [], "")
+
+    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """`linear(x) * other` (packed only)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, "mul")
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """`residual + linear(x)`, fused when packed."""
@@ -126,7 +134,7 @@ class Linear:
 
 
 class Layer:
-    __slots__ = ("ln1", "qkv", "q_norm", "k_norm", "o", "ln2", "gate_up", "down")
+    __slots__ = ("ln1", "qkv", "q_norm", "k_norm", "o", "ln2", "gate_up", "gate", "up", "down")
 
 
 class LlamaModel:
@@ -154,8 +162,11 @@ class LlamaModel:
             L.qkv = Linear(qkv, torch.cat(biases) if all(b is not None for b in biases) else None, self.packed)
             L.q_norm, L.k_norm = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             L.o = Linear(w("self_attn.o_proj.weight"), w("self_attn.o_proj.bias"), self.packed)  # [h, H d]
-            gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])  # [2I, h]
-            L.gate_up = Linear(gate_up, None, self.packed)
+            gate, up = w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")  # [I, h] each
+            if self.packed:  # silu fused into the gate's matmul, the product into the up's
+                L.gate, L.up, L.gate_up = Linear(gate, None, True), Linear(up, None, True), None
+            else:  # one matmul for both
+                L.gate_up, L.gate, L.up = Linear(torch.cat([gate, up]), None, False), None, None  # [2I, h]
             L.down = Linear(w("mlp.down_proj.weight"), None, self.packed)  # [h, I]
             self.layers.append(L)
         weights.clear()  # the unfused q/k/v and gate/up tensors are no longer referenced
@@ -194,8 +205,12 @@ class LlamaModel:
                 attn, x = attn.index_select(0, logits_indices), x.index_select(0, logits_indices)
             x = L.o.add(attn, x)  # [T, h] residual + o_proj(attn)
             h = F.rms_norm(x, (x.shape[-1],), L.ln2, eps)
-            gu = L.gate_up(h)  # [T, 2I]
-            x = L.down.add(F.silu(gu[:, :I]) * gu[:, I:], x)  # [T, h]
+            if L.gate_up is None:
+                act = L.up.mul(h, L.gate.silu(h))  # [T, I] up(h) * silu(gate(h))
+            else:
+                gu = L.gate_up(h)  # [T, 2I]
+                act = F.silu(gu[:, :I]) * gu[:, I:]  # [T, I]
+            x = L.down.add(act, x)  # [T, h]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, eps)  # [L, h]
         logits = self.lm_head(x).float()  # [L, V]
         assert logits.shape == (logits_indices.shape[0], spec.vocab_size)

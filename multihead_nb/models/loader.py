@@ -31,12 +31,6 @@ ARCHITECTURES = {
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
 ROPE_TYPES = ("default", "llama3")
 
-_ST_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 # ---- finding the folder ------------------------------------------------------------------------------------
 def _looks_like_hub_id(name: str) -> bool:
