@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from typing import TYPE_CHECKING
 
 import pandas as pd

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +20,10 @@ import torch
 from .config import format_size, parse_size, resolve_device, resolve_dtype
 from .engine.engine import Engine, ModelSlot
 from .engine.recorder import Recorder
-from .engine.request import Request, RequestIds, Status
+from .engine.request import Request, RequestIds
 from .engine.scheduler import Scheduler
 from .errors import ConfigError, OutOfPagesError, RequestError
+from .handles import Completion, RequestHandle
 from .heads import Head
 from .memory import Arena, PagePool
 
@@ -34,87 +36,6 @@ class LoadedModel:
     tokenizer: object
     weight_pages: int
     heads: set = field(default_factory=set)
-
-
-@dataclass
-class Completion:
-    """A finished request: its text, ids, why it ended, and its per-token timing frame."""
-
-    head: str
-    request_id: int
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str
-    tokens: pd.DataFrame
-    ttft_s: float | None  # time from arrival to the first token
-    duration_s: float  # time from arrival to the end
-    num_cached_tokens: int  # prompt tokens found in the prefix cache
-    num_preemptions: int
-
-    def __str__(self) -> str:
-        return self.text
-
-
-class RequestHandle:
-    """A submitted request: stream its text, wait for its result, or cancel it."""
-
-    def __init__(self, ws: "Workspace", req: Request):
-        self._ws = ws
-        self.request = req
-
-    @property
-    def id(self) -> int:
-        return self.request.id
-
-    @property
-    def done(self) -> bool:
-        return self.request.done_event.is_set()
-
-    def stream(self):
-        """Yield text deltas as they are generated; ends when the request does."""
-        engine = self._ws.engine
-        try:
-            while True:
-                try:
-                    delta = self.request.deltas.get(timeout=0.05) if engine.background else self.request.deltas.get_nowait()
-                except Exception:  # queue.Empty
-                    if not engine.background:
-                        engine.step()
-                    continue
-                if delta is None:
-                    break
-                yield delta
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        self._raise_if_failed()
-
-    def result(self, timeout: float | None = None) -> Completion:
-        try:
-            self._ws.engine.run_until(self.request.done_event.is_set, timeout)
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        self._raise_if_failed()
-        return self._ws._completion(self.request)
-
-    def cancel(self) -> None:
-        """Stop the request and free its pages; returns once they are free."""
-        engine = self._ws.engine
-        engine.cancel(self.request)
-        if engine.background:
-            self.request.done_event.wait(timeout=30)
-        else:
-            engine.process_inbox()
-
-    def _raise_if_failed(self) -> None:
-        if self.request.status == Status.FAILED:
-            err = self.request.error
-            raise err if isinstance(err, Exception) else RequestError(str(err))
-
-    def __repr__(self) -> str:
-        return f"RequestHandle({self.request!r})"
 
 
 class Workspace:
@@ -142,8 +63,6 @@ class Workspace:
         for name, v in (("max_batched_tokens", max_batched_tokens), ("max_seqs", max_seqs)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        import time
-
         self.epoch = time.perf_counter()
         self.arena = Arena(pool_bytes // self.page_bytes, self.page_bytes, self.device)
         self.pool = PagePool(self.arena.num_pages)
@@ -237,6 +156,17 @@ class Workspace:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
+            actual = -(-runner.weight_nbytes() // self.page_bytes)
+            if actual > wpages:  # prepacked copies: charge what is really held
+                self.pool.release_weights(key)
+                if actual > self.pool.num_free - 1:
+                    raise OutOfPagesError(
+                        f"model {model!r} holds {format_size(runner.weight_nbytes())} of weights once loaded, "
+                        f"more than the {format_size((self.pool.num_free - 1) * self.page_bytes)} the pool has free "
+                        "beside one page of K/V; use a larger pool"
+                    )
+                self.pool.reserve_weights(key, actual)
+                wpages = actual
         except BaseException:
             self.pool.release_weights(key)
             raise

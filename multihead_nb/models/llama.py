@@ -172,6 +172,29 @@ class LlamaModel:
         weights.clear()  # the unfused q/k/v and gate/up tensors are no longer referenced
         self.rope = RotaryTable(spec, dtype, device)
 
+    def weight_nbytes(self) -> int:
+        """Bytes of every weight tensor held (a tied, prepacked lm_head is a second copy of the embedding)."""
+        tensors = [self.embed, self.norm, self.lm_head.weight, self.lm_head.bias]
+        for L in self.layers:
+            for name in ("ln1", "ln2", "q_norm", "k_norm"):
+                tensors.append(getattr(L, name, None))
+            for name in ("qkv", "o", "gate", "up", "gate_up", "down"):
+                lin = getattr(L, name, None)
+                if lin is not None:
+                    tensors += [lin.weight, lin.bias]
+        seen, total = set(), 0
+        for t in tensors:
+            if t is None:
+                continue
+            try:
+                key, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            except (RuntimeError, NotImplementedError):  # opaque layouts
+                key, n = id(t), t.numel() * t.element_size()
+            if key not in seen:
+                seen.add(key)
+                total += n
+        return total
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -44,6 +44,10 @@ class ModelRunner:
         weights = load_weights(spec, self.dtype, self.device)
         self.model = LlamaModel(spec, weights, self.dtype, self.device, packed=packed)
 
+    def weight_nbytes(self) -> int:
+        """Bytes of weights actually held on the device (may exceed `spec.weight_bytes` with prepacked copies)."""
+        return self.model.weight_nbytes()
+
     @property
     def tokens_per_page(self) -> int:
         return self.layout.tokens_per_page
