@@ -2,8 +2,6 @@
 preemption, cancellation, bad input, and the frames."""
 
 import _thread
-import threading
-
 import pytest
 import torch
 
@@ -191,12 +189,18 @@ def test_keyboard_interrupt_cancels_cleanly(models):
     ws = make_ws()
     ws.add_head("a", models["a"])
     free = ws.pool.num_free
-    h = ws.submit("a", "interrupt me", max_tokens=100000 // 1000 * 5, ignore_eos=True)
-    timer = threading.Timer(0.3, _thread.interrupt_main)
-    timer.start()
+    h = ws.submit("a", "interrupt me", max_tokens=400, ignore_eos=True)
+    fired = []
+
+    def ctrl_c_after_5_tokens(event, req, _):  # like Ctrl-C pressed mid-generation
+        if event == "token" and len(req.output_ids) == 5 and not fired:
+            fired.append(True)
+            _thread.interrupt_main()
+
+    ws.engine.listeners.append(ctrl_c_after_5_tokens)
     with pytest.raises(KeyboardInterrupt):
         h.result()
-    timer.cancel()
+    ws.engine.listeners.remove(ctrl_c_after_5_tokens)
     assert h.request.status.value == "cancelled"
     assert ws.pool.num_free == free
     ws.pool.check()
@@ -283,4 +287,24 @@ def test_frames_have_documented_columns(models):
     pages = ws.pages()
     assert list(pages.columns) == ["page", "state", "owner", "holders", "model", "tokens", "shared"]
     assert set(pages.state) <= {"free", "cached", "kv", "weights"}
+    ws.close()
+
+
+def test_pool_and_page_size_errors(models):
+    from multihead_nb.errors import OutOfPagesError
+
+    with pytest.raises(ConfigError, match="smaller than one page"):
+        mh.Workspace(device="cpu", pool="4KiB", page_bytes="8KiB", background=False)
+    with pytest.raises(ConfigError, match="size like"):
+        mh.Workspace(device="cpu", pool="lots", background=False)
+    with pytest.raises(ConfigError, match="dtype"):
+        mh.Workspace(device="cpu", dtype="int8", background=False)
+    ws = make_ws(pool="256KiB", page_bytes="8KiB")
+    with pytest.raises(OutOfPagesError, match=r"needs .* of weights .* larger pool"):
+        ws.add_head("a", models["a"])
+    assert not ws.heads and ws.pool.num_free == ws.pool.num_pages  # nothing half-loaded
+    ws.close()
+    ws = make_ws(page_bytes="256")
+    with pytest.raises(ConfigError, match="cannot hold one token"):
+        ws.add_head("a", models["a"])
     ws.close()

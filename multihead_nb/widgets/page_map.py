@@ -126,7 +126,7 @@ class PageMap(anywidget.AnyWidget):
         cols, labels = encode_pages(df)
         if cols == self.pages and labels == self.labels:
             return False
-        owners = [o for o in df["owner"].tolist() if o not in (None, "weights")]
+        owners = list(self._ws.heads) if self._ws is not None else [o for o in df["owner"].tolist() if o != "weights"]
         colors = {**STATE_COLORS, "kv": "#999999", **head_colors(owners)}
         if not self.columns or len(df) > self.columns * 64:
             self.columns = max(32, min(128, len(df) // 48))
