@@ -3,9 +3,9 @@ preemption, cancellation, bad input, and the frames."""
 
 import _thread
 import pytest
-import torch
 
 import multihead_nb as mh
+from helpers import make_ws, tight_pool
 from multihead_nb.errors import CheckpointError, ConfigError, RequestError
 
 PROMPTS = [
@@ -22,23 +22,6 @@ def models(tiny_ckpt):
         "a": str(tiny_ckpt("llama")),
         "b": str(tiny_ckpt("qwen2", num_hidden_layers=3, head_dim=8, num_attention_heads=8, num_key_value_heads=2)),
     }
-
-
-def tight_pool(model_path, kv_pages, page_bytes=4096):
-    """A pool size holding the model's float32 weights plus `kv_pages` pages of K/V."""
-    from multihead_nb.models import read_spec
-
-    w = read_spec(model_path).weight_bytes(torch.float32)
-    return (-(-w // page_bytes) + kv_pages) * page_bytes
-
-
-def make_ws(**kw):
-    kw.setdefault("device", "cpu")
-    kw.setdefault("dtype", "float32")
-    kw.setdefault("pool", "8MiB")
-    kw.setdefault("page_bytes", "8KiB")
-    kw.setdefault("background", False)
-    return mh.Workspace(**kw)
 
 
 def add_team(ws, models):

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-import multihead_nb as mh
+from helpers import make_ws, tight_pool
 from multihead_nb.bus import Bus
 from multihead_nb.errors import TeamError
 from multihead_nb.team import Step
@@ -20,15 +20,6 @@ def models(tiny_ckpt):
         # another architecture AND another tokenizer: the handoff must pass text and re-tokenize
         "c": str(tiny_ckpt("qwen3", tokenizer_vocab=300, seed=3)),
     }
-
-
-def make_ws(**kw):
-    kw.setdefault("device", "cpu")
-    kw.setdefault("dtype", "float32")
-    kw.setdefault("pool", "8MiB")
-    kw.setdefault("page_bytes", "8KiB")
-    kw.setdefault("background", False)
-    return mh.Workspace(**kw)
 
 
 def code_team(ws, models, reviewer_model=None, max_tokens=24):
@@ -168,10 +159,7 @@ def test_json_schema_validation_unit():
 
 
 def test_failing_head_mid_run_names_it_and_frees_pages(models):
-    from multihead_nb.models import read_spec
-
-    weights = -(-read_spec(models["a"]).weight_bytes(torch.float32) // 4096)
-    ws = make_ws(pool=(weights + 24) * 4096, page_bytes="4KiB")
+    ws = make_ws(pool=tight_pool(models["a"], 24), page_bytes="4KiB")
     code_team(ws, models, max_tokens=8)
     free = ws.pool.num_free
     tpp = ws.scheduler.layouts[ws.heads["coder"].model].tokens_per_page
