@@ -4,7 +4,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
 from helpers import make_ws, tight_pool
 from multihead_nb.bus import Bus
