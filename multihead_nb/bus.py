@@ -13,6 +13,7 @@ import json
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,10 +45,14 @@ class Subscription:
         self.closed = False
 
     def _deliver(self, msg: Message) -> None:
-        if self.callback is not None:
-            self.callback(msg)
-        else:
+        if self.callback is None:
             self._queue.put(msg)
+            return
+        try:
+            self.callback(msg)
+        except Exception as e:  # a subscriber's bug must not stop the engine that publishes
+            self.bus.errors.append((msg, e))
+            warnings.warn(f"bus subscriber of {self.topic!r} raised {type(e).__name__}: {e}", stacklevel=2)
 
     def get(self, timeout: float | None = None) -> Message:
         """The next message; raises `queue.Empty` after `timeout` seconds, `StopIteration` once closed and drained."""
@@ -91,6 +96,7 @@ class Bus:
         self._subs: dict[str, list[Subscription]] = {}
         self._log: list[Message] = []
         self._lock = threading.RLock()
+        self.errors: list[tuple[Message, Exception]] = []  # exceptions raised by subscriber callbacks
 
     def subscribe(self, topic: str, callback: Callable[[Message], None] | None = None) -> Subscription:
         if not isinstance(topic, str) or not topic:

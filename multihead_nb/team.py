@@ -12,7 +12,7 @@ import string
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import TeamError
+from .errors import MultiHeadError, TeamError
 
 if TYPE_CHECKING:
     from .team_run import TeamRun
@@ -89,6 +89,10 @@ class Team:
                 known = ", ".join(sorted(ws.heads)) or "none"
                 raise TeamError(f"team step {head!r} names no head of this workspace (heads: {known})")
             self.steps[head] = step if isinstance(step, Step) else Step(step)
+            try:
+                ws.heads[head].sampling.replace(**self.steps[head].options)
+            except MultiHeadError as e:
+                raise TeamError(f"step {head!r}: {e}") from None
         self.refs: dict[str, list[str]] = {}
         self.variables: list[str] = []
         for head, step in self.steps.items():

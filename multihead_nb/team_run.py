@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .errors import TeamError
+from .errors import MultiHeadError, TeamError
 from .handoff import SENTINEL, UpstreamFeed, encode, reference_ids, same_tokenizer, split_rendered
 
 if TYPE_CHECKING:
@@ -100,7 +100,10 @@ class TeamRun:
             return
         step = self.team.steps[inst.head]
         tag = {"team_run": self.id, "team_step": inst.head, "round": inst.round}
-        t.handle = self.ws.submit_ids(inst.head, list(t.ids), prompt_open=True, tag=tag, **step.options)
+        try:
+            t.handle = self.ws.submit_ids(inst.head, list(t.ids), prompt_open=True, tag=tag, **step.options)
+        except MultiHeadError as e:
+            return self._fail(f"step {inst.head!r} (round {inst.round}) could not start: {e}")
         self._by_request[t.handle.id] = inst
         self._pump(inst)
 

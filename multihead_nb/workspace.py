@@ -91,18 +91,27 @@ class Workspace:
         self._check_open()
         head = Head.from_options(name, str(model), system, **defaults)
         with self._lock:
-            if name in self.heads:
-                if not replace:
-                    raise ConfigError(f"a head named {name!r} already exists; remove_head({name!r}) first")
-                self.remove_head(name)
+            if name in self.heads and not replace:
+                raise ConfigError(f"a head named {name!r} already exists; remove_head({name!r}) first")
             loaded = self._load_model(str(model))
-            head.model = loaded.key
-            quota_pages = self._quota_pages(head)
-            self.scheduler.add_head(
-                name, loaded.key, weight=head.weight, quota_pages=quota_pages, max_concurrent=head.max_concurrent
-            )
-            loaded.heads.add(name)
-            self.heads[name] = head
+            pin = f"\0loading {name}"  # keeps the model loaded while a head of the same name is replaced
+            loaded.heads.add(pin)
+            try:
+                if name in self.heads:
+                    self.remove_head(name)
+                head.model = loaded.key
+                quota_pages = self._quota_pages(head)
+                with self.engine.lock:
+                    self.scheduler.add_head(
+                        name, loaded.key, weight=head.weight, quota_pages=quota_pages,
+                        max_concurrent=head.max_concurrent,
+                    )
+                    loaded.heads.add(name)
+                    self.heads[name] = head
+            finally:
+                loaded.heads.discard(pin)
+                if not loaded.heads:
+                    self._unload(loaded)
         return head
 
     def remove_head(self, name: str) -> None:
@@ -112,6 +121,8 @@ class Workspace:
             for req in [r for r in self.scheduler.requests() if r.head == name]:
                 self.engine.cancel(req)
             self._sync()
+        with self._lock, self.engine.lock:
+            self.engine.process_inbox()  # cancels queued after the sync
             self.scheduler.remove_head(name)
             del self.heads[name]
             loaded = self.models[head.model]
@@ -143,6 +154,35 @@ class Workspace:
         layout = spec.kv_layout(self.dtype, self.page_bytes)  # raises when a page cannot hold one token
         wbytes = spec.weight_bytes(self.dtype)
         wpages = -(-wbytes // self.page_bytes)
+        with self.engine.lock:
+            self._reserve_weights(model, key, wbytes, wpages)
+        try:
+            runner = ModelRunner(spec, self.arena, dtype=self.dtype, device=self.device)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
+            actual = runner.weight_nbytes()
+            if -(-actual // self.page_bytes) > wpages:  # prepacked copies: charge what is really held
+                with self.engine.lock:
+                    self.pool.release_weights(key)
+                    wpages = -(-actual // self.page_bytes)
+                    self._reserve_weights(model, key, actual, wpages)
+        except BaseException:
+            with self.engine.lock:
+                self.pool.release_weights(key)
+            raise
+        eos = set(spec.eos_token_ids or ())
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        slot = ModelSlot(runner, tokenizer, frozenset(eos), spec.max_position_embeddings)
+        loaded = LoadedModel(key, spec, runner, tokenizer, wpages)
+        with self.engine.lock:
+            self.scheduler.add_model(key, layout, max_context=spec.max_position_embeddings)
+            self.engine.models[key] = slot
+            self.models[key] = loaded
+        return loaded
+
+    def _reserve_weights(self, model: str, key: str, wbytes: int, wpages: int) -> None:
         if wpages + 1 > self.pool.num_free:
             raise OutOfPagesError(
                 f"model {model!r} needs {format_size(wbytes)} of weights in {self.dtype} plus at least one page of "
@@ -151,40 +191,13 @@ class Workspace:
                 "or remove heads of other models"
             )
         self.pool.reserve_weights(key, wpages)
-        try:
-            runner = ModelRunner(spec, self.arena, dtype=self.dtype, device=self.device)
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
-            actual = -(-runner.weight_nbytes() // self.page_bytes)
-            if actual > wpages:  # prepacked copies: charge what is really held
-                self.pool.release_weights(key)
-                if actual > self.pool.num_free - 1:
-                    raise OutOfPagesError(
-                        f"model {model!r} holds {format_size(runner.weight_nbytes())} of weights once loaded, "
-                        f"more than the {format_size((self.pool.num_free - 1) * self.page_bytes)} the pool has free "
-                        "beside one page of K/V; use a larger pool"
-                    )
-                self.pool.reserve_weights(key, actual)
-                wpages = actual
-        except BaseException:
-            self.pool.release_weights(key)
-            raise
-        eos = set(spec.eos_token_ids or ())
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        slot = ModelSlot(runner, tokenizer, frozenset(eos), spec.max_position_embeddings)
-        self.scheduler.add_model(key, layout, max_context=spec.max_position_embeddings)
-        self.engine.models[key] = slot
-        loaded = LoadedModel(key, spec, runner, tokenizer, wpages)
-        self.models[key] = loaded
-        return loaded
 
     def _unload(self, loaded: LoadedModel) -> None:
-        self.scheduler.remove_model(loaded.key)
-        self.engine.models.pop(loaded.key, None)
-        self.pool.release_weights(loaded.key)
-        del self.models[loaded.key]
+        with self.engine.lock:
+            self.scheduler.remove_model(loaded.key)
+            self.engine.models.pop(loaded.key, None)
+            self.pool.release_weights(loaded.key)
+            del self.models[loaded.key]
 
     def _quota_pages(self, head: Head) -> int | None:
         q = head.quota
@@ -318,6 +331,10 @@ class Workspace:
     # ---- views ---------------------------------------------------------------------------------------------
     def pages(self) -> pd.DataFrame:
         """One row per page: page, state (free, cached, kv, weights), owner, holders, model, tokens, shared."""
+        with self.engine.lock:
+            return self._pages()
+
+    def _pages(self) -> pd.DataFrame:
         rows = []
         for p in range(self.pool.num_pages):
             state = self.pool.state(p).value
@@ -332,6 +349,11 @@ class Workspace:
         return pd.DataFrame(rows, columns=["page", "state", "owner", "holders", "model", "tokens", "shared"])
 
     def stats(self) -> dict:
+        """Pool usage, waste (allocated token slots not holding a token), queues per head, steps, tokens/s."""
+        with self.engine.lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
         usage = self.pool.usage()
         slots = held = 0
         for r in self.scheduler.requests():

@@ -291,3 +291,18 @@ def test_pool_and_page_size_errors(models):
     with pytest.raises(ConfigError, match="cannot hold one token"):
         ws.add_head("a", models["a"])
     ws.close()
+
+
+def test_heads_change_while_the_engine_thread_runs(models):
+    ws = make_ws(background=True)
+    ws.add_head("a", models["a"])
+    long = ws.submit("a", "keep going", max_tokens=300, ignore_eos=True)
+    ws.add_head("b", models["b"])  # loads a second model while the engine serves "a"
+    assert len(ws.generate("b", "hello", max_tokens=5, ignore_eos=True).token_ids) == 5
+    ws.add_head("b", models["a"], replace=True, system="now on model a")
+    ws.remove_head("b")
+    assert len(ws.models) == 1
+    assert ws.pages().shape[0] == ws.pool.num_pages and ws.stats()["steps"] > 0
+    assert len(long.result().token_ids) == 300
+    ws.pool.check()
+    ws.close()

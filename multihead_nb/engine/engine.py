@@ -60,6 +60,11 @@ class Engine:
         self._stop = False
         self.crashed: BaseException | None = None
 
+    @property
+    def lock(self):
+        """Held for a whole step: hold it to change or read the scheduler and pool from another thread."""
+        return self._step_lock
+
     def now(self) -> float:
         return time.perf_counter() - self.epoch
 
