@@ -300,7 +300,7 @@ class TeamRun:
     def plot(self):
         from .widgets.figures import timeline_figure
 
-        return timeline_figure(self.timeline(), self.tokens)
+        return timeline_figure(self.timeline(), self.tokens, self.steps)
 
     def __repr__(self) -> str:
         state = "failed" if self.error else ("done" if self.done else "running")

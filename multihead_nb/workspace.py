@@ -97,10 +97,10 @@ class Workspace:
             pin = f"\0loading {name}"  # keeps the model loaded while a head of the same name is replaced
             loaded.heads.add(pin)
             try:
+                head.model = loaded.key
+                quota_pages = self._quota_pages(head)  # bad quotas fail before an old head is replaced
                 if name in self.heads:
                     self.remove_head(name)
-                head.model = loaded.key
-                quota_pages = self._quota_pages(head)
                 with self.engine.lock:
                     self.scheduler.add_head(
                         name, loaded.key, weight=head.weight, quota_pages=quota_pages,

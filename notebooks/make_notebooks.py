@@ -21,7 +21,7 @@ POOL = "1GiB"
 PAGE_BYTES = "256KiB"
 DEVICE = "auto"
 DTYPE = "auto"
-KV_PAGES = 24  # notebook 03: K/V pages of its deliberately small pool
+KV_PAGES = 32  # notebook 03: K/V pages of its deliberately small pool
 '''
 
 
@@ -119,6 +119,7 @@ handed out as tokens arrive, shared between requests with the same prompt prefix
     params(64),
     code("""
 import pandas as pd
+import plotly.express as px
 import multihead_nb as mh
 from multihead_nb.widgets.figures import page_map_figure
 
@@ -128,9 +129,11 @@ ws.add_head("probe", MODEL)
 weight_pages = next(iter(ws.stats()["models"].values()))["weight_pages"]
 ws = mh.reset_workspace(pool=f"{(weight_pages + KV_PAGES) * ws.page_bytes}B", page_bytes=PAGE_BYTES,
                         device=DEVICE, dtype=DTYPE)
-SYSTEM = "You are a patient teacher. " + "Explain every step carefully and use small examples. " * 12
+SYSTEM = "You are a patient teacher. " + "Explain every step carefully and use small examples. " * 6
 ws.add_head("alice", MODEL, system=SYSTEM, max_tokens=MAX_TOKENS)
 ws.add_head("bob", MODEL, system=SYSTEM, max_tokens=MAX_TOKENS)
+ws.add_head("carol", MODEL)  # no system prompt: carol and dave share no prefix
+ws.add_head("dave", MODEL)
 tokens_per_page = ws.scheduler.layouts[ws.heads["alice"].model].tokens_per_page
 print(ws, f"\\n{tokens_per_page} tokens fit in a page of {ws.page_bytes} bytes")
 ws.pages().state.value_counts()"""),
@@ -138,13 +141,17 @@ ws.pages().state.value_counts()"""),
        "time the last one is full."),
     code("""
 handle = ws.submit("alice", "Explain what a hash map is.")
-growth, snapshot = [], None
-for i, delta in enumerate(handle.stream()):
-    growth.append({"token": i, "kv_pages": int((ws.pages().state == "kv").sum())})
-    if i == MAX_TOKENS // 2:
-        snapshot = ws.pages()
+snapshot = ws.pages()
+while not handle.done:  # keep the fullest picture of the pool seen while it decodes
+    pages = ws.pages()
+    if (pages.state == "kv").sum() >= (snapshot.state == "kv").sum():
+        snapshot = pages
 first = handle.result()
-pd.DataFrame(growth).plot(x="token", y="kv_pages", title="K/V pages held while decoding");"""),
+weights = ws.stats()["pool"]["weights"]
+# the recorder has the pages in use at every step: join it to the request's tokens
+growth = first.tokens.merge(ws.steps()[["step", "pages_in_use"]].drop_duplicates("step"), on="step")
+growth["kv_pages"] = growth["pages_in_use"] - weights
+px.line(growth, x="index", y="kv_pages", title="K/V pages held while decoding (token index on x)")"""),
     code("page_map_figure(snapshot if snapshot is not None else ws.pages())"),
     md("## Prefix sharing\nAlice's finished pages stay *cached*: bob has the same long system prompt, so his "
        "request finds those full pages by hash and skips computing them (`num_cached_tokens`)."),
@@ -153,12 +160,12 @@ second = ws.generate("bob", "Explain what a linked list is.")
 print(f"alice: {first.num_cached_tokens} of {len(first.prompt_token_ids)} prompt tokens from the cache")
 print(f"bob:   {second.num_cached_tokens} of {len(second.prompt_token_ids)} prompt tokens from the cache")"""),
     code("""
-a = ws.submit("alice", "Explain recursion.")
-b = ws.submit("bob", "Explain recursion.")
+a = ws.submit("alice", "Explain recursion.", max_tokens=4 * MAX_TOKENS)
+b = ws.submit("bob", "Explain recursion.", max_tokens=4 * MAX_TOKENS)
 shared = None
-for _ in a.stream():
+while shared is None and not (a.done and b.done):
     pages = ws.pages()
-    if shared is None and (pages.shared > 1).any():
+    if (pages.shared > 1).any():
         shared = pages
 a.result(), b.result()
 print("pages shared by both requests:", 0 if shared is None else int((shared.shared > 1).sum()))
@@ -168,15 +175,15 @@ page_map_figure(shared if shared is not None else ws.pages())"""),
        "(frees its pages; it is recomputed later). Every request still finishes."),
     code("""
 prompt = "Count slowly."
-prompt_len = len(ws.encode_prompt("alice", prompt))
+prompt_len = len(ws.encode_prompt("carol", prompt))
 new_tokens = max(8, (KV_PAGES // 2) * tokens_per_page - prompt_len - 1)
-handles = [ws.submit(h, prompt, max_tokens=new_tokens, ignore_eos=True) for h in ("alice", "bob", "alice", "bob")]
+handles = [ws.submit(h, prompt, max_tokens=new_tokens, ignore_eos=True) for h in ("carol", "dave", "carol", "dave")]
 results = [h.result() for h in handles]
 pd.DataFrame([{"head": r.head, "tokens": len(r.token_ids), "preemptions": r.num_preemptions,
                "cached_prompt_tokens": r.num_cached_tokens, "seconds": round(r.duration_s, 3)} for r in results])"""),
     code("""
 steps = ws.steps()
-steps.plot(x="t_start", y=["pages_in_use", "pages_free"], title="Pages in use over the run");"""),
+px.line(steps, x="t_start", y=["pages_in_use", "pages_free"], title="Pages over the run")"""),
     code("page_map_figure(ws.pages())"),
 ]
 
@@ -229,8 +236,7 @@ if df is not None:
     display(meta)
     display(pd.concat({"measured": ours, "seed article": article}, axis=1))"""),
     code("""
-fig = seed_table_figure(df) if df is not None else seed_table_figure(SEED_ARTICLE.iloc[:0].assign(rep=0))
-fig"""),
+seed_table_figure(df if df is not None else pd.DataFrame(columns=["system", "workflow", "rep", "wall_s"]))"""),
     md("Tokens per second, where the table has them:"),
     code("""
 if df is not None and "tokens_per_s" in df:
@@ -247,6 +253,8 @@ NOTEBOOKS = {
 
 def build(name: str) -> nbformat.NotebookNode:
     nb = new_notebook(cells=NOTEBOOKS[name])
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"{name[:2]}-{i:02d}"  # stable ids: regenerating gives the same files
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nbformat.validate(nb)

@@ -5,7 +5,8 @@ calls `step()` and `token()` as things happen. Appends are cheap tuples; frames 
 
 Step frame, one row per (engine step, model forward):
     step, model, t_start, t_end, duration_s (seconds since the workspace started), num_seqs, num_tokens,
-    prefill_tokens, decode_tokens, tokens_by_head (dict head -> tokens computed), pages_in_use, pages_free,
+    prefill_tokens, decode_tokens, tokens_by_head (dict head -> tokens computed), pages_in_use (not free: K/V and weights),
+    pages_free,
     schedule_s, forward_s, postprocess_s (the whole step's phases; the same on each row of a step)
 Token frame, one row per generated token:
     head, request, index (0-based in the output), token_id, text (the text this token completed; may be ""),

@@ -71,9 +71,10 @@ class RotaryTable:
         return self.cos.index_select(0, positions)[:, None], self.sin.index_select(0, positions)[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, d]; cos, sin: [T, 1, d] → [T, heads, d]."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In place: x: [T, heads, d] (may be a strided view); cos, sin: [T, 1, d] → x, rotated."""
+    rolled = x.roll(x.shape[-1] // 2, -1)  # [T, heads, d]
+    return x.mul_(cos).addcmul_(rolled, sin)
 
 
 def _packed_linear_ok(dtype: torch.dtype, device: torch.device) -> bool:
@@ -118,14 +119,6 @@ class Linear:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
-    def silu(self, x: torch.Tensor) -> torch.Tensor:
-        """`silu(linear(x))` (packed only; oneDNN calls silu "swish")."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "swish", [], "")
-
-    def mul(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """`linear(x) * other` (packed only)."""
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, self.bias, "mul")
-
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """`residual + linear(x)`, fused when packed."""
         if self.packed:
@@ -134,7 +127,7 @@ class Linear:
 
 
 class Layer:
-    __slots__ = ("ln1", "qkv", "q_norm", "k_norm", "o", "ln2", "gate_up", "gate", "up", "down")
+    __slots__ = ("ln1", "qkv", "q_norm", "k_norm", "o", "ln2", "gate_up", "down")
 
 
 class LlamaModel:
@@ -162,11 +155,9 @@ class LlamaModel:
             L.qkv = Linear(qkv, torch.cat(biases) if all(b is not None for b in biases) else None, self.packed)
             L.q_norm, L.k_norm = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
             L.o = Linear(w("self_attn.o_proj.weight"), w("self_attn.o_proj.bias"), self.packed)  # [h, H d]
-            gate, up = w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")  # [I, h] each
-            if self.packed:  # silu fused into the gate's matmul, the product into the up's
-                L.gate, L.up, L.gate_up = Linear(gate, None, True), Linear(up, None, True), None
-            else:  # one matmul for both
-                L.gate_up, L.gate, L.up = Linear(torch.cat([gate, up]), None, False), None, None  # [2I, h]
+            # one matmul for both (one longer weight stream beats two with silu and the product fused in)
+            gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])  # [2I, h]
+            L.gate_up = Linear(gate_up, None, self.packed)
             L.down = Linear(w("mlp.down_proj.weight"), None, self.packed)  # [h, I]
             self.layers.append(L)
         weights.clear()  # the unfused q/k/v and gate/up tensors are no longer referenced
@@ -178,7 +169,7 @@ class LlamaModel:
         for L in self.layers:
             for name in ("ln1", "ln2", "q_norm", "k_norm"):
                 tensors.append(getattr(L, name, None))
-            for name in ("qkv", "o", "gate", "up", "gate_up", "down"):
+            for name in ("qkv", "o", "gate_up", "down"):
                 lin = getattr(L, name, None)
                 if lin is not None:
                     tensors += [lin.weight, lin.bias]
@@ -209,32 +200,25 @@ class LlamaModel:
         T = input_ids.shape[0]
         H, KV, d, I = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
         hq, hk = H * d, (H + KV) * d
-        eps = self.eps
+        eps, hidden = self.eps, (spec.hidden_size,)
         cos, sin = self.rope.lookup(positions, max_position)  # [T, 1, d] each
         x = F.embedding(input_ids, self.embed)  # [T, h]
         last = len(self.layers) - 1
         for i, L in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), L.ln1, eps)  # [T, h]
-            qkv = L.qkv(h)  # [T, (H + 2KV) d]
+            qkv = L.qkv(F.rms_norm(x, hidden, L.ln1, eps))  # [T, (H + 2KV) d], rotated and normed in place below
+            qk = qkv[:, :hk].view(T, H + KV, d)  # [T, H + KV, d]
             if L.q_norm is not None:  # qwen3: RMSNorm over each head of q and k, before RoPE
-                q = apply_rope(F.rms_norm(qkv[:, :hq].view(T, H, d), (d,), L.q_norm, eps), cos, sin)  # [T, H, d]
-                k = apply_rope(F.rms_norm(qkv[:, hq:hk].view(T, KV, d), (d,), L.k_norm, eps), cos, sin)
-            else:
-                qk = apply_rope(qkv[:, :hk].view(T, H + KV, d), cos, sin)  # [T, H + KV, d]
-                q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, hk:].view(T, KV, d)  # [T, KV, d]
-            attn = paged_attention(q, k, v, caches[i], meta)  # [T, H d]
+                qk[:, :H] = F.rms_norm(qk[:, :H], (d,), L.q_norm, eps)
+                qk[:, H:] = F.rms_norm(qk[:, H:], (d,), L.k_norm, eps)
+            apply_rope_(qk, cos, sin)
+            # [T, H, d] queries; [T, 2, KV, d] keys and values
+            attn = paged_attention(qkv[:, :hq].view(T, H, d), qkv[:, hq:].view(T, 2, KV, d), caches[i], meta)
             if i == last:  # only the rows whose logits are wanted go on
                 attn, x = attn.index_select(0, logits_indices), x.index_select(0, logits_indices)
             x = L.o.add(attn, x)  # [T, h] residual + o_proj(attn)
-            h = F.rms_norm(x, (x.shape[-1],), L.ln2, eps)
-            if L.gate_up is None:
-                act = L.up.mul(h, L.gate.silu(h))  # [T, I] up(h) * silu(gate(h))
-            else:
-                gu = L.gate_up(h)  # [T, 2I]
-                act = F.silu(gu[:, :I]) * gu[:, I:]  # [T, I]
-            x = L.down.add(act, x)  # [T, h]
-        x = F.rms_norm(x, (x.shape[-1],), self.norm, eps)  # [L, h]
+            gu = L.gate_up(F.rms_norm(x, hidden, L.ln2, eps))  # [T, 2I]
+            x = L.down.add(F.silu(gu[:, :I]) * gu[:, I:], x)  # [T, h] residual + down(silu(gate) * up)
+        x = F.rms_norm(x, hidden, self.norm, eps)  # [L, h]
         logits = self.lm_head(x).float()  # [L, V]
         assert logits.shape == (logits_indices.shape[0], spec.vocab_size)
         return logits

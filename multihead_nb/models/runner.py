@@ -63,7 +63,7 @@ class ModelRunner:
         with torch.inference_mode():
             meta = build_metadata(
                 batch, self.layout.tokens_per_page, spec.num_heads // spec.num_kv_heads, spec.sliding_window,
-                self.device,
+                self.device, spec.num_kv_heads, spec.head_dim, self.dtype,
             )
             return self.model.forward(
                 batch.input_ids, batch.positions, max_ctx - 1, self.caches, meta, batch.logits_indices

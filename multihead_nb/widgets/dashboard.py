@@ -161,7 +161,7 @@ class Dashboard(_Refresher):
         self._last = None
         self._last_timeline = 0.0
         self._sub = ws.bus.subscribe("*", callback=self._on_message)
-        self.widget = W.VBox([self.status, W.HBox([self.page_map, self.queues]), self.stream_box, self.timeline])
+        self.widget = W.VBox([self.status, W.HBox([self.page_map, self.queues], layout=W.Layout(flex_flow="row wrap")), self.stream_box, self.timeline])
         self.widget.add_class("mh-dashboard")
         self.update()
         self._start(interval)

@@ -27,6 +27,7 @@ function render({ model, el }) {
   grid.className = "mh-grid";
   root.append(legend, grid);
   el.appendChild(root);
+  const seen = new Set();  // heads seen holding K/V pages since this view opened
   function draw() {
     const p = model.get("pages"), labels = model.get("labels"), colors = model.get("colors");
     const cols = model.get("columns"), n = (p.page || []).length;
@@ -44,6 +45,7 @@ function render({ model, el }) {
       c.title = `page ${p.page[i]} · ${state} · head ${owner || "-"} · model ${model_} · tokens ${p.tokens[i]}` +
         (shared ? ` · shared by ${p.shared[i]}` : "");
       counts[key] = (counts[key] || 0) + 1;
+      if (state === "kv" && owner) seen.add(owner);
     }
     legend.innerHTML = "";
     for (const [k, v] of Object.entries(counts)) {
@@ -53,6 +55,7 @@ function render({ model, el }) {
       legend.appendChild(s);
     }
     root.dataset.pages = n;
+    root.dataset.seenOwners = [...seen].sort().join(",");
   }
   model.on("change:pages", draw);
   model.on("change:colors", draw);

@@ -1,0 +1,63 @@
+"""The benchmark scripts run end to end (`--quick`) and write well-formed output; no timing is asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("MULTIHEAD_CACHE", str(ROOT / ".cache" / "tiny"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_seed_table_quick(tmp_path):
+    data = ROOT / "bench" / "data" / "seed_table.csv"
+    before = data.read_bytes() if data.exists() else None
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.seed_table", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    df = pd.read_csv(tmp_path / "seed_table.csv")
+    for col in ("system", "workflow", "rep", "wall_s", "output_tokens", "tokens_per_s", "device", "model_shape",
+                "dtype", "new_tokens", "mh_first_token_s", "mh_decode_tokens_per_s", "mh_peak_kv_pages",
+                "mh_waste_mean", "mh_step_overhead"):
+        assert col in df.columns, col
+    assert set(df.workflow) == {"code", "research", "creative"}
+    assert {"sequential", "multihead"} <= set(df.system)
+    assert "transformers_cb" in set(df.system)  # a row even if CB failed (then `error` says why)
+    for system in ("sequential", "multihead"):
+        g = df[df.system == system]
+        assert (g.wall_s > 0).all() and (g.output_tokens > 0).all()
+    # fixed lengths: every system produced the same number of tokens per workflow
+    ok = df[df.error.isna() | (df.error == "")]
+    assert (ok.groupby("workflow").output_tokens.nunique() == 1).all()
+    mh = df[df.system == "multihead"]
+    assert mh.mh_step_overhead.between(0, 1).all() and mh.mh_waste_mean.between(0, 1).all()
+
+    md = (tmp_path / "seed_table.md").read_text()
+    assert "| workflow | sequential s | MultiHead s | speedup | transformers CB s |" in md
+    for wf in ("code", "research", "creative"):
+        assert f"| {wf} |" in md
+    assert "## Scaling sweep" in md and "## Start-up" in md
+
+    html = (tmp_path / "seed_table.html").read_text()
+    assert "<html" in html.lower() and "plotly" in html.lower()
+
+    sweep = pd.read_csv(tmp_path / "seed_sweep.csv")
+    assert {"system", "heads", "wall_s", "tokens_per_s"} <= set(sweep.columns)
+    startup = pd.read_csv(tmp_path / "seed_startup.csv")
+    assert set(startup.system) == {"multihead", "transformers"}
+    assert (startup.first_token_s > 0).all()
+    # --quick never overwrites the committed table
+    assert (data.read_bytes() if data.exists() else None) == before
