@@ -22,7 +22,7 @@ from .engine.engine import Engine, ModelSlot
 from .engine.recorder import Recorder
 from .engine.request import Request, RequestIds
 from .engine.scheduler import Scheduler
-from .errors import ConfigError, OutOfPagesError, RequestError
+from .errors import CheckpointError, ConfigError, OutOfPagesError, RequestError
 from .handles import Completion, RequestHandle
 from .heads import Head
 from .memory import Arena, PagePool
@@ -149,7 +149,14 @@ class Workspace:
         if key in self.models:
             return self.models[key]
         from .models import ModelRunner, read_spec
+        from .models.exl2_runner import is_exl2_checkpoint, require_exllamav2
 
+        if is_exl2_checkpoint(model):
+            require_exllamav2()  # a clear error naming what is missing (CUDA torch, exllamav2, flash-attn)
+            raise CheckpointError(
+                f"{model!r} is an EXL2 checkpoint; the ExLlamaV2 runner and its arena region exist "
+                "(multihead_nb.models.exl2_runner), but driving it from the scheduler has not landed yet"
+            )
         spec = read_spec(model)
         layout = spec.kv_layout(self.dtype, self.page_bytes)  # raises when a page cannot hold one token
         wbytes = spec.weight_bytes(self.dtype)

@@ -306,3 +306,18 @@ def test_heads_change_while_the_engine_thread_runs(models):
     assert len(long.result().token_ids) == 300
     ws.pool.check()
     ws.close()
+
+
+def test_exl2_head_on_cpu_names_what_is_missing(models, tmp_path):
+    import json
+
+    folder = tmp_path / "model-exl2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "exl2", "bits": 4.0}}))
+    ws = make_ws()
+    ws.add_head("a", models["a"])
+    with pytest.raises(ConfigError, match="CUDA"):
+        ws.add_head("q", str(folder))
+    assert set(ws.heads) == {"a"} and len(ws.models) == 1
+    assert ws.generate("a", "fine", max_tokens=2).token_ids
+    ws.close()

@@ -230,6 +230,11 @@ def read_spec(name_or_path: str | Path) -> ModelSpec:
     if not cfg_path.is_file():
         raise CheckpointError(f"checkpoint folder {path} has no config.json")
     cfg = _read_json(cfg_path, "config file")
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "exl2":
+        raise CheckpointError(
+            f"{path} is an EXL2-quantized checkpoint: the native runner reads unquantized weights only; EXL2 "
+            "models need the ExLlamaV2 backend (CUDA, `pip install 'multihead-nb[exl2]'`)"
+        )
     family = _family(cfg, path)
     try:
         num_heads = int(cfg["num_attention_heads"])
