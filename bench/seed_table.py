@@ -209,7 +209,7 @@ class Bench:
         steps = run.steps.drop_duplicates("step")
         dec = steps[steps.prefill_tokens == 0]
         weight_pages = sum(m.weight_pages for m in self.ws.models.values())
-        ttft = {f"{r.head}#{r['round']}": round(r.first_token - run.t_start, 4) for _, r in tl.iterrows()}
+        ttft = {f"{r['head']}#{r['round']}": round(r["first_token"] - run.t_start, 4) for _, r in tl.iterrows()}
         per_step_waste = [1 - h / s for s, h in waste]
         if plan.prompts:
             same = all(run.prompt_ids(i.head, i.round) == plan.prompts[i] for i in plan.order)
@@ -429,8 +429,8 @@ def markdown_table(df, meta: dict) -> str:
         med = {s: _median(df[(df.workflow == wf) & (df.system == s)].wall_s.tolist()) for s in SYSTEMS}
         seq, mh, cb = med["sequential"], med["multihead"], med["transformers_cb"]
         cb_s = f"{cb:.2f}" if not math.isnan(cb) else "failed"
-        lines.append(f"| {wf} | {seq:.2f} | {mh:.2f} | {seq / mh:.2f}x | {cb_s} | "
-                     f"{(cb / mh) if not math.isnan(cb) else math.nan:.2f}x |")
+        vs_cb = f"{cb / mh:.2f}x" if not math.isnan(cb) else "-"
+        lines.append(f"| {wf} | {seq:.2f} | {mh:.2f} | {seq / mh:.2f}x | {cb_s} | {vs_cb} |")
     errs = df[(df.system == "transformers_cb") & (df.error.fillna("") != "")].error.unique()
     if len(errs):
         lines += ["", f"transformers CB failed: {errs[0]}"]
@@ -447,7 +447,8 @@ def markdown_table(df, meta: dict) -> str:
         for wf in meta["workflows"]:
             g = mh[mh.workflow == wf]
             lines.append(
-                f"| {wf} | {_median(g.mh_first_token_s.tolist()):.3f} | {_median(g.mh_decode_tokens_per_s.tolist()):.1f}"
+                f"| {wf} | {_median(g.mh_first_token_s.tolist()):.3f} | "
+                f"{_median(g.mh_decode_tokens_per_s.tolist()):.1f}"
                 f" | {_median(g.tokens_per_s.tolist()):.1f} | {int(_median(g.mh_peak_kv_pages.tolist()))} | "
                 f"{_median(g.mh_waste_mean.tolist()):.2%} | {_median(g.mh_waste_max.tolist()):.2%} | "
                 f"{_median(g.mh_step_overhead.tolist()):.2%} | {_median(g.mh_mean_batch.tolist()):.2f} |"
@@ -550,7 +551,8 @@ def main(argv=None) -> int:
                 r = runners[system](plan)
                 row = {c: None for c in COLUMNS} | base | r
                 row.update(system=system, workflow=plan.name, rep=rep, prompt_tokens=plan.prompt_tokens)
-                row["tokens_per_s"] = r["output_tokens"] / r["wall_s"] if r["wall_s"] and r["output_tokens"] else math.nan
+                ok = r["wall_s"] and r["output_tokens"] and not math.isnan(r["wall_s"])
+                row["tokens_per_s"] = r["output_tokens"] / r["wall_s"] if ok else math.nan
                 rows.append(row)
                 print(f"[{time.perf_counter() - t_all:6.1f}s] rep {rep} {plan.name:9s} {system:16s} "
                       f"{r['wall_s']:7.2f} s  {r['output_tokens']} tokens {r.get('error') or ''}", flush=True)
