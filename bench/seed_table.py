@@ -162,6 +162,7 @@ class Bench:
         self.n = args.new_tokens
         self._hf = None
         self._cb = None
+        self._cb_model = None
         self.cb_error: str | None = None
         self._rep_key = 0
 
@@ -276,7 +277,9 @@ class Bench:
                 from transformers import GenerationConfig
                 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-                model = self._load_hf()  # its own instance: the manager may switch the attention implementation
+                if self._cb_model is None:  # its own instance: the manager may switch the attention implementation
+                    self._cb_model = self._load_hf()
+                model = self._cb_model
                 gcfg = GenerationConfig(max_new_tokens=self.n, do_sample=False, eos_token_id=-1,
                                         pad_token_id=model.generation_config.pad_token_id or 0)
                 cfg = ContinuousBatchingConfig(
@@ -326,13 +329,20 @@ class Bench:
         except Exception as e:  # noqa: BLE001
             self.cb_error = f"{type(e).__name__}: {e}"[:300]
             return {"wall_s": math.nan, "output_tokens": 0, "instances": len(plan.order), "error": self.cb_error}
+        finally:
+            self.stop_cb()
 
-    def close(self):
+    def stop_cb(self):
+        """Stop the manager's generation thread: left running, it competes for the cores with the other systems."""
         if self._cb is not None:
             try:
                 self._cb.stop(block=True, timeout=10)
             except Exception:  # noqa: BLE001
                 pass
+            self._cb = None
+
+    def close(self):
+        self.stop_cb()
         self.ws.close()
 
 
