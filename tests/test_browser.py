@@ -47,7 +47,7 @@ def lab(tmp_path, tiny_ckpt):
     work = tmp_path / "work"
     work.mkdir()
     nb = nbformat.read(ROOT / "notebooks" / "02-code-review-team.ipynb", as_version=4)
-    nbformat.write(inject_parameters(nb, tiny_parameters(str(tiny_ckpt("llama")), max_tokens=96)),
+    nbformat.write(inject_parameters(nb, tiny_parameters(str(tiny_ckpt("llama", max_position_embeddings=2048)), max_tokens=256)),
                    work / "02-code-review-team.ipynb")
     jpath = write_kernelspec(tmp_path / "jupyter", name="python3")
     port = free_port()

@@ -34,13 +34,17 @@ def team(ws):
 
 def test_page_map_data_equals_pages_after_a_run(ws):
     pm = PageMap(ws)
-    run = team(ws).start(task="a sort")
     seen = set()
-    while not run.done:
-        pm.refresh()
-        seen |= set(pm.data.loc[pm.data.state == "kv", "owner"])
-        time.sleep(0.005)
+
+    def look(event, req, _):  # refresh from inside the engine's steps: deterministic however fast the run is
+        if event == "token":
+            pm.refresh()
+            seen.update(pm.data.loc[pm.data.state == "kv", "owner"])
+
+    ws.engine.listeners.append(look)
+    run = team(ws).start(task="a sort")
     run.wait()
+    ws.engine.listeners.remove(look)
     pm.refresh()
     pd.testing.assert_frame_equal(pm.data, ws.pages())
     assert seen == {"coder", "reviewer", "documenter"}  # while the team ran, every head held pages
