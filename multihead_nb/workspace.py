@@ -1,7 +1,7 @@
 """The kernel-resident workspace: one arena, its page pool, the loaded models, the heads, the engine and the bus.
 
 Owns: the public Python API (`add_head`, `generate`, `submit`, `pages`, `stats`, frames) and the wiring between
-layers: loading a model charges its weights to the pool, a head's quota becomes pages, a prompt becomes token ids
+layers (model loading and weight accounting are `loading.py`): a head's quota becomes pages, a prompt becomes token ids
 through the model's chat template. Knows nothing of notebooks (the magics and widgets sit on top of it).
 """
 
@@ -11,43 +11,20 @@ import random
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 from .config import format_size, parse_size, resolve_device, resolve_dtype
-from .engine.engine import Engine, ModelSlot
+from .engine.engine import Engine
 from .engine.recorder import Recorder
 from .engine.request import Request, RequestIds
 from .engine.scheduler import Scheduler
-from .errors import CheckpointError, ConfigError, OutOfPagesError, RequestError
+from .errors import ConfigError, RequestError
 from .handles import Completion, RequestHandle
 from .heads import Head
+from .loading import LoadedModel, load_model, unload_model
 from .memory import Arena, PagePool
-
-
-@dataclass
-class LoadedModel:
-    key: str
-    spec: object
-    runner: object
-    tokenizer: object
-    weight_pages: int
-    heads: set = field(default_factory=set)
-
-
-def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer. A `tokenizer.json` is loaded as it is (fast: no `AutoTokenizer` machinery, which
-    imports every model family's config, ~1.5 s); other checkpoints go through `AutoTokenizer`."""
-    if (Path(path) / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 class Workspace:
@@ -105,7 +82,7 @@ class Workspace:
         with self._lock:
             if name in self.heads and not replace:
                 raise ConfigError(f"a head named {name!r} already exists; remove_head({name!r}) first")
-            loaded = self._load_model(str(model))
+            loaded = load_model(self, str(model))
             pin = f"\0loading {name}"  # keeps the model loaded while a head of the same name is replaced
             loaded.heads.add(pin)
             try:
@@ -123,7 +100,7 @@ class Workspace:
             finally:
                 loaded.heads.discard(pin)
                 if not loaded.heads:
-                    self._unload(loaded)
+                    unload_model(self, loaded)
         return head
 
     def remove_head(self, name: str) -> None:
@@ -140,7 +117,7 @@ class Workspace:
             loaded = self.models[head.model]
             loaded.heads.discard(name)
             if not loaded.heads:
-                self._unload(loaded)
+                unload_model(self, loaded)
 
     def _sync(self) -> None:
         """Let the engine apply queued adds and cancels before returning."""
@@ -151,70 +128,6 @@ class Workspace:
                 raise RuntimeError("the engine thread did not respond within 60 s")
         else:
             self.engine.process_inbox()
-
-    def _model_key(self, model: str) -> str:
-        p = Path(model).expanduser()
-        return str(p.resolve()) if p.exists() else model
-
-    def _load_model(self, model: str) -> LoadedModel:
-        key = self._model_key(model)
-        if key in self.models:
-            return self.models[key]
-        from .models import ModelRunner, read_spec
-        from .models.exl2_runner import is_exl2_checkpoint, require_exllamav2
-
-        if is_exl2_checkpoint(model):
-            require_exllamav2()  # a clear error naming what is missing (CUDA torch, exllamav2, flash-attn)
-            raise CheckpointError(
-                f"{model!r} is an EXL2 checkpoint; the ExLlamaV2 runner and its arena region exist "
-                "(multihead_nb.models.exl2_runner), but driving it from the scheduler has not landed yet"
-            )
-        spec = read_spec(model)
-        layout = spec.kv_layout(self.dtype, self.page_bytes)  # raises when a page cannot hold one token
-        wbytes = spec.weight_bytes(self.dtype)
-        wpages = -(-wbytes // self.page_bytes)
-        with self.engine.lock:
-            self._reserve_weights(model, key, wbytes, wpages)
-        try:
-            runner = ModelRunner(spec, self.arena, dtype=self.dtype, device=self.device)
-            tokenizer = load_tokenizer(spec.path)
-            actual = runner.weight_nbytes()
-            if -(-actual // self.page_bytes) > wpages:  # prepacked copies: charge what is really held
-                with self.engine.lock:
-                    self.pool.release_weights(key)
-                    wpages = -(-actual // self.page_bytes)
-                    self._reserve_weights(model, key, actual, wpages)
-        except BaseException:
-            with self.engine.lock:
-                self.pool.release_weights(key)
-            raise
-        eos = set(spec.eos_token_ids or ())
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        slot = ModelSlot(runner, tokenizer, frozenset(eos), spec.max_position_embeddings)
-        loaded = LoadedModel(key, spec, runner, tokenizer, wpages)
-        with self.engine.lock:
-            self.scheduler.add_model(key, layout, max_context=spec.max_position_embeddings)
-            self.engine.models[key] = slot
-            self.models[key] = loaded
-        return loaded
-
-    def _reserve_weights(self, model: str, key: str, wbytes: int, wpages: int) -> None:
-        if wpages + 1 > self.pool.num_free:
-            raise OutOfPagesError(
-                f"model {model!r} needs {format_size(wbytes)} of weights in {self.dtype} plus at least one page of "
-                f"K/V ({format_size(self.page_bytes)}), but only {format_size(self.pool.num_free * self.page_bytes)} "
-                f"of the pool ({format_size(self.arena.nbytes)}) is free; use a larger pool (Workspace(pool=...)) "
-                "or remove heads of other models"
-            )
-        self.pool.reserve_weights(key, wpages)
-
-    def _unload(self, loaded: LoadedModel) -> None:
-        with self.engine.lock:
-            self.scheduler.remove_model(loaded.key)
-            self.engine.models.pop(loaded.key, None)
-            self.pool.release_weights(loaded.key)
-            del self.models[loaded.key]
 
     def _quota_pages(self, head: Head) -> int | None:
         q = head.quota
@@ -420,7 +333,7 @@ class Workspace:
         self._sync()
         self.engine.stop_thread()
         for loaded in list(self.models.values()):
-            self._unload(loaded)
+            unload_model(self, loaded)
         self.heads.clear()
         self._closed = True
 
