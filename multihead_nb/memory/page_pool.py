@@ -62,6 +62,7 @@ class PagePool:
         self._hash_of: dict[int, bytes] = {}
         self._page_of: dict[bytes, int] = {}
         self._weights: dict[str, list[int]] = {}
+        self._weight_set: set[int] = set()  # the same pages, for O(1) state lookups
         self._quota: dict[str, int] = {}
         self._held: Counter = Counter()  # owner -> distinct pages held
 
@@ -74,7 +75,7 @@ class PagePool:
     def state(self, page: int) -> PageState:
         if self._ref[page] > 0:
             return PageState.KV
-        if any(page in pages for pages in self._weights.values()):
+        if page in self._weight_set:
             return PageState.WEIGHTS
         return PageState.CACHED if page in self._hash_of else PageState.FREE
 
@@ -156,7 +157,7 @@ class PagePool:
 
     def acquire(self, page: int, owner: str) -> None:
         """One more reference to an existing page (a prefix hit), in use or cached."""
-        if page in self._weights_pages():
+        if page in self._weight_set:
             raise ValueError(f"page {page} holds weights")
         if self._ref[page] == 0 and page not in self._hash_of:
             raise ValueError(f"page {page} is free and holds nothing to share")
@@ -229,10 +230,12 @@ class PagePool:
             self._model[page] = model
             pages.append(page)
         self._weights[model] = pages
+        self._weight_set.update(pages)
         return pages
 
     def release_weights(self, model: str) -> None:
         for page in self._weights.pop(model, []):
+            self._weight_set.discard(page)
             self._model[page] = None
             self._free[page] = None
             self._free.move_to_end(page, last=False)
@@ -244,6 +247,7 @@ class PagePool:
     def check(self) -> None:
         """Assert every invariant (used by tests; cheap enough to call after a run)."""
         weights = self._weights_pages()
+        assert weights == self._weight_set, "weight page index"
         held = Counter()
         for p in range(self.num_pages):
             assert self._ref[p] == sum(self._holders[p].values()) >= 0, f"page {p}: refcount vs holders"
