@@ -52,13 +52,13 @@ def load_model(ws: "Workspace", model: str) -> LoadedModel:
     if key in ws.models:
         return ws.models[key]
     from .models import ModelRunner, read_spec
-    from .models.exl2_runner import is_exl2_checkpoint, require_exllamav2
+    from .models.exl2_checkpoint import is_exl2_checkpoint, require_exllamav2
 
     if is_exl2_checkpoint(model):
         require_exllamav2()  # a clear error naming what is missing (CUDA torch, exllamav2, flash-attn)
         raise CheckpointError(
             f"{model!r} is an EXL2 checkpoint; the ExLlamaV2 runner and its arena region exist "
-            "(multihead_nb.models.exl2_runner), but driving it from the scheduler has not landed yet"
+            "(multihead_nb.models.exl2_runner, exl2_region), but driving it from the scheduler has not landed yet"
         )
     spec = read_spec(model)
     layout = spec.kv_layout(ws.dtype, ws.page_bytes)  # raises when a page cannot hold one token

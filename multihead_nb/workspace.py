@@ -133,7 +133,7 @@ class Workspace:
         q = head.quota
         if q is None:
             return None
-        kv_pages = self.pool.num_pages - sum(len(p) for p in self.pool.weights().values())
+        kv_pages = self.pool.num_kv_pages
         if isinstance(q, str) and q.strip().endswith("%"):
             try:
                 pct = float(q.strip()[:-1])
@@ -204,8 +204,7 @@ class Workspace:
                 f"prompt of {len(prompt_ids)} tokens does not fit the context of {h.model!r} ({max_ctx} tokens)"
             )
         layout = self.scheduler.layouts[h.model]
-        q = self.scheduler.heads[head]
-        capacity = self.scheduler._capacity(q)
+        capacity = self.scheduler.capacity(head)
         need = layout.pages_for(len(prompt_ids) + 1)
         if need > capacity:
             raise RequestError(

@@ -3,6 +3,7 @@ sniffing (all on the CPU), and the exllamav2 runner itself (CUDA, skipped unless
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -27,13 +28,9 @@ from multihead_nb.models.exl2_region import (
     release_region,
     reserve_region,
 )
-from multihead_nb.models.exl2_runner import (
-    Exl2Layout,
-    is_exl2_checkpoint,
-    paged_params_fields,
-    read_exl2_spec,
-    require_exllamav2,
-)
+from multihead_nb.models.exl2_batch import paged_params_fields
+from multihead_nb.models.exl2_checkpoint import is_exl2_checkpoint, read_exl2_spec, require_exllamav2
+from multihead_nb.models.exl2_runner import Exl2Layout
 
 P = EXL2_PAGE_TOKENS
 
@@ -379,8 +376,8 @@ def fake_env(monkeypatch):
             return state["fa"]
         raise importlib.metadata.PackageNotFoundError(dist)
 
-    monkeypatch.setattr(er.importlib.util, "find_spec", find_spec)
-    monkeypatch.setattr(er.importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.metadata, "version", version)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: state["available"])
 
     def apply():
@@ -483,7 +480,7 @@ def test_require_exllamav2_imports_and_checks_paged_attention(fake_env):
 def test_importing_the_module_does_not_import_exllamav2():
     import subprocess
 
-    code = ("import sys, multihead_nb.models.exl2_runner, multihead_nb.models.exl2_region; "
+    code = ("import sys, multihead_nb.models.exl2_runner, multihead_nb.models.exl2_checkpoint, multihead_nb.models.exl2_region; "
             "print('exllamav2' in sys.modules, 'flash_attn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"

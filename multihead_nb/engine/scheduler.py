@@ -271,19 +271,21 @@ class Scheduler:
                     return victim
         return None
 
-    def _capacity(self, q: HeadQueue) -> int:
-        kv_pages = self.pool.num_pages - sum(len(p) for p in self.pool.weights().values())
+    def capacity(self, head: str) -> int:
+        """The most pages of K/V one request of `head` can ever hold: the pool's K/V pages, or its quota."""
+        q = self.heads[head]
+        kv_pages = self.pool.num_kv_pages
         return kv_pages if q.quota_pages is None else min(kv_pages, q.quota_pages)
 
     def _cannot_fit_alone(self, req, q, layout, num_tokens) -> bool:
-        return layout.pages_for(num_tokens) > self._capacity(q)
+        return layout.pages_for(num_tokens) > self.capacity(q.name)
 
     def _too_big_message(self, req, q, layout, num_tokens) -> str:
-        quota_binds = q.quota_pages is not None and q.quota_pages == self._capacity(q)
+        quota_binds = q.quota_pages is not None and q.quota_pages == self.capacity(q.name)
         limit = "its quota" if quota_binds else "the pool"
         return (
             f"request {req.id} of head {req.head!r} needs {layout.pages_for(num_tokens)} pages for {num_tokens} tokens "
-            f"({layout.tokens_per_page} tokens per page), but {limit} holds only {self._capacity(q)} pages of K/V; "
+            f"({layout.tokens_per_page} tokens per page), but {limit} holds only {self.capacity(q.name)} pages of K/V; "
             "use a shorter prompt or max_tokens, or a larger pool or quota"
         )
 

@@ -33,7 +33,7 @@ def head_summary(ws, name: str) -> str:
     loaded = ws.models[head.model]
     layout = ws.scheduler.layouts[head.model]
     q = ws.scheduler.heads[name]
-    kv_pages = ws.pool.num_pages - sum(len(p) for p in ws.pool.weights().values())
+    kv_pages = ws.pool.num_kv_pages
     quota = "none" if q.quota_pages is None else f"{q.quota_pages} pages ({format_size(q.quota_pages * ws.page_bytes)})"
     model = _short_model(getattr(loaded.spec, "name", None) or head.model)
     return (

@@ -72,6 +72,11 @@ class PagePool:
         """Pages that can be allocated now (free and cached alike)."""
         return len(self._free)
 
+    @property
+    def num_kv_pages(self) -> int:
+        """Pages that can ever hold K/V: all but those charged to weights."""
+        return self.num_pages - len(self._weight_set)
+
     def state(self, page: int) -> PageState:
         if self._ref[page] > 0:
             return PageState.KV
