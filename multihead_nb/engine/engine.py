@@ -161,8 +161,7 @@ class Engine:
         ids, pos, slots, qlens, clens, tables, logit_idx, samplers = [], [], [], [], [], [], [], []
         for c in chunks:
             r, start, n = c.request, c.request.num_computed, c.num_tokens
-            all_ids = r.all_ids
-            ids.extend(all_ids[start : start + n])
+            ids.extend(r.token_slice(start, start + n))
             pos.extend(range(start, start + n))
             table = r.block_table
             slots.extend(table[p // tpp] * tpp + p % tpp for p in range(start, start + n))

@@ -315,11 +315,10 @@ class Scheduler:
             for i in range(start // tpp, layout.pages_for(req.num_computed)):
                 self.pool.set_tokens(req.block_table[i], min(tpp, req.num_computed - i * tpp))
             hashes = self._page_hashes.setdefault(req.id, [])
-            ids = req.all_ids
             key = self.prefix_keys[req.model]
-            while (len(hashes) + 1) * tpp <= req.num_computed:
+            while (len(hashes) + 1) * tpp <= req.num_computed:  # a page just filled: register it
                 i = len(hashes)
-                h = hash_page(hashes[-1] if hashes else None, ids[i * tpp : (i + 1) * tpp], key)
+                h = hash_page(hashes[-1] if hashes else None, req.token_slice(i * tpp, (i + 1) * tpp), key)
                 hashes.append(h)
                 self.pool.register(req.block_table[i], h)
 
