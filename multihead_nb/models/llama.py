@@ -134,12 +134,15 @@ class LlamaModel:
     """The weights of one model and its forward over a flattened batch.
 
     `packed`: None picks oneDNN prepacked linears when they work here (CPU, bfloat16), False never uses them.
+    `plain_layers`: keep the layers' weights plain row-major (the fused CPU kernel reads them); only the lm_head
+    may then be prepacked.
     """
 
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                 packed: bool | None = None):
+                 packed: bool | None = None, plain_layers: bool = False):
         self.spec, self.dtype, self.device = spec, dtype, device
         self.packed = _packed_linear_ok(dtype, device) if packed is None else bool(packed)
+        layer_packed = self.packed and not plain_layers
         self.eps = spec.rms_norm_eps
         self.embed = weights["model.embed_tokens.weight"]  # [V, h]
         self.norm = weights["model.norm.weight"]  # [h]
@@ -152,13 +155,13 @@ class LlamaModel:
             L.ln1, L.ln2 = w("input_layernorm.weight"), w("post_attention_layernorm.weight")
             qkv = torch.cat([w(f"self_attn.{p}_proj.weight") for p in "qkv"])  # [(H + 2KV) d, h]
             biases = [w(f"self_attn.{p}_proj.bias") for p in "qkv"]
-            L.qkv = Linear(qkv, torch.cat(biases) if all(b is not None for b in biases) else None, self.packed)
+            L.qkv = Linear(qkv, torch.cat(biases) if all(b is not None for b in biases) else None, layer_packed)
             L.q_norm, L.k_norm = w("self_attn.q_norm.weight"), w("self_attn.k_norm.weight")
-            L.o = Linear(w("self_attn.o_proj.weight"), w("self_attn.o_proj.bias"), self.packed)  # [h, H d]
+            L.o = Linear(w("self_attn.o_proj.weight"), w("self_attn.o_proj.bias"), layer_packed)  # [h, H d]
             # one matmul for both (one longer weight stream beats two with silu and the product fused in)
             gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])  # [2I, h]
-            L.gate_up = Linear(gate_up, None, self.packed)
-            L.down = Linear(w("mlp.down_proj.weight"), None, self.packed)  # [h, I]
+            L.gate_up = Linear(gate_up, None, layer_packed)
+            L.down = Linear(w("mlp.down_proj.weight"), None, layer_packed)  # [h, I]
             self.layers.append(L)
         weights.clear()  # the unfused q/k/v and gate/up tensors are no longer referenced
         self.rope = RotaryTable(spec, dtype, device)

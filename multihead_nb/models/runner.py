@@ -14,6 +14,8 @@ from ..errors import ConfigError
 from ..memory import Arena
 from .attention import build_metadata
 from .batch import ForwardBatch
+from .cpu_kernel import KernelUnavailable, load_kernel
+from .fused_forward import FusedForward
 from .llama import LlamaModel
 from .loader import ModelSpec, load_weights
 
@@ -22,10 +24,12 @@ class ModelRunner:
     """Runs `spec` in `dtype` on `device`, keeping its K/V in `arena`'s pages.
 
     `packed`: None uses oneDNN prepacked linears where they work (CPU, bfloat16), False plain `F.linear`.
+    `kernel`: the fused CPU kernel (`fused_forward.py`) for batches of up to 16 tokens. None uses it for bfloat16
+    on the CPU when it builds here (otherwise `kernel_note` says why not), True requires it, False never uses it.
     """
 
     def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,
-                 device: torch.device | str | None = None, packed: bool | None = None):
+                 device: torch.device | str | None = None, packed: bool | None = None, kernel: bool | None = None):
         self.spec = spec
         self.arena = arena
         self.dtype = parse_dtype(dtype)
@@ -41,8 +45,28 @@ class ModelRunner:
         full = self.layout.view(arena)  # [P, 2, layers, tpp, KV, d]
         # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
         self.caches = [full[:, :, layer].permute(0, 2, 1, 3, 4) for layer in range(spec.num_layers)]
+        cpu_kernel, self.kernel_note = self._kernel(kernel)
         weights = load_weights(spec, self.dtype, self.device)
-        self.model = LlamaModel(spec, weights, self.dtype, self.device, packed=packed)
+        self.model = LlamaModel(spec, weights, self.dtype, self.device, packed=packed,
+                                plain_layers=cpu_kernel is not None)
+        self.fused = None if cpu_kernel is None else FusedForward(
+            cpu_kernel, self.model, arena.data, self.layout, arena.page_bytes)
+
+    def _kernel(self, kernel: bool | None):
+        """The fused CPU kernel if this runner uses it, and a note saying why not otherwise."""
+        if kernel is False:
+            return None, "turned off"
+        fits = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        if not fits:
+            if kernel:
+                raise ConfigError(f"the fused CPU kernel runs bfloat16 on the CPU, not {self.dtype} on {self.device}")
+            return None, "runs bfloat16 on the CPU only"
+        try:
+            return load_kernel(), None
+        except KernelUnavailable as e:
+            if kernel:
+                raise ConfigError(f"the fused CPU kernel was required but is unavailable: {e.reason}") from e
+            return None, e.reason
 
     def weight_nbytes(self) -> int:
         """Bytes of weights actually held on the device (may exceed `spec.weight_bytes` with prepacked copies)."""
@@ -61,6 +85,8 @@ class ModelRunner:
                 f"a sequence of {max_ctx} tokens exceeds the model's {spec.max_position_embeddings} positions"
             )
         with torch.inference_mode():
+            if self.fused is not None and self.fused.supports(batch):
+                return self.fused.forward(batch)
             meta = build_metadata(
                 batch, self.layout.tokens_per_page, spec.num_heads // spec.num_kv_heads, spec.sliding_window,
                 self.device, spec.num_kv_heads, spec.head_dim, self.dtype,
