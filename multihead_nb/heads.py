@@ -1,7 +1,8 @@
 """Heads: a model plus a system prompt, sampling defaults and limits.
 
-Owns: `SamplingParams` (validated sampling options) and `Head` (a named agent's definition). Knows nothing of
-pages, tensors or the engine; the workspace turns a head's `quota` into pages.
+Owns: `SamplingParams` (validated sampling options) and `Head` (a named agent's definition, with how its model is
+run: `backend` and, for region backends such as EXL2, the `region` of the pool its model's K/V lives in). Knows
+nothing of pages, tensors or the engine; the workspace turns a head's `quota` and `region` into pages.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from .errors import ConfigError
 
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "ignore_eos")
 LIMIT_OPTIONS = ("quota", "weight", "max_concurrent")
-HEAD_OPTIONS = SAMPLING_OPTIONS + LIMIT_OPTIONS
+MODEL_OPTIONS = ("backend", "region")
+HEAD_OPTIONS = SAMPLING_OPTIONS + LIMIT_OPTIONS + MODEL_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class Head:
     quota: str | int | float | None = None  # a share of the pool ("25%", 0.25) or a size ("256MiB")
     weight: float = 1.0  # fair share relative to other heads
     max_concurrent: int | None = None
+    # "auto": EXL2 checkpoints run on the "exl2" backend, others natively; or "native", or a workspace backend name
+    backend: str = "auto"
+    region: str | int | float | None = None  # region backends: the model's share of the pool ("25%") or a size
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -76,6 +81,8 @@ class Head:
         _check_number("weight", self.weight, lo=0.0, lo_open=True)
         if self.max_concurrent is not None:
             _check_int("max_concurrent", self.max_concurrent, lo=1)
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ConfigError(f"backend must be a name like 'auto', 'native' or 'exl2', got {self.backend!r}")
 
     @classmethod
     def from_options(cls, name: str, model: str, system: str | None = None, **options) -> "Head":
@@ -83,7 +90,7 @@ class Head:
         if unknown:
             raise ConfigError(f"unknown head option(s) {sorted(unknown)}; known: {', '.join(HEAD_OPTIONS)}")
         sampling = SamplingParams(**{k: v for k, v in options.items() if k in SAMPLING_OPTIONS})
-        limits = {k: v for k, v in options.items() if k in LIMIT_OPTIONS and v is not None}
+        limits = {k: v for k, v in options.items() if k in LIMIT_OPTIONS + MODEL_OPTIONS and v is not None}
         return cls(name=name, model=model, system=system, sampling=sampling, **limits)
 
 

@@ -1,8 +1,15 @@
 """Loading models into a workspace: weights charged to the pool, one runner and tokenizer per model.
 
-Owns: `LoadedModel`, the weight accounting (a model that does not fit is refused with the sizes named, and a
-prepacked copy is charged too), tokenizer loading, and unloading. Knows nothing of heads' prompts or of requests;
-the workspace calls these with its own lock held and takes the engine's step lock around every shared change.
+Owns: `LoadedModel`, picking a model's backend (`native`, or a region backend of `ws.backends` such as `exl2`),
+the weight accounting (a model that does not fit is refused with the sizes named, and a prepacked copy is charged
+too), a region backend's region (below), tokenizer loading, and unloading. Knows nothing of heads' prompts or of
+requests; the workspace calls these with its own lock held and takes the engine's step lock around every shared
+change.
+
+A region model (EXL2) keeps its K/V in one contiguous run of the pool's pages, its region: `region=` of its first
+head sizes it as a share of the pool's pages ("25%", 0.25) or a size ("512MiB"), `DEFAULT_REGION` when not given.
+The region is cut into the model's own pages (256 tokens each for EXL2, `Exl2Region`), handed out by a
+`RegionPool` that the scheduler allocates the model's requests' pages from; it goes back to the pool on unload.
 """
 
 from __future__ import annotations
@@ -11,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import format_size
+from .config import format_size, parse_share, parse_size
 from .engine.engine import ModelSlot
-from .errors import CheckpointError, OutOfPagesError
+from .errors import ConfigError, OutOfPagesError
+from .memory.region_pool import RegionPool
 
 if TYPE_CHECKING:
     from .workspace import Workspace
@@ -27,6 +35,11 @@ class LoadedModel:
     tokenizer: object
     weight_pages: int
     heads: set = field(default_factory=set)
+    backend: str = "native"
+    region: RegionPool | None = None  # a region backend's own pages (None: K/V in the main pool's pages)
+
+
+DEFAULT_REGION = "25%"  # of the pool's pages, for a region model whose first head gives no region=
 
 
 def load_tokenizer(path: Path):
@@ -46,20 +59,48 @@ def model_key(model: str) -> str:
     p = Path(model).expanduser()
     return str(p.resolve()) if p.exists() else model
 
-def load_model(ws: "Workspace", model: str) -> LoadedModel:
-    """Load `model` once per workspace: charge its weights to the pool, build its runner and tokenizer, register it."""
+def resolve_backend(ws: "Workspace", model: str, backend: str = "auto") -> str:
+    """The backend that runs `model`: "auto" picks the first of `ws.backends` that detects it, else "native"."""
+    if backend == "auto":
+        return next((name for name, b in ws.backends.items() if b.detects(model)), "native")
+    if backend != "native" and backend not in ws.backends:
+        raise ConfigError(f"unknown backend {backend!r}; known: auto, native, {', '.join(sorted(ws.backends))}")
+    return backend
+
+
+def region_pages(ws: "Workspace", region: str | int | float | None) -> int:
+    """Arena pages of a region: a share of the pool's pages ("25%", 0.25) or a size rounded up to whole pages."""
+    value = DEFAULT_REGION if region is None else region
+    if (isinstance(value, str) and value.strip().endswith("%")) or isinstance(value, float):
+        return parse_share(value, ws.pool.num_pages, what="region")
+    return -(-parse_size(value, what="region") // ws.page_bytes)
+
+
+def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None) -> LoadedModel:
+    """Load `model` once per workspace: charge its weights to the pool, build its runner and tokenizer, register it.
+
+    A model already loaded is shared ("auto" takes it on its backend); naming another backend, or another region
+    size, is an error."""
     key = model_key(model)
     if key in ws.models:
-        return ws.models[key]
+        loaded = ws.models[key]
+        name = loaded.backend if backend == "auto" else resolve_backend(ws, model, backend)
+        if loaded.backend != name:
+            raise ConfigError(f"{model!r} is loaded on the {loaded.backend!r} backend (heads {sorted(loaded.heads)}), "
+                              f"not {name!r}; remove those heads first")
+        if region is not None and (loaded.region is None or region_pages(ws, region) != len(loaded.region.arena_pages)):
+            have = "no region" if loaded.region is None else f"a region of {len(loaded.region.arena_pages)} pages"
+            raise ConfigError(f"{model!r} is loaded with {have}; region={region!r} asks for another (remove its heads "
+                              f"{sorted(loaded.heads)} to change it)")
+        return loaded
+    name = resolve_backend(ws, model, backend)
+    if name != "native":
+        return _load_region_model(ws, model, key, name, region)
+    if region is not None:
+        raise ConfigError(f"region= is for models of a region backend ({', '.join(sorted(ws.backends))}); "
+                          f"{model!r} runs natively, its K/V pages come from the whole pool")
     from .models import ModelRunner, read_spec
-    from .models.exl2_checkpoint import is_exl2_checkpoint, require_exllamav2
 
-    if is_exl2_checkpoint(model):
-        require_exllamav2()  # a clear error naming what is missing (CUDA torch, exllamav2, flash-attn)
-        raise CheckpointError(
-            f"{model!r} is an EXL2 checkpoint; the ExLlamaV2 runner and its arena region exist "
-            "(multihead_nb.models.exl2_runner, exl2_region), but driving it from the scheduler has not landed yet"
-        )
     spec = read_spec(model)
     layout = spec.kv_layout(ws.dtype, ws.page_bytes)  # raises when a page cannot hold one token
     wbytes = spec.weight_bytes(ws.dtype)
@@ -79,15 +120,64 @@ def load_model(ws: "Workspace", model: str) -> LoadedModel:
         with ws.engine.lock:
             ws.pool.release_weights(key)
         raise
+    loaded = LoadedModel(key, spec, runner, tokenizer, wpages)
+    _register(ws, loaded, layout)
+    return loaded
+
+
+def _register(ws: "Workspace", loaded: LoadedModel, layout) -> None:
+    spec, tokenizer = loaded.spec, loaded.tokenizer
     eos = set(spec.eos_token_ids or ())
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    slot = ModelSlot(runner, tokenizer, frozenset(eos), spec.max_position_embeddings)
-    loaded = LoadedModel(key, spec, runner, tokenizer, wpages)
+    slot = ModelSlot(loaded.runner, tokenizer, frozenset(eos), spec.max_position_embeddings)
+    pool = None if loaded.region is None else loaded.region.pool
     with ws.engine.lock:
-        ws.scheduler.add_model(key, layout, max_context=spec.max_position_embeddings)
-        ws.engine.models[key] = slot
-        ws.models[key] = loaded
+        ws.scheduler.add_model(loaded.key, layout, max_context=spec.max_position_embeddings, pool=pool)
+        ws.engine.models[loaded.key] = slot
+        ws.models[loaded.key] = loaded
+
+
+def _load_region_model(ws: "Workspace", model: str, key: str, name: str, region) -> LoadedModel:
+    """Load `model` on region backend `name`: weights and a contiguous region charged to the pool, then its runner."""
+    from .models.exl2_region import Exl2Region, region_owner, release_region, reserve_region
+
+    backend = ws.backends[name]
+    backend.check(ws.device)  # a clear error naming what is missing, before anything is reserved
+    spec = backend.read_spec(model)
+    n_region = region_pages(ws, region)
+    shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    Exl2Region(0, n_region, ws.page_bytes, *shape)  # ConfigError: too small for one page of the model
+    wbytes = spec.weight_bytes
+    wpages = -(-wbytes // ws.page_bytes)
+    with ws.engine.lock:
+        if wpages + n_region > ws.pool.num_free:
+            raise OutOfPagesError(
+                f"model {model!r} needs {format_size(wbytes)} of weights plus a region of {n_region} pages "
+                f"({format_size(n_region * ws.page_bytes)}) for its K/V, but only "
+                f"{format_size(ws.pool.num_free * ws.page_bytes)} of the pool ({format_size(ws.arena.nbytes)}) is "
+                "free; give a smaller region= or use a larger pool (Workspace(pool=...))")
+        ws.pool.reserve_weights(key, wpages)
+        try:
+            pages = reserve_region(ws.pool, key, n_region)
+        except OutOfPagesError as e:
+            ws.pool.release_weights(key)
+            raise OutOfPagesError(f"{e}; give a smaller region= or use a larger pool") from None
+    try:
+        geometry = Exl2Region.from_pages(pages, ws.page_bytes, *shape)
+        runner = backend.runner(spec, ws.arena, pages, ws.device)
+        if runner.layout.num_pages != geometry.num_exl2_pages:
+            raise ConfigError(f"the {name} runner of {model!r} sees {runner.layout.num_pages} pages in its region, "
+                              f"the region holds {geometry.num_exl2_pages}")
+        tokenizer = load_tokenizer(spec.path)
+    except BaseException:
+        with ws.engine.lock:
+            release_region(ws.pool, key, pages)
+            ws.pool.release_weights(key)
+        raise
+    own = RegionPool(key, region_owner(key), pages, geometry.charge_map(), geometry.bytes_per_exl2_page)
+    loaded = LoadedModel(key, spec, runner, tokenizer, wpages, backend=name, region=own)
+    _register(ws, loaded, runner.layout)
     return loaded
 
 def _reserve_weights(ws: "Workspace", model: str, key: str, wbytes: int, wpages: int) -> None:
@@ -101,9 +191,13 @@ def _reserve_weights(ws: "Workspace", model: str, key: str, wbytes: int, wpages:
     ws.pool.reserve_weights(key, wpages)
 
 def unload_model(ws: "Workspace", loaded: LoadedModel) -> None:
-    """Forget a model no head uses: its runner, its scheduler entry and the pages charged to its weights."""
+    """Forget a model no head uses: its runner, its scheduler entry, the pages charged to its weights, its region."""
     with ws.engine.lock:
         ws.scheduler.remove_model(loaded.key)
         ws.engine.models.pop(loaded.key, None)
         ws.pool.release_weights(loaded.key)
+        if loaded.region is not None:
+            from .models.exl2_region import release_region
+
+            release_region(ws.pool, loaded.key, loaded.region.arena_pages)
         del ws.models[loaded.key]

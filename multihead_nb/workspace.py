@@ -2,7 +2,8 @@
 
 Owns: the public Python API (`add_head`, `generate`, `submit`, `pages`, `stats`, frames) and the wiring between
 layers (model loading and weight accounting are `loading.py`): a head's quota becomes pages, a prompt becomes token ids
-through the model's chat template. Knows nothing of notebooks (the magics and widgets sit on top of it).
+through the model's chat template. `backends` names the region backends heads may ask for (`exl2`). Knows nothing of
+notebooks (the magics and widgets sit on top of it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import pandas as pd
 import torch
 
-from .config import format_size, parse_size, resolve_device, resolve_dtype
+from .config import format_size, parse_share, parse_size, resolve_device, resolve_dtype
 from .engine.engine import Engine
 from .engine.recorder import Recorder
 from .engine.request import Request, RequestIds
@@ -25,6 +26,7 @@ from .handles import Completion, RequestHandle
 from .heads import Head
 from .loading import LoadedModel, load_model, unload_model
 from .memory import Arena, PagePool
+from .memory.region_pool import ROW_COLUMNS, page_rows, pool_usage
 
 
 class Workspace:
@@ -60,6 +62,9 @@ class Workspace:
         self.engine = Engine(self.scheduler, self.recorder, self.epoch)
         self.heads: dict[str, Head] = {}
         self.models: dict[str, LoadedModel] = {}
+        from .models.exl2_runner import Exl2Backend  # imports no exllamav2: that happens when a head needs it
+
+        self.backends: dict[str, object] = {"exl2": Exl2Backend()}  # region backends by name (`Head.backend`)
         self._ids = RequestIds()
         self._run_ids = RequestIds()
         self._rng = random.Random(seed)
@@ -82,12 +87,12 @@ class Workspace:
         with self._lock:
             if name in self.heads and not replace:
                 raise ConfigError(f"a head named {name!r} already exists; remove_head({name!r}) first")
-            loaded = load_model(self, str(model))
+            loaded = load_model(self, str(model), head.backend, head.region)
             pin = f"\0loading {name}"  # keeps the model loaded while a head of the same name is replaced
             loaded.heads.add(pin)
             try:
                 head.model = loaded.key
-                quota_pages = self._quota_pages(head)  # bad quotas fail before an old head is replaced
+                quota_pages = self._quota_pages(head, loaded)  # bad quotas fail before an old head is replaced
                 if name in self.heads:
                     self.remove_head(name)
                 with self.engine.lock:
@@ -129,22 +134,18 @@ class Workspace:
         else:
             self.engine.process_inbox()
 
-    def _quota_pages(self, head: Head) -> int | None:
+    def _quota_pages(self, head: Head, loaded: LoadedModel) -> int | None:
+        """A quota in pages of the head's model's pool: for a region model (EXL2) a share of its region's own pages,
+        or a size in whole own pages (each `region.page_bytes`); else of the pool's K/V pages, or `page_bytes`."""
         q = head.quota
         if q is None:
             return None
-        kv_pages = self.pool.num_kv_pages
-        if isinstance(q, str) and q.strip().endswith("%"):
-            try:
-                pct = float(q.strip()[:-1])
-            except ValueError:
-                raise ConfigError(f"quota must be like '25%' or a size like '64MiB', got {q!r}") from None
-            if not 0 < pct <= 100:
-                raise ConfigError(f"quota percentage must be in (0, 100], got {q!r}")
-            return max(1, int(kv_pages * pct / 100))
-        if isinstance(q, float) and 0 < q <= 1:
-            return max(1, int(kv_pages * q))
-        return max(1, parse_size(q, what="quota") // self.page_bytes)
+        region = loaded.region
+        total = self.pool.num_kv_pages if region is None else region.num_pages
+        unit = self.page_bytes if region is None else region.page_bytes
+        if (isinstance(q, str) and q.strip().endswith("%")) or (isinstance(q, float) and 0 < q <= 1):
+            return parse_share(q, total, what="quota")
+        return max(1, parse_size(q, what="quota") // unit)
 
     def _head(self, name: str) -> Head:
         if name not in self.heads:
@@ -259,23 +260,19 @@ class Workspace:
 
     # ---- views ---------------------------------------------------------------------------------------------
     def pages(self) -> pd.DataFrame:
-        """One row per page: page, state (free, cached, kv, weights), owner, holders, model, tokens, shared."""
+        """One row per page: page, state (free, cached, kv, weights), owner, holders, model, tokens, shared.
+
+        A page of a region model's region (EXL2) is shown by the model's own pages charged to it: `kv` and held by
+        the heads holding them, `cached`, or `free` (free for that model only; its `model` column names it)."""
         with self.engine.lock:
             return self._pages()
 
     def _pages(self) -> pd.DataFrame:
-        rows = []
-        for p in range(self.pool.num_pages):
-            state = self.pool.state(p).value
-            holders = self.pool.holders(p)
-            owner = next(iter(holders), None) if holders else None
-            model = self.pool.model_of(p)
-            rows.append(
-                (p, state, owner if state == "kv" else ("weights" if state == "weights" else None),
-                 ",".join(sorted(holders)), model, self.pool.tokens_in(p) if state in ("kv", "cached") else 0,
-                 self.pool.refcount(p))
-            )
-        return pd.DataFrame(rows, columns=["page", "state", "owner", "holders", "model", "tokens", "shared"])
+        return pd.DataFrame(page_rows(self.pool, self._regions()), columns=ROW_COLUMNS)
+
+    def _regions(self) -> list:
+        """The region models' own pages: `pages()` and `stats()` show their arena pages as held by those heads."""
+        return [m.region for m in self.models.values() if m.region is not None]
 
     def stats(self) -> dict:
         """Pool usage, waste (allocated token slots not holding a token), queues per head, steps, tokens/s."""
@@ -283,7 +280,7 @@ class Workspace:
             return self._stats()
 
     def _stats(self) -> dict:
-        usage = self.pool.usage()
+        usage = pool_usage(self.pool, self._regions())
         slots = held = 0
         for r in self.scheduler.requests():
             if r.block_table:
@@ -301,7 +298,9 @@ class Workspace:
             "steps": self.engine.step_count,
             "tokens_generated": self.engine.tokens_generated,
             "tokens_per_s": self.engine.tokens_generated / busy if busy else 0.0,
-            "models": {k: {"heads": sorted(m.heads), "weight_pages": m.weight_pages} for k, m in self.models.items()},
+            "models": {k: {"heads": sorted(m.heads), "weight_pages": m.weight_pages, "backend": m.backend,
+                           "region_pages": 0 if m.region is None else len(m.region.arena_pages)}
+                       for k, m in self.models.items()},
         }
 
     def steps(self) -> pd.DataFrame:

@@ -1,5 +1,7 @@
 """EXL2 heads: the region of the arena, the ForwardBatch → PagedParams translation, the lazy import, checkpoint
-sniffing (all on the CPU), and the exllamav2 runner itself (CUDA, skipped unless exllamav2 and flash-attn import)."""
+sniffing (all on the CPU), and the exllamav2 runner itself, alone and as workspace heads beside native ones (CUDA,
+skipped unless exllamav2 and flash-attn import). The scheduler's side of region models runs on the CPU in
+test_exl2_scheduler.py."""
 
 from __future__ import annotations
 
@@ -681,3 +683,89 @@ def test_exl2_head_and_native_head_generate_together(tiny_ckpt):
     together = run(set(prompts))
     for h in prompts:
         assert run({h})[h] == together[h], h
+
+
+# ---- CUDA: EXL2 heads driven by the workspace's scheduler ---------------------------------------------------
+def _cuda_ws(**kw):
+    import multihead_nb as mh
+
+    return mh.Workspace(device="cuda", dtype="float16", pool="256MiB", page_bytes="64KiB", background=False, **kw)
+
+
+def _generator_tokens(runner, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens of exllamav2's own dynamic generator, with its own dense cache."""
+    exl = require_exllamav2()
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+    cache = exl.ExLlamaV2Cache(runner.model, max_seq_len=2048)
+    gen = ExLlamaV2DynamicGenerator(model=runner.model, cache=cache, tokenizer=runner.tokenizer)
+    gen.enqueue(ExLlamaV2DynamicJob(input_ids=torch.tensor([prompt]), max_new_tokens=n, stop_conditions=[],
+                                    gen_settings=ExLlamaV2Sampler.Settings.greedy()))
+    out: list[int] = []
+    while gen.num_remaining_jobs():
+        for r in gen.iterate():
+            if r.get("stage") == "streaming" and "token_ids" in r:
+                out += r["token_ids"][0].tolist()
+    return out
+
+
+@pytest.mark.cuda
+@needs_exl2
+def test_exl2_head_in_a_workspace_equals_exllamav2_generator(tiny_ckpt):
+    path = str(tiny_ckpt("llama", **EXL2_TINY))
+    ws = _cuda_ws()
+    ws.add_head("e", path, backend="exl2", region="32MiB")
+    loaded = ws.models[ws.heads["e"].model]
+    assert loaded.backend == "exl2" and isinstance(loaded.runner, er.Exl2Runner)
+    assert ws.scheduler.layouts[loaded.key].tokens_per_page == 256 and loaded.region.num_pages == 128
+    for n in (5, 300, 700):
+        prompt = [(7 * i + 3) % 380 + 3 for i in range(n)]
+        ours = ws.generate("e", prompt, max_tokens=12, ignore_eos=True).token_ids
+        assert ours == _generator_tokens(loaded.runner, prompt, 12), n
+    ws.pool.check()
+    loaded.region.pool.check()
+    ws.close()
+
+
+@pytest.mark.cuda
+@needs_exl2
+def test_exl2_head_and_native_head_in_one_workspace(tiny_ckpt):
+    exl2_path, native_path = str(tiny_ckpt("llama", **EXL2_TINY)), str(tiny_ckpt("qwen2"))
+    prompts = {"e1": list(range(3, 40)), "e2": list(range(100, 370)), "n1": list(range(5, 30))}
+
+    def add(ws):
+        ws.add_head("e1", exl2_path, backend="exl2", region="32MiB")
+        ws.add_head("e2", exl2_path)
+        ws.add_head("n1", native_path)
+
+    ws = _cuda_ws()
+    add(ws)
+    alone = {h: ws.generate(h, p, max_tokens=16, ignore_eos=True).token_ids for h, p in prompts.items()}
+    ws.close()
+
+    ws = _cuda_ws(max_batched_tokens=128)
+    add(ws)
+    key = ws.heads["e1"].model
+    region = ws.models[key].region
+    seen = []
+
+    def look(event, req, _):
+        if event == "token":
+            df = ws.pages()
+            kv = df[df.state == "kv"]
+            seen.append(({h for hs in kv[kv.page.isin(region.arena_pages)].holders for h in hs.split(",")},
+                         {h for hs in kv[~kv.page.isin(region.arena_pages)].holders for h in hs.split(",")}))
+
+    ws.engine.listeners.append(look)
+    handles = {h: ws.submit(h, p, max_tokens=16, ignore_eos=True) for h, p in prompts.items()}
+    assert {h: handles[h].result().token_ids for h in prompts} == alone
+    assert (ws.steps().groupby("step").model.nunique() == 2).any()
+    assert any(inside == {"e1", "e2"} and outside == {"n1"} for inside, outside in seen)
+    assert all(inside <= {"e1", "e2"} and outside <= {"n1"} for inside, outside in seen)
+    ws.pool.check()
+    region.pool.check()
+    free, weight_pages = ws.pool.num_free, ws.models[key].weight_pages
+    ws.remove_head("e1")
+    ws.remove_head("e2")  # the region goes back with the model's last head
+    assert key not in ws.models and ws.pool.num_free == free + len(region.arena_pages) + weight_pages
+    ws.close()

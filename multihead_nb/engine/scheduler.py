@@ -2,8 +2,9 @@
 
 Owns: per-head queues (running, waiting), weighted virtual token counters (VTC) for fairness, admission on free
 pages and quotas, chunked prefill under one token budget per step, preemption by recompute, and the page
-bookkeeping that follows a step (advance progress, register full pages in the prefix cache, free pages). Knows
-nothing of tensors, tokenizers or timing: the engine runs the plan and tells it what was sampled.
+bookkeeping that follows a step (advance progress, register full pages in the prefix cache, free pages). A request's
+pages come from its model's pool (`PageSpaces`: the main pool, or a region model's own pool) in its model's tokens
+per page. Knows nothing of tensors, tokenizers or timing: the engine runs the plan and tells it what was sampled.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import OutOfPagesError, RequestError
 from ..memory import KVLayout, PagePool, hash_page
+from .page_spaces import PageSpaces
 from .request import Request, Status
 
 
@@ -60,7 +62,8 @@ class HeadQueue:
 
 class Scheduler:
     def __init__(self, pool: PagePool, *, max_batched_tokens: int = 512, max_seqs: int = 128):
-        self.pool = pool
+        self.pool = pool  # the main pool; a region model's requests take pages from its own (`self.spaces`)
+        self.spaces = PageSpaces(pool)
         self.max_batched_tokens = max_batched_tokens
         self.max_seqs = max_seqs
         self.heads: dict[str, HeadQueue] = {}
@@ -70,13 +73,16 @@ class Scheduler:
         self._page_hashes: dict[int, list[bytes]] = {}  # request id -> hashes of its registered full pages
 
     # ---- registration --------------------------------------------------------------------------------------
-    def add_model(self, model: str, layout: KVLayout, prefix_key: object = None, max_context: int = 1 << 30) -> None:
+    def add_model(self, model: str, layout: KVLayout, prefix_key: object = None, max_context: int = 1 << 30,
+                  pool: PagePool | None = None) -> None:  # pool: its requests' pages (default: the main pool)
         self.layouts[model] = layout
+        self.spaces.add(model, pool)
         self.max_context[model] = max_context
         self.prefix_keys[model] = prefix_key if prefix_key is not None else model
 
     def remove_model(self, model: str) -> None:
         self.layouts.pop(model, None)
+        self.spaces.remove(model)
         self.prefix_keys.pop(model, None)
         self.max_context.pop(model, None)
 
@@ -87,12 +93,12 @@ class Scheduler:
             assert not old.running and not old.waiting, "cancel a head's requests before redefining it"
             q.counter, q.served = old.counter, old.served
         self.heads[name] = q
-        self.pool.set_quota(name, quota_pages)
+        self.spaces.set_quota(name, model, quota_pages)
 
     def remove_head(self, name: str) -> None:
         q = self.heads.pop(name)
         assert not q.running and not q.waiting, "cancel a head's requests before removing it"
-        self.pool.set_quota(name, None)
+        self.spaces.set_quota(name, q.model, None)
 
     # ---- queues --------------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -122,7 +128,7 @@ class Scheduler:
 
     def _free_pages(self, req: Request) -> None:
         if req.block_table:
-            self.pool.release(req.block_table, req.head)
+            self.spaces.of(req.model).release(req.block_table, req.head)
         req.block_table = []
         req.num_computed = 0
         self._page_hashes.pop(req.id, None)
@@ -149,7 +155,7 @@ class Scheduler:
             del hashes[keep // tpp :]
         n_pages = layout.pages_for(keep)
         if len(req.block_table) > n_pages:
-            self.pool.release(req.block_table[n_pages:], req.head)
+            self.spaces.of(req.model).release(req.block_table[n_pages:], req.head)
             del req.block_table[n_pages:]
         req.num_computed = keep
 
@@ -204,15 +210,15 @@ class Scheduler:
             return 0
         # prefix cache: full pages strictly before the page of the last known token
         ids = req.all_ids
-        key = self.prefix_keys[req.model]
+        key, pool = self.prefix_keys[req.model], self.spaces.of(req.model)
         hashes, pages, prev = [], [], None
         for i in range((len(ids) - 1) // tpp):
             prev = hash_page(prev, ids[i * tpp : (i + 1) * tpp], key)
-            page = self.pool.lookup(prev)
-            if page is None or self.pool.model_of(page) != req.model:
+            page = pool.lookup(prev)
+            if page is None or pool.model_of(page) != req.model:
                 break
             try:
-                self.pool.acquire(page, req.head)
+                pool.acquire(page, req.head)
             except OutOfPagesError:  # quota
                 break
             hashes.append(prev)
@@ -249,22 +255,24 @@ class Scheduler:
     def _fit_chunk(self, req: Request, q: HeadQueue, layout: KVLayout, want: int) -> int:
         """Allocate pages for up to `want` more tokens; shrink the chunk to what fits; return its size."""
         have = len(req.block_table) * layout.tokens_per_page - req.num_computed
-        headroom = self.pool.headroom(req.head)
-        n = min(want, have + headroom * layout.tokens_per_page)
+        pool = self.spaces.of(req.model)
+        n = min(want, have + pool.headroom(req.head) * layout.tokens_per_page)
         if n <= 0:
             return 0
         need = layout.pages_for(req.num_computed + n) - len(req.block_table)
         if need > 0:
-            req.block_table.extend(self.pool.allocate(need, req.head, req.model))
+            req.block_table.extend(pool.allocate(need, req.head, req.model))
         return n
 
     def _pick_victim(self, req: Request, q: HeadQueue, planned: set[int]) -> Request | None:
-        """A running request to preempt: same head when the quota binds, else the most-served head's newest."""
-        quota_bound = q.quota_pages is not None and self.pool.held_by(q.name) >= q.quota_pages
+        """A running request to preempt: same head when the quota binds, else the most-served head's newest (of the
+        heads whose pages come from the same pool: preempting others frees nothing this request can use)."""
+        quota_bound = q.quota_pages is not None and self.spaces.of(q.model).held_by(q.name) >= q.quota_pages
         if quota_bound:
             heads = [q]
         else:  # only heads served at least as much as this one give way (VTC); else this request waits
-            heads = sorted((h for h in self.heads.values() if h.counter >= q.counter), key=lambda h: -h.counter)
+            heads = [h for h in self.heads.values() if h.counter >= q.counter and self.spaces.same(h.model, q.model)]
+            heads.sort(key=lambda h: -h.counter)
         for h in heads:
             for victim in reversed(h.running):
                 if victim is not req and victim.id not in planned and victim.block_table:
@@ -272,9 +280,9 @@ class Scheduler:
         return None
 
     def capacity(self, head: str) -> int:
-        """The most pages of K/V one request of `head` can ever hold: the pool's K/V pages, or its quota."""
+        """The most pages of K/V one request of `head` can ever hold: its model's pool's K/V pages, or its quota."""
         q = self.heads[head]
-        kv_pages = self.pool.num_kv_pages
+        kv_pages = self.spaces.of(q.model).num_kv_pages
         return kv_pages if q.quota_pages is None else min(kv_pages, q.quota_pages)
 
     def _cannot_fit_alone(self, req, q, layout, num_tokens) -> bool:
@@ -307,20 +315,19 @@ class Scheduler:
             req = c.request
             if req.status != Status.RUNNING:
                 continue
-            layout = self.layouts[req.model]
+            layout, pool, key = self.layouts[req.model], self.spaces.of(req.model), self.prefix_keys[req.model]
             tpp = layout.tokens_per_page
             start = req.num_computed
             req.num_computed += c.num_tokens
             self.heads[req.head].served += c.num_tokens
             for i in range(start // tpp, layout.pages_for(req.num_computed)):
-                self.pool.set_tokens(req.block_table[i], min(tpp, req.num_computed - i * tpp))
+                pool.set_tokens(req.block_table[i], min(tpp, req.num_computed - i * tpp))
             hashes = self._page_hashes.setdefault(req.id, [])
-            key = self.prefix_keys[req.model]
             while (len(hashes) + 1) * tpp <= req.num_computed:  # a page just filled: register it
                 i = len(hashes)
                 h = hash_page(hashes[-1] if hashes else None, req.token_slice(i * tpp, (i + 1) * tpp), key)
                 hashes.append(h)
-                self.pool.register(req.block_table[i], h)
+                pool.register(req.block_table[i], h)
 
     def queue_lengths(self) -> dict[str, dict[str, int]]:
         return {

@@ -1,10 +1,11 @@
 """The EXL2 runner: an ExLlamaV2 model whose K/V lives in an `Exl2Region` of the shared arena (CUDA only).
 
-Owns: `Exl2Layout` (the scheduler's view of the model's 256-token pages) and `Exl2Runner`, the `ModelRunner`
+Owns: `Exl2Layout` (the scheduler's view of the model's 256-token pages), `Exl2Runner`, the `ModelRunner`
 look-alike that loads the model with exllamav2, hands it the region's views as its cache tensors and runs the
-calls `exl2_batch.paged_params_fields` translates. Does not know which pages are whose (the batch's
-`block_tables` hold EXL2 page ids 0..N-1 of the model's region), heads, requests or sampling. Checkpoint detection
-and the lazy import are `exl2_checkpoint.py`.
+calls `exl2_batch.paged_params_fields` translates, and `Exl2Backend`, what the workspace's loading needs to put an
+EXL2 model on a region (check the optional backend first, read the shape, build the runner). Does not know which
+pages are whose (the batch's `block_tables` hold EXL2 page ids 0..N-1 of the model's region), heads, requests or
+sampling. Checkpoint detection and the lazy import are `exl2_checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..errors import CheckpointError, ConfigError
 from ..memory import Arena
 from .batch import ForwardBatch
 from .exl2_batch import paged_params_fields
-from .exl2_checkpoint import Exl2Spec, read_exl2_spec, require_exllamav2
+from .exl2_checkpoint import Exl2Spec, is_exl2_checkpoint, read_exl2_spec, require_exllamav2
 from .exl2_region import EXL2_DTYPE, EXL2_PAGE_TOKENS, Exl2Region, bytes_per_exl2_page
 
 
@@ -157,3 +158,27 @@ class Exl2Runner:
     def __repr__(self) -> str:
         return (f"Exl2Runner({self.spec.name!r}, exllamav2 {self.exl.version}, device={self.device}, "
                 f"pages={self.layout.num_pages} x {EXL2_PAGE_TOKENS} tokens)")
+
+
+# ---- the backend the workspace loads EXL2 models with ---------------------------------------------------
+class Exl2Backend:
+    """A region backend: the workspace's loading calls `check(device)` before it reserves anything (a clear error
+    naming what is missing), `read_spec(model)` for the shape that sizes the region and the weights, then
+    `runner(spec, arena, region_pages, device)`. `detects(model)`: whether `backend="auto"` picks it."""
+
+    name = "exl2"
+
+    def detects(self, model: str) -> bool:
+        return is_exl2_checkpoint(model)
+
+    def check(self, device: torch.device) -> None:
+        require_exllamav2()
+        if torch.device(device).type != "cuda":
+            raise ConfigError(f"EXL2 models run on CUDA only; this workspace's device is {device} "
+                              "(use Workspace(device='cuda'))")
+
+    def read_spec(self, model: str) -> Exl2Spec:
+        return read_exl2_spec(model)
+
+    def runner(self, spec: Exl2Spec, arena: Arena, region_pages, device) -> Exl2Runner:
+        return Exl2Runner(spec, arena, region_pages, device=device)
