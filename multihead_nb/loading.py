@@ -108,7 +108,7 @@ def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None) 
     with ws.engine.lock:
         _reserve_weights(ws, model, key, wbytes, wpages)
     try:
-        runner = ModelRunner(spec, ws.arena, dtype=ws.dtype, device=ws.device)
+        runner = ModelRunner(spec, ws.arena, dtype=ws.dtype, device=ws.device, kernel=ws.cpu_kernel)
         tokenizer = load_tokenizer(spec.path)
         actual = runner.weight_nbytes()
         if -(-actual // ws.page_bytes) > wpages:  # prepacked copies: charge what is really held

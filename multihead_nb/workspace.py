@@ -44,6 +44,7 @@ class Workspace:
         max_seqs: int = 128,
         background: bool | None = None,
         seed: int = 0,
+        cpu_kernel: bool | None = None,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -51,6 +52,9 @@ class Workspace:
         self.page_bytes = parse_size(page_bytes, what="page_bytes")
         if pool_bytes < self.page_bytes:
             raise ConfigError(f"pool of {format_size(pool_bytes)} is smaller than one page of {format_size(self.page_bytes)}")
+        if cpu_kernel not in (None, True, False):
+            raise ConfigError(f"cpu_kernel must be None (use it where it builds), True or False, got {cpu_kernel!r}")
+        self.cpu_kernel = cpu_kernel  # native models' fused CPU kernel (bfloat16 on the CPU): see ModelRunner
         for name, v in (("max_batched_tokens", max_batched_tokens), ("max_seqs", max_seqs)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -299,7 +303,8 @@ class Workspace:
             "tokens_generated": self.engine.tokens_generated,
             "tokens_per_s": self.engine.tokens_generated / busy if busy else 0.0,
             "models": {k: {"heads": sorted(m.heads), "weight_pages": m.weight_pages, "backend": m.backend,
-                           "region_pages": 0 if m.region is None else len(m.region.arena_pages)}
+                           "region_pages": 0 if m.region is None else len(m.region.arena_pages),
+                           "cpu_kernel": getattr(m.runner, "fused", None) is not None}
                        for k, m in self.models.items()},
         }
 

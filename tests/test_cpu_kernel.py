@@ -156,11 +156,10 @@ def test_engine_heads_together_equal_alone_bf16(tiny_ckpt):
 
     def workspace():
         ws = mh.Workspace(device="cpu", dtype="bfloat16", pool="16MiB", page_bytes="4KiB", background=False,
-                          max_batched_tokens=16)
+                          max_batched_tokens=16, cpu_kernel=True)
         for h in prompts:
             ws.add_head(h, str(path))
-        runner = ws.models[str(path.resolve())].runner
-        assert runner.fused is not None, runner.kernel_note
+        assert ws.stats()["models"][str(path.resolve())]["cpu_kernel"]
         return ws
 
     ws = workspace()
@@ -176,6 +175,16 @@ def test_engine_heads_together_equal_alone_bf16(tiny_ckpt):
 
 
 def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
+    import multihead_nb as mh
+
+    with pytest.raises(ConfigError, match="cpu_kernel"):
+        mh.Workspace(device="cpu", pool="4MiB", cpu_kernel="yes")
+    ws = mh.Workspace(device="cpu", dtype="float32", pool="16MiB", page_bytes="4KiB", background=False,
+                      cpu_kernel=True)
+    with pytest.raises(ConfigError, match="bfloat16 on the CPU"):
+        ws.add_head("a", str(tiny_ckpt("llama")))
+    assert ws.pool.num_free == ws.pool.num_pages and not ws.heads  # nothing charged, nothing left
+    ws.close()
     spec = read_spec(tiny_ckpt("llama"))
     arena = Arena(16, 1 << 16, device="cpu")
     with pytest.raises(ConfigError, match="bfloat16 on the CPU"):

@@ -143,6 +143,9 @@ BAD = [
     ("cell", "head", "coder --model /nonexistent/model", "sys"),
     ("cell", "head", "coder --model {model} --quota 150%", "sys"),
     ("cell", "head", "coder --model {model} --quota lots", "sys"),
+    ("cell", "head", "coder --model {model} --backend tpu", "sys"),
+    ("cell", "head", "coder --model {model} --backend exl2", "sys"),  # no CUDA / exllamav2 here: named, nothing changed
+    ("cell", "head", "newhead --model {model} --backend exl2 --region 10%", "sys"),
     ("cell", "team", "", "this line has no colon"),
     ("cell", "team", "", "  indented first line"),
     ("cell", "team", "", "ghost: {task}"),

@@ -20,10 +20,16 @@ def define_head(ws, name: str, model: str, system: str | None, **options):
 
     The head's options and the checkpoint are checked first, so a bad redefinition leaves the old head in place."""
     from ..heads import Head
+    from ..loading import resolve_backend
     from ..models import read_spec
 
-    Head.from_options(name, str(model), system, **options)
-    read_spec(str(model))
+    head = Head.from_options(name, str(model), system, **options)
+    backend = resolve_backend(ws, str(model), head.backend)
+    if backend == "native":
+        read_spec(str(model))
+    else:  # a region backend (EXL2): what it needs is named before anything changes
+        ws.backends[backend].check(ws.device)
+        ws.backends[backend].read_spec(str(model))
     ws.add_head(name, model, system=system or None, replace=True, **options)
     return head_summary(ws, name)
 
@@ -33,8 +39,9 @@ def head_summary(ws, name: str) -> str:
     loaded = ws.models[head.model]
     layout = ws.scheduler.layouts[head.model]
     q = ws.scheduler.heads[name]
-    kv_pages = ws.pool.num_kv_pages
-    quota = "none" if q.quota_pages is None else f"{q.quota_pages} pages ({format_size(q.quota_pages * ws.page_bytes)})"
+    region = getattr(loaded, "region", None)  # a region model (EXL2) counts its quota in its region's own pages
+    kv_pages, unit = (ws.pool.num_kv_pages, ws.page_bytes) if region is None else (region.num_pages, region.page_bytes)
+    quota = "none" if q.quota_pages is None else f"{q.quota_pages} pages ({format_size(q.quota_pages * unit)})"
     model = _short_model(getattr(loaded.spec, "name", None) or head.model)
     return (
         f"head {name!r}: {model} · {str(ws.dtype).replace('torch.', '')} · {layout.tokens_per_page} tokens/page "

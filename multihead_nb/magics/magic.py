@@ -76,6 +76,8 @@ class MultiHeadMagics(Magics):
     @argument("--quota", help="the head's share of K/V pages: '25%%' or a size like '64MiB'")
     @argument("--weight", type=float, help="fair share relative to other heads")
     @argument("--max-concurrent", type=int)
+    @argument("--backend", help="auto (default), native, or exl2")
+    @argument("--region", help="EXL2 models: the model's region of the pool, '25%%' or a size like '2GiB'")
     def head(self, line, cell=""):
         """Define or redefine a head; the cell body is its system prompt."""
         args = parse_argstring(self.head, line)

@@ -17,6 +17,7 @@ _STEP = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s?(.*)$")
 HEAD_FLAGS = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_tokens": "max_tokens",
     "stop": "stop", "seed": "seed", "quota": "quota", "weight": "weight", "max_concurrent": "max_concurrent",
+    "backend": "backend", "region": "region",
 }
 
 
