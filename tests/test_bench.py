@@ -33,7 +33,7 @@ def test_seed_table_quick(tmp_path):
                 "dtype", "new_tokens", "mh_first_token_s", "mh_decode_tokens_per_s", "mh_peak_kv_pages",
                 "mh_waste_mean", "mh_step_overhead"):
         assert col in df.columns, col
-    assert set(df.workflow) == {"code", "research", "creative"}
+    assert set(df.workflow) == {"code", "research", "creative", "independent"}
     assert {"sequential", "multihead"} <= set(df.system)
     assert "transformers_cb" in set(df.system)  # a row even if CB failed (then `error` says why)
     for system in ("sequential", "multihead"):
@@ -47,7 +47,7 @@ def test_seed_table_quick(tmp_path):
 
     md = (tmp_path / "seed_table.md").read_text()
     assert "| workflow | sequential s | MultiHead s | speedup | transformers CB s |" in md
-    for wf in ("code", "research", "creative"):
+    for wf in ("code", "research", "creative", "independent"):
         assert f"| {wf} |" in md
     assert "## Scaling sweep" in md and "## Start-up" in md
 
