@@ -8,6 +8,7 @@ the same tokens for heads together and alone; and the errors when the kernel can
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -18,7 +19,10 @@ from multihead_nb.memory import Arena
 from multihead_nb.models import ForwardBatch, ModelRunner, read_spec
 from multihead_nb.models.cpu_kernel import _compiler, load_kernel
 
-pytestmark = pytest.mark.skipif(_compiler() is None, reason="no C compiler here: the fused CPU kernel cannot be built")
+# Without a C compiler the kernel cannot exist and MultiHead uses its PyTorch path: skip, unless CI says a compiler
+# must be there (.ci/run sets MULTIHEAD_REQUIRE_KERNEL=1 once it has installed one).
+pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
+                                reason="no C compiler here: the fused CPU kernel cannot be built")
 
 BF16 = torch.bfloat16
 
