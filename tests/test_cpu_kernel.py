@@ -202,3 +202,10 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     assert runner.model.layers[0].qkv.packed == runner.model.packed  # the PyTorch path keeps its packed weights
     with pytest.raises(ConfigError, match="required but is unavailable"):
         ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=True)
+    # a shape the kernel does not take: the PyTorch path, and the reason
+    monkeypatch.delenv("CC")
+    wide = read_spec(tiny_ckpt("llama", head_dim=520))
+    runner = ModelRunner(wide, Arena(16, 1 << 20, device="cpu"), dtype=BF16, device="cpu")
+    assert runner.fused is None and "head_dim 520" in runner.kernel_note
+    with pytest.raises(ConfigError, match="head_dim 520"):
+        ModelRunner(wide, Arena(16, 1 << 20, device="cpu"), dtype=BF16, device="cpu", kernel=True)

@@ -85,6 +85,8 @@ def test_mh_subcommands(shell, model, capsys):
     shell.run_line_magic("mh", "status")
     out = capsys.readouterr().out
     assert "1024 pages" in out and "head coder" in out and "8 tokens" in out
+    (m,) = ws.stats()["models"].values()
+    assert ("runs on fused CPU kernel" if m["cpu_kernel"] else "runs on PyTorch (") in out
     d = shell.run_line_magic("mh", "dashboard")
     assert d.live is False and set(d.figures) >= {"page_map", "queues", "timeline"}  # no kernel: static figures
     shell.run_line_magic("mh", "reset")

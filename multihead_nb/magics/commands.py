@@ -88,7 +88,11 @@ def status(ws) -> str:
         f"  engine: {s['steps']} steps, {s['tokens_generated']} tokens, {s['tokens_per_s']:.1f} tokens/s",
     ]
     for key, m in s["models"].items():
-        lines.append(f"  model {_short_model(key)}: {m['weight_pages']} weight pages, heads {', '.join(m['heads'])}")
+        runner = ws.models[key].runner
+        path = ("fused CPU kernel" if m.get("cpu_kernel") else
+                f"PyTorch ({getattr(runner, 'kernel_note', None) or m['backend']})")
+        lines.append(f"  model {_short_model(key)}: {m['weight_pages']} weight pages, heads {', '.join(m['heads'])}; "
+                     f"runs on {path}")
     for head, q in s["queues"].items():
         lines.append(
             f"  head {head}: running {q['running']}, waiting {q['waiting']}, preempted {q['preempted']}, "

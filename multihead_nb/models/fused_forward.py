@@ -30,6 +30,15 @@ def _ptr(t: torch.Tensor | None, ctype=ctypes.c_uint16):
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
 
+def unsupported(spec) -> str | None:
+    """Why the kernel cannot run this model's shape (None: it can)."""
+    if spec.head_dim % 2 or spec.head_dim > 512:
+        return f"head_dim {spec.head_dim} (the kernel needs an even head_dim of at most 512)"
+    if spec.num_heads % spec.num_kv_heads:
+        return f"{spec.num_heads} query heads over {spec.num_kv_heads} KV heads"
+    return None
+
+
 class FusedForward:
     """`forward(batch) -> logits` of `model` through the kernel, reading and writing K/V in `arena_data`."""
 

@@ -15,7 +15,7 @@ from ..memory import Arena
 from .attention import build_metadata
 from .batch import ForwardBatch
 from .cpu_kernel import KernelUnavailable, load_kernel
-from .fused_forward import FusedForward
+from .fused_forward import FusedForward, unsupported
 from .llama import LlamaModel
 from .loader import ModelSpec, load_weights
 
@@ -61,6 +61,11 @@ class ModelRunner:
             if kernel:
                 raise ConfigError(f"the fused CPU kernel runs bfloat16 on the CPU, not {self.dtype} on {self.device}")
             return None, "runs bfloat16 on the CPU only"
+        shape = unsupported(self.spec)
+        if shape is not None:
+            if kernel:
+                raise ConfigError(f"the fused CPU kernel cannot run this model: {shape}")
+            return None, f"cannot run {shape}"
         try:
             return load_kernel(), None
         except KernelUnavailable as e:
