@@ -19,7 +19,7 @@ import torch
 from .config import format_size, parse_share, parse_size, resolve_device, resolve_dtype
 from .engine.engine import Engine
 from .engine.recorder import Recorder
-from .engine.request import Request, RequestIds
+from .engine.request import Request, RequestIds, check_token_ids
 from .engine.scheduler import Scheduler
 from .errors import ConfigError, RequestError
 from .handles import Completion, RequestHandle
@@ -203,6 +203,7 @@ class Workspace:
         h = self._head(head)
         params = h.sampling.replace(**overrides)
         loaded = self.models[h.model]
+        prompt_ids = check_token_ids(prompt_ids, getattr(loaded.spec, "vocab_size", None), f"head {head!r}'s model")
         max_ctx = loaded.spec.max_position_embeddings
         if len(prompt_ids) + 1 > max_ctx:
             raise RequestError(
@@ -228,6 +229,8 @@ class Workspace:
     def extend_prompt(self, handle: RequestHandle, ids: list[int], *, close: bool = False) -> None:
         """Append token ids to an open prompt (from the engine's side); `close=True` lets it start sampling."""
         req = handle.request
+        vocab = getattr(self.models[req.model].spec, "vocab_size", None)
+        ids = check_token_ids(ids, vocab, f"head {req.head!r}'s model")
 
         def apply():
             if req.status.done:
@@ -351,3 +354,4 @@ class Workspace:
             f"Workspace(device={self.device}, pool={format_size(self.arena.nbytes)}, pages={self.pool.num_pages} x "
             f"{format_size(self.page_bytes)}, heads={sorted(self.heads)})"
         )
+

@@ -209,3 +209,20 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     assert runner.fused is None and "head_dim 520" in runner.kernel_note
     with pytest.raises(ConfigError, match="head_dim 520"):
         ModelRunner(wide, Arena(16, 1 << 20, device="cpu"), dtype=BF16, device="cpu", kernel=True)
+
+
+def test_kernel_refuses_out_of_range_ids_and_pages(tiny_ckpt, kernel):
+    """The C code indexes the embedding and the arena unchecked: the Python side refuses what would read past them."""
+    pair = Pair(tiny_ckpt("llama"), kernel, num_seqs=1)
+    runner, V = pair.runners["kernel"], pair.spec.vocab_size
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    table = pair.tables["kernel"][0]
+    tpp = runner.tokens_per_page
+    with pytest.raises(IndexError, match="vocabulary"):
+        runner.forward(ForwardBatch(t([3, V]), t([0, 1]), t([table[0] * tpp, table[0] * tpp + 1]), [2], [2], [table],
+                                    t([1])))
+    far = pair.arena.num_pages + 5
+    with pytest.raises(IndexError, match="past the arena"):
+        runner.forward(ForwardBatch(t([3]), t([0]), t([far * tpp]), [1], [1], [[far]], t([0])))
+    out = pair.step([[3, 4]])  # and it still works
+    assert_close(out["kernel"], out["torch"])

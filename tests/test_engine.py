@@ -218,6 +218,16 @@ def test_bad_input_is_clear_and_harmless(models, tmp_path):
         ws.add_head("d", str(tmp_path / "does-not-exist"))
     with pytest.raises(RequestError, match="context"):
         ws.generate("a", "word " * 2000)
+    vocab = ws.models[ws.heads["a"].model].spec.vocab_size
+    for bad in ([5, vocab], [-1], [5, 2.0], ["7"]):  # would index past the embedding (a crash in the C kernel)
+        with pytest.raises(RequestError, match="vocabulary"):
+            ws.submit_ids("a", bad, max_tokens=2)
+    open_handle = ws.submit_ids("a", [5, 6], max_tokens=2, prompt_open=True)
+    with pytest.raises(RequestError, match="vocabulary"):
+        ws.extend_prompt(open_handle, [vocab + 3], close=True)
+    ws.extend_prompt(open_handle, [7], close=True)
+    assert len(open_handle.result().token_ids) == 2
+    assert ws.submit_ids("a", __import__("numpy").array([5, 6]), max_tokens=1).result().prompt_token_ids == [5, 6]
     small = make_ws(pool=tight_pool(models["a"], 8), page_bytes="4KiB")
     small.add_head("a", models["a"])
     with pytest.raises(RequestError, match="pages"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import numbers
 import queue
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import RequestError
 from ..heads import SamplingParams
 
 
@@ -106,3 +108,15 @@ class RequestIds:
 
 def now(epoch: float) -> float:
     return time.perf_counter() - epoch
+
+
+def check_token_ids(ids, vocab_size: int | None, whose: str) -> list[int]:
+    """`ids` as a list of ints, each in [0, vocab_size); anything else is a `RequestError` naming the first bad id,
+    raised before the ids can reach a forward (where they would index the embedding)."""
+    out = []
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 or (
+                vocab_size is not None and t >= vocab_size):
+            raise RequestError(f"token id {t!r} at position {i} is not in {whose} vocabulary of {vocab_size} ids")
+        out.append(int(t))
+    return out

@@ -98,6 +98,10 @@ class FusedForward:
         cos, sin = model.rope.lookup(positions, max_ctx - 1)  # [T, 1, d] each, model dtype
         cos, sin = cos.reshape(T, d).float(), sin.reshape(T, d).float()  # [T, d]
         ids = batch.input_ids.contiguous()
+        if T and (int(ids.min()) < 0 or int(ids.max()) >= spec.vocab_size):  # C reads embed rows unchecked
+            raise IndexError(f"token ids outside the vocabulary of {spec.vocab_size}: {ids.tolist()}")
+        if int(tables.max()) * (self.struct.page_stride * 2) >= self._arena.numel():
+            raise IndexError(f"a page id in the block tables is past the arena's pages: {batch.block_tables}")
         f32, bf = dict(dtype=torch.float32), dict(dtype=torch.bfloat16)
         x, qkv = torch.empty(T, h, **f32), torch.empty(T, (H + 2 * KV) * d, **f32)
         gu, scores = torch.empty(T, 2 * I, **f32), torch.empty(T * H, max_ctx, **f32)
