@@ -100,6 +100,9 @@ class FusedForward:
         ids = batch.input_ids.contiguous()
         if T and (int(ids.min()) < 0 or int(ids.max()) >= spec.vocab_size):  # C reads embed rows unchecked
             raise IndexError(f"token ids outside the vocabulary of {spec.vocab_size}: {ids.tolist()}")
+        ctx_of = torch.tensor(batch.context_lens, dtype=torch.int32)[seq_of.long()]  # [T]
+        if bool(((pos32 < 0) | (pos32 >= ctx_of)).any()):  # positions index the block tables unchecked in C
+            raise IndexError(f"positions {pos32.tolist()} outside their sequences' contexts {batch.context_lens}")
         if int(tables.max()) * (self.struct.page_stride * 2) >= self._arena.numel():
             raise IndexError(f"a page id in the block tables is past the arena's pages: {batch.block_tables}")
         f32, bf = dict(dtype=torch.float32), dict(dtype=torch.bfloat16)
