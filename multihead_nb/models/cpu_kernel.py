@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -93,6 +94,17 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _cpu_identity() -> str:
+    """What `-march=native` compiles for: a library built on one CPU must not be loaded on another (a cache
+    directory shared between machines would otherwise hand out code with instructions this CPU lacks)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
 def build(extra_flags: tuple[str, ...] = (), cache_dir: Path | None = None) -> Path:
     """Compile `csrc/cpu_decode.c` (once per source, flags and compiler) and return the library's path."""
     cc = _compiler()
@@ -104,7 +116,7 @@ def build(extra_flags: tuple[str, ...] = (), cache_dir: Path | None = None) -> P
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C compiler {cc!r} does not run: {e}") from e
     sources = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
-    key = hashlib.sha256(sources + repr((flags, version)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources + repr((flags, version, _cpu_identity())).encode()).hexdigest()[:16]
     out_dir = cache_dir or _cache_dir()
     lib = out_dir / f"cpu_decode-{key}.so"
     if lib.exists():
