@@ -1,8 +1,8 @@
 """The kernel-resident workspace: one arena, its page pool, the loaded models, the heads, the engine and the bus.
 
 Owns: the public Python API (`add_head`, `generate`, `submit`, `pages`, `stats`, frames) and the wiring between
-layers (model loading and weight accounting are `loading.py`): a head's quota becomes pages, a prompt becomes token ids
-through the model's chat template. `backends` names the region backends heads may ask for (`exl2`). Knows nothing of
+layers (model loading and weight accounting are `loading.py`, chat templates `prompts.py`, the page map and usage
+numbers `usage.py`): a head's quota becomes pages, a prompt becomes token ids. `backends` names the region backends heads may ask for (`exl2`). Knows nothing of
 notebooks (the magics and widgets sit on top of it).
 """
 
@@ -26,7 +26,8 @@ from .handles import Completion, RequestHandle
 from .heads import Head
 from .loading import LoadedModel, load_model, unload_model
 from .memory import Arena, PagePool
-from .memory.region_pool import ROW_COLUMNS, page_rows, pool_usage
+from .prompts import encode_prompt, render_prompt
+from .usage import page_frame, workspace_stats
 
 
 class Workspace:
@@ -164,24 +165,10 @@ class Workspace:
     def render_prompt(self, head: str, prompt: str | list[dict]) -> str:
         """The text the model sees: the head's system prompt and the user turn through the chat template."""
         h = self._head(head)
-        tok = self.models[h.model].tokenizer
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-            if h.system:
-                messages.insert(0, {"role": "system", "content": h.system})
-        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            messages = prompt
-        else:
-            raise ConfigError(f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}")
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return "\n\n".join(m["content"] for m in messages) + "\n\n"
+        return render_prompt(self.models[h.model].tokenizer, h.system, prompt)
 
     def encode_prompt(self, head: str, prompt: str | list[dict]) -> list[int]:
-        text = self.render_prompt(head, prompt)
-        tok = self.tokenizer(head)
-        has_template = bool(getattr(tok, "chat_template", None))
-        return list(tok(text, add_special_tokens=not has_template)["input_ids"])
+        return encode_prompt(self.tokenizer(head), self.render_prompt(head, prompt))
 
     # ---- requests ------------------------------------------------------------------------------------------
     def submit(self, head: str, prompt: str | list[dict] | list[int], **overrides) -> RequestHandle:
@@ -275,11 +262,7 @@ class Workspace:
             return self._pages()
 
     def _pages(self) -> pd.DataFrame:
-        return pd.DataFrame(page_rows(self.pool, self._regions()), columns=ROW_COLUMNS)
-
-    def _regions(self) -> list:
-        """The region models' own pages: `pages()` and `stats()` show their arena pages as held by those heads."""
-        return [m.region for m in self.models.values() if m.region is not None]
+        return page_frame(self)
 
     def stats(self) -> dict:
         """Pool usage, waste (allocated token slots not holding a token), queues per head, steps, tokens/s."""
@@ -287,29 +270,7 @@ class Workspace:
             return self._stats()
 
     def _stats(self) -> dict:
-        usage = pool_usage(self.pool, self._regions())
-        slots = held = 0
-        for r in self.scheduler.requests():
-            if r.block_table:
-                tpp = self.scheduler.layouts[r.model].tokens_per_page
-                slots += len(r.block_table) * tpp
-                held += r.num_computed
-        busy = self.engine.busy_s
-        return {
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "page_bytes": self.page_bytes,
-            "pool": usage,
-            "waste": 0.0 if slots == 0 else 1 - held / slots,
-            "queues": self.scheduler.queue_lengths(),
-            "steps": self.engine.step_count,
-            "tokens_generated": self.engine.tokens_generated,
-            "tokens_per_s": self.engine.tokens_generated / busy if busy else 0.0,
-            "models": {k: {"heads": sorted(m.heads), "weight_pages": m.weight_pages, "backend": m.backend,
-                           "region_pages": 0 if m.region is None else len(m.region.arena_pages),
-                           "cpu_kernel": getattr(m.runner, "fused", None) is not None}
-                       for k, m in self.models.items()},
-        }
+        return workspace_stats(self)
 
     def steps(self) -> pd.DataFrame:
         """One row per engine step and model (columns documented in `multihead_nb.engine.recorder`)."""

@@ -2,7 +2,8 @@
 (`attention`), and `ModelRunner` (one model's forward over a `ForwardBatch`)."""
 
 from .batch import ForwardBatch
-from .loader import ModelSpec, load_weights, read_spec, resolve_checkpoint
+from .loader import ModelSpec, read_spec, resolve_checkpoint
+from .weight_files import load_weights
 from .runner import ModelRunner
 
 __all__ = ["ForwardBatch", "ModelRunner", "ModelSpec", "load_weights", "read_spec", "resolve_checkpoint"]

@@ -1,8 +1,7 @@
 """Hugging Face checkpoints of the Llama family: finding the folder, reading its shape, loading its tensors.
 
 Owns: `resolve_checkpoint` (a local folder or a hub id → a folder), `ModelSpec` (the model's shape, read from
-config.json before any weight is loaded), the checks that a checkpoint is complete and readable, and
-`load_weights` (every `*.safetensors` of the folder, sharded or not, as named tensors). Knows nothing of how the
+config.json before any weight is loaded) and its checks; the weight files themselves are `weight_files.py`. Knows nothing of how the
 model computes (`llama.py`) nor of pages beyond `ModelSpec.kv_layout`.
 
 Every problem a user can cause is a `CheckpointError` that names the cause and the path.
@@ -10,9 +9,7 @@ Every problem a user can cause is a `CheckpointError` that names the cause and t
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..memory import KVLayout
+from .weight_files import check_tensors, read_json, weight_files
 
 # architecture name (config.json "architectures") → family; model_type → family
 ARCHITECTURES = {
@@ -140,18 +138,6 @@ class ModelSpec:
 
 
 # ---- reading config.json -----------------------------------------------------------------------------------
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{what} {path} is not valid JSON ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what} {path} cannot be read ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} {path} is not a JSON object")
-    return data
-
-
 def _family(cfg: dict, path: Path) -> str:
     archs = cfg.get("architectures") or []
     for a in archs:
@@ -229,7 +215,7 @@ def read_spec(name_or_path: str | Path) -> ModelSpec:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"checkpoint folder {path} has no config.json")
-    cfg = _read_json(cfg_path, "config file")
+    cfg = read_json(cfg_path, "config file")
     if (cfg.get("quantization_config") or {}).get("quant_method") == "exl2":
         raise CheckpointError(
             f"{path} is an EXL2-quantized checkpoint: the native runner reads unquantized weights only; EXL2 "
@@ -243,7 +229,7 @@ def read_spec(name_or_path: str | Path) -> ModelSpec:
         theta, scaling = _rope(cfg, path)
         num_layers = int(cfg["num_hidden_layers"])
         gen = path / "generation_config.json"
-        gen_cfg = _read_json(gen, "generation config") if gen.is_file() else {}
+        gen_cfg = read_json(gen, "generation config") if gen.is_file() else {}
         eos = _ids(gen_cfg.get("eos_token_id", cfg.get("eos_token_id")))
         bos = gen_cfg.get("bos_token_id", cfg.get("bos_token_id"))
         if family == "qwen2":
@@ -273,7 +259,7 @@ def read_spec(name_or_path: str | Path) -> ModelSpec:
             sliding_window=_sliding_window(cfg, family, num_layers, path),
             eos_token_ids=eos,
             bos_token_id=int(bos) if isinstance(bos, int) else None,
-            weight_files=_weight_files(path),
+            weight_files=weight_files(path),
         )
     except KeyError as e:
         raise CheckpointError(f"config file {cfg_path} lacks the field {e.args[0]!r}") from None
@@ -285,92 +271,5 @@ def read_spec(name_or_path: str | Path) -> ModelSpec:
         )
     if cfg.get("mlp_bias"):
         raise CheckpointError(f"checkpoint {path} has MLP biases (mlp_bias), which are not supported")
-    _check_tensors(spec)
+    check_tensors(spec)
     return spec
-
-
-# ---- the weight files --------------------------------------------------------------------------------------
-def _weight_files(path: Path) -> tuple[Path, ...]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        data = _read_json(index, "weight index")
-        names = sorted(set((data.get("weight_map") or {}).values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint {path}: the weight index names missing shards {', '.join(missing)}")
-        if names:
-            return tuple(path / n for n in names)
-    files = tuple(sorted(path.glob("*.safetensors")))
-    if not files:
-        extra = " (only PyTorch .bin weights, which are not supported; convert to safetensors)" if any(
-            path.glob("*.bin")
-        ) else ""
-        raise CheckpointError(f"checkpoint folder {path} has no *.safetensors weights file{extra}")
-    return files
-
-
-def _read_header(file: Path) -> dict[str, dict]:
-    """The tensors (name → {dtype, shape, data_offsets}) of a safetensors file, checked against its size."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"weights file {file} is truncated or corrupt (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"weights file {file} is truncated or corrupt (header of {n} bytes claimed)")
-            header = json.loads(f.read(n))
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"weights file {file} is corrupt or unreadable ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"weights file {file} is corrupt (header is not a JSON object)")
-    header.pop("__metadata__", None)
-    end = 0
-    for name, info in header.items():
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise CheckpointError(f"weights file {file} is corrupt (bad entry for tensor {name!r})") from None
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"weights file {file} is truncated: its header needs {8 + n + end} bytes, the file has {size}"
-        )
-    return header
-
-
-def _check_tensors(spec: ModelSpec) -> None:
-    found: dict[str, tuple] = {}
-    for file in spec.weight_files:
-        for name, info in _read_header(file).items():
-            found[name] = tuple(info.get("shape", ()))
-    expected = spec.tensor_shapes()
-    missing = [n for n in expected if n not in found]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"checkpoint {spec.path} lacks tensors {shown}")
-    wrong = [f"{n} {found[n]} (expected {s})" for n, s in expected.items() if found[n] != s]
-    if wrong:
-        raise CheckpointError(f"checkpoint {spec.path} has tensors of the wrong shape: {'; '.join(wrong[:3])}")
-
-
-def load_weights(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor `spec` needs, by Hugging Face name, in `dtype` on `device` (extra tensors are skipped)."""
-    from safetensors import SafetensorError, safe_open
-
-    expected = spec.tensor_shapes()
-    out: dict[str, torch.Tensor] = {}
-    for file in spec.weight_files or _weight_files(spec.path):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name in expected:
-                        out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"weights file {file} cannot be read ({e})") from None
-    missing = [n for n in expected if n not in out]
-    if missing:
-        raise CheckpointError(f"checkpoint {spec.path} lacks tensors {', '.join(missing[:5])}")
-    return out

@@ -17,7 +17,8 @@ from .batch import ForwardBatch
 from .cpu_kernel import KernelUnavailable, load_kernel
 from .fused_forward import FusedForward, unsupported
 from .llama import LlamaModel
-from .loader import ModelSpec, load_weights
+from .loader import ModelSpec
+from .weight_files import load_weights
 
 
 class ModelRunner:
