@@ -22,7 +22,8 @@ from .detokenizer import IncrementalDetokenizer
 from .recorder import Recorder
 from .request import Request, Status
 from .sampler import sample
-from .scheduler import Chunk, Scheduler, StepPlan
+from .plan import Chunk, StepPlan
+from .scheduler import Scheduler
 
 
 @dataclass

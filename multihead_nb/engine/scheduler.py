@@ -11,53 +11,14 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass, field
 
 from ..errors import OutOfPagesError, RequestError
 from ..memory import KVLayout, PagePool, hash_page
 from .page_spaces import PageSpaces
+from .plan import Chunk, HeadQueue, StepPlan
 from .request import Request, Status
 
-
-@dataclass
-class Chunk:
-    request: Request
-    num_tokens: int  # tokens of the request computed this step, from request.num_computed on
-    sample: bool  # the chunk reaches the last known token of a closed prompt: sample the next token
-
-
-@dataclass
-class StepPlan:
-    chunks: list[Chunk] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    failed: list[Request] = field(default_factory=list)
-
-    def by_model(self) -> dict[str, list[Chunk]]:
-        out: dict[str, list[Chunk]] = {}
-        for c in self.chunks:
-            out.setdefault(c.request.model, []).append(c)
-        return out
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-
-@dataclass
-class HeadQueue:
-    name: str
-    model: str
-    weight: float = 1.0
-    quota_pages: int | None = None
-    max_concurrent: int | None = None
-    counter: float = 0.0  # virtual tokens: tokens served / weight, lifted when the head becomes backlogged
-    served: int = 0  # tokens computed for this head, all time
-    running: list[Request] = field(default_factory=list)
-    waiting: deque = field(default_factory=deque)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting) or any(r.num_uncomputed > 0 for r in self.running)
+__all__ = ["Chunk", "HeadQueue", "Scheduler", "StepPlan"]
 
 
 class Scheduler:
