@@ -202,8 +202,16 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     assert runner.model.layers[0].qkv.packed == runner.model.packed  # the PyTorch path keeps its packed weights
     with pytest.raises(ConfigError, match="required but is unavailable"):
         ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=True)
-    # a shape the kernel does not take: the PyTorch path, and the reason
+    # a CPU without AVX-512 BF16 (the portable build): PyTorch by default, the kernel only when asked for
     monkeypatch.delenv("CC")
+    import multihead_nb.models.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "load_kernel", lambda: load_kernel(("-DMH_PORTABLE",)))
+    runner = ModelRunner(spec, arena, dtype=BF16, device="cpu")
+    assert runner.fused is None and "AVX-512 BF16" in runner.kernel_note
+    assert ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=True).fused.kernel.simd == "portable"
+    monkeypatch.undo()
+    # a shape the kernel does not take: the PyTorch path, and the reason
     wide = read_spec(tiny_ckpt("llama", head_dim=520))
     runner = ModelRunner(wide, Arena(16, 1 << 20, device="cpu"), dtype=BF16, device="cpu")
     assert runner.fused is None and "head_dim 520" in runner.kernel_note

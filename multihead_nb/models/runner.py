@@ -68,11 +68,15 @@ class ModelRunner:
                 raise ConfigError(f"the fused CPU kernel cannot run this model: {shape}")
             return None, f"cannot run {shape}"
         try:
-            return load_kernel(), None
+            built = load_kernel()
         except KernelUnavailable as e:
             if kernel:
                 raise ConfigError(f"the fused CPU kernel was required but is unavailable: {e.reason}") from e
             return None, e.reason
+        if built.simd != "avx512-bf16" and not kernel:  # measured: faster at batch 1, slower at batch 3
+            return None, ("this CPU has no AVX-512 BF16, where the portable kernel is not faster than PyTorch "
+                          "(cpu_kernel=True uses it anyway)")
+        return built, None
 
     def weight_nbytes(self) -> int:
         """Bytes of weights actually held on the device (may exceed `spec.weight_bytes` with prepacked copies)."""
