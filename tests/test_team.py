@@ -148,7 +148,7 @@ def test_invalid_json_against_schema_fails_the_run(models):
 
 
 def test_json_schema_validation_unit():
-    from multihead_nb.team_run import parse_json_output
+    from multihead_nb.json_output import parse_json_output
 
     assert parse_json_output('```json\n{"score": 3}\n```', {"score": int}) == {"score": 3}
     with pytest.raises(ValueError, match="score"):
