@@ -26,7 +26,8 @@ class ModelRunner:
 
     `packed`: None uses oneDNN prepacked linears where they work (CPU, bfloat16), False plain `F.linear`.
     `kernel`: the fused CPU kernel (`fused_forward.py`) for batches of up to 16 tokens. None uses it for bfloat16
-    on the CPU when it builds here (otherwise `kernel_note` says why not), True requires it, False never uses it.
+    on CPUs with AVX-512 BF16 when it builds here (otherwise `kernel_note` says why not), True requires it (the
+    portable C build included), False never uses it.
     """
 
     def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,
