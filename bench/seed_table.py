@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     if not args.skip_startup:
         su_rows = []
         for rep in range(1, args.startup_reps + 1):
-            for system in ("multihead", "transformers"):
+            for system in ("multihead", "transformers") + (() if args.skip_cb else ("transformers_cb",)):
                 try:
                     t = startup_once(system, args, Path(meta["checkpoint"]), pool_bytes)
                     err = ""
