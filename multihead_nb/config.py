@@ -60,6 +60,16 @@ def parse_share(value: int | float | str, total: int, *, what: str = "quota") ->
     return parse_size(value, what=what)
 
 
+def parse_pages(value: int | float | str, total: int, page_bytes: int, *, what: str, round_up: bool = False) -> int:
+    """Pages from a share of `total` pages ("25%", a fraction in (0, 1]) or a size in bytes ("256MiB"), the size
+    in pages of `page_bytes`: rounded down (at least one), or up with `round_up`."""
+    if (isinstance(value, str) and value.strip().endswith("%")) or (
+            isinstance(value, float) and not isinstance(value, bool)):
+        return parse_share(value, total, what=what)
+    n = parse_size(value, what=what)
+    return -(-n // page_bytes) if round_up else max(1, n // page_bytes)
+
+
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     """A torch dtype from a name ("bfloat16", "fp16", ...) or a dtype; only float32/bfloat16/float16."""
     if isinstance(value, torch.dtype):

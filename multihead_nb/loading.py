@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import format_size, parse_share, parse_size
+from .config import format_size, parse_pages
 from .engine.engine import ModelSlot
 from .errors import ConfigError, OutOfPagesError
 from .memory.region_pool import RegionPool
@@ -59,6 +59,7 @@ def model_key(model: str) -> str:
     p = Path(model).expanduser()
     return str(p.resolve()) if p.exists() else model
 
+
 def resolve_backend(ws: "Workspace", model: str, backend: str = "auto") -> str:
     """The backend that runs `model`: "auto" picks the first of `ws.backends` that detects it, else "native"."""
     if backend == "auto":
@@ -71,9 +72,7 @@ def resolve_backend(ws: "Workspace", model: str, backend: str = "auto") -> str:
 def region_pages(ws: "Workspace", region: str | int | float | None) -> int:
     """Arena pages of a region: a share of the pool's pages ("25%", 0.25) or a size rounded up to whole pages."""
     value = DEFAULT_REGION if region is None else region
-    if (isinstance(value, str) and value.strip().endswith("%")) or isinstance(value, float):
-        return parse_share(value, ws.pool.num_pages, what="region")
-    return -(-parse_size(value, what="region") // ws.page_bytes)
+    return parse_pages(value, ws.pool.num_pages, ws.page_bytes, what="region", round_up=True)
 
 
 def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None) -> LoadedModel:
@@ -180,6 +179,7 @@ def _load_region_model(ws: "Workspace", model: str, key: str, name: str, region)
     _register(ws, loaded, runner.layout)
     return loaded
 
+
 def _reserve_weights(ws: "Workspace", model: str, key: str, wbytes: int, wpages: int) -> None:
     if wpages + 1 > ws.pool.num_free:
         raise OutOfPagesError(
@@ -189,6 +189,7 @@ def _reserve_weights(ws: "Workspace", model: str, key: str, wbytes: int, wpages:
             "or remove heads of other models"
         )
     ws.pool.reserve_weights(key, wpages)
+
 
 def unload_model(ws: "Workspace", loaded: LoadedModel) -> None:
     """Forget a model no head uses: its runner, its scheduler entry, the pages charged to its weights, its region."""

@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import torch
 
-from .config import format_size, parse_share, parse_size, resolve_device, resolve_dtype
+from .config import format_size, parse_pages, parse_size, resolve_device, resolve_dtype
 from .engine.engine import Engine
 from .engine.recorder import Recorder
 from .engine.request import Request, RequestIds, check_token_ids
@@ -142,15 +142,12 @@ class Workspace:
     def _quota_pages(self, head: Head, loaded: LoadedModel) -> int | None:
         """A quota in pages of the head's model's pool: for a region model (EXL2) a share of its region's own pages,
         or a size in whole own pages (each `region.page_bytes`); else of the pool's K/V pages, or `page_bytes`."""
-        q = head.quota
-        if q is None:
+        if head.quota is None:
             return None
         region = loaded.region
         total = self.pool.num_kv_pages if region is None else region.num_pages
         unit = self.page_bytes if region is None else region.page_bytes
-        if (isinstance(q, str) and q.strip().endswith("%")) or (isinstance(q, float) and 0 < q <= 1):
-            return parse_share(q, total, what="quota")
-        return max(1, parse_size(q, what="quota") // unit)
+        return parse_pages(head.quota, total, unit, what="quota")
 
     def _head(self, name: str) -> Head:
         if name not in self.heads:
