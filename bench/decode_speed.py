@@ -89,7 +89,7 @@ def _trials(step, steps: int, trials: int) -> float:
 
 def bench_ours(path, batch: int, context: int, steps: int, trials: int, dtype, page_bytes: int) -> float:
     from multihead_nb.memory import Arena, PagePool
-    from multihead_nb.models import ForwardBatch, ModelRunner, read_spec
+    from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
 
     spec = read_spec(path)
     layout = spec.kv_layout(dtype, page_bytes)
@@ -169,7 +169,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from multihead_nb.config import parse_dtype
-    from multihead_nb.models import read_spec
+    from multihead_nb.backends.native import read_spec
     from multihead_nb.testing import shape_checkpoint
 
     torch.set_num_threads(args.threads)

@@ -51,8 +51,8 @@ def main(argv=None) -> int:
 
     import multihead_nb as mh
     from multihead_nb.config import resolve_device
-    from multihead_nb.models import read_spec
-    from multihead_nb.models import runner as runner_mod
+    from multihead_nb.backends.native import read_spec
+    from multihead_nb.backends.native import runner as runner_mod
     from multihead_nb.testing import SHAPES, shape_checkpoint, tiny_checkpoint
 
     args = parse_args(argv)

@@ -19,7 +19,7 @@ import os, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 import multihead_nb as mh
-from multihead_nb.workflows import CODE
+from multihead_nb.team.workflows import CODE
 ws = mh.Workspace(sys.argv[3], pool=sys.argv[4], page_bytes=sys.argv[5], dtype=sys.argv[6], background=False)
 team = CODE.setup(ws, sys.argv[1], max_tokens=4, ignore_eos=True)
 run = team.start(**CODE.variables)
@@ -32,7 +32,7 @@ import sys, time
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from multihead_nb.workflows import CODE
+from multihead_nb.team.workflows import CODE
 dev = torch.device("cuda" if sys.argv[3] == "auto" and torch.cuda.is_available() else
                    ("cpu" if sys.argv[3] == "auto" else sys.argv[3]))
 tok = AutoTokenizer.from_pretrained(sys.argv[1])

@@ -45,7 +45,7 @@ class Bench:
         self.dtype = getattr(torch, args.dtype)
         pool = args.pool
         if pool == "auto":
-            from multihead_nb.models import read_spec
+            from multihead_nb.backends.native import read_spec
 
             wbytes = read_spec(self.ckpt).weight_bytes(self.dtype)
             pool = int(2.2 * wbytes) + (768 << 20 if not args.quick else 32 << 20)  # prepacked copies + K/V room

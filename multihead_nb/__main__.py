@@ -17,7 +17,7 @@ import pandas as pd
 
 def _resolve_model(model: str, explicit: bool) -> tuple[str, str | None]:
     from .errors import CheckpointError
-    from .models import read_spec
+    from .backends.native import read_spec
 
     try:
         read_spec(model)
@@ -25,7 +25,7 @@ def _resolve_model(model: str, explicit: bool) -> tuple[str, str | None]:
     except CheckpointError as e:
         if explicit:
             raise
-        from .testing import tiny_checkpoint
+        from .testing.checkpoints import tiny_checkpoint
 
         path = tiny_checkpoint("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -39,7 +39,7 @@ def _resolve_model(model: str, explicit: bool) -> tuple[str, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     import multihead_nb as mh
-    from .workflows import WORKFLOWS
+    from .team.workflows import WORKFLOWS
 
     p = argparse.ArgumentParser(prog="python -m multihead_nb", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help=f"hub id or local folder (default {mh.DEFAULT_MODEL})")

@@ -88,7 +88,7 @@ scheduler's queues, each head's token stream, and the timeline."""),
     params(256),
     code("""
 import multihead_nb as mh
-from multihead_nb.workflows import CODE
+from multihead_nb.team.workflows import CODE
 
 ws = mh.reset_workspace(pool=POOL, page_bytes=PAGE_BYTES, device=DEVICE, dtype=DTYPE)
 team = CODE.setup(ws, MODEL, max_tokens=MAX_TOKENS)
@@ -121,7 +121,7 @@ handed out as tokens arrive, shared between requests with the same prompt prefix
 import pandas as pd
 import plotly.express as px
 import multihead_nb as mh
-from multihead_nb.widgets.figures import page_map_figure
+from multihead_nb.notebook.widgets.figures import page_map_figure
 
 # Load the model once to learn how many pages its weights take, then size the pool: weights + KV_PAGES pages.
 ws = mh.reset_workspace(pool=POOL, page_bytes=PAGE_BYTES, device=DEVICE, dtype=DTYPE)
@@ -200,7 +200,7 @@ import os
 from pathlib import Path
 
 import pandas as pd
-from multihead_nb.widgets.figures import SEED_ARTICLE, seed_table_figure
+from multihead_nb.notebook.widgets.figures import SEED_ARTICLE, seed_table_figure
 
 def find_table():
     if os.environ.get("MULTIHEAD_SEED_TABLE"):

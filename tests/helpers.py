@@ -17,7 +17,7 @@ def make_ws(**kw):
 
 def tight_pool(model_path, kv_pages, page_bytes=4096):
     """A pool size holding the model's float32 weights plus `kv_pages` pages of K/V."""
-    from multihead_nb.models import read_spec
+    from multihead_nb.backends.native import read_spec
 
     w = read_spec(model_path).weight_bytes(torch.float32)
     return (-(-w // page_bytes) + kv_pages) * page_bytes

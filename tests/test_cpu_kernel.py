@@ -16,8 +16,8 @@ import torch
 
 from multihead_nb.errors import ConfigError
 from multihead_nb.memory import Arena
-from multihead_nb.models import ForwardBatch, ModelRunner, read_spec
-from multihead_nb.models.cpu_kernel import _compiler, load_kernel
+from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
+from multihead_nb.backends.native.cpu_kernel import _compiler, load_kernel
 
 # Without a C compiler the kernel cannot exist and MultiHead uses its PyTorch path: skip, unless CI says a compiler
 # must be there (.ci/run sets MULTIHEAD_REQUIRE_KERNEL=1 once it has installed one).
@@ -43,7 +43,7 @@ class Pair:
         bpt = spec.kv_layout(BF16, 1 << 20).bytes_per_token
         page_bytes = -(-bpt * tokens_per_page // 256) * 256  # arena pages are multiples of 256 bytes
         self.arena = Arena(2 * num_seqs * pages_per_seq, page_bytes, device="cpu")
-        from multihead_nb.models.fused_forward import FusedForward
+        from multihead_nb.backends.native.fused_forward import FusedForward
 
         self.torch = ModelRunner(spec, self.arena, dtype=BF16, device="cpu", kernel=False)
         plain = ModelRunner(spec, self.arena, dtype=BF16, device="cpu", kernel=False, packed=False)
@@ -204,7 +204,7 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
         ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=True)
     # a CPU without AVX-512 BF16 (the portable build): PyTorch by default, the kernel only when asked for
     monkeypatch.delenv("CC")
-    import multihead_nb.models.runner as runner_module
+    import multihead_nb.backends.native.runner as runner_module
 
     monkeypatch.setattr(runner_module, "load_kernel", lambda: load_kernel(("-DMH_PORTABLE",)))
     runner = ModelRunner(spec, arena, dtype=BF16, device="cpu")

@@ -5,7 +5,7 @@ import torch
 
 import multihead_nb as mh
 from multihead_nb.memory import Arena, PagePool
-from multihead_nb.models import ForwardBatch, ModelRunner, read_spec
+from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
 
 pytestmark = [
     pytest.mark.cuda,
@@ -76,7 +76,7 @@ def test_heads_together_equal_alone_on_cuda(tiny_ckpt, dtype):
 
 
 def test_team_on_cuda(tiny_ckpt):
-    from multihead_nb.workflows import CODE
+    from multihead_nb.team.workflows import CODE
 
     ws = mh.Workspace(device="cuda", dtype="float32", pool="16MiB", page_bytes="8KiB", background=True)
     team = CODE.setup(ws, str(tiny_ckpt("llama")), max_tokens=16, ignore_eos=True)

@@ -17,9 +17,9 @@ import torch
 
 from multihead_nb.errors import CheckpointError, ConfigError, OutOfPagesError
 from multihead_nb.memory import Arena, PagePool, PageState
-from multihead_nb.models import ForwardBatch
-from multihead_nb.models import exl2_runner as er
-from multihead_nb.models.exl2_region import (
+from multihead_nb.backends.native import ForwardBatch
+from multihead_nb.backends.exl2 import runner as er
+from multihead_nb.backends.exl2.region import (
     EXL2_PAGE_TOKENS,
     Exl2Region,
     bytes_per_exl2_page,
@@ -30,9 +30,9 @@ from multihead_nb.models.exl2_region import (
     release_region,
     reserve_region,
 )
-from multihead_nb.models.exl2_batch import paged_params_fields
-from multihead_nb.models.exl2_checkpoint import is_exl2_checkpoint, read_exl2_spec, require_exllamav2
-from multihead_nb.models.exl2_runner import Exl2Layout
+from multihead_nb.backends.exl2.batch import paged_params_fields
+from multihead_nb.backends.exl2.checkpoint import is_exl2_checkpoint, read_exl2_spec, require_exllamav2
+from multihead_nb.backends.exl2.runner import Exl2Layout
 
 P = EXL2_PAGE_TOKENS
 
@@ -482,7 +482,7 @@ def test_require_exllamav2_imports_and_checks_paged_attention(fake_env):
 def test_importing_the_module_does_not_import_exllamav2():
     import subprocess
 
-    code = ("import sys, multihead_nb.models.exl2_runner, multihead_nb.models.exl2_checkpoint, multihead_nb.models.exl2_region; "
+    code = ("import sys, multihead_nb.backends.exl2.runner, multihead_nb.backends.exl2.checkpoint, multihead_nb.backends.exl2.region; "
             "print('exllamav2' in sys.modules, 'flash_attn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
@@ -646,7 +646,7 @@ def test_exl2_greedy_equals_exllamav2_generator(tiny_ckpt, prompt_len):
 @pytest.mark.cuda
 @needs_exl2
 def test_exl2_head_and_native_head_generate_together(tiny_ckpt):
-    from multihead_nb.models import ModelRunner, read_spec
+    from multihead_nb.backends.native import ModelRunner, read_spec
 
     exl2_path = tiny_ckpt("llama", **EXL2_TINY)
     native_path = tiny_ckpt("qwen2")

@@ -17,10 +17,10 @@ import torch
 
 from helpers import make_ws
 from multihead_nb.errors import ConfigError, OutOfPagesError, RequestError
-from multihead_nb.models import ModelRunner, read_spec
-from multihead_nb.models.exl2_checkpoint import read_exl2_spec
-from multihead_nb.models.exl2_region import Exl2Region, region_owner
-from multihead_nb.models.exl2_runner import Exl2Layout
+from multihead_nb.backends.native import ModelRunner, read_spec
+from multihead_nb.backends.exl2.checkpoint import read_exl2_spec
+from multihead_nb.backends.exl2.region import Exl2Region, region_owner
+from multihead_nb.backends.exl2.runner import Exl2Layout
 
 OWN_PAGE = 2 * 2 * 256 * 2 * 16 * 2  # bytes of one region page of the tiny llama (2 layers, 2 KV heads, dim 16)
 TPP = OWN_PAGE // (2 * 2 * 2 * 16 * 4)  # 128 float32 tokens per region page

@@ -9,8 +9,8 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import multihead_nb as mh
-from multihead_nb.magics import parsers
-from multihead_nb.magics.magic import MultiHeadMagics
+from multihead_nb.notebook.magics import parsers
+from multihead_nb.notebook.magics.magic import MultiHeadMagics
 
 POOL = "8MiB --page-bytes 8KiB --device cpu --dtype float32"
 
@@ -90,7 +90,7 @@ def test_mh_subcommands(shell, model, capsys):
     d = shell.run_line_magic("mh", "dashboard")
     assert d.live is False and set(d.figures) >= {"page_map", "queues", "timeline"}  # no kernel: static figures
     shell.run_line_magic("mh", "reset")
-    assert mh.workspace() is not ws and ws._closed and not mh.workspace().heads
+    assert mh.workspace() is not ws and ws.closed and not mh.workspace().heads
     assert mh.workspace().pool.num_pages == 1024  # reset keeps the pool options
 
 
@@ -98,7 +98,7 @@ def test_pool_recreates_the_default_workspace(shell):
     old = mh.workspace()
     shell.run_line_magic("mh", "pool 4MiB --page-bytes 16KiB")
     ws = mh.workspace()
-    assert old._closed and ws.pool.num_pages == 256 and ws.page_bytes == 16384 and str(ws.device) == "cpu"
+    assert old.closed and ws.pool.num_pages == 256 and ws.page_bytes == 16384 and str(ws.device) == "cpu"
 
 
 def test_config_defaults(shell, model):
@@ -179,7 +179,7 @@ BAD = [
 
 def snapshot(ws):
     return (ws.pool.num_pages, ws.pool.num_free, {n: (h.system, h.sampling, h.quota) for n, h in ws.heads.items()},
-            len(ws.tokens()), ws._closed)
+            len(ws.tokens()), ws.closed)
 
 
 @pytest.mark.parametrize("kind,name,line,cell", BAD, ids=[f"{b[1]} {b[2]}|{b[3]}"[:60] for b in BAD])

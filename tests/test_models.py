@@ -11,7 +11,7 @@ import torch
 
 from multihead_nb.errors import CheckpointError, ConfigError
 from multihead_nb.memory import Arena, KVLayout, PagePool, prefix_hashes
-from multihead_nb.models import ForwardBatch, ModelRunner, read_spec
+from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
 from multihead_nb.testing import tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")

@@ -6,10 +6,10 @@ import threading
 import pytest
 
 from helpers import make_ws, tight_pool
-from multihead_nb.bus import Bus
+from multihead_nb.workspace.bus import Bus
 from multihead_nb.errors import TeamError
-from multihead_nb.team import Step
-from multihead_nb.workflows import CODE, CREATIVE, RESEARCH
+from multihead_nb.team.team import Step
+from multihead_nb.team.workflows import CODE, CREATIVE, RESEARCH
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_invalid_json_against_schema_fails_the_run(models):
 
 
 def test_json_schema_validation_unit():
-    from multihead_nb.json_output import parse_json_output
+    from multihead_nb.team.json_output import parse_json_output
 
     assert parse_json_output('```json\n{"score": 3}\n```', {"score": int}) == {"score": 3}
     with pytest.raises(ValueError, match="score"):

@@ -8,9 +8,9 @@ import plotly.graph_objects as go
 import pytest
 
 import multihead_nb as mh
-from multihead_nb.widgets import figures as F
-from multihead_nb.widgets.dashboard import Dashboard, StaticDashboard, TeamView, dashboard, widgets_available
-from multihead_nb.widgets.page_map import PageMap, decode_pages, encode_pages
+from multihead_nb.notebook.widgets import figures as F
+from multihead_nb.notebook.widgets.dashboard import Dashboard, StaticDashboard, TeamView, dashboard, widgets_available
+from multihead_nb.notebook.widgets.page_map import PageMap, decode_pages, encode_pages
 
 
 @pytest.fixture(scope="module")

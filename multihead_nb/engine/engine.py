@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 
 from ..errors import RequestError
-from ..models.batch import ForwardBatch
-from .detokenizer import IncrementalDetokenizer
+from ..backends.batch import ForwardBatch
+from .output import IncrementalDetokenizer
 from .recorder import Recorder
 from .request import Request, Status
 from .sampler import sample

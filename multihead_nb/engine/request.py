@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import RequestError
-from ..heads import SamplingParams
+from .sampling import SamplingParams
 
 
 class Status(str, enum.Enum):

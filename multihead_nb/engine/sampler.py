@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ..heads import SamplingParams
+from .sampling import SamplingParams
 
 
 def sample(

@@ -14,7 +14,7 @@ from collections import deque
 
 from ..errors import OutOfPagesError, RequestError
 from ..memory import KVLayout, PagePool, hash_page
-from .page_spaces import PageSpaces
+from ..memory.page_spaces import PageSpaces
 from .plan import Chunk, HeadQueue, StepPlan
 from .request import Request, Status
 

@@ -1,0 +1,275 @@
+"""Hugging Face checkpoints of the Llama family: finding the folder, reading its shape, loading its tensors.
+
+Owns: `resolve_checkpoint` (a local folder or a hub id → a folder), `ModelSpec` (the model's shape, read from
+config.json before any weight is loaded) and its checks; the weight files themselves are `weight_files.py`. Knows nothing of how the
+model computes (`llama.py`) nor of pages beyond `ModelSpec.kv_layout`.
+
+Every problem a user can cause is a `CheckpointError` that names the cause and the path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...errors import CheckpointError
+from ...memory import KVLayout
+from .weight_files import check_tensors, read_json, weight_files
+
+# architecture name (config.json "architectures") → family; model_type → family
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
+}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
+ROPE_TYPES = ("default", "llama3")
+
+
+# ---- finding the folder ------------------------------------------------------------------------------------
+def _looks_like_hub_id(name: str) -> bool:
+    """`org/name` or `name`: no leading `/`, `.` or `~`, at most one `/`, no backslash."""
+    return (
+        bool(name)
+        and not name.startswith(("/", ".", "~"))
+        and name.count("/") <= 1
+        and "\\" not in name
+        and not name.endswith("/")
+    )
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """The folder of a checkpoint: a local folder as is, or a hub id downloaded (or found) in the HF cache."""
+    name = str(name_or_path)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"checkpoint path {p} is a file, not a folder with config.json and weights")
+        return p.resolve()
+    if isinstance(name_or_path, Path) or not _looks_like_hub_id(name):
+        raise CheckpointError(f"checkpoint folder {p} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id=name,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"no local folder {name!r}, and the Hugging Face hub id {name!r} could not be fetched "
+            f"({type(e).__name__}: {cause}); check the name, or download it while online "
+            "(it is then found in the cache offline)"
+        ) from None
+    return Path(folder)
+
+
+# ---- the spec ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Llama-family model's shape and options, read from its config.json (no weights loaded)."""
+
+    name: str
+    path: Path
+    family: str  # llama | qwen2 | qwen3 | mistral
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict | None  # None for plain RoPE, else {"rope_type": "llama3", "factor": ..., ...}
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v (and for llama/qwen3 also o) projections have a bias
+    qk_norm: bool  # qwen3: RMSNorm over each head of q and k before RoPE
+    sliding_window: int | None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    weight_files: tuple[Path, ...] = field(default=(), compare=False, repr=False)
+
+    # ---- sizes ---------------------------------------------------------------------------------------------
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor this model needs, by its Hugging Face name, with its shape."""
+        h, hd, i = self.hidden_size, self.head_dim, self.intermediate_size
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h), "model.norm.weight": (h,)}
+        for layer in range(self.num_layers):
+            pre = f"model.layers.{layer}."
+            out[pre + "input_layernorm.weight"] = (h,)
+            out[pre + "post_attention_layernorm.weight"] = (h,)
+            out[pre + "self_attn.q_proj.weight"] = (q, h)
+            out[pre + "self_attn.k_proj.weight"] = (kv, h)
+            out[pre + "self_attn.v_proj.weight"] = (kv, h)
+            out[pre + "self_attn.o_proj.weight"] = (h, q)
+            if self.attention_bias:
+                out[pre + "self_attn.q_proj.bias"] = (q,)
+                out[pre + "self_attn.k_proj.bias"] = (kv,)
+                out[pre + "self_attn.v_proj.bias"] = (kv,)
+                if self.family in ("llama", "qwen3"):
+                    out[pre + "self_attn.o_proj.bias"] = (h,)
+            if self.qk_norm:
+                out[pre + "self_attn.q_norm.weight"] = (hd,)
+                out[pre + "self_attn.k_norm.weight"] = (hd,)
+            out[pre + "mlp.gate_proj.weight"] = (i, h)
+            out[pre + "mlp.up_proj.weight"] = (i, h)
+            out[pre + "mlp.down_proj.weight"] = (h, i)
+        if not self.tie_word_embeddings:
+            out["lm_head.weight"] = (self.vocab_size, h)
+        return out
+
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in self.tensor_shapes().values())
+
+    def weight_bytes(self, dtype: torch.dtype) -> int:
+        return self.num_params() * torch.empty((), dtype=dtype).element_size()
+
+    def kv_layout(self, dtype: torch.dtype, page_bytes: int) -> KVLayout:
+        """This model's view of pages of `page_bytes` (raises ConfigError when a page cannot hold one token)."""
+        return KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, dtype, page_bytes)
+
+
+# ---- reading config.json -----------------------------------------------------------------------------------
+def _family(cfg: dict, path: Path) -> str:
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    if not archs and cfg.get("model_type") in MODEL_TYPES:
+        return MODEL_TYPES[cfg["model_type"]]
+    named = ", ".join(archs) if archs else f"model_type {cfg.get('model_type')!r}"
+    raise CheckpointError(
+        f"checkpoint {path} is of architecture {named}, which the native runner cannot run; "
+        f"supported: {', '.join(ARCHITECTURES)}"
+    )
+
+
+def _rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "sliding_attention" in params:  # per-layer-type parameters
+        raise CheckpointError(f"checkpoint {path}: per-layer RoPE parameters are not supported")
+    scaling = dict(params) if isinstance(params, dict) else (dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else None)
+    theta = cfg.get("rope_theta")
+    if theta is None and scaling is not None:
+        theta = scaling.get("rope_theta")
+    theta = float(theta if theta is not None else 10000.0)
+    if scaling is None:
+        return theta, None
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    if rtype not in ROPE_TYPES:
+        raise CheckpointError(
+            f"checkpoint {path} uses RoPE scaling {rtype!r}, which the native runner does not support "
+            f"(supported: none, {', '.join(ROPE_TYPES)})"
+        )
+    if rtype == "default":
+        return theta, None
+    needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in needed if k not in scaling]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: llama3 RoPE scaling lacks {', '.join(missing)}")
+    return theta, {"rope_type": "llama3", **{k: float(scaling[k]) for k in needed}}
+
+
+def _sliding_window(cfg: dict, family: str, num_layers: int, path: Path) -> int | None:
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if family in ("qwen2", "qwen3"):
+        if not cfg.get("use_sliding_window"):
+            return None
+        types = types or [
+            "sliding_attention" if i >= cfg.get("max_window_layers", num_layers) else "full_attention"
+            for i in range(num_layers)
+        ]
+    if window is None:
+        return None
+    if types is not None:
+        sliding = {t == "sliding_attention" for t in types}
+        if sliding == {False}:
+            return None
+        if sliding != {True}:
+            raise CheckpointError(
+                f"checkpoint {path} mixes sliding-window and full-attention layers, which is not supported"
+            )
+    return int(window)
+
+
+def _ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def read_spec(name_or_path: str | Path) -> ModelSpec:
+    """The spec of a checkpoint, with its weight files checked (present, readable headers, every tensor named)."""
+    path = resolve_checkpoint(name_or_path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"checkpoint folder {path} has no config.json")
+    cfg = read_json(cfg_path, "config file")
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "exl2":
+        raise CheckpointError(
+            f"{path} is an EXL2-quantized checkpoint: the native runner reads unquantized weights only; EXL2 "
+            "models need the ExLlamaV2 backend (CUDA, `pip install 'multihead-nb[exl2]'`)"
+        )
+    family = _family(cfg, path)
+    try:
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        theta, scaling = _rope(cfg, path)
+        num_layers = int(cfg["num_hidden_layers"])
+        gen = path / "generation_config.json"
+        gen_cfg = read_json(gen, "generation config") if gen.is_file() else {}
+        eos = _ids(gen_cfg.get("eos_token_id", cfg.get("eos_token_id")))
+        bos = gen_cfg.get("bos_token_id", cfg.get("bos_token_id"))
+        if family == "qwen2":
+            bias = True
+        elif family == "mistral":
+            bias = False
+        else:
+            bias = bool(cfg.get("attention_bias", False))
+        spec = ModelSpec(
+            name=str(name_or_path),
+            path=path,
+            family=family,
+            num_layers=num_layers,
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bias,
+            qk_norm=family == "qwen3",
+            sliding_window=_sliding_window(cfg, family, num_layers, path),
+            eos_token_ids=eos,
+            bos_token_id=int(bos) if isinstance(bos, int) else None,
+            weight_files=weight_files(path),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"config file {cfg_path} lacks the field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config file {cfg_path} has a malformed value ({e})") from None
+    if spec.num_heads % spec.num_kv_heads:
+        raise CheckpointError(
+            f"config file {cfg_path}: {spec.num_heads} attention heads are not a multiple of {spec.num_kv_heads} KV heads"
+        )
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"checkpoint {path} has MLP biases (mlp_bias), which are not supported")
+    check_tensors(spec)
+    return spec

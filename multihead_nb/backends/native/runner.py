@@ -1,0 +1,111 @@
+"""One model's runner: its weights, its view of the arena's pages, and `forward(ForwardBatch) -> logits`.
+
+Owns: loading a `ModelSpec`'s weights onto the device, the model's `KVLayout` over the shared arena (per-layer
+cache views, no copy), and turning a `ForwardBatch` into one forward pass. Knows nothing of requests, heads or
+which pages are whose: the batch's `slot_mapping` and `block_tables` say where K/V is written and read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...config import parse_dtype
+from ...errors import ConfigError
+from ...memory import Arena
+from .attention import build_metadata
+from ..batch import ForwardBatch
+from .cpu_kernel import KernelUnavailable, load_kernel
+from .fused_forward import FusedForward, unsupported
+from .llama import LlamaModel
+from .loader import ModelSpec
+from .weight_files import load_weights
+
+
+class ModelRunner:
+    """Runs `spec` in `dtype` on `device`, keeping its K/V in `arena`'s pages.
+
+    `packed`: None uses oneDNN prepacked linears where they work (CPU, bfloat16), False plain `F.linear`.
+    `kernel`: the fused CPU kernel (`fused_forward.py`) for batches of up to 16 tokens. None uses it for bfloat16
+    on CPUs with AVX-512 BF16 when it builds here (otherwise `kernel_note` says why not), True requires it (the
+    portable C build included), False never uses it.
+    """
+
+    def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,
+                 device: torch.device | str | None = None, packed: bool | None = None, kernel: bool | None = None):
+        self.spec = spec
+        self.arena = arena
+        self.dtype = parse_dtype(dtype)
+        self.device = torch.device(device) if device is not None else arena.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        arena_dev = arena.device
+        if arena_dev.type == "cuda" and arena_dev.index is None:
+            arena_dev = torch.device("cuda", torch.cuda.current_device())
+        if arena_dev != self.device:
+            raise ConfigError(f"the runner's device {self.device} differs from the arena's device {arena.device}")
+        self.layout = spec.kv_layout(self.dtype, arena.page_bytes)  # ConfigError when a page cannot hold a token
+        full = self.layout.view(arena)  # [P, 2, layers, tpp, KV, d]
+        # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
+        self.caches = [full[:, :, layer].permute(0, 2, 1, 3, 4) for layer in range(spec.num_layers)]
+        cpu_kernel, self.kernel_note = self._kernel(kernel)
+        weights = load_weights(spec, self.dtype, self.device)
+        self.model = LlamaModel(spec, weights, self.dtype, self.device, packed=packed,
+                                plain_layers=cpu_kernel is not None)
+        self.fused = None if cpu_kernel is None else FusedForward(
+            cpu_kernel, self.model, arena.data, self.layout, arena.page_bytes)
+
+    def _kernel(self, kernel: bool | None):
+        """The fused CPU kernel if this runner uses it, and a note saying why not otherwise."""
+        if kernel is False:
+            return None, "turned off"
+        fits = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        if not fits:
+            if kernel:
+                raise ConfigError(f"the fused CPU kernel runs bfloat16 on the CPU, not {self.dtype} on {self.device}")
+            return None, "runs bfloat16 on the CPU only"
+        shape = unsupported(self.spec)
+        if shape is not None:
+            if kernel:
+                raise ConfigError(f"the fused CPU kernel cannot run this model: {shape}")
+            return None, f"cannot run {shape}"
+        try:
+            built = load_kernel()
+        except KernelUnavailable as e:
+            if kernel:
+                raise ConfigError(f"the fused CPU kernel was required but is unavailable: {e.reason}") from e
+            return None, e.reason
+        if built.simd != "avx512-bf16" and not kernel:  # measured: faster at batch 1, slower at batch 3
+            return None, ("this CPU has no AVX-512 BF16, where the portable kernel is not faster than PyTorch "
+                          "(cpu_kernel=True uses it anyway)")
+        return built, None
+
+    def weight_nbytes(self) -> int:
+        """Bytes of weights actually held on the device (may exceed `spec.weight_bytes` with prepacked copies)."""
+        return self.model.weight_nbytes()
+
+    @property
+    def tokens_per_page(self) -> int:
+        return self.layout.tokens_per_page
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits `[L, vocab]` float32 of the tokens at `batch.logits_indices`; writes the batch's K/V."""
+        spec = self.spec
+        max_ctx = max(batch.context_lens)
+        if max_ctx > spec.max_position_embeddings:
+            raise ConfigError(
+                f"a sequence of {max_ctx} tokens exceeds the model's {spec.max_position_embeddings} positions"
+            )
+        with torch.inference_mode():
+            if self.fused is not None and self.fused.supports(batch):
+                return self.fused.forward(batch)
+            meta = build_metadata(
+                batch, self.layout.tokens_per_page, spec.num_heads // spec.num_kv_heads, spec.sliding_window,
+                self.device, spec.num_kv_heads, spec.head_dim, self.dtype,
+            )
+            return self.model.forward(
+                batch.input_ids, batch.positions, max_ctx - 1, self.caches, meta, batch.logits_indices
+            )
+
+    def __repr__(self) -> str:
+        return (f"ModelRunner({self.spec.name!r}, {self.spec.family}, dtype={self.dtype}, device={self.device}, "
+                f"tokens_per_page={self.layout.tokens_per_page})")
