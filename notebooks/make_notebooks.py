@@ -82,7 +82,7 @@ CODE_REVIEW = [
     md("""
 # A code-review team with a live dashboard
 
-The seed's **code** workflow: a coder writes a function, and a reviewer and a documenter read it *while it is
+The classic **code** workflow: a coder writes a function, and a reviewer and a documenter read it *while it is
 being written*. The dashboard shows the page map (every page of the arena, coloured by the head holding it), the
 scheduler's queues, each head's token stream, and the timeline."""),
     params(256),
@@ -191,37 +191,37 @@ BENCHMARK = [
     md("""
 # Benchmark analysis: sequential vs MultiHead
 
-The seed article reports wall seconds for its three workflows run one head after another (**sequential**) and
+The MultiHead article reports wall seconds for its three workflows run one head after another (**sequential**) and
 as a MultiHead team: 14.2 / 18.7 / 22.5 s vs 4.8 / 6.1 / 7.3 s for code / research / creative. This notebook
-loads our own measurement, `bench/data/seed_table.csv`, and puts both side by side."""),
+loads our own measurement, `bench/data/workflow_table.csv`, and puts both side by side."""),
     params(),
     code("""
 import os
 from pathlib import Path
 
 import pandas as pd
-from multihead_nb.notebook.widgets.figures import SEED_ARTICLE, seed_table_figure
+from multihead_nb.notebook.widgets.figures import ARTICLE_TABLE, workflow_table_figure
 
 def find_table():
-    if os.environ.get("MULTIHEAD_SEED_TABLE"):
-        return Path(os.environ["MULTIHEAD_SEED_TABLE"])
+    if os.environ.get("MULTIHEAD_WORKFLOW_TABLE"):
+        return Path(os.environ["MULTIHEAD_WORKFLOW_TABLE"])
     for base in (Path.cwd(), *Path.cwd().parents):
-        if (base / "bench" / "data" / "seed_table.csv").exists():
-            return base / "bench" / "data" / "seed_table.csv"
+        if (base / "bench" / "data" / "workflow_table.csv").exists():
+            return base / "bench" / "data" / "workflow_table.csv"
     return None
 
 CSV = find_table()
 df = pd.read_csv(CSV) if CSV is not None else None
 if df is None:
-    print("bench/data/seed_table.csv is missing. Produce it from the repository root with:\\n"
-          "    python -m bench.seed_table\\n"
-          "then run this notebook again. Below: the seed article's numbers alone.")
+    print("bench/data/workflow_table.csv is missing. Produce it from the repository root with:\\n"
+          "    python -m bench.workflow_table\\n"
+          "then run this notebook again. Below: the MultiHead article's numbers alone.")
 else:
     print(f"{CSV}: {len(df)} rows")
     display(df.head())"""),
-    md("## The seed article's numbers"),
+    md("## the MultiHead article's numbers"),
     code("""
-article = SEED_ARTICLE.pivot(index="workflow", columns="system", values="wall_s").loc[["code", "research", "creative"]]
+article = ARTICLE_TABLE.pivot(index="workflow", columns="system", values="wall_s").loc[["code", "research", "creative"]]
 article["speed-up"] = (article["sequential"] / article["multihead"]).round(2)
 article"""),
     md("## Ours, side by side"),
@@ -233,9 +233,9 @@ if df is not None:
             ours[f"speed-up vs {other}"] = (ours[other] / ours["multihead"]).round(2)
     meta = df[[c for c in ("device", "model_shape", "dtype", "new_tokens") if c in df]].drop_duplicates()
     display(meta)
-    display(pd.concat({"measured": ours, "seed article": article}, axis=1))"""),
+    display(pd.concat({"measured": ours, "MultiHead article": article}, axis=1))"""),
     code("""
-seed_table_figure(df if df is not None else pd.DataFrame(columns=["system", "workflow", "rep", "wall_s"]))"""),
+workflow_table_figure(df if df is not None else pd.DataFrame(columns=["system", "workflow", "rep", "wall_s"]))"""),
     md("Tokens per second, where the table has them:"),
     code("""
 if df is not None and "tokens_per_s" in df:

@@ -19,16 +19,16 @@ def _env():
     return env
 
 
-def test_seed_table_quick(tmp_path):
-    data = ROOT / "bench" / "data" / "seed_table.csv"
+def test_workflow_table_quick(tmp_path):
+    data = ROOT / "bench" / "data" / "workflow_table.csv"
     before = data.read_bytes() if data.exists() else None
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.seed_table", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.workflow_table", "--quick", "--out", str(tmp_path)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
-    df = pd.read_csv(tmp_path / "seed_table.csv")
+    df = pd.read_csv(tmp_path / "workflow_table.csv")
     for col in ("system", "workflow", "rep", "wall_s", "output_tokens", "tokens_per_s", "device", "model_shape",
                 "dtype", "new_tokens", "mh_first_token_s", "mh_decode_tokens_per_s", "mh_peak_kv_pages",
                 "mh_waste_mean", "mh_step_overhead"):
@@ -45,18 +45,18 @@ def test_seed_table_quick(tmp_path):
     mh = df[df.system == "multihead"]
     assert mh.mh_step_overhead.between(0, 1).all() and mh.mh_waste_mean.between(0, 1).all()
 
-    md = (tmp_path / "seed_table.md").read_text()
+    md = (tmp_path / "workflow_table.md").read_text()
     assert "| workflow | sequential s | MultiHead s | speedup | transformers CB s |" in md
     for wf in ("code", "research", "creative", "independent"):
         assert f"| {wf} |" in md
     assert "## Scaling sweep" in md and "## Start-up" in md
 
-    html = (tmp_path / "seed_table.html").read_text()
+    html = (tmp_path / "workflow_table.html").read_text()
     assert "<html" in html.lower() and "plotly" in html.lower()
 
-    sweep = pd.read_csv(tmp_path / "seed_sweep.csv")
+    sweep = pd.read_csv(tmp_path / "workflow_sweep.csv")
     assert {"system", "heads", "wall_s", "tokens_per_s"} <= set(sweep.columns)
-    startup = pd.read_csv(tmp_path / "seed_startup.csv")
+    startup = pd.read_csv(tmp_path / "workflow_startup.csv")
     assert set(startup.system) == {"multihead", "transformers", "transformers_cb"}
     assert (startup.first_token_s > 0).all(), startup.to_dict("records")
     # --quick never overwrites the committed table

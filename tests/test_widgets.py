@@ -90,12 +90,12 @@ def test_page_map_figure_marks_shared_pages():
     assert a.marker.line.width == (2,) and "shared by 2" in a.text[0]
 
 
-def test_seed_table_figure():
+def test_workflow_table_figure():
     df = pd.DataFrame({"system": ["sequential", "multihead"] * 3, "workflow": ["code"] * 2 + ["research"] * 2 +
                        ["creative"] * 2, "rep": 0, "wall_s": [3.0, 1.0, 4.0, 2.0, 5.0, 2.5]})
-    fig = F.seed_table_figure(df)
+    fig = F.workflow_table_figure(df)
     assert {t.meta["kind"] for t in fig.data} == {"measured", "article"} and len(fig.data) == 4
-    art = next(t for t in fig.data if t.name == "sequential (seed article)")
+    art = next(t for t in fig.data if t.name == "sequential (MultiHead article)")
     assert list(art.y) == [14.2, 18.7, 22.5]
 
 

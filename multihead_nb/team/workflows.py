@@ -1,4 +1,4 @@
-"""The seed's three workflows as ready templates: code, research and creative.
+"""The three classic workflows (the MultiHead article's benchmark) as ready templates: code, research and creative.
 
 Owns: the heads' system prompts and the step templates of each workflow, and `setup(ws, name, model)` which adds
 the heads and returns the team. Knows nothing of how teams run.

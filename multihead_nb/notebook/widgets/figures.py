@@ -16,7 +16,7 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#7f7f7f"]
 STATE_COLORS = {"weights": "#4d4d4d", "cached": "#c6dbef", "free": "#eeeeee"}
 PHASE_COLORS = {"waiting": "#d9d9d9", "prefill": "#fdae6b", "decode": None}  # decode: the head's colour
-SEED_ARTICLE = pd.DataFrame({  # the seed article's wall seconds per workflow
+ARTICLE_TABLE = pd.DataFrame({  # the MultiHead article's wall seconds per workflow
     "workflow": ["code", "research", "creative"] * 2,
     "system": ["sequential"] * 3 + ["multihead"] * 3,
     "wall_s": [14.2, 18.7, 22.5, 4.8, 6.1, 7.3],
@@ -159,8 +159,8 @@ def tokens_per_s_figure(tokens_df: pd.DataFrame, bin_s: float = 0.25) -> go.Figu
                    yaxis=dict(title="tokens/s", rangemode="tozero"))
 
 
-def seed_table_figure(csv_df: pd.DataFrame, article: pd.DataFrame | None = SEED_ARTICLE) -> go.Figure:
-    """Grouped bars of mean wall seconds per workflow, one trace per system; with the seed article's numbers."""
+def workflow_table_figure(csv_df: pd.DataFrame, article: pd.DataFrame | None = ARTICLE_TABLE) -> go.Figure:
+    """Grouped bars of mean wall seconds per workflow, one trace per system; with the MultiHead article's numbers."""
     df = csv_df.groupby(["system", "workflow"], as_index=False)["wall_s"].agg(["mean", "std"]).reset_index(drop=True)
     fig = go.Figure()
     for system, g in df.groupby("system", sort=False):
@@ -169,6 +169,6 @@ def seed_table_figure(csv_df: pd.DataFrame, article: pd.DataFrame | None = SEED_
                              meta={"kind": "measured", "system": system}))
     if article is not None:
         for system, g in article.groupby("system", sort=False):
-            fig.add_trace(go.Bar(x=g["workflow"], y=g["wall_s"], name=f"{system} (seed article)", opacity=0.45,
+            fig.add_trace(go.Bar(x=g["workflow"], y=g["wall_s"], name=f"{system} (MultiHead article)", opacity=0.45,
                                  meta={"kind": "article", "system": system}))
     return _layout(fig, "Wall seconds per workflow", barmode="group", height=360, yaxis=dict(title="seconds"))

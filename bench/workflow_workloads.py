@@ -1,8 +1,8 @@
-"""The seed table's workloads: which teams run, and the plan the baselines follow to redo a team's work.
+"""the workflow table's workloads: which teams run, and the plan the baselines follow to redo a team's work.
 
 Owns: the scaling sweep's team (coder + reviewers), the `independent` team (unrelated heads), the name → workload
 lookup, and `Plan` (a team, its instances in dependency order, their inputs, and the prompt ids MultiHead built).
-Knows nothing of how any system runs them (`seed_systems.py`) or of reporting.
+Knows nothing of how any system runs them (`workflow_systems.py`) or of reporting.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def independent_workflow(n_heads: int = 3):
 
 
 def workload(name: str):
-    """A seed workflow by name, or "independent" (three unrelated heads)."""
+    """A classic workflow by name (code, research, creative), or "independent" (three unrelated heads)."""
     from multihead_nb.team.workflows import WORKFLOWS
 
     if name == "independent":

@@ -1,4 +1,4 @@
-"""The seed table's output: its columns, the markdown tables (workflows, sweep, start-up) and the plotly figure.
+"""the workflow table's output: its columns, the markdown tables (workflows, sweep, start-up) and the plotly figure.
 
 Owns the row schema (`SYSTEMS`, `COLUMNS`) and everything that turns rows into text or a figure. Knows nothing of
 how the rows were measured.
@@ -118,7 +118,7 @@ def write_figure(df, sw, su, path: Path) -> bool:
     if su is not None and len(su):
         g = su.groupby("system", sort=False).first_token_s.median()
         fig.add_trace(go.Bar(x=list(g.index), y=list(g.values), name="start-up", showlegend=False), row=1, col=3)
-    fig.update_layout(template="plotly_white", height=420, barmode="group", title="MultiHead seed table")
+    fig.update_layout(template="plotly_white", height=420, barmode="group", title="MultiHead workflow table")
     fig.update_xaxes(title_text="heads", row=1, col=2)
     fig.write_html(str(path), include_plotlyjs="cdn")
     return True

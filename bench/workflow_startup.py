@@ -1,4 +1,4 @@
-"""Start-up of the seed table: from a fresh process to the first token of the first head, for MultiHead,
+"""Start-up of the workflow table: from a fresh process to the first token of the first head, for MultiHead,
 transformers `generate` and transformers continuous batching (vllm's is measured by `vllm_peer.py`). Owns the
 subprocess scripts and their timing; knows nothing of the other measurements.
 """
@@ -60,7 +60,7 @@ model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_n
                streamer=First())
 """
 
-# transformers continuous batching, configured as in the seed table (seed_systems.Bench.cb_manager)
+# transformers continuous batching, configured as in the workflow table (workflow_systems.Bench.cb_manager)
 _STARTUP_CB = _HF_PRELUDE + r"""
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig

