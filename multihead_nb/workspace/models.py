@@ -42,18 +42,6 @@ class LoadedModel:
 DEFAULT_REGION = "25%"  # of the pool's pages, for a region model whose first head gives no region=
 
 
-def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer. A `tokenizer.json` is loaded as it is (fast: no `AutoTokenizer` machinery, which
-    imports every model family's config, ~1.5 s); other checkpoints go through `AutoTokenizer`."""
-    if (Path(path) / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
 def model_key(model: str) -> str:
     """A local folder by its resolved path, a hub id as given."""
     p = Path(model).expanduser()
@@ -99,6 +87,7 @@ def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None) 
         raise ConfigError(f"region= is for models of a region backend ({', '.join(sorted(ws.backends))}); "
                           f"{model!r} runs natively, its K/V pages come from the whole pool")
     from ..backends.native import ModelRunner, read_spec
+    from ..backends.native.tokenizer import load_tokenizer
 
     spec = read_spec(model)
     layout = spec.kv_layout(ws.dtype, ws.page_bytes)  # raises when a page cannot hold one token
@@ -140,6 +129,7 @@ def _register(ws: "Workspace", loaded: LoadedModel, layout) -> None:
 def _load_region_model(ws: "Workspace", model: str, key: str, name: str, region) -> LoadedModel:
     """Load `model` on region backend `name`: weights and a contiguous region charged to the pool, then its runner."""
     from ..backends.exl2.region import Exl2Region, region_owner, release_region, reserve_region
+    from ..backends.native.tokenizer import load_tokenizer
 
     backend = ws.backends[name]
     backend.check(ws.device)  # a clear error naming what is missing, before anything is reserved
