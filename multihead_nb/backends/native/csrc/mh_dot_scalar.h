@@ -1,0 +1,52 @@
+/* Scalar tile kernels (no intrinsics): the build for CPUs without AVX2 or NEON, and the plainest statement of what
+ * the SIMD kernels compute. Quantized blocks go through unpack32 (mh_formats.h); bfloat16 rows are summed in 8
+ * interleaved partial sums (a fixed order, so a token's result never depends on its batch-mates). */
+#ifndef MH_DOT_SCALAR_H
+#define MH_DOT_SCALAR_H
+
+#define MH_F_CHUNK 1
+#define MH_NR 1
+#define MH_MT 4
+
+static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a, int t0, int mt, float *res) {
+    const int K = a->K, nb = K / 32;
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *row = w + (size_t)r * rb;
+        if (fmt == MH_BF16) {
+            for (int t = 0; t < mt; t++) {
+                const float *x = a->f + (size_t)(t0 + t) * K;
+                float part[8] = {0};
+                int k = 0;
+                for (; k + 8 <= K; k += 8)
+                    for (int i = 0; i < 8; i++) part[i] += bf16_to_f32(rd16(row + 2 * (size_t)(k + i))) * x[k + i];
+                float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+                for (; k < K; k++) s += bf16_to_f32(rd16(row + 2 * (size_t)k)) * x[k];
+                res[r * mt + t] = s;
+            }
+            continue;
+        }
+        float acc[MH_MT] = {0}, corr[MH_MT] = {0};
+        for (int b = 0; b < nb; b++) {
+            uint8_t u[32];
+            float dw, off[2];
+            int sc[2];
+            unpack32(fmt, row, b, u, &dw, sc, off);
+            for (int t = 0; t < mt; t++) {
+                const int8_t *q = a->q + (size_t)(t0 + t) * K + 32 * (size_t)b;
+                int32_t s0 = 0, s1 = 0;
+                for (int i = 0; i < 16; i++) {
+                    const int v0 = fmt == MH_Q8_0 ? (int8_t)u[i] : u[i];
+                    const int v1 = fmt == MH_Q8_0 ? (int8_t)u[i + 16] : u[i + 16];
+                    s0 += v0 * q[i];
+                    s1 += v1 * q[i + 16];
+                }
+                const float *s16 = a->s16 + (size_t)(t0 + t) * 2 * nb + 2 * b;
+                acc[t] += (float)(sc[0] * s0 + sc[1] * s1) * dw * a->d[(size_t)(t0 + t) * nb + b];
+                corr[t] += off[0] * s16[0] + off[1] * s16[1];
+            }
+        }
+        for (int t = 0; t < mt; t++) res[r * mt + t] = acc[t] + corr[t];
+    }
+}
+
+#endif
