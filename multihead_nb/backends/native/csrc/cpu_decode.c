@@ -48,7 +48,7 @@ typedef struct { /* scratch of one call */
 /* Free everything and return rc. */
 static int release(mh_work *w, int rc) {
     void *ps[] = {w->x, w->xn, w->qkv, w->gu, w->attn, w->scores, w->sel, w->act.f, w->act.h, w->act.q, w->act.d,
-                  w->act.s16};
+                  w->act.s16, w->act.s32};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free(ps[i]);
     return rc;
 }
@@ -77,8 +77,9 @@ int mh_forward(const mh_model *m, mh_step *s) {
     w.act.q = alloc64((size_t)T * Kmax);
     w.act.d = alloc64(sizeof(float) * T * (Kmax / 32 + 1));
     w.act.s16 = alloc64(sizeof(float) * T * (Kmax / 16 + 1));
+    w.act.s32 = alloc64(sizeof(float) * T * (Kmax / 32 + 1));
     if (!w.x || !w.xn || !w.qkv || !w.gu || !w.attn || !w.scores || !w.sel || !w.act.f || !w.act.h || !w.act.q ||
-        !w.act.d || !w.act.s16)
+        !w.act.d || !w.act.s16 || !w.act.s32)
         return release(&w, -2);
 
 #pragma omp parallel num_threads(nt)
@@ -98,7 +99,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             for (int t = 0; t < T; t++) {
                 rms_norm_row(w.x + (size_t)t * h, Ly->ln1, h, m->eps, w.xn + (size_t)t * h);
                 prep_row(w.xn + (size_t)t * h, h, forms, act->f + (size_t)t * h, act->h + (size_t)t * h,
-                         act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16));
+                         act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16), act->s32 + (size_t)t * (h / 32));
             }
             {
                 const float *b = Ly->bqkv;
@@ -183,7 +184,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             for (int t = 0; t < rows; t++) {
                 rms_norm_row(w.x + (size_t)t * h, Ly->ln2, h, m->eps, w.xn + (size_t)t * h);
                 prep_row(w.xn + (size_t)t * h, h, forms, act->f + (size_t)t * h, act->h + (size_t)t * h,
-                         act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16));
+                         act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16), act->s32 + (size_t)t * (h / 32));
             }
             {
                 mh_part gu[2] = {{&Ly->gate, NULL, w.gu, 2 * I, 0}, {&Ly->up, NULL, w.gu + I, 2 * I, 0}};
@@ -198,7 +199,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 float *a = w.xn + (size_t)t * I;
                 for (int i = 0; i < I; i++) a[i] = silu(g[i]) * g[I + i];
                 prep_row(a, I, forms, act->f + (size_t)t * I, act->h + (size_t)t * I, act->q + (size_t)t * I,
-                         act->d + (size_t)t * (I / 32), act->s16 + (size_t)t * (I / 16));
+                         act->d + (size_t)t * (I / 32), act->s16 + (size_t)t * (I / 16), act->s32 + (size_t)t * (I / 32));
             }
             {
                 mh_part down = {&Ly->down, NULL, w.x, h, 1};
@@ -216,7 +217,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             const int t = compacted ? i : s->logits_idx[i];
             rms_norm_row(w.x + (size_t)t * h, m->final_norm, h, m->eps, w.xn + (size_t)i * h);
             prep_row(w.xn + (size_t)i * h, h, forms, act->f + (size_t)i * h, act->h + (size_t)i * h,
-                     act->q + (size_t)i * h, act->d + (size_t)i * (h / 32), act->s16 + (size_t)i * (h / 16));
+                     act->q + (size_t)i * h, act->d + (size_t)i * (h / 32), act->s16 + (size_t)i * (h / 16), act->s32 + (size_t)i * (h / 32));
         }
         {
             mh_part head = {&m->lm_head, NULL, s->logits, V, 0};
@@ -231,13 +232,14 @@ int mh_forward(const mh_model *m, mh_step *s) {
 /* out[T, W.rows] = X[T, W.cols] . W^T through this build's kernels (activations prepared as the forward does). */
 int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int num_threads) {
     const int K = W->cols;
-    mh_act a = {T, K, 0, NULL, NULL, NULL, NULL, NULL};
+    mh_act a = {T, K, 0, NULL, NULL, NULL, NULL, NULL, NULL};
     a.f = alloc64(sizeof(float) * T * K);
     a.h = alloc64(sizeof(uint16_t) * T * K);
     a.q = alloc64((size_t)T * K);
     a.d = alloc64(sizeof(float) * T * (K / 32 + 1));
     a.s16 = alloc64(sizeof(float) * T * (K / 16 + 1));
-    int rc = a.f && a.h && a.q && a.d && a.s16 ? 0 : -2;
+    a.s32 = alloc64(sizeof(float) * T * (K / 32 + 1));
+    int rc = a.f && a.h && a.q && a.d && a.s16 && a.s32 ? 0 : -2;
     if (rc == 0) {
 #pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
         {
@@ -246,7 +248,7 @@ int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int nu
             matmul(&p, 1, &a);
         }
     }
-    free(a.f), free(a.h), free(a.q), free(a.d), free(a.s16);
+    free(a.f), free(a.h), free(a.q), free(a.d), free(a.s16), free(a.s32);
     return rc;
 }
 

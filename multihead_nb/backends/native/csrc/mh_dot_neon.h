@@ -2,8 +2,8 @@
  *
  * bfloat16: a 128-bit load holds 8 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking the low half gives the odd ones, so activations are stored per 8 elements as 4 even then 4 odd
- * (MH_F_CHUNK). Quantized: each 32-block's weights become 2 x 16 bytes (unsigned values below 64 read as signed,
- * Q8_0's signed) multiplied with the int8 activations by sdot where the CPU has dot products (ARMv8.2 dotprod),
+ * (MH_F_CHUNK). Quantized: each 32-block's weights become 2 x 16 bytes (unsigned values below 64 read as signed;
+ * Q8_0's and Q4_0's (q - 8) signed) multiplied with the int8 activations by sdot where the CPU has dot products (ARMv8.2 dotprod),
  * else by widening multiplies and pairwise adds; then scaled, and offsets via the activations' block sums, as on
  * x86 (mh_dot_x86.h). */
 #ifndef MH_DOT_NEON_H
@@ -12,6 +12,12 @@
 #define MH_F_CHUNK 8
 #define MH_NR 2
 #define MH_MT 4
+
+static inline void tile_shape(int fmt, int *nr, int *mt) {
+    (void)fmt;
+    *nr = 2;
+    *mt = 4;
+}
 #define AI static inline __attribute__((always_inline))
 
 AI int32x4_t dot16(int32x4_t acc, int8x16_t u, int8x16_t x) { /* acc[i] += sum of 4 products */
@@ -70,11 +76,12 @@ AI void blk_acc(const int fmt, const blk32 *B, const mh_act *a, int t, int b, fl
     else
         p = dot16(dot16(vdupq_n_s32(0), B->u0, x0), B->u1, x1);
     *acc = vfmaq_f32(*acc, vmulq_n_f32(vcvtq_f32_s32(p), B->dw), vdupq_n_f32(a->d[(size_t)t * nb + b]));
-    const float *s16 = a->s16 + (size_t)t * 2 * nb + 2 * b;
-    if (fmt == MH_Q6_K)
+    if (fmt == MH_Q6_K) {
+        const float *s16 = a->s16 + (size_t)t * 2 * nb + 2 * b;
         *corr += B->off0 * s16[0] + B->off1 * s16[1];
-    else if (fmt != MH_Q8_0)
-        *corr += B->off0 * (s16[0] + s16[1]);
+    } else if (fmt == MH_Q4_1 || fmt == MH_Q4_K) {
+        *corr += B->off0 * a->s32[(size_t)t * nb + b];
+    }
 }
 
 AI void unpack_k(const int fmt, const uint8_t *blk, int j, blk32 *B) {
@@ -144,7 +151,12 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
                     const uint8x16_t q = vld1q_u8(blk + bb - 16);
                     B.u0 = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15)));
                     B.u1 = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
-                    B.off0 = B.off1 = fmt == MH_Q4_0 ? -8.0f * B.dw : f16_to_f32(rd16(blk + 2));
+                    if (fmt == MH_Q4_0) { /* signed: q - 8 */
+                        B.u0 = vsubq_s8(B.u0, vdupq_n_s8(8));
+                        B.u1 = vsubq_s8(B.u1, vdupq_n_s8(8));
+                    } else {
+                        B.off0 = B.off1 = f16_to_f32(rd16(blk + 2));
+                    }
                 }
                 for (int t = 0; t < MT; t++) blk_acc(fmt, &B, a, t0 + t, b, &acc[r][t], &corr[r][t]);
             }

@@ -8,6 +8,12 @@
 #define MH_NR 1
 #define MH_MT 4
 
+static inline void tile_shape(int fmt, int *nr, int *mt) {
+    (void)fmt;
+    *nr = 1;
+    *mt = 4;
+}
+
 static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a, int t0, int mt, float *res) {
     const int K = a->K, nb = K / 32;
     for (int r = 0; r < nr; r++) {

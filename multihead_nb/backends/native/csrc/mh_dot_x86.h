@@ -5,16 +5,14 @@
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
  * elements as 8 even then 8 odd (MH_F_CHUNK), and every (row, token) pair has an even and an odd accumulator.
- * Quantized: each 32-block's weights are unpacked to 32 unsigned bytes in a register (Q8_0's stay signed and use
- * the sign trick), multiplied with the int8 activations into eight 32-bit sums (vpmaddubsw + vpmaddwd, or
- * vpdpbusd), converted to float and scaled by the weight's and the activation's block scales; offsets (Q4_0's -8,
- * Q4_1's and Q4_K's mins, Q6_K's -32) go through the activations' block sums as one scalar per block. */
+ * Quantized: each 32-block's weights are unpacked to 32 unsigned bytes in a register (Q8_0's and Q4_0's (q - 8)
+ * are signed and use the sign trick: |w| times x with w's sign), multiplied with the int8 activations into eight 32-bit sums (vpmaddubsw + vpmaddwd, or
+ * vpdpbusd), converted to float and scaled by the weight's and the activation's block scales; offsets (Q4_1's and
+ * Q4_K's mins, Q6_K's -32) go through the activations' block sums as one scalar per block. */
 #ifndef MH_DOT_X86_H
 #define MH_DOT_X86_H
 
 #define MH_F_CHUNK 16
-#define MH_NR 2
-#define MH_MT 4
 #define AI static inline __attribute__((always_inline))
 
 static inline float hsum8(__m256 v) {
@@ -40,11 +38,13 @@ AI __m256i dot_u8s8(__m256i u, __m256i x) {
 
 /* ---- bfloat16 weights ----------------------------------------------------------------------------------- */
 #ifndef MH_BF16_DOT
+/* One accumulator per (row, token): two FMAs per 16 elements into it, so a tile of NR x MT pairs has NR x MT
+ * independent chains (NR = 4 keeps a lone token's chains busy; tiles of up to 12 stay in registers). */
 AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, int t0, const int MT, float *res) {
     const int K = a->K, K16 = K & ~15;
-    __m256 ae[MH_NR][MH_MT], ao[MH_NR][MH_MT];
+    __m256 acc[4][4];
     for (int r = 0; r < NR; r++)
-        for (int t = 0; t < MT; t++) ae[r][t] = ao[r][t] = _mm256_setzero_ps();
+        for (int t = 0; t < MT; t++) acc[r][t] = _mm256_setzero_ps();
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
     for (int k = 0; k < K16; k += 16) {
         for (int r = 0; r < NR; r++) {
@@ -53,14 +53,14 @@ AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, i
             const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
             for (int t = 0; t < MT; t++) {
                 const float *x = a->f + (size_t)(t0 + t) * K + k;
-                ae[r][t] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x), ae[r][t]);
-                ao[r][t] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + 8), ao[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x), acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + 8), acc[r][t]);
             }
         }
     }
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < MT; t++) {
-            float s = hsum8(_mm256_add_ps(ae[r][t], ao[r][t]));
+            float s = hsum8(acc[r][t]);
             const float *x = a->f + (size_t)(t0 + t) * K;
             for (int k = K16; k < K; k++) s += bf16_to_f32(rd16(w + (size_t)r * rb + 2 * (size_t)k)) * x[k];
             res[r * MT + t] = s;
@@ -69,7 +69,7 @@ AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, i
 #else
 /* One weight row against MT token rows in bfloat16, 64 elements a step, two accumulators per token row. */
 AI void tile_bf16_row(const uint16_t *w, int K, const mh_act *a, int t0, const int MT, float *res) {
-    __m512 acc[2 * MH_MT];
+    __m512 acc[8];
     for (int i = 0; i < 2 * MT; i++) acc[i] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 64 <= K; k += 64) {
@@ -98,7 +98,8 @@ AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, i
 /* ---- quantized weights ---------------------------------------------------------------------------------- */
 /* The unpacked 32-block of one weight row: bytes, float scale, 16-bit integer scales (or none), offsets. */
 typedef struct {
-    __m256i u, sc;  /* sc: 16-bit scales per element pair (Q6_K only) */
+    __m256i u, sc;  /* u: unsigned values, or (Q8_0, Q4_0) signed ones; sc: 16-bit scales (Q6_K only) */
+    __m256i ua;     /* |u| for the signed formats */
     __m256 dw;
     float off0, off1;
 } blk32;
@@ -113,8 +114,8 @@ AI void blk_acc(const int fmt, const blk32 *B, const mh_act *a, int t, int b, __
     const int K = a->K, nb = K / 32;
     const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (size_t)t * K + 32 * (size_t)b));
     __m256i p;
-    if (fmt == MH_Q8_0)
-        p = dot_u8s8(_mm256_sign_epi8(B->u, B->u), _mm256_sign_epi8(x, B->u));
+    if (fmt == MH_Q8_0 || fmt == MH_Q4_0) /* signed weights: |w| . (x signed by w) */
+        p = dot_u8s8(B->ua, _mm256_sign_epi8(x, B->u));
     else if (fmt == MH_Q6_K)
         p = _mm256_madd_epi16(_mm256_maddubs_epi16(B->u, x), B->sc);
     else
@@ -123,8 +124,8 @@ AI void blk_acc(const int fmt, const blk32 *B, const mh_act *a, int t, int b, __
                            *acc);
     if (fmt == MH_Q6_K)
         *corr += B->off0 * a->s16[(size_t)t * 2 * nb + 2 * b] + B->off1 * a->s16[(size_t)t * 2 * nb + 2 * b + 1];
-    else if (fmt != MH_Q8_0)
-        *corr += B->off0 * (a->s16[(size_t)t * 2 * nb + 2 * b] + a->s16[(size_t)t * 2 * nb + 2 * b + 1]);
+    else if (fmt == MH_Q4_1 || fmt == MH_Q4_K)
+        *corr += B->off0 * a->s32[(size_t)t * nb + b];
 }
 
 /* Sub-block j (0..7) of a Q4_K / Q6_K super-block `blk`. */
@@ -155,8 +156,8 @@ AI void unpack_k(const int fmt, const uint8_t *blk, int j, blk32 *B) {
 AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const mh_act *a, int t0, const int MT,
                float *res) {
     const int nb = a->K / 32;
-    __m256 acc[MH_NR][MH_MT];
-    float corr[MH_NR][MH_MT];
+    __m256 acc[2][4];
+    float corr[2][4];
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < MT; t++) {
             acc[r][t] = _mm256_setzero_ps();
@@ -181,9 +182,13 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
                 B.dw = _mm256_set1_ps(d);
                 if (fmt == MH_Q8_0) {
                     B.u = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                    B.ua = _mm256_sign_epi8(B.u, B.u);
+                } else if (fmt == MH_Q4_0) {
+                    B.u = _mm256_sub_epi8(nibbles(blk + 2), _mm256_set1_epi8(8));
+                    B.ua = _mm256_sign_epi8(B.u, B.u);
                 } else {
-                    B.u = nibbles(blk + bb - 16);
-                    B.off0 = B.off1 = fmt == MH_Q4_0 ? -8.0f * d : f16_to_f32(rd16(blk + 2));
+                    B.u = nibbles(blk + 4);
+                    B.off0 = B.off1 = f16_to_f32(rd16(blk + 2));
                 }
                 for (int t = 0; t < MT; t++) blk_acc(fmt, &B, a, t0 + t, b, &acc[r][t], &corr[r][t]);
             }
@@ -193,7 +198,37 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
 }
 
 /* ---- dispatch: the format and (NR, MT) as constants in each branch -------------------------------------- */
-#define MH_TILE_SHAPES(CALL)                                                                                       \
+#define MH_NR 4 /* the most rows and token rows of any tile */
+#define MH_MT 4
+
+/* The tile shape the driver asks for: bfloat16 4 rows x 3 tokens (12 accumulators), quantized 2 x 4. */
+static inline void tile_shape(int fmt, int *nr, int *mt) {
+#ifdef MH_BF16_DOT
+    const int bf = 0;
+#else
+    const int bf = fmt == MH_BF16;
+#endif
+    *nr = bf ? 4 : 2;
+    *mt = bf ? 3 : 4;
+}
+
+#define MH_SHAPES_BF16(CALL)                                                                                       \
+    switch (nr * 8 + mt) {                                                                                         \
+    case 9: CALL(1, 1); break;                                                                                     \
+    case 10: CALL(1, 2); break;                                                                                    \
+    case 11: CALL(1, 3); break;                                                                                    \
+    case 17: CALL(2, 1); break;                                                                                    \
+    case 18: CALL(2, 2); break;                                                                                    \
+    case 19: CALL(2, 3); break;                                                                                    \
+    case 25: CALL(3, 1); break;                                                                                    \
+    case 26: CALL(3, 2); break;                                                                                    \
+    case 27: CALL(3, 3); break;                                                                                    \
+    case 33: CALL(4, 1); break;                                                                                    \
+    case 34: CALL(4, 2); break;                                                                                    \
+    default: CALL(4, 3); break;                                                                                    \
+    }
+
+#define MH_SHAPES_Q(CALL)                                                                                          \
     switch (nr * 8 + mt) {                                                                                         \
     case 9: CALL(1, 1); break;                                                                                     \
     case 10: CALL(1, 2); break;                                                                                    \
@@ -210,21 +245,25 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
 
 static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a, int t0, int mt, float *res) {
     switch (fmt) {
-    case MH_BF16: MH_TILE_SHAPES(MH_CALL_BF16); break;
+#ifdef MH_BF16_DOT
+    case MH_BF16: MH_SHAPES_Q(MH_CALL_BF16); break;
+#else
+    case MH_BF16: MH_SHAPES_BF16(MH_CALL_BF16); break;
+#endif
 #define FMT MH_Q8_0
-    case MH_Q8_0: MH_TILE_SHAPES(MH_CALL_Q); break;
+    case MH_Q8_0: MH_SHAPES_Q(MH_CALL_Q); break;
 #undef FMT
 #define FMT MH_Q4_0
-    case MH_Q4_0: MH_TILE_SHAPES(MH_CALL_Q); break;
+    case MH_Q4_0: MH_SHAPES_Q(MH_CALL_Q); break;
 #undef FMT
 #define FMT MH_Q4_1
-    case MH_Q4_1: MH_TILE_SHAPES(MH_CALL_Q); break;
+    case MH_Q4_1: MH_SHAPES_Q(MH_CALL_Q); break;
 #undef FMT
 #define FMT MH_Q4_K
-    case MH_Q4_K: MH_TILE_SHAPES(MH_CALL_Q); break;
+    case MH_Q4_K: MH_SHAPES_Q(MH_CALL_Q); break;
 #undef FMT
 #define FMT MH_Q6_K
-    case MH_Q6_K: MH_TILE_SHAPES(MH_CALL_Q); break;
+    case MH_Q6_K: MH_SHAPES_Q(MH_CALL_Q); break;
 #undef FMT
     default: break;
     }

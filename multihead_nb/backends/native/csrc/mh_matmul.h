@@ -20,6 +20,7 @@ typedef struct {
     uint16_t *h;       /* [T, K] bfloat16 */
     int8_t *q;         /* [T, K] int8, K % 32 == 0 */
     float *d, *s16;    /* [T, K / 32] scales; [T, K / 16] scale times the sum of q over 16 elements */
+    float *s32;        /* [T, K / 32] scale times the sum of q over the 32-block */
 } mh_act;
 
 enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4 };
@@ -40,7 +41,8 @@ static inline int act_form(int fmt) {
 }
 
 /* One token row x[K] into the forms asked for. */
-static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, int8_t *q, float *d, float *s16) {
+static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, int8_t *q, float *d, float *s16,
+                     float *s32) {
     if (forms & ACT_F) {
         const int C = MH_F_CHUNK, full = C > 1 ? K / C * C : 0;
         for (int c = 0; c < full; c += C)
@@ -67,6 +69,7 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
             d[b] = db;
             s16[2 * b] = db * (float)sums[0];
             s16[2 * b + 1] = db * (float)sums[1];
+            s32[b] = db * (float)(sums[0] + sums[1]);
         }
 }
 
@@ -77,7 +80,7 @@ static void prep_act(mh_act *a, const float *X, int ldx, int forms) {
 #pragma omp for schedule(static)
     for (int t = 0; t < a->T; t++)
         prep_row(X + (size_t)t * ldx, K, forms, a->f + (size_t)t * K, a->h + (size_t)t * K, a->q + (size_t)t * K,
-                 a->d + (size_t)t * nb, a->s16 + (size_t)t * 2 * nb);
+                 a->d + (size_t)t * nb, a->s16 + (size_t)t * 2 * nb, a->s32 + (size_t)t * nb);
 }
 
 typedef struct {
@@ -117,11 +120,13 @@ static void matmul(const mh_part *parts, int np, const mh_act *a) {
             const int N = P->W->rows;
             const int lo = r0 > base ? r0 - base : 0, hi = r1 - base < N ? r1 - base : N;
             base += N;
-            for (int n = lo; n < hi; n += MH_NR) {
-                const int nr = hi - n < MH_NR ? hi - n : MH_NR;
+            int NR, MT;
+            tile_shape(P->W->format, &NR, &MT);
+            for (int n = lo; n < hi; n += NR) {
+                const int nr = hi - n < NR ? hi - n : NR;
                 const uint8_t *w = P->W->data + (size_t)n * P->W->row_bytes;
-                for (int t = tb; t < te; t += MH_MT) {
-                    const int mt = te - t < MH_MT ? te - t : MH_MT;
+                for (int t = tb; t < te; t += MT) {
+                    const int mt = te - t < MT ? te - t : MT;
                     tile(P->W->format, w, P->W->row_bytes, nr, a, t, mt, res);
                     for (int r = 0; r < nr; r++)
                         for (int m = 0; m < mt; m++) {
