@@ -299,3 +299,31 @@ def test_kernel_refuses_out_of_range_ids_and_pages(tiny_ckpt, kernel):
         runner.forward(ForwardBatch(t([3]), t([0]), t([table[0] * tpp]), [1], [1], [table], t([1])))
     out = pair.step([[3, 4]])  # and it still works
     assert_close(out["kernel"], out["ref"])
+
+
+def test_workspace_quantize_at_load(tiny_ckpt):
+    """`add_head(..., quantize="q4_0")`: the kernel keeps the blocks packed, the pool is charged their packed size,
+    heads of the model share it, asking for another format is an error, and greedy tokens match the same model run
+    dequantized in float32 on the PyTorch path for most steps."""
+    import multihead_nb as mh
+
+    path = str(tiny_ckpt("qwen2"))
+    kw = dict(device="cpu", pool="16MiB", page_bytes="4KiB", background=False)
+    ws = mh.Workspace(dtype="bfloat16", cpu_kernel=True, **kw)
+    ws.add_head("plain", path)
+    dense_pages = ws.models[str(tiny_ckpt("qwen2").resolve())].weight_pages
+    ws.remove_head("plain")
+    ws.add_head("a", path, quantize="q4_0")
+    ws.add_head("b", path)  # shares the quantized copy
+    loaded = ws.models[str(tiny_ckpt("qwen2").resolve())]
+    assert loaded.quantize == "q4_0" and loaded.weight_pages < dense_pages
+    assert loaded.runner.kernel_note.startswith("fused CPU kernel") and "q4_0" in loaded.runner.kernel_note
+    with pytest.raises(ConfigError, match="quantize='q8_0'"):
+        ws.add_head("c", path, quantize="q8_0")
+    got = ws.generate("a", [5, 9, 13, 2, 7], max_tokens=12, ignore_eos=True).token_ids
+    ws.close()
+    ref_ws = mh.Workspace(dtype="float32", cpu_kernel=False, **kw)
+    ref_ws.add_head("a", path, quantize="q4_0")
+    ref = ref_ws.generate("a", [5, 9, 13, 2, 7], max_tokens=12, ignore_eos=True).token_ids
+    ref_ws.close()
+    assert sum(a == b for a, b in zip(got, ref)) >= 9

@@ -37,6 +37,7 @@ class LoadedModel:
     heads: set = field(default_factory=set)
     backend: str = "native"
     region: RegionPool | None = None  # a region backend's own pages (None: K/V in the main pool's pages)
+    quantize: str | None = None  # the format its matrices were quantized to at load (None: as stored)
 
 
 DEFAULT_REGION = "25%"  # of the pool's pages, for a region model whose first head gives no region=
@@ -63,7 +64,7 @@ def region_pages(ws: "Workspace", region: str | int | float | None) -> int:
     return parse_pages(value, ws.pool.num_pages, ws.page_bytes, what="region", round_up=True)
 
 
-def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None) -> LoadedModel:
+def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None, quantize: str | None = None) -> LoadedModel:
     """Load `model` once per workspace: charge its weights to the pool, build its runner and tokenizer, register it.
 
     A model already loaded is shared ("auto" takes it on its backend); naming another backend, or another region
@@ -79,10 +80,15 @@ def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None) 
             have = "no region" if loaded.region is None else f"a region of {len(loaded.region.arena_pages)} pages"
             raise ConfigError(f"{model!r} is loaded with {have}; region={region!r} asks for another (remove its heads "
                               f"{sorted(loaded.heads)} to change it)")
+        if quantize is not None and quantize != loaded.quantize:
+            raise ConfigError(f"{model!r} is loaded with quantize={loaded.quantize!r}; quantize={quantize!r} asks for "
+                              f"another (remove its heads {sorted(loaded.heads)} to change it)")
         return loaded
     name = resolve_backend(ws, model, backend)
     if name != "native":
         return _load_region_model(ws, model, key, name, region)
+    if quantize is not None and name != "native":
+        raise ConfigError(f"quantize= is for natively run models; {model!r} runs on the {name!r} backend")
     if region is not None:
         raise ConfigError(f"region= is for models of a region backend ({', '.join(sorted(ws.backends))}); "
                           f"{model!r} runs natively, its K/V pages come from the whole pool")
@@ -96,10 +102,10 @@ def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None) 
     with ws.engine.lock:
         _reserve_weights(ws, model, key, wbytes, wpages)
     try:
-        runner = ModelRunner(spec, ws.arena, dtype=ws.dtype, device=ws.device, kernel=ws.cpu_kernel)
+        runner = ModelRunner(spec, ws.arena, dtype=ws.dtype, device=ws.device, kernel=ws.cpu_kernel, quantize=quantize)
         tokenizer = load_tokenizer(spec.path)
         actual = runner.weight_nbytes()
-        if -(-actual // ws.page_bytes) > wpages:  # prepacked copies: charge what is really held
+        if -(-actual // ws.page_bytes) != wpages:  # prepacked copies, packed blocks: charge what is really held
             with ws.engine.lock:
                 ws.pool.release_weights(key)
                 wpages = -(-actual // ws.page_bytes)
@@ -108,7 +114,7 @@ def load_model(ws: "Workspace", model: str, backend: str = "auto", region=None) 
         with ws.engine.lock:
             ws.pool.release_weights(key)
         raise
-    loaded = LoadedModel(key, spec, runner, tokenizer, wpages)
+    loaded = LoadedModel(key, spec, runner, tokenizer, wpages, quantize=quantize)
     _register(ws, loaded, layout)
     return loaded
 

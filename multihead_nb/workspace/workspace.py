@@ -85,14 +85,16 @@ class Workspace:
             self.engine.start_thread()
 
     # ---- models and heads ----------------------------------------------------------------------------------
-    def add_head(self, name: str, model: str, system: str | None = None, *, replace: bool = False, **defaults) -> Head:
-        """Define a head; heads naming the same model share one loaded copy of its weights."""
+    def add_head(self, name: str, model: str, system: str | None = None, *, replace: bool = False,
+                 quantize: str | None = None, **defaults) -> Head:
+        """Define a head; heads naming the same model share one loaded copy of its weights. `quantize` ("q8_0",
+        "q4_0", "q4_1"): the model's matrices quantized at load (kept packed by the fused CPU kernel)."""
         self._check_open()
         head = Head.from_options(name, str(model), system, **defaults)
         with self._lock:
             if name in self.heads and not replace:
                 raise ConfigError(f"a head named {name!r} already exists; remove_head({name!r}) first")
-            loaded = load_model(self, str(model), head.backend, head.region)
+            loaded = load_model(self, str(model), head.backend, head.region, quantize=quantize)
             pin = f"\0loading {name}"  # keeps the model loaded while a head of the same name is replaced
             loaded.heads.add(pin)
             try:

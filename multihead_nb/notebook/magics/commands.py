@@ -89,8 +89,8 @@ def status(ws) -> str:
     ]
     for key, m in s["models"].items():
         runner = ws.models[key].runner
-        path = ("fused CPU kernel" if m.get("cpu_kernel") else
-                f"PyTorch ({getattr(runner, 'kernel_note', None) or m['backend']})")
+        note = getattr(runner, "kernel_note", None)
+        path = ((note or "fused CPU kernel") if m.get("cpu_kernel") else f"PyTorch ({note or m['backend']})")
         lines.append(f"  model {_short_model(key)}: {m['weight_pages']} weight pages, heads {', '.join(m['heads'])}; "
                      f"runs on {path}")
     for head, q in s["queues"].items():
