@@ -109,10 +109,21 @@ AI __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32: low nibbles then high
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(15));
 }
 
-/* Accumulate block b of token row t: acc += (dot * dw) * dx; corr += offsets . sums. */
-AI void blk_acc(const int fmt, const blk32 *B, const mh_act *a, int t, int b, __m256 *acc, float *corr) {
+/* One token row's activations, from its first block. */
+typedef struct {
+    const int8_t *q;
+    const float *d, *s16, *s32;
+} xrow;
+
+AI xrow x_row(const mh_act *a, int t) {
     const int K = a->K, nb = K / 32;
-    const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (size_t)t * K + 32 * (size_t)b));
+    xrow X = {a->q + (size_t)t * K, a->d + (size_t)t * nb, a->s16 + (size_t)t * 2 * nb, a->s32 + (size_t)t * nb};
+    return X;
+}
+
+/* Accumulate block b of token row X: acc += (dot * dw) * dx; corr += offsets . sums. */
+AI void blk_acc(const int fmt, const blk32 *B, const xrow *X, int b, __m256 *acc, float *corr) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)(X->q + 32 * (size_t)b));
     __m256i p;
     if (fmt == MH_Q8_0 || fmt == MH_Q4_0) /* signed weights: |w| . (x signed by w) */
         p = dot_u8s8(B->ua, _mm256_sign_epi8(x, B->u));
@@ -120,12 +131,11 @@ AI void blk_acc(const int fmt, const blk32 *B, const mh_act *a, int t, int b, __
         p = _mm256_madd_epi16(_mm256_maddubs_epi16(B->u, x), B->sc);
     else
         p = dot_u8s8(B->u, x);
-    *acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), B->dw), _mm256_broadcast_ss(a->d + (size_t)t * nb + b),
-                           *acc);
+    *acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), B->dw), _mm256_broadcast_ss(X->d + b), *acc);
     if (fmt == MH_Q6_K)
-        *corr += B->off0 * a->s16[(size_t)t * 2 * nb + 2 * b] + B->off1 * a->s16[(size_t)t * 2 * nb + 2 * b + 1];
+        *corr += B->off0 * X->s16[2 * b] + B->off1 * X->s16[2 * b + 1];
     else if (fmt == MH_Q4_1 || fmt == MH_Q4_K)
-        *corr += B->off0 * a->s32[(size_t)t * nb + b];
+        *corr += B->off0 * X->s32[b];
 }
 
 /* Sub-block j (0..7) of a Q4_K / Q6_K super-block `blk`. */
@@ -158,6 +168,8 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
     const int nb = a->K / 32;
     __m256 acc[2][4];
     float corr[2][4];
+    xrow X[4];
+    for (int t = 0; t < MT; t++) X[t] = x_row(a, t0 + t);
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < MT; t++) {
             acc[r][t] = _mm256_setzero_ps();
@@ -170,7 +182,7 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
                 for (int r = 0; r < NR; r++) {
                     blk32 B;
                     unpack_k(fmt, w + (size_t)r * rb + (size_t)s * bb, j, &B);
-                    for (int t = 0; t < MT; t++) blk_acc(fmt, &B, a, t0 + t, 8 * s + j, &acc[r][t], &corr[r][t]);
+                    for (int t = 0; t < MT; t++) blk_acc(fmt, &B, &X[t], 8 * s + j, &acc[r][t], &corr[r][t]);
                 }
     } else {
         const int bb = fmt == MH_Q8_0 ? 34 : fmt == MH_Q4_0 ? 18 : 20;
@@ -190,7 +202,7 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
                     B.u = nibbles(blk + 4);
                     B.off0 = B.off1 = f16_to_f32(rd16(blk + 2));
                 }
-                for (int t = 0; t < MT; t++) blk_acc(fmt, &B, a, t0 + t, b, &acc[r][t], &corr[r][t]);
+                for (int t = 0; t < MT; t++) blk_acc(fmt, &B, &X[t], b, &acc[r][t], &corr[r][t]);
             }
     }
     for (int r = 0; r < NR; r++)
