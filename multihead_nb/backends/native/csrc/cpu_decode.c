@@ -137,8 +137,13 @@ int mh_forward(const mh_model *m, mh_step *s) {
                         const int t = i / KV, kvh = i % KV;
                         const float *q = w.qkv + (size_t)t * QKV + (size_t)kvh * G * d;
                         float *o = w.attn + (size_t)t * HD + (size_t)kvh * G * d;
-#ifdef MH_BF16_DOT
+#if defined(MH_BF16_DOT)
                         attend_group(m, s, l, t, kvh, q, sc, o);
+#elif defined(MH_ISA_X86)
+                        if (d % 8 == 0)
+                            attend_group_avx2(m, s, l, t, kvh, q, sc, o);
+                        else
+                            attend_group_c(m, s, l, t, kvh, q, sc, o);
 #else
                         attend_group_c(m, s, l, t, kvh, q, sc, o);
 #endif

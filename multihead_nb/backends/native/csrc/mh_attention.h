@@ -1,7 +1,7 @@
 /* Attention of one token over its sequence's K/V pages (causal, optionally a sliding window), read straight from
  * the arena through the block tables: a per-head version for any shape, a grouped one that serves all the query
- * heads of one KV head per pass (each key and value loaded once; plain C the compiler vectorizes), and with
- * AVX-512 BF16 a grouped one in intrinsics. Scores in float32; output float32.
+ * heads of one KV head per pass (each key and value loaded once; plain C the compiler vectorizes), and grouped
+ * ones in intrinsics for AVX2 and AVX-512 BF16. Scores in float32; output float32.
  * Reads the K/V the forward already wrote for this step; knows nothing of weights. */
 #ifndef MH_ATTENTION_H
 #define MH_ATTENTION_H
@@ -95,6 +95,101 @@ static __attribute__((unused)) void attend_group_c(const mh_model *m, const mh_s
     for (int g = 0; g < G; g++)
         for (int c = 0; c < d; c++) out[g * d + c] /= sum[g];
 }
+
+#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+static inline float hsum8a(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 widen8(const uint16_t *p) { /* 8 bfloat16 -> float32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* exp(x) for softmax arguments (x <= 0), 8 at a time: 2^n * poly(r), |r| <= ln2 / 2, relative error ~1e-7. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* attend_group_c in AVX2 + FMA (d % 8 == 0): each key and value row widened once for the G heads, scores in
+ * float32 against float32 queries, a vectorized exp, values summed 8 columns of every head at a time. */
+static void attend_group_avx2(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q,
+                              float *scores, float *out) {
+    const int d = m->head_dim, G = m->heads / m->kv_heads, tpp = m->tokens_per_page, KVd = m->kv_heads * d;
+    const int ms = s->max_ctx, seq = s->seq_of[t], p = s->pos[t], lo = window_lo(m, p);
+    const int n = p - lo + 1;
+    const float scale = 1.0f / sqrtf((float)d);
+    float qs[MH_GROUP_MAX * MH_GROUP_DIM], mx[MH_GROUP_MAX], sum[MH_GROUP_MAX];
+    for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
+    const int32_t *table = s->block_tables + (size_t)seq * s->max_pages;
+    const uint16_t *layer_keys = m->cache + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
+    for (int g = 0; g < G; g++) mx[g] = -INFINITY;
+    for (int j = lo; j <= p;) { /* page by page */
+        const int pi = j / tpp, end = (pi + 1) * tpp - 1 < p ? (pi + 1) * tpp - 1 : p;
+        const uint16_t *base = layer_keys + (int64_t)table[pi] * m->page_stride;
+        for (; j <= end; j++) {
+            const uint16_t *k = base + (size_t)(j - pi * tpp) * KVd;
+            __m256 acc[MH_GROUP_MAX];
+            for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+            for (int c = 0; c < d; c += 8) {
+                const __m256 kv = widen8(k + c);
+                for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * d + c), kv, acc[g]);
+            }
+            for (int g = 0; g < G; g++) {
+                const float sc = hsum8a(acc[g]);
+                scores[(size_t)g * ms + j - lo] = sc;
+                if (sc > mx[g]) mx[g] = sc;
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) { /* softmax numerators in place, and their sums */
+        float *sc = scores + (size_t)g * ms;
+        const __m256 mv = _mm256_set1_ps(mx[g]);
+        __m256 acc = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
+            _mm256_storeu_ps(sc + j, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        float tot = hsum8a(acc);
+        for (; j < n; j++) {
+            sc[j] = expf(sc[j] - mx[g]);
+            tot += sc[j];
+        }
+        sum[g] = tot;
+    }
+    for (int c = 0; c < d; c += 8) { /* 8 output columns of every head, over all values */
+        __m256 o[MH_GROUP_MAX];
+        for (int g = 0; g < G; g++) o[g] = _mm256_setzero_ps();
+        for (int j = lo; j <= p;) {
+            const int pi = j / tpp, end = (pi + 1) * tpp - 1 < p ? (pi + 1) * tpp - 1 : p;
+            const uint16_t *base = layer_keys + m->kv_stride + (int64_t)table[pi] * m->page_stride + c;
+            for (; j <= end; j++) {
+                const __m256 v = widen8(base + (size_t)(j - pi * tpp) * KVd);
+                for (int g = 0; g < G; g++)
+                    o[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + (size_t)g * ms + j - lo), v, o[g]);
+            }
+        }
+        for (int g = 0; g < G; g++) _mm256_storeu_ps(out + g * d + c, _mm256_div_ps(o[g], _mm256_set1_ps(sum[g])));
+    }
+}
+#endif
 
 #ifdef MH_BF16_DOT
 /* One key row (bfloat16) against G <= 8 query rows (bfloat16), d elements: two accumulators per query row. */
