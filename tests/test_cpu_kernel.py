@@ -302,28 +302,35 @@ def test_kernel_refuses_out_of_range_ids_and_pages(tiny_ckpt, kernel):
 
 
 def test_workspace_quantize_at_load(tiny_ckpt):
-    """`add_head(..., quantize="q4_0")`: the kernel keeps the blocks packed, the pool is charged their packed size,
-    heads of the model share it, asking for another format is an error, and greedy tokens match the same model run
-    dequantized in float32 on the PyTorch path for most steps."""
+    """`add_head(..., quantize="q4_0")` (a native backend option): the kernel keeps the blocks packed, the pool is
+    charged exactly their packed size, heads of the model share it, asking for another format is an error, and
+    greedy tokens match the same model run dequantized in float32 on the PyTorch path for most steps."""
     import multihead_nb as mh
+    from multihead_nb.backends.native.kernel_weights import packed_bytes
 
     path = str(tiny_ckpt("qwen2"))
+    key = str(tiny_ckpt("qwen2").resolve())
     kw = dict(device="cpu", pool="16MiB", page_bytes="4KiB", background=False)
     ws = mh.Workspace(dtype="bfloat16", cpu_kernel=True, **kw)
     ws.add_head("plain", path)
-    dense_pages = ws.models[str(tiny_ckpt("qwen2").resolve())].weight_pages
+    dense_pages = ws.models[key].weight_pages
     ws.remove_head("plain")
     ws.add_head("a", path, quantize="q4_0")
-    ws.add_head("b", path)  # shares the quantized copy
-    loaded = ws.models[str(tiny_ckpt("qwen2").resolve())]
-    assert loaded.quantize == "q4_0" and loaded.weight_pages < dense_pages
-    assert loaded.runner.kernel_note.startswith("fused CPU kernel") and "q4_0" in loaded.runner.kernel_note
-    with pytest.raises(ConfigError, match="quantize='q8_0'"):
+    ws.add_head("b", path)  # no option: shares the quantized copy
+    loaded = ws.models[key]
+    held = loaded.runner.weight_nbytes()
+    assert held == packed_bytes(loaded.spec, "q4_0") and loaded.weight_pages == -(-held // ws.page_bytes)
+    assert loaded.weight_pages < dense_pages
+    assert ws.stats()["models"][key]["runs_on"].startswith("fused CPU kernel") and "q4_0" in loaded.runner.kernel_note
+    with pytest.raises(ConfigError, match="quantize='q4_0'.*quantize='q8_0'"):
         ws.add_head("c", path, quantize="q8_0")
+    with pytest.raises(ConfigError, match="q5_k"):
+        ws.add_head("d", str(tiny_ckpt("llama")), quantize="q5_k")
     got = ws.generate("a", [5, 9, 13, 2, 7], max_tokens=12, ignore_eos=True).token_ids
     ws.close()
     ref_ws = mh.Workspace(dtype="float32", cpu_kernel=False, **kw)
     ref_ws.add_head("a", path, quantize="q4_0")
+    assert ref_ws.models[key].runner.fused is None  # float32: the PyTorch path, on the dequantized values
     ref = ref_ws.generate("a", [5, 9, 13, 2, 7], max_tokens=12, ignore_eos=True).token_ids
     ref_ws.close()
     assert sum(a == b for a, b in zip(got, ref)) >= 9

@@ -1,7 +1,8 @@
 """Heads: a model plus a system prompt, sampling defaults and limits.
 
 Owns: `Head` (a named agent's definition, with how its model is
-run: `backend` and, for region backends such as EXL2, the `region` of the pool its model's K/V lives in). Knows
+run: `backend`, for region backends such as EXL2 the `region` of the pool its model's K/V lives in, for native
+models `quantize`). Knows
 nothing of pages, tensors or the engine; the workspace turns a head's `quota` and `region` into pages.
 """
 
@@ -13,7 +14,7 @@ from ..engine.sampling import SAMPLING_OPTIONS, SamplingParams, check_int, check
 from ..errors import ConfigError
 
 LIMIT_OPTIONS = ("quota", "weight", "max_concurrent")
-MODEL_OPTIONS = ("backend", "region")
+MODEL_OPTIONS = ("backend", "region", "quantize")
 HEAD_OPTIONS = SAMPLING_OPTIONS + LIMIT_OPTIONS + MODEL_OPTIONS
 
 
@@ -31,6 +32,7 @@ class Head:
     # "auto": EXL2 checkpoints run on the "exl2" backend, others natively; or "native", or a workspace backend name
     backend: str = "auto"
     region: str | int | float | None = None  # region backends: the model's share of the pool ("25%") or a size
+    quantize: str | None = None  # native models: matrices quantized at load ("q8_0", "q4_0", "q4_1"; kept packed)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():

@@ -41,6 +41,26 @@ def problem(spec: ModelSpec, fmt: str) -> str | None:
     return None
 
 
+def packed_bytes(spec: ModelSpec, fmt: str) -> int:
+    """The bytes `KernelWeights.build(spec, dense, fmt)` holds (what the pool is charged for a quantized model)."""
+    from .quant import FORMATS
+
+    def mat(rows: int, cols: int, f: str) -> int:
+        _, elems, nbytes = FORMATS[f]
+        return rows * (cols // elems) * nbytes
+
+    h, d, I = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    out_fmt = output_format(fmt)
+    layer = mat(q + 2 * kv, h, fmt) + mat(h, q, fmt) + mat(2 * I, h, fmt) + mat(h, I, fmt) + 4 * 2 * h
+    if spec.attention_bias:
+        layer += 4 * (q + 2 * kv) + (4 * h if spec.family in ("llama", "qwen3") else 0)
+    if spec.qk_norm:
+        layer += 4 * 2 * d
+    heads = mat(spec.vocab_size, h, out_fmt) * (1 if spec.tie_word_embeddings else 2)
+    return spec.num_layers * layer + heads + 4 * h
+
+
 @dataclass
 class KernelLayer:
     ln1: torch.Tensor
