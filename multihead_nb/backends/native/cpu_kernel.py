@@ -1,8 +1,8 @@
 """Build and load the fused CPU forward (`csrc/cpu_decode.c`) at run time, once per instruction set, with the C
 compiler the machine has.
 
-Owns: which instruction sets this CPU runs (`cpu_isas`: AVX-512 with BF16 / VNNI where present, AVX2 + FMA with
-AVX-VNNI where present, ARM NEON with dotprod where present, and scalar C for the rest, best first), the compiler
+Owns: which instruction sets this CPU runs (`cpu_isas`: AVX-512 with BF16 where present, AVX2 + FMA, ARM NEON with
+dotprod where present, and scalar C for the rest, best first), the compiler
 flags of each, compiling the C source into a shared library cached on disk (keyed by the source, the flags, the
 compiler and the CPU), loading it with ctypes, and the ctypes mirrors of its structs. Knows nothing of models or
 batches (`fused_forward.py` fills the structs).
@@ -92,7 +92,7 @@ class CpuKernel:
 
     @property
     def isa(self) -> str:
-        """e.g. "avx2+fma", "avx512+bf16+vnni", "neon+dotprod", "scalar"."""
+        """e.g. "avx2+fma", "avx512+bf16", "neon+dotprod", "scalar"."""
         return self.lib.mh_isa().decode()
 
     def forward(self, model: ModelStruct, step: StepStruct) -> int:
@@ -130,10 +130,9 @@ def isa_flags(isa: str, machine: str, feats: frozenset[str]) -> tuple[str, ...] 
     avx2 = ("-mavx2", "-mfma", "-mf16c")
     if isa == "avx512" and x86 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= feats:
         return (*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mtune=native",
-                *(("-mavx512bf16",) if "avx512_bf16" in feats else ()),
-                *(("-mavx512vnni",) if "avx512_vnni" in feats else ()))
+                *(("-mavx512bf16",) if "avx512_bf16" in feats else ()))
     if isa == "avx2" and x86 and {"avx2", "fma", "f16c"} <= feats:
-        return (*avx2, "-mtune=native", *(("-mavxvnni",) if "avx_vnni" in feats else ()))
+        return (*avx2, "-mtune=native")
     if isa == "neon" and arm:
         return ("-march=armv8.2-a+dotprod",) if "asimddp" in feats else ("-march=armv8-a",)
     if isa == "scalar":

@@ -9,8 +9,8 @@
  *
  * Weights are bfloat16 or GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), each matrix in its own format, read in place
  * (no dequantized copy); products are mh_matmul.h's, per instruction set mh_dot_*.h. The residual stream and every
- * product's input are float32; for quantized weights the inputs are quantized to int8 per 32 elements (as
- * llama.cpp does), for bfloat16 weights they stay float32 (bfloat16 with AVX-512 BF16).
+ * product's input are float32 (bfloat16 for bfloat16 weights with AVX-512 BF16; int8 per 32 elements for quantized
+ * weights on NEON, as llama.cpp does there).
  * Built at run time by cpu_kernel.py once per instruction set (-O3 plus that set's flags, -fopenmp), loaded with
  * ctypes; the OpenMP runtime is the one torch already loaded (same soname), so torch's threads and these are one
  * pool. Scratch memory is allocated per call.
@@ -101,6 +101,8 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 prep_row(w.xn + (size_t)t * h, h, forms, act->f + (size_t)t * h, act->h + (size_t)t * h,
                          act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16), act->s32 + (size_t)t * (h / 32));
             }
+            act->x = w.xn;
+            act->ldx = h;
             {
                 const float *b = Ly->bqkv;
                 mh_part qkv[3] = {{&Ly->q, b, w.qkv, QKV, 0}, {&Ly->k, b ? b + HD : NULL, w.qkv + HD, QKV, 0},
@@ -191,6 +193,8 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 prep_row(w.xn + (size_t)t * h, h, forms, act->f + (size_t)t * h, act->h + (size_t)t * h,
                          act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16), act->s32 + (size_t)t * (h / 32));
             }
+            act->x = w.xn;
+            act->ldx = h;
             {
                 mh_part gu[2] = {{&Ly->gate, NULL, w.gu, 2 * I, 0}, {&Ly->up, NULL, w.gu + I, 2 * I, 0}};
                 matmul(gu, 2, act);
@@ -206,6 +210,8 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 prep_row(a, I, forms, act->f + (size_t)t * I, act->h + (size_t)t * I, act->q + (size_t)t * I,
                          act->d + (size_t)t * (I / 32), act->s16 + (size_t)t * (I / 16), act->s32 + (size_t)t * (I / 32));
             }
+            act->x = w.xn;
+            act->ldx = I;
             {
                 mh_part down = {&Ly->down, NULL, w.x, h, 1};
                 matmul(&down, 1, act);
@@ -224,6 +230,8 @@ int mh_forward(const mh_model *m, mh_step *s) {
             prep_row(w.xn + (size_t)i * h, h, forms, act->f + (size_t)i * h, act->h + (size_t)i * h,
                      act->q + (size_t)i * h, act->d + (size_t)i * (h / 32), act->s16 + (size_t)i * (h / 16), act->s32 + (size_t)i * (h / 32));
         }
+        act->x = w.xn;
+        act->ldx = h;
         {
             mh_part head = {&m->lm_head, NULL, s->logits, V, 0};
             matmul(&head, 1, act);
@@ -237,7 +245,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
 /* out[T, W.rows] = X[T, W.cols] . W^T through this build's kernels (activations prepared as the forward does). */
 int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int num_threads) {
     const int K = W->cols;
-    mh_act a = {T, K, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+    mh_act a = {T, K, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL};
     a.f = alloc64(sizeof(float) * T * K);
     a.h = alloc64(sizeof(uint16_t) * T * K);
     a.q = alloc64((size_t)T * K);
@@ -264,20 +272,13 @@ void mh_dequant_row(const mh_matrix *W, int r, float *out) { dequant_row(W, r, o
 const char *mh_isa(void) {
 #if defined(MH_ISA_X86)
 #if defined(__AVX512F__)
-    return "avx512"
 #ifdef MH_BF16_DOT
-           "+bf16"
-#endif
-#ifdef MH_VNNI
-           "+vnni"
-#endif
-        ;
+    return "avx512+bf16";
 #else
-    return "avx2+fma"
-#ifdef MH_VNNI
-           "+avxvnni"
+    return "avx512";
 #endif
-        ;
+#else
+    return "avx2+fma";
 #endif
 #elif defined(MH_ISA_NEON)
 #ifdef __ARM_FEATURE_DOTPROD

@@ -13,8 +13,9 @@
 #define MH_NR 2
 #define MH_MT 4
 
-static inline void tile_shape(int fmt, int *nr, int *mt) {
+static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
     (void)fmt;
+    (void)T;
     *nr = 2;
     *mt = 4;
 }

@@ -1,6 +1,7 @@
 /* Scalar tile kernels (no intrinsics): the build for CPUs without AVX2 or NEON, and the plainest statement of what
- * the SIMD kernels compute. Quantized blocks go through unpack32 (mh_formats.h); bfloat16 rows are summed in 8
- * interleaved partial sums (a fixed order, so a token's result never depends on its batch-mates). */
+ * the x86 kernels compute. Quantized blocks are dequantized through unpack32 (mh_formats.h) and multiplied with the
+ * float32 activations; rows are summed in 8 interleaved partial sums (a fixed order, so a token's result never
+ * depends on its batch-mates). */
 #ifndef MH_DOT_SCALAR_H
 #define MH_DOT_SCALAR_H
 
@@ -8,8 +9,9 @@
 #define MH_NR 1
 #define MH_MT 4
 
-static inline void tile_shape(int fmt, int *nr, int *mt) {
+static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
     (void)fmt;
+    (void)T;
     *nr = 1;
     *mt = 4;
 }
@@ -31,27 +33,21 @@ static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a,
             }
             continue;
         }
-        float acc[MH_MT] = {0}, corr[MH_MT] = {0};
+        float part[MH_MT][8] = {{0}};
         for (int b = 0; b < nb; b++) {
             uint8_t u[32];
-            float dw, off[2];
+            float dw, off[2], wv[32];
             int sc[2];
             unpack32(fmt, row, b, u, &dw, sc, off);
+            for (int i = 0; i < 32; i++)
+                wv[i] = dw * (float)sc[i / 16] * (float)(fmt == MH_Q8_0 ? (int8_t)u[i] : u[i]) + off[i / 16];
             for (int t = 0; t < mt; t++) {
-                const int8_t *q = a->q + (size_t)(t0 + t) * K + 32 * (size_t)b;
-                int32_t s0 = 0, s1 = 0;
-                for (int i = 0; i < 16; i++) {
-                    const int v0 = fmt == MH_Q8_0 ? (int8_t)u[i] : u[i];
-                    const int v1 = fmt == MH_Q8_0 ? (int8_t)u[i + 16] : u[i + 16];
-                    s0 += v0 * q[i];
-                    s1 += v1 * q[i + 16];
-                }
-                const float *s16 = a->s16 + (size_t)(t0 + t) * 2 * nb + 2 * b;
-                acc[t] += (float)(sc[0] * s0 + sc[1] * s1) * dw * a->d[(size_t)(t0 + t) * nb + b];
-                corr[t] += off[0] * s16[0] + off[1] * s16[1];
+                const float *x = a->x + (size_t)(t0 + t) * a->ldx + 32 * (size_t)b;
+                for (int i = 0; i < 32; i++) part[t][i % 8] += wv[i] * x[i];
             }
         }
-        for (int t = 0; t < mt; t++) res[r * mt + t] = acc[t] + corr[t];
+        for (int t = 0; t < mt; t++) res[r * mt + t] =
+            ((part[t][0] + part[t][4]) + (part[t][1] + part[t][5])) + ((part[t][2] + part[t][6]) + (part[t][3] + part[t][7]));
     }
 }
 

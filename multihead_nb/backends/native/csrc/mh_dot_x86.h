@@ -1,14 +1,15 @@
-/* x86 tile kernels: NR weight rows x MT token rows of one format, AVX2 + FMA (+ F16C), 256-bit.
- * AVX-512 builds use these too, with vpdpbusd for the 8-bit products where VNNI is present, and vdpbf16ps over
- * 512 bits for bfloat16 weights where AVX-512 BF16 is present (activations then in bfloat16).
+/* x86 tile kernels: NR weight rows x MT token rows of one format, AVX2 + FMA (+ F16C), 256-bit. AVX-512 builds
+ * use these too, with vdpbf16ps over 512 bits for bfloat16 weights where AVX-512 BF16 is present (activations then
+ * in bfloat16).
  *
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
- * elements as 8 even then 8 odd (MH_F_CHUNK), and every (row, token) pair has an even and an odd accumulator.
- * Quantized: each 32-block's weights are unpacked to 32 unsigned bytes in a register (Q8_0's and Q4_0's (q - 8)
- * are signed and use the sign trick: |w| times x with w's sign), multiplied with the int8 activations into eight 32-bit sums (vpmaddubsw + vpmaddwd, or
- * vpdpbusd), converted to float and scaled by the weight's and the activation's block scales; offsets (Q4_1's and
- * Q4_K's mins, Q6_K's -32) go through the activations' block sums as one scalar per block. */
+ * elements as 8 even then 8 odd (MH_F_CHUNK), one accumulator per (row, token) pair.
+ * Quantized (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): each 32-block of a row is dequantized into 4 registers of float32
+ * (sign-extended bytes or nibbles, converted, times the block's scale plus its offset) and multiplied with the
+ * float32 activations by FMAs: activations are not quantized (measured here against int8 activations with
+ * vpmaddubsw products, llama.cpp's way: as fast in decode, which reads memory, and faster in prefill, where the
+ * 4 FMAs per 32 weights and token beat 5-6 integer and conversion operations), so the only error is the weights'. */
 #ifndef MH_DOT_X86_H
 #define MH_DOT_X86_H
 
@@ -22,47 +23,33 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Eight 32-bit sums of u[i] * x[i] over 4 consecutive bytes each; u unsigned (<= 128 with |x| <= 127: no
- * saturation in vpmaddubsw's 16-bit pairs), x signed. */
-AI __m256i dot_u8s8(__m256i u, __m256i x) {
-#ifdef MH_VNNI
-#if defined(__AVXVNNI__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x);
-#else
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
-#endif
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
-#endif
-}
-
 /* ---- bfloat16 weights ----------------------------------------------------------------------------------- */
 #ifndef MH_BF16_DOT
-/* One accumulator per (row, token): two FMAs per 16 elements into it, so a tile of NR x MT pairs has NR x MT
- * independent chains (NR = 4 keeps a lone token's chains busy; tiles of up to 12 stay in registers). */
+/* Two accumulators per (row, token), the even and the odd elements: one FMA each per 16 weights. Rows are read
+ * one after the other (NR = 1): a single stream per thread reads memory faster than interleaved rows. */
 AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, int t0, const int MT, float *res) {
     const int K = a->K, K16 = K & ~15;
-    __m256 acc[4][4];
+    __m256 ae[1][6], ao[1][6];
     for (int r = 0; r < NR; r++)
-        for (int t = 0; t < MT; t++) acc[r][t] = _mm256_setzero_ps();
+        for (int t = 0; t < MT; t++) ae[r][t] = ao[r][t] = _mm256_setzero_ps();
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    const float *x[6];
+    for (int t = 0; t < MT; t++) x[t] = a->f + (size_t)(t0 + t) * K;
     for (int k = 0; k < K16; k += 16) {
         for (int r = 0; r < NR; r++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * rb + 2 * (size_t)k));
             const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
             const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
             for (int t = 0; t < MT; t++) {
-                const float *x = a->f + (size_t)(t0 + t) * K + k;
-                acc[r][t] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x), acc[r][t]);
-                acc[r][t] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x + 8), acc[r][t]);
+                ae[r][t] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x[t] + k), ae[r][t]);
+                ao[r][t] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x[t] + k + 8), ao[r][t]);
             }
         }
     }
     for (int r = 0; r < NR; r++)
         for (int t = 0; t < MT; t++) {
-            float s = hsum8(acc[r][t]);
-            const float *x = a->f + (size_t)(t0 + t) * K;
-            for (int k = K16; k < K; k++) s += bf16_to_f32(rd16(w + (size_t)r * rb + 2 * (size_t)k)) * x[k];
+            float s = hsum8(_mm256_add_ps(ae[r][t], ao[r][t]));
+            for (int k = K16; k < K; k++) s += bf16_to_f32(rd16(w + (size_t)r * rb + 2 * (size_t)k)) * x[t][k];
             res[r * MT + t] = s;
         }
 }
@@ -95,161 +82,125 @@ AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, i
 }
 #endif
 
-/* ---- quantized weights ---------------------------------------------------------------------------------- */
-/* The unpacked 32-block of one weight row: bytes, float scale, 16-bit integer scales (or none), offsets. */
-typedef struct {
-    __m256i u, sc;  /* u: unsigned values, or (Q8_0, Q4_0) signed ones; sc: 16-bit scales (Q6_K only) */
-    __m256i ua;     /* |u| for the signed formats */
-    __m256 dw;
-    float off0, off1;
-} blk32;
+/* ---- quantized weights: dequantized 32 at a time into registers, float32 products ------------------------ */
+/* 8 signed bytes -> 8 floats */
+AI __m256 cvt8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
 
-AI __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32: low nibbles then high nibbles */
-    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(15));
-}
-
-/* One token row's activations, from its first block. */
-typedef struct {
-    const int8_t *q;
-    const float *d, *s16, *s32;
-} xrow;
-
-AI xrow x_row(const mh_act *a, int t) {
-    const int K = a->K, nb = K / 32;
-    xrow X = {a->q + (size_t)t * K, a->d + (size_t)t * nb, a->s16 + (size_t)t * 2 * nb, a->s32 + (size_t)t * nb};
-    return X;
-}
-
-/* Accumulate block b of token row X: acc += (dot * dw) * dx; corr += offsets . sums. */
-AI void blk_acc(const int fmt, const blk32 *B, const xrow *X, int b, __m256 *acc, float *corr) {
-    const __m256i x = _mm256_loadu_si256((const __m256i *)(X->q + 32 * (size_t)b));
-    __m256i p;
-    if (fmt == MH_Q8_0 || fmt == MH_Q4_0) /* signed weights: |w| . (x signed by w) */
-        p = dot_u8s8(B->ua, _mm256_sign_epi8(x, B->u));
-    else if (fmt == MH_Q6_K)
-        p = _mm256_madd_epi16(_mm256_maddubs_epi16(B->u, x), B->sc);
-    else
-        p = dot_u8s8(B->u, x);
-    *acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), B->dw), _mm256_broadcast_ss(X->d + b), *acc);
-    if (fmt == MH_Q6_K)
-        *corr += B->off0 * X->s16[2 * b] + B->off1 * X->s16[2 * b + 1];
-    else if (fmt == MH_Q4_1 || fmt == MH_Q4_K)
-        *corr += B->off0 * X->s32[b];
-}
-
-/* Sub-block j (0..7) of a Q4_K / Q6_K super-block `blk`. */
-AI void unpack_k(const int fmt, const uint8_t *blk, int j, blk32 *B) {
-    if (fmt == MH_Q4_K) {
-        const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + (j / 2) * 32));
-        B->u = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(15));
-        int s, m;
-        q4k_scale_min(j, blk + 4, &s, &m);
-        B->dw = _mm256_set1_ps(f16_to_f32(rd16(blk)) * (float)s);
-        B->off0 = B->off1 = -f16_to_f32(rd16(blk + 2)) * (float)m;
+/* The 32 weights of 32-block b of a packed row, dequantized in order: w[i] = q[i] * dw + off (off per 16). */
+AI void deq32(const int fmt, const uint8_t *row, int b, __m256 w[4]) {
+    if (fmt == MH_Q8_0) {
+        const uint8_t *blk = row + (size_t)b * 34;
+        const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(blk)));
+        for (int i = 0; i < 4; i++)
+            w[i] = _mm256_mul_ps(cvt8(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * i))), d);
+    } else if (fmt == MH_Q4_0 || fmt == MH_Q4_1) {
+        /* element i < 16 is the low nibble of byte i, element 16 + i its high nibble: 8 bytes zero-extended to
+         * 32-bit lanes give elements i..i+7 masked and i+16..i+23 shifted */
+        const int bb = fmt == MH_Q4_0 ? 18 : 20;
+        const uint8_t *blk = row + (size_t)b * bb, *qs = blk + bb - 16;
+        const float dv = f16_to_f32(rd16(blk));
+        const __m256 d = _mm256_set1_ps(dv);
+        const __m256 off = _mm256_set1_ps(fmt == MH_Q4_0 ? -8.0f * dv : f16_to_f32(rd16(blk + 2)));
+        const __m256i m = _mm256_set1_epi32(15);
+        const __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
+        const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+        w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q0, m)), d, off);
+        w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q1, m)), d, off);
+        w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q0, 4)), d, off);
+        w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q1, 4)), d, off);
+    } else if (fmt == MH_Q4_K) {
+        const uint8_t *blk = row + (size_t)(b / 8) * 144;
+        const int j = b % 8;
+        int sc, mn;
+        q4k_scale_min(j, blk + 4, &sc, &mn);
+        const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(blk)) * (float)sc);
+        const __m256 off = _mm256_set1_ps(-f16_to_f32(rd16(blk + 2)) * (float)mn);
+        const uint8_t *qs = blk + 16 + (j / 2) * 32; /* sub-block j: low (even j) or high (odd j) nibbles */
+        const __m256i m = _mm256_set1_epi32(15);
+        for (int i = 0; i < 4; i++) {
+            const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * i)));
+            w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(j & 1 ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, m)), d,
+                                   off);
+        }
     } else { /* Q6_K */
-        const int half = j / 4, k = j % 4;
-        const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + half * 64 + (k & 1) * 32));
-        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + half * 32));
-        const __m256i lo = _mm256_and_si256(k < 2 ? ql : _mm256_srli_epi16(ql, 4), _mm256_set1_epi8(15));
-        const __m256i h2 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), _mm256_set1_epi8(3));
-        B->u = _mm256_or_si256(lo, _mm256_slli_epi16(h2, 4));
+        const uint8_t *blk = row + (size_t)(b / 8) * 210;
+        const int j = b % 8, half = j / 4, k = j % 4;
+        const uint8_t *ql = blk + half * 64 + (k & 1) * 32, *qh = blk + 128 + half * 32;
         const int8_t *scales = (const int8_t *)(blk + 192) + half * 8 + 2 * k;
-        const float d = f16_to_f32(rd16(blk + 208));
-        B->sc = _mm256_set_m128i(_mm_set1_epi16(scales[1]), _mm_set1_epi16(scales[0]));
-        B->dw = _mm256_set1_ps(d);
-        B->off0 = -32.0f * d * (float)scales[0];
-        B->off1 = -32.0f * d * (float)scales[1];
+        const float dv = f16_to_f32(rd16(blk + 208));
+        const __m128i m = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
+        for (int h = 0; h < 2; h++) {
+            __m128i l = _mm_loadu_si128((const __m128i *)(ql + 16 * h));
+            l = _mm_and_si128(k >= 2 ? _mm_srli_epi16(l, 4) : l, m);
+            const __m128i hb = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * h)),
+                                                           _mm_cvtsi32_si128(2 * k)), m3);
+            const __m128i u = _mm_sub_epi8(_mm_or_si128(l, _mm_slli_epi16(hb, 4)), _mm_set1_epi8(32));
+            const __m256 d = _mm256_set1_ps(dv * (float)scales[h]);
+            w[2 * h] = _mm256_mul_ps(cvt8(u), d);
+            w[2 * h + 1] = _mm256_mul_ps(cvt8(_mm_srli_si128(u, 8)), d);
+        }
     }
 }
 
+/* NR rows x MT token rows: each 32-block of each row dequantized once into 4 registers, then 4 FMAs per token
+ * into the (row, token) pair's two accumulators (elements 0-7 and 16-23, 8-15 and 24-31), in element order. */
 AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const mh_act *a, int t0, const int MT,
                float *res) {
-    const int nb = a->K / 32;
-    __m256 acc[2][4];
-    float corr[2][4];
-    xrow X[4];
-    for (int t = 0; t < MT; t++) X[t] = x_row(a, t0 + t);
+    const int K = a->K, nb = K / 32;
+    __m256 acc0[1][4], acc1[1][4];
+    const float *x[4];
+    for (int t = 0; t < MT; t++) x[t] = a->x + (size_t)(t0 + t) * a->ldx;
     for (int r = 0; r < NR; r++)
-        for (int t = 0; t < MT; t++) {
-            acc[r][t] = _mm256_setzero_ps();
-            corr[r][t] = 0.0f;
-        }
-    if (fmt == MH_Q4_K || fmt == MH_Q6_K) {
-        const int bb = fmt == MH_Q4_K ? 144 : 210;
-        for (int s = 0; s < nb / 8; s++)
-            for (int j = 0; j < 8; j++)
-                for (int r = 0; r < NR; r++) {
-                    blk32 B;
-                    unpack_k(fmt, w + (size_t)r * rb + (size_t)s * bb, j, &B);
-                    for (int t = 0; t < MT; t++) blk_acc(fmt, &B, &X[t], 8 * s + j, &acc[r][t], &corr[r][t]);
-                }
-    } else {
-        const int bb = fmt == MH_Q8_0 ? 34 : fmt == MH_Q4_0 ? 18 : 20;
-        for (int b = 0; b < nb; b++)
-            for (int r = 0; r < NR; r++) {
-                const uint8_t *blk = w + (size_t)r * rb + (size_t)b * bb;
-                blk32 B;
-                const float d = f16_to_f32(rd16(blk));
-                B.dw = _mm256_set1_ps(d);
-                if (fmt == MH_Q8_0) {
-                    B.u = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                    B.ua = _mm256_sign_epi8(B.u, B.u);
-                } else if (fmt == MH_Q4_0) {
-                    B.u = _mm256_sub_epi8(nibbles(blk + 2), _mm256_set1_epi8(8));
-                    B.ua = _mm256_sign_epi8(B.u, B.u);
-                } else {
-                    B.u = nibbles(blk + 4);
-                    B.off0 = B.off1 = f16_to_f32(rd16(blk + 2));
-                }
-                for (int t = 0; t < MT; t++) blk_acc(fmt, &B, &X[t], b, &acc[r][t], &corr[r][t]);
+        for (int t = 0; t < MT; t++) acc0[r][t] = acc1[r][t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++)
+        for (int r = 0; r < NR; r++) {
+            __m256 wv[4];
+            deq32(fmt, w + (size_t)r * rb, b, wv);
+            for (int t = 0; t < MT; t++) {
+                const float *xb = x[t] + 32 * b;
+                acc0[r][t] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(xb), acc0[r][t]);
+                acc1[r][t] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), acc1[r][t]);
+                acc0[r][t] = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), acc0[r][t]);
+                acc1[r][t] = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), acc1[r][t]);
             }
-    }
+        }
     for (int r = 0; r < NR; r++)
-        for (int t = 0; t < MT; t++) res[r * MT + t] = hsum8(acc[r][t]) + corr[r][t];
+        for (int t = 0; t < MT; t++) res[r * MT + t] = hsum8(_mm256_add_ps(acc0[r][t], acc1[r][t]));
 }
 
 /* ---- dispatch: the format and (NR, MT) as constants in each branch -------------------------------------- */
-#define MH_NR 4 /* the most rows and token rows of any tile */
-#define MH_MT 4
+#define MH_NR 1 /* the most rows and token rows of any tile */
+#define MH_MT 8
 
-/* The tile shape the driver asks for: bfloat16 4 rows x 3 tokens (12 accumulators), quantized 2 x 4. */
-static inline void tile_shape(int fmt, int *nr, int *mt) {
+/* The tile shape the driver asks for: one weight row (read as one stream) against up to 6 token rows for
+ * bfloat16 (12 accumulators), 4 for quantized weights (8 accumulators and 4 registers of dequantized weights). */
+static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
 #ifdef MH_BF16_DOT
     const int bf = 0;
 #else
     const int bf = fmt == MH_BF16;
 #endif
-    *nr = bf ? 4 : 2;
-    *mt = bf ? 3 : 4;
+    (void)T;
+    *nr = 1;
+    *mt = bf ? 6 : 4;
 }
 
 #define MH_SHAPES_BF16(CALL)                                                                                       \
-    switch (nr * 8 + mt) {                                                                                         \
-    case 9: CALL(1, 1); break;                                                                                     \
-    case 10: CALL(1, 2); break;                                                                                    \
-    case 11: CALL(1, 3); break;                                                                                    \
-    case 17: CALL(2, 1); break;                                                                                    \
-    case 18: CALL(2, 2); break;                                                                                    \
-    case 19: CALL(2, 3); break;                                                                                    \
-    case 25: CALL(3, 1); break;                                                                                    \
-    case 26: CALL(3, 2); break;                                                                                    \
-    case 27: CALL(3, 3); break;                                                                                    \
-    case 33: CALL(4, 1); break;                                                                                    \
-    case 34: CALL(4, 2); break;                                                                                    \
-    default: CALL(4, 3); break;                                                                                    \
+    switch (mt) {                                                                                                  \
+    case 1: CALL(1, 1); break;                                                                                     \
+    case 2: CALL(1, 2); break;                                                                                     \
+    case 3: CALL(1, 3); break;                                                                                     \
+    case 4: CALL(1, 4); break;                                                                                     \
+    case 5: CALL(1, 5); break;                                                                                     \
+    default: CALL(1, 6); break;                                                                                    \
     }
 
 #define MH_SHAPES_Q(CALL)                                                                                          \
-    switch (nr * 8 + mt) {                                                                                         \
-    case 9: CALL(1, 1); break;                                                                                     \
-    case 10: CALL(1, 2); break;                                                                                    \
-    case 11: CALL(1, 3); break;                                                                                    \
-    case 12: CALL(1, 4); break;                                                                                    \
-    case 17: CALL(2, 1); break;                                                                                    \
-    case 18: CALL(2, 2); break;                                                                                    \
-    case 19: CALL(2, 3); break;                                                                                    \
-    default: CALL(2, 4); break;                                                                                    \
+    switch (mt) {                                                                                                  \
+    case 1: CALL(1, 1); break;                                                                                     \
+    case 2: CALL(1, 2); break;                                                                                     \
+    case 3: CALL(1, 3); break;                                                                                     \
+    default: CALL(1, 4); break;                                                                                    \
     }
 
 #define MH_CALL_BF16(R, M) tile_bf16(w, rb, R, a, t0, M, res)

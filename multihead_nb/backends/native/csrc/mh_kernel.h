@@ -24,9 +24,6 @@ static inline int omp_get_thread_num(void) { return 0; }
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MH_BF16_DOT 1 /* bfloat16 weights: vdpbf16ps over 32 elements */
 #endif
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
-#define MH_VNNI 1 /* 8-bit dot products: vpdpbusd instead of vpmaddubsw + vpmaddwd */
-#endif
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #define MH_ISA_NEON 1
 #include <arm_neon.h>

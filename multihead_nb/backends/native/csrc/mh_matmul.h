@@ -2,8 +2,8 @@
  * inside the forward's OpenMP region.
  *
  * Owns: preparing a product's input rows once per product ("activations": float32 reordered for the bfloat16
- * kernels, bfloat16 for vdpbf16ps, or int8 per 32-block with its scale and sums for the quantized formats, as
- * llama.cpp quantizes activations to Q8), splitting the output rows of a group of matrices that share one input
+ * kernels, bfloat16 for vdpbf16ps, the float32 rows as they are for quantized weights, or on NEON int8 per 32-block
+ * with its scale and sums, as llama.cpp quantizes activations to Q8), splitting the output rows of a group of matrices that share one input
  * between threads, and tiling (NR weight rows x MT token rows per call of the ISA's tile kernel, token rows in
  * blocks that stay in cache). Knows nothing of layers; the per-ISA tile kernels are mh_dot_*.h.
  *
@@ -16,6 +16,8 @@
 typedef struct {
     int T, K;          /* token rows, elements per row */
     int forms;         /* which of the forms below are filled (ACT_*) */
+    const float *x;    /* the rows themselves, float32, ldx apart (ACT_X) */
+    int ldx;
     float *f;          /* [T, K] float32, in the order the ISA's bfloat16 kernel reads (MH_F_CHUNK) */
     uint16_t *h;       /* [T, K] bfloat16 */
     int8_t *q;         /* [T, K] int8, K % 32 == 0 */
@@ -23,7 +25,7 @@ typedef struct {
     float *s32;        /* [T, K / 32] scale times the sum of q over the 32-block */
 } mh_act;
 
-enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4 };
+enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4, ACT_X = 8 };
 
 #if defined(MH_ISA_X86)
 #include "mh_dot_x86.h"
@@ -33,11 +35,17 @@ enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4 };
 #include "mh_dot_scalar.h"
 #endif
 
+/* What a format's products read: bfloat16 weights reordered float32 (bfloat16 with vdpbf16ps); quantized weights
+ * the float32 rows as they are, or on NEON int8 blocks (sdot products). */
 static inline int act_form(int fmt) {
 #ifdef MH_BF16_DOT
     if (fmt == MH_BF16) return ACT_H;
 #endif
+#ifdef MH_ISA_NEON
     return fmt == MH_BF16 ? ACT_F : ACT_Q;
+#else
+    return fmt == MH_BF16 ? ACT_F : ACT_X;
+#endif
 }
 
 /* One token row x[K] into the forms asked for. */
@@ -73,9 +81,11 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
         }
 }
 
-/* Rows [t0, t1) of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
+/* The a->T rows of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
 static void prep_act(mh_act *a, const float *X, int ldx, int forms) {
     a->forms = forms;
+    a->x = X;
+    a->ldx = ldx;
     const int K = a->K, nb = K / 32;
 #pragma omp for schedule(static)
     for (int t = 0; t < a->T; t++)
@@ -121,7 +131,7 @@ static void matmul(const mh_part *parts, int np, const mh_act *a) {
             const int lo = r0 > base ? r0 - base : 0, hi = r1 - base < N ? r1 - base : N;
             base += N;
             int NR, MT;
-            tile_shape(P->W->format, &NR, &MT);
+            tile_shape(P->W->format, te - tb, &NR, &MT);
             for (int n = lo; n < hi; n += NR) {
                 const int nr = hi - n < NR ? hi - n : NR;
                 const uint8_t *w = P->W->data + (size_t)n * P->W->row_bytes;
