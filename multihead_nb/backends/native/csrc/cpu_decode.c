@@ -42,13 +42,15 @@ static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 
 
 typedef struct { /* scratch of one call */
     float *x, *xn, *qkv, *gu, *attn, *scores, *sel;
+    float *po, *pmx, *psm;  /* attention chunks' partial results (split attention) */
+    int32_t *tstart, *task_t; /* [T + 1] first chunk of each token; [chunks] token of each chunk */
     mh_act act;
 } mh_work;
 
 /* Free everything and return rc. */
 static int release(mh_work *w, int rc) {
     void *ps[] = {w->x, w->xn, w->qkv, w->gu, w->attn, w->scores, w->sel, w->act.f, w->act.h, w->act.q, w->act.d,
-                  w->act.s16, w->act.s32};
+                  w->act.s16, w->act.s32, w->po, w->pmx, w->psm, w->tstart, w->task_t};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free(ps[i]);
     return rc;
 }
@@ -60,8 +62,13 @@ int mh_forward(const mh_model *m, mh_step *s) {
     const int G = H / KV, nt = s->num_threads > 0 ? s->num_threads : 1;
 #ifdef MH_BF16_DOT
     const int grouped = d % 16 == 0 && d <= MH_GROUP_DIM && G <= MH_GROUP_MAX ? 2 : 0;
+    const int split = 0;
+#elif defined(MH_ISA_X86)
+    const int grouped = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX && G > 1;
+    const int split = d % 8 == 0 && d <= MH_GROUP_DIM && G <= MH_GROUP_MAX; /* attend_part_avx2 + attn_merge */
 #else
     const int grouped = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX && G > 1;
+    const int split = 0;
 #endif
     const int Kmax = h > HD ? (h > I ? h : I) : (HD > I ? HD : I);
     mh_work w = {0};
@@ -70,7 +77,26 @@ int mh_forward(const mh_model *m, mh_step *s) {
     w.qkv = alloc64(sizeof(float) * T * QKV);
     w.gu = alloc64(sizeof(float) * T * 2 * I);
     w.attn = alloc64(sizeof(float) * T * HD);
-    w.scores = alloc64(sizeof(float) * nt * (grouped ? G : 1) * s->max_ctx);
+    const int ldsc = s->max_ctx > 128 ? s->max_ctx : 128; /* a split task's chunk is at most this long */
+    w.scores = alloc64(sizeof(float) * nt * (grouped || split ? G : 1) * ldsc);
+    int chunks = 0;
+    if (split) { /* each token's context in chunks of att_chunk(n) keys; one task per (token, KV head, chunk) */
+        w.tstart = malloc(sizeof(int32_t) * (T + 1));
+        if (!w.tstart) return release(&w, -2);
+        for (int t = 0; t < T; t++) {
+            const int n = s->pos[t] - window_lo(m, s->pos[t]) + 1;
+            w.tstart[t] = chunks;
+            chunks += (n + att_chunk(n) - 1) / att_chunk(n);
+        }
+        w.tstart[T] = chunks;
+        w.task_t = malloc(sizeof(int32_t) * chunks);
+        w.po = alloc64(sizeof(float) * (size_t)chunks * KV * G * d);
+        w.pmx = alloc64(sizeof(float) * (size_t)chunks * KV * G);
+        w.psm = alloc64(sizeof(float) * (size_t)chunks * KV * G);
+        if (!w.task_t || !w.po || !w.pmx || !w.psm) return release(&w, -2);
+        for (int t = 0; t < T; t++)
+            for (int c = w.tstart[t]; c < w.tstart[t + 1]; c++) w.task_t[c] = t;
+    }
     w.sel = alloc64(sizeof(float) * (L + 1) * (h + HD));
     w.act.f = alloc64(sizeof(float) * T * Kmax);
     w.act.h = alloc64(sizeof(uint16_t) * T * Kmax);
@@ -131,8 +157,27 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 }
             }
 
-            {
-                float *sc = w.scores + (size_t)omp_get_thread_num() * (grouped ? G : 1) * s->max_ctx;
+            if (split) {
+                float *sc = w.scores + (size_t)omp_get_thread_num() * G * ldsc;
+#pragma omp for schedule(dynamic, 1)
+                for (int i = 0; i < chunks * KV; i++) { /* task i: chunk c of token t, KV head kvh */
+                    const int c = i / KV, kvh = i % KV, t = w.task_t[c];
+                    const int lo = window_lo(m, s->pos[t]), n = s->pos[t] - lo + 1, ch = att_chunk(n);
+                    const int j0 = lo + (c - w.tstart[t]) * ch, j1 = j0 + ch - 1 < s->pos[t] ? j0 + ch - 1 : s->pos[t];
+                    const size_t slot = (size_t)(w.tstart[t] * KV + kvh * (w.tstart[t + 1] - w.tstart[t])
+                                                 + (c - w.tstart[t]));
+                    attend_part_avx2(m, s, l, t, kvh, w.qkv + (size_t)t * QKV + (size_t)kvh * G * d, j0, j1, sc, ch,
+                                     w.po + slot * G * d, w.pmx + slot * G, w.psm + slot * G);
+                }
+#pragma omp for schedule(static)
+                for (int i = 0; i < T * KV; i++) {
+                    const int t = i / KV, kvh = i % KV, nch = w.tstart[t + 1] - w.tstart[t];
+                    const size_t slot = (size_t)(w.tstart[t] * KV + kvh * nch);
+                    attn_merge(G, d, nch, w.po + slot * G * d, w.pmx + slot * G, w.psm + slot * G,
+                               w.attn + (size_t)t * HD + (size_t)kvh * G * d);
+                }
+            } else {
+                float *sc = w.scores + (size_t)omp_get_thread_num() * (grouped ? G : 1) * ldsc;
                 if (grouped) {
 #pragma omp for schedule(dynamic, 1)
                     for (int i = 0; i < T * KV; i++) {
@@ -141,11 +186,6 @@ int mh_forward(const mh_model *m, mh_step *s) {
                         float *o = w.attn + (size_t)t * HD + (size_t)kvh * G * d;
 #if defined(MH_BF16_DOT)
                         attend_group(m, s, l, t, kvh, q, sc, o);
-#elif defined(MH_ISA_X86)
-                        if (d % 8 == 0)
-                            attend_group_avx2(m, s, l, t, kvh, q, sc, o);
-                        else
-                            attend_group_c(m, s, l, t, kvh, q, sc, o);
 #else
                         attend_group_c(m, s, l, t, kvh, q, sc, o);
 #endif

@@ -126,67 +126,112 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* attend_group_c in AVX2 + FMA (d % 8 == 0): each key and value row widened once for the G heads, scores in
- * float32 against float32 queries, a vectorized exp, values summed 8 columns of every head at a time. */
-static void attend_group_avx2(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q,
-                              float *scores, float *out) {
-    const int d = m->head_dim, G = m->heads / m->kv_heads, tpp = m->tokens_per_page, KVd = m->kv_heads * d;
-    const int ms = s->max_ctx, seq = s->seq_of[t], p = s->pos[t], lo = window_lo(m, p);
-    const int n = p - lo + 1;
+/* Keys per attention task: a token's context of n keys is cut in chunks of this many (at most 64 chunks); it
+ * depends on the token's own context only, so a token's result never depends on its batch-mates. */
+static inline int att_chunk(int n) { return n <= 64 * 128 ? 128 : (n + 63) / 64; }
+
+/* 4 accumulators (one key each) -> their 4 sums. */
+static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* One chunk [j0, j1] of token t's keys, the G (<= 8) query heads of KV head kvh (d % 8 == 0, d <= 256), in AVX2 +
+ * FMA: scores of 4 keys x 3 heads at a time (each key row widened once for 3 heads), a vectorized exp, values
+ * summed 32 columns x 3 heads at a time. Writes the unnormalized output o [G, d], the scores' max mx [G] and the
+ * sum of exp(score - max) sm [G]; `attn_merge` combines a token's chunks. sc: scratch [G, ldsc >= n]. */
+static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q, int j0,
+                             int j1, float *sc, int ldsc, float *o, float *mx, float *sm) {
+    const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
     const float scale = 1.0f / sqrtf((float)d);
-    float qs[MH_GROUP_MAX * MH_GROUP_DIM], mx[MH_GROUP_MAX], sum[MH_GROUP_MAX];
+    const uint16_t *keys = m->cache + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
+    float qs[MH_GROUP_MAX * MH_GROUP_DIM];
     for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
-    const int32_t *table = s->block_tables + (size_t)seq * s->max_pages;
-    const uint16_t *layer_keys = m->cache + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
-    for (int g = 0; g < G; g++) mx[g] = -INFINITY;
-    for (int j = lo; j <= p;) { /* page by page */
-        const int pi = j / tpp, end = (pi + 1) * tpp - 1 < p ? (pi + 1) * tpp - 1 : p;
-        const uint16_t *base = layer_keys + (int64_t)table[pi] * m->page_stride;
-        for (; j <= end; j++) {
-            const uint16_t *k = base + (size_t)(j - pi * tpp) * KVd;
-            __m256 acc[MH_GROUP_MAX];
-            for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        const float *qg[3];
+        for (int g = 0; g < 3; g++) qg[g] = qs + (size_t)(g0 + (g < ng ? g : ng - 1)) * d;
+        for (int k0 = 0; k0 < n; k0 += 4) {
+            const int nk = n - k0 < 4 ? n - k0 : 4;
+            const uint16_t *kp[4];
+            for (int i = 0; i < 4; i++) kp[i] = keys + slot_offset(m, s, seq, j0 + k0 + (i < nk ? i : nk - 1));
+            __m256 acc[3][4];
+            for (int g = 0; g < 3; g++)
+                for (int i = 0; i < 4; i++) acc[g][i] = _mm256_setzero_ps();
             for (int c = 0; c < d; c += 8) {
-                const __m256 kv = widen8(k + c);
-                for (int g = 0; g < G; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * d + c), kv, acc[g]);
+                const __m256 q0 = _mm256_loadu_ps(qg[0] + c), q1 = _mm256_loadu_ps(qg[1] + c);
+                const __m256 q2 = _mm256_loadu_ps(qg[2] + c);
+                for (int i = 0; i < 4; i++) {
+                    const __m256 kv = widen8(kp[i] + c);
+                    acc[0][i] = _mm256_fmadd_ps(q0, kv, acc[0][i]);
+                    acc[1][i] = _mm256_fmadd_ps(q1, kv, acc[1][i]);
+                    acc[2][i] = _mm256_fmadd_ps(q2, kv, acc[2][i]);
+                }
             }
-            for (int g = 0; g < G; g++) {
-                const float sc = hsum8a(acc[g]);
-                scores[(size_t)g * ms + j - lo] = sc;
-                if (sc > mx[g]) mx[g] = sc;
+            for (int g = 0; g < ng; g++) {
+                float r[4];
+                _mm_storeu_ps(r, hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+                for (int i = 0; i < nk; i++) sc[(size_t)(g0 + g) * ldsc + k0 + i] = r[i];
             }
         }
     }
-    for (int g = 0; g < G; g++) { /* softmax numerators in place, and their sums */
-        float *sc = scores + (size_t)g * ms;
-        const __m256 mv = _mm256_set1_ps(mx[g]);
+    for (int g = 0; g < G; g++) { /* exp(score - max) in place, and the sums */
+        float *row = sc + (size_t)g * ldsc, best = -INFINITY;
+        for (int j = 0; j < n; j++) best = row[j] > best ? row[j] : best;
+        const __m256 mv = _mm256_set1_ps(best);
         __m256 acc = _mm256_setzero_ps();
         int j = 0;
         for (; j + 8 <= n; j += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
-            _mm256_storeu_ps(sc + j, e);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), mv));
+            _mm256_storeu_ps(row + j, e);
             acc = _mm256_add_ps(acc, e);
         }
         float tot = hsum8a(acc);
         for (; j < n; j++) {
-            sc[j] = expf(sc[j] - mx[g]);
-            tot += sc[j];
+            row[j] = expf(row[j] - best);
+            tot += row[j];
         }
-        sum[g] = tot;
+        mx[g] = best;
+        sm[g] = tot;
     }
-    for (int c = 0; c < d; c += 8) { /* 8 output columns of every head, over all values */
-        __m256 o[MH_GROUP_MAX];
-        for (int g = 0; g < G; g++) o[g] = _mm256_setzero_ps();
-        for (int j = lo; j <= p;) {
-            const int pi = j / tpp, end = (pi + 1) * tpp - 1 < p ? (pi + 1) * tpp - 1 : p;
-            const uint16_t *base = layer_keys + m->kv_stride + (int64_t)table[pi] * m->page_stride + c;
-            for (; j <= end; j++) {
-                const __m256 v = widen8(base + (size_t)(j - pi * tpp) * KVd);
-                for (int g = 0; g < G; g++)
-                    o[g] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + (size_t)g * ms + j - lo), v, o[g]);
+    const uint16_t *vals = keys + m->kv_stride;
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        for (int c0 = 0; c0 < d; c0 += 32) {
+            const int nc = d - c0 < 32 ? (d - c0) / 8 : 4;
+            __m256 acc[3][4];
+            for (int g = 0; g < 3; g++)
+                for (int c = 0; c < 4; c++) acc[g][c] = _mm256_setzero_ps();
+            for (int j = 0; j < n; j++) {
+                const uint16_t *v = vals + slot_offset(m, s, seq, j0 + j) + c0;
+                __m256 p[3];
+                for (int g = 0; g < ng; g++) p[g] = _mm256_broadcast_ss(sc + (size_t)(g0 + g) * ldsc + j);
+                for (int c = 0; c < nc; c++) {
+                    const __m256 vv = widen8(v + 8 * c);
+                    for (int g = 0; g < ng; g++) acc[g][c] = _mm256_fmadd_ps(p[g], vv, acc[g][c]);
+                }
             }
+            for (int g = 0; g < ng; g++)
+                for (int c = 0; c < nc; c++) _mm256_storeu_ps(o + (size_t)(g0 + g) * d + c0 + 8 * c, acc[g][c]);
         }
-        for (int g = 0; g < G; g++) _mm256_storeu_ps(out + g * d + c, _mm256_div_ps(o[g], _mm256_set1_ps(sum[g])));
+    }
+}
+
+/* A token's `nch` chunk results (o [nch, G, d], mx and sm [nch, G]) -> its attention output out [G, d]. */
+static void attn_merge(int G, int d, int nch, const float *o, const float *mx, const float *sm, float *out) {
+    for (int g = 0; g < G; g++) {
+        float best = -INFINITY;
+        for (int c = 0; c < nch; c++) best = mx[c * G + g] > best ? mx[c * G + g] : best;
+        float tot = 0.0f, wgt[64];
+        for (int c = 0; c < nch; c++) {
+            wgt[c] = nch == 1 ? 1.0f : expf(mx[c * G + g] - best);
+            tot += wgt[c] * sm[c * G + g];
+        }
+        for (int i = 0; i < d; i++) {
+            float acc = 0.0f;
+            for (int c = 0; c < nch; c++) acc += wgt[c] * o[((size_t)c * G + g) * d + i];
+            out[g * d + i] = acc / tot;
+        }
     }
 }
 #endif
