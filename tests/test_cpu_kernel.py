@@ -155,7 +155,7 @@ def test_kernel_matches_float32(tiny_ckpt, kernel, case):
     assert run_greedy(Pair(tiny_ckpt(family, **overrides), kernel, num_seqs=3)) > 0.9
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q4_0", "q4_1"])
 def test_quantized_kernel_matches_float32(tiny_ckpt, kernel, fmt):
     """Weights quantized at load, kept packed in the kernel; the reference runs the same quantized values dequantized
     in float32, so what remains is the kernel's own error (int8 activations per 32 elements, bfloat16 K/V)."""
@@ -266,8 +266,8 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     if runner.fused is not None:
         assert runner.kernel_note.startswith(f"fused CPU kernel {best}") and runner.model is None
     # quantizing: formats and shapes it cannot take are errors naming the problem; on float32 it runs dequantized
-    with pytest.raises(ConfigError, match="q5_0"):
-        ModelRunner(spec, arena, dtype=BF16, device="cpu", quantize="q5_0")
+    with pytest.raises(ConfigError, match="q3_k"):
+        ModelRunner(spec, arena, dtype=BF16, device="cpu", quantize="q3_k")
     odd = read_spec(tiny_ckpt("llama", hidden_size=72, intermediate_size=136, num_attention_heads=4,
                               num_key_value_heads=1))
     with pytest.raises(ConfigError, match="72 .*q8_0"):

@@ -33,15 +33,15 @@ pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULT
                                 reason="no C compiler here: the fused CPU kernel cannot be built")
 
 DRIVER = Path(__file__).with_name("c") / "kernel_driver.c"
-COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
+COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q5_0": 96, "q5_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
 ROWS = 37
 
 
 def random_matrix(fmt: str, rows: int, cols: int, seed: int) -> PackedMatrix:
-    """Quantized by gguf's reference quantizer where it has one (bf16, Q8_0, Q4_0, Q4_1); K-quants as random
-    blocks (any bits are a valid block) with small positive half-precision super-block scales."""
+    """Quantized by gguf's reference quantizer where it has one (bf16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1); K-quants as
+    random blocks (any bits are a valid block) with small positive half-precision super-block scales."""
     g = torch.Generator().manual_seed(seed)
-    if fmt in ("bf16", "q8_0", "q4_0", "q4_1"):
+    if fmt in ("bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"):
         w = torch.randn(rows, cols, generator=g)
         pm = quantize(w, fmt)
         if fmt != "bf16":  # the same bytes as gguf's reference quantizer

@@ -5,7 +5,7 @@
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
  * elements as 8 even then 8 odd (MH_F_CHUNK), one accumulator per (row, token) pair.
- * Quantized (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): each 32-block of a row is dequantized into 4 registers of float32
+ * Quantized (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K): each 32-block of a row is dequantized into 4 registers of float32
  * (sign-extended bytes or nibbles, converted, times the block's scale plus its offset) and multiplied with the
  * float32 activations by FMAs: activations are not quantized (measured here against int8 activations with
  * vpmaddubsw products, llama.cpp's way: as fast in decode, which reads memory, and faster in prefill, where the
@@ -108,6 +108,25 @@ AI void deq32(const int fmt, const uint8_t *row, int b, __m256 w[4]) {
         w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q1, m)), d, off);
         w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q0, 4)), d, off);
         w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q1, 4)), d, off);
+    } else if (fmt == MH_Q5_0 || fmt == MH_Q5_1) { /* Q4_0's nibbles plus bit i of qh as element i's fifth bit */
+        const int bb = fmt == MH_Q5_0 ? 22 : 24;
+        const uint8_t *blk = row + (size_t)b * bb, *qs = blk + bb - 16;
+        uint32_t qh;
+        memcpy(&qh, blk + bb - 20, 4);
+        const float dv = f16_to_f32(rd16(blk));
+        const __m256 d = _mm256_set1_ps(dv);
+        const __m256 off = _mm256_set1_ps(fmt == MH_Q5_0 ? -16.0f * dv : f16_to_f32(rd16(blk + 2)));
+        const __m256i m = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1), hv = _mm256_set1_epi32((int)qh);
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
+        const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+        const __m256i parts[4] = {_mm256_and_si256(q0, m), _mm256_and_si256(q1, m), _mm256_srli_epi32(q0, 4),
+                                  _mm256_srli_epi32(q1, 4)};
+        for (int i = 0; i < 4; i++) {
+            const __m256i hb = _mm256_and_si256(_mm256_srlv_epi32(hv, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * i))),
+                                                one);
+            w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(parts[i], _mm256_slli_epi32(hb, 4))), d, off);
+        }
     } else if (fmt == MH_Q4_K) {
         const uint8_t *blk = row + (size_t)(b / 8) * 144;
         const int j = b % 8;
@@ -221,6 +240,12 @@ static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a,
 #undef FMT
 #define FMT MH_Q4_1
     case MH_Q4_1: MH_SHAPES_Q(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q5_0
+    case MH_Q5_0: MH_SHAPES_Q(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q5_1
+    case MH_Q5_1: MH_SHAPES_Q(MH_CALL_Q); break;
 #undef FMT
 #define FMT MH_Q4_K
     case MH_Q4_K: MH_SHAPES_Q(MH_CALL_Q); break;

@@ -32,7 +32,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #endif
 
 /* ---- weight formats (GGUF's block layouts, as llama.cpp's ggml-common.h defines them) --------------------- */
-enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K = 6 };
+enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K = 6, MH_Q5_0 = 7, MH_Q5_1 = 8 };
 
 typedef struct {            /* a weight matrix [rows, cols], each row `row_bytes` of packed blocks */
     const uint8_t *data;
