@@ -16,6 +16,7 @@ from .errors import (
 from .engine.sampling import SamplingParams
 from .workspace import Completion, Head, RequestHandle, Workspace
 from .workspace.default import reset_workspace, workspace
+from .team.load import load_team
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,6 @@ def unload_ipython_extension(ipython):
 
 __all__ = [
     "CheckpointError", "Completion", "ConfigError", "DEFAULT_MODEL", "Head", "MultiHeadError", "OutOfPagesError",
-    "QuotaExceededError", "RequestError", "RequestHandle", "SamplingParams", "TeamError", "Workspace",
+    "QuotaExceededError", "RequestError", "RequestHandle", "SamplingParams", "TeamError", "Workspace", "load_team",
     "reset_workspace", "workspace",
 ]

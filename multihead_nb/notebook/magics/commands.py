@@ -51,13 +51,17 @@ def head_summary(ws, name: str) -> str:
 
 
 def team_variables(team, given: dict, namespace: dict | None) -> dict:
-    """The team's run variables: `--var` values first, then names from the notebook namespace."""
+    """The team's run variables: `--var` values first, then names from the notebook namespace, then the team's
+    defaults (a loaded team file's `variables:`)."""
     out = {}
     for name in team.variables:
         if name in given:
             out[name] = given[name]
         elif namespace is not None and name in namespace:
             out[name] = namespace[name]
+    for name in team.variables:
+        if name not in out and name in team.defaults:
+            out[name] = team.defaults[name]
     missing = [v for v in team.variables if v not in out]
     if missing:
         raise TeamError(
@@ -74,6 +78,25 @@ def start_team(ws, steps: dict, given: dict, namespace: dict | None = None):
     """Build the team (validated before anything runs) and start it; returns the live TeamRun."""
     team = ws.team(steps)
     return team.start(**team_variables(team, given, namespace))
+
+
+def save_team(ws, steps: dict, given: dict, path: str) -> str:
+    """Write the team of `steps` (with its heads' definitions and `given` as variable defaults) to `path`."""
+    team = ws.team(steps)
+    written = team.save(path, variables=given)
+    return f"saved team {team.name or written.stem!r} ({', '.join(team.steps)}) to {written}"
+
+
+def load_team(ws, source: str, *, model: str | None = None, prefix: str = ""):
+    """Load a team file (or a built-in team) into `ws`; returns the Team and a one-line summary."""
+    from ...team.load import load_team as load
+
+    team = load(source, ws, model=model, prefix=prefix)
+    defaults = ", ".join(f"{k}={v!r}" for k, v in team.defaults.items())
+    summary = (f"team {team.name!r}: heads {', '.join(team.steps)} (added to the workspace); variables "
+               f"{', '.join(team.variables) or 'none'}{f' (defaults {defaults})' if defaults else ''}; "
+               f"answer: {team.output_head}")
+    return team, summary
 
 
 def status(ws) -> str:
