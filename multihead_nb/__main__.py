@@ -1,6 +1,7 @@
 """The main job: a team of heads (the classic code workflow: write → review + document) on the default model; prints outputs and timings.
 
     python -m multihead_nb [--model HUB_ID_OR_PATH] [--task "..."] [--max-tokens N] [--device auto] [--pool 1GiB]
+    python -m multihead_nb serve --help      # the OpenAI-compatible server (multihead_nb/server/cli.py)
 
 Where the model hub cannot be reached, it falls back to a built-in tiny checkpoint and says so: its text is noise,
 its timings and pages are real.
@@ -38,6 +39,12 @@ def _resolve_model(model: str, explicit: bool) -> tuple[str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the OpenAI-compatible server: multihead_nb/server/cli.py
+        from . import DEFAULT_MODEL
+        from .server.cli import main as serve
+
+        return serve(argv[1:], default_model=DEFAULT_MODEL)
     import multihead_nb as mh
     from .team.workflows import WORKFLOWS
 

@@ -1,0 +1,357 @@
+"""The OpenAI-compatible HTTP server of a workspace: a Starlette app served by uvicorn on a thread of its own.
+
+Owns: the routes (`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health`), the API
+key check, which head or team a request names, turning a request into a generation (a head's system prompt unless
+the messages have one; a team's input variable from the last user message), streaming it as server-sent events,
+cancelling it when the client goes away, and every error as OpenAI's error JSON with its HTTP status. Every request
+goes through the workspace's public API, so HTTP requests are batched by the same scheduler as the notebook's
+(fairness and quotas per head hold across both). Knows nothing of tensors or pages; the request shapes are
+`protocol.py`, the bridge to the engine `generations.py`.
+
+    server = ws.serve(port=8000)          # from a notebook: beside the kernel's engine thread
+    server.url                            # 'http://127.0.0.1:8000/v1'
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import ConfigError, MultiHeadError, RequestError, TeamError
+from . import protocol as P
+from .generations import Generation, HeadGeneration, TeamGeneration
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+
+
+class ServedModels:
+    """What a server serves: the workspace's heads (live: heads added later are served too) and named teams."""
+
+    def __init__(self, ws, teams=()):
+        self.ws = ws
+        self.teams: dict = {}
+        for team in teams.values() if isinstance(teams, dict) else teams:
+            self.add_team(team)
+
+    def add_team(self, team, name: str | None = None) -> None:
+        name = name or team.name
+        if not name:
+            raise ConfigError("a served team needs a name (team files have one; or serve(teams={'name': team}))")
+        if name in self.ws.heads:
+            raise ConfigError(f"team {name!r} has the name of a head; rename one of them")
+        if team.ws is not self.ws:
+            raise ConfigError(f"team {name!r} belongs to another workspace")
+        self.teams[name] = team
+
+    def listing(self) -> list[dict]:
+        created = int(time.time())
+        out = [{"id": name, "object": "model", "created": created, "owned_by": "multihead",
+                "multihead": {"kind": "head", "model": h.model}} for name, h in list(self.ws.heads.items())]
+        out += [{"id": name, "object": "model", "created": created, "owned_by": "multihead",
+                 "multihead": {"kind": "team", "steps": list(t.steps), "answer": t.output_head,
+                               "variables": t.variables}} for name, t in self.teams.items()]
+        return out
+
+    def find(self, name: str):
+        if name in self.ws.heads:
+            return "head", name
+        if name in self.teams:
+            return "team", self.teams[name]
+        known = ", ".join(list(self.ws.heads) + list(self.teams)) or "none"
+        raise P.APIError(404, f"The model '{name}' does not exist (models: {known})", param="model",
+                         code="model_not_found")
+
+
+def create_app(ws, *, teams=(), api_key: str | None = None) -> Starlette:
+    """The ASGI app serving `ws`'s heads and `teams` (Team objects, or name -> Team)."""
+    served = ServedModels(ws, teams)
+
+    def check(request: Request) -> None:
+        if ws.closed:
+            raise P.APIError(503, "the workspace is closed", code="service_unavailable")
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise P.APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                             code="invalid_api_key")
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok" if not ws.closed else "closed"})
+
+    async def models(request: Request):
+        check(request)
+        return JSONResponse({"object": "list", "data": served.listing()})
+
+    async def model(request: Request):
+        check(request)
+        name = request.path_params["name"]
+        served.find(name)
+        return JSONResponse(next(m for m in served.listing() if m["id"] == name))
+
+    async def chat(request: Request):
+        check(request)
+        req = P.parse_chat(await _json(request))
+        kind, target = served.find(req.model)
+        if kind == "team":
+            gen = _start_team(target, req, _last_user(req.messages))
+        else:
+            messages = req.messages
+            system = ws.heads[target].system
+            if system and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": system}] + messages
+            gen = _start(lambda: HeadGeneration(ws, target, _encode_chat(ws, target, messages), req.sampling))
+        return await _respond(request, req, gen, chat=True)
+
+    async def completions(request: Request):
+        check(request)
+        req = P.parse_completion(await _json(request))
+        kind, target = served.find(req.model)
+        if kind == "team":
+            if not isinstance(req.prompt, str):
+                raise P.bad("a team's prompt is text (it fills the team's input variable)", "prompt")
+            gen = _start_team(target, req, req.prompt)
+        else:
+            ids = req.prompt if isinstance(req.prompt, list) else _encode_text(ws, target, req.prompt)
+            gen = _start(lambda: HeadGeneration(ws, target, ids, req.sampling))
+        return await _respond(request, req, gen, chat=False)
+
+    async def not_found(request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail} (this server serves /v1/models, " \
+              "/v1/chat/completions and /v1/completions)"
+        return _error(P.APIError(exc.status_code, msg, code=code))
+
+    async def api_error(request: Request, exc: P.APIError):
+        return _error(exc)
+
+    async def server_error(request: Request, exc: Exception):
+        return _error(P.APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    routes = [
+        Route("/health", health), Route("/v1/models", models), Route("/v1/models/{name:path}", model),
+        Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={
+        HTTPException: not_found, P.APIError: api_error, Exception: server_error})
+    app.state.served = served
+    return app
+
+
+# ---- requests into generations ----------------------------------------------------------------------------
+async def _json(request: Request):
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P.bad(f"the request body is not valid JSON: {e}") from None
+
+
+def _last_user(messages: list[dict]) -> str:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    if not users:
+        raise P.bad("a team request needs a user message (it fills the team's input variable)", "messages")
+    return users[-1]
+
+
+def _encode_chat(ws, head: str, messages: list[dict]) -> list[int]:
+    try:
+        return ws.encode_prompt(head, messages)
+    except MultiHeadError as e:
+        raise _as_api_error(e) from None
+    except Exception as e:  # a chat template that rejects these messages (roles out of order, ...)
+        raise P.bad(f"the chat template of head {head!r} cannot render these messages: {type(e).__name__}: {e}",
+                    "messages") from None
+
+
+def _encode_text(ws, head: str, text: str) -> list[int]:
+    ids = list(ws.tokenizer(head)(text)["input_ids"])
+    if not ids:
+        raise P.bad("the prompt is empty", "prompt")
+    return ids
+
+
+def _start_team(team, req: P.GenerationRequest, text: str) -> Generation:
+    given = [k for k in req.sampling]
+    if given:
+        raise P.bad(f"a team's sampling options are its heads' and steps' (set them in its team file); got "
+                    f"{', '.join(given)}", given[0])
+    unknown = sorted(set(req.variables) - set(team.variables))
+    if unknown:
+        raise P.bad(f"variable {unknown[0]!r} is not a variable of team {team.name!r} (variables: "
+                    f"{', '.join(team.variables) or 'none'})", "variables")
+    variables = dict(req.variables)
+    if team.input_variable is not None:
+        variables[team.input_variable] = text
+    return _start(lambda: TeamGeneration(team.ws, team, variables))
+
+
+def _start(make) -> Generation:
+    try:
+        return make()
+    except MultiHeadError as e:
+        raise _as_api_error(e) from None
+
+
+def _as_api_error(e: MultiHeadError) -> P.APIError:
+    msg = str(e)
+    if isinstance(e, RequestError) and ("context" in msg or "pages" in msg):
+        return P.bad(msg, "messages", code="context_length_exceeded")
+    if isinstance(e, ConfigError) and "closed" in msg:
+        return P.APIError(503, msg, code="service_unavailable")
+    if isinstance(e, (ConfigError, RequestError, TeamError)):
+        return P.bad(msg)
+    return P.APIError(500, msg)
+
+
+# ---- responses --------------------------------------------------------------------------------------------
+def _error(e: P.APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(o) -> dict:
+    return P.usage(o.prompt_tokens, o.completion_tokens)
+
+
+async def _respond(request: Request, req: P.GenerationRequest, gen: Generation, *, chat: bool):
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = P.now()
+    if req.stream:
+        return StreamingResponse(_stream(req, gen, rid, created, chat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    task = None
+    try:
+        it = gen.deltas().__aiter__()
+        while True:
+            task = task or asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not done:
+                if await request.is_disconnected():
+                    return _error(P.APIError(499, "the client closed the request", code="client_closed"))
+                continue
+            try:
+                task.result()
+            except StopAsyncIteration:
+                break
+            task = None
+    except MultiHeadError as e:
+        raise P.APIError(500, f"{req.model}: {e}") from None
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        if gen.outcome is None:
+            gen.cancel()  # the client went away (or an error): stop the request and free its pages
+    o = gen.outcome
+    reason = P.finish_reason(o.finish_reason)
+    if chat:
+        return JSONResponse(P.chat_response(rid, req.model, o.text, reason, _usage(o), created))
+    return JSONResponse(P.completion_response(rid, req.model, o.text, reason, _usage(o), created))
+
+
+async def _stream(req: P.GenerationRequest, gen: Generation, rid: str, created: int, chat: bool):
+    """Server-sent events; a client that goes away cancels the generation (Starlette cancels this coroutine)."""
+    model, with_usage = req.model, req.include_usage
+
+    def piece(text: str | None, finish: str | None = None, delta: dict | None = None) -> str:
+        if chat:
+            d = delta if delta is not None else ({} if text is None else {"content": text})
+            return _sse(P.chat_chunk(rid, model, created, d, finish, None, with_usage))
+        return _sse(P.completion_response(rid, model, text or "", finish, None, created, chunk=True,
+                                          with_usage=with_usage))
+
+    try:
+        if chat:
+            yield piece(None, delta={"role": "assistant", "content": ""})
+        try:
+            async for delta in gen.deltas():
+                yield piece(delta)
+        except MultiHeadError as e:
+            yield _sse(P.APIError(500, f"{model}: {e}").body())
+            return
+        o = gen.outcome
+        yield piece(None, P.finish_reason(o.finish_reason))
+        if with_usage:
+            if chat:
+                yield _sse(P.chat_chunk(rid, model, created, None, use=_usage(o), with_usage=True))
+            else:
+                yield _sse(P.completion_response(rid, model, None, None, _usage(o), created, chunk=True))
+        yield "data: [DONE]\n\n"
+    finally:
+        if gen.outcome is None:
+            gen.cancel()  # the client went away (or an error): stop the request and free its pages
+
+
+# ---- running it -------------------------------------------------------------------------------------------
+class Server:
+    """A running server (uvicorn on a daemon thread): `url`, `stop()`."""
+
+    def __init__(self, app, host: str, port: int, log_level: str = "warning"):
+        import uvicorn
+
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind(addr)
+        except OSError as e:
+            self._sock.close()
+            raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+        self.host, self.port = host, self._sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=1,
+                                access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name=f"multihead-http-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server on {host}:{self.port} did not start")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop serving (open streams are closed, their requests cancelled); returns once the port is free."""
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __repr__(self) -> str:
+        return f"Server({self.url}, {'running' if self.running else 'stopped'})"
+
+
+def serve(ws, port: int = 8000, *, host: str = "127.0.0.1", teams=(), api_key: str | None = None,
+          log_level: str = "warning") -> Server:
+    """Serve `ws` over the OpenAI protocol on a thread (the engine must run on its own thread: in Jupyter it
+    does; elsewhere create the workspace with `background=True`). `port=0` picks a free port."""
+    if not ws.engine.background:
+        raise ConfigError("serving needs the workspace's engine on its own thread: create it with "
+                          "Workspace(background=True) (the default inside Jupyter)")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ConfigError("api_key must be a non-empty string or None")
+    return Server(create_app(ws, teams=teams, api_key=api_key), host, port, log_level)
