@@ -4,10 +4,6 @@ system prompt, teams by name, bad requests answered with OpenAI's error JSON whi
 key, client disconnects freeing pages, 32 concurrent streams batched together, LangChain, and the CLI."""
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -17,6 +13,7 @@ import pytest
 
 import multihead_nb as mh
 from helpers import make_ws
+from server_process import ServerProcess
 
 MSG = [{"role": "user", "content": "Write a haiku about pages."}]
 
@@ -288,22 +285,16 @@ def test_serve_needs_the_engine_thread(model):
 
 
 def test_cli_serve(model, tmp_path, capsys):
-    cmd = [sys.executable, "-m", "multihead_nb", "serve", "--port", "0", "--model", f"tiny={model}",
-           "--team", "research", "--team-model", model, "--pool", "16MiB", "--page-bytes", "8KiB", "--device", "cpu",
-           "--dtype", "float32", "--max-tokens", "4", "--api-key", "k"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    server = ServerProcess("--model", f"tiny={model}", "--team", "research", "--team-model", model,
+                           "--max-tokens", "4", "--api-key", "k")
     try:
-        lines = [proc.stdout.readline(), proc.stdout.readline()]
-        assert lines[1].startswith("serving on http://127.0.0.1:"), (lines, proc.stderr.read() if proc.poll() else "")
-        url = lines[1].split()[-1]
-        assert "heads tiny, researcher, summarizer, critic; teams research; API key required" in lines[0]
-        c = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
+        assert server.url.startswith("http://127.0.0.1:")
+        assert server.banner == "MultiHead: heads tiny, researcher, summarizer, critic; teams research; API key required"
+        c = openai.OpenAI(base_url=server.url, api_key="k", max_retries=0)
         assert [m.id for m in c.models.list().data][-1] == "research"
         assert 1 <= c.chat.completions.create(model="tiny", messages=MSG).usage.completion_tokens <= 4
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert server.stop() == 0  # Ctrl-C ends it cleanly
     from multihead_nb.server.cli import head_name, main
 
     assert main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2
