@@ -76,7 +76,7 @@ class HeadGeneration(Generation):
     def cancel(self) -> None:
         if not self._cancelled and not self.handle.done:
             self._cancelled = True
-            threading.Thread(target=self.handle.cancel, daemon=True).start()
+            self.handle.cancel(wait=False)  # the engine ends it (and frees its pages) before its next step
 
 
 class TeamGeneration(Generation):
