@@ -58,8 +58,12 @@ class TeamSpec:
 
 
 # ---- heads and steps as plain data ----------------------------------------------------------------------
-def head_definition(head: Head) -> dict:
-    """A head as `{model, system, option: value}`, with only the options that differ from the defaults."""
+SECRETS = ("api_key",)  # never written to a file (a remote head's key comes from MULTIHEAD_REMOTE_API_KEY there)
+
+
+def head_definition(head: Head, *, with_secrets: bool = False) -> dict:
+    """A head as `{model, system, option: value}`, with only the options that differ from the defaults (and
+    without its API key unless `with_secrets`)."""
     out: dict = {"model": head.model}
     if head.system:
         out["system"] = head.system
@@ -70,7 +74,7 @@ def head_definition(head: Head) -> dict:
             out[name] = list(value) if name == "stop" else value
     defaults = {f.name: f.default for f in dataclasses.fields(Head) if f.default is not dataclasses.MISSING}
     for name in HEAD_OPTIONS:
-        if name in SAMPLING_OPTIONS or not hasattr(head, name):
+        if name in SAMPLING_OPTIONS or not hasattr(head, name) or (name in SECRETS and not with_secrets):
             continue
         value = getattr(head, name)
         if value != defaults.get(name):
@@ -80,7 +84,7 @@ def head_definition(head: Head) -> dict:
 
 def head_options(head: Head) -> dict:
     """The `add_head` keyword options that rebuild `head` (its definition without model and system)."""
-    return {k: v for k, v in head_definition(head).items() if k not in ("model", "system")}
+    return {k: v for k, v in head_definition(head, with_secrets=True).items() if k not in ("model", "system")}
 
 
 def step_definition(step: Step) -> str | dict:

@@ -26,7 +26,7 @@ class NativeBackend:
     def detects(self, model: str) -> bool:
         return True  # the fallback of "auto": any reference another backend does not claim
 
-    def key(self, model: str) -> str:
+    def key(self, model: str, options: dict | None = None) -> str:
         return model_key(model)
 
     def plan(self, model: str, target: LoadTarget, options: dict) -> ModelPlan:

@@ -92,7 +92,11 @@ class ChatStream:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
+        """Stop reading (from any thread): the iteration ends without an error."""
         self._cancelled.set()
+        self._close()
+
+    def _close(self) -> None:
         response = self._response
         try:
             if response is not None:
@@ -105,7 +109,7 @@ class ChatStream:
         try:
             yield from self._pieces(self._open())
         finally:
-            self.cancel()
+            self._close()
 
     def _open(self) -> httpx.Response:
         c = self.config

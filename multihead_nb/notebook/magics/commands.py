@@ -31,6 +31,8 @@ def head_summary(ws, name: str) -> str:
     kv_pages, unit = (ws.pool.num_kv_pages, ws.page_bytes) if region is None else (region.num_pages, region.page_bytes)
     quota = "none" if q.quota_pages is None else f"{q.quota_pages} pages ({format_size(q.quota_pages * unit)})"
     model = _short_model(getattr(loaded.spec, "name", None) or head.model)
+    if layout.pages_for(1) == 0:  # served elsewhere (a remote engine): no weights, no pages here
+        return f"head {name!r}: {loaded.built.note or model} · no local weights or pages"
     return (
         f"head {name!r}: {model} · {str(ws.dtype).replace('torch.', '')} · {layout.tokens_per_page} tokens/page "
         f"({format_size(ws.page_bytes)} pages) · weights {format_size(loaded.weight_pages * ws.page_bytes)} "

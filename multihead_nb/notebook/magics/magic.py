@@ -65,7 +65,8 @@ class MultiHeadMagics(Magics):
     @_one_line_errors
     @magic_arguments()
     @argument("name", help="the head's name (a Python identifier)")
-    @argument("--model", "-m", help="hub id or checkpoint folder (default: MultiHeadMagics.default_model)")
+    @argument("--model", "-m", help="hub id, checkpoint folder, or openai:http://HOST:PORT/v1 (a remote engine) "
+                                    "(default: MultiHeadMagics.default_model)")
     @argument("--temperature", type=float)
     @argument("--top-p", type=float)
     @argument("--top-k", type=int)
@@ -75,8 +76,12 @@ class MultiHeadMagics(Magics):
     @argument("--quota", help="the head's share of K/V pages: '25%%' or a size like '64MiB'")
     @argument("--weight", type=float, help="fair share relative to other heads")
     @argument("--max-concurrent", type=int)
-    @argument("--backend", help="auto (default), native, or exl2")
+    @argument("--backend", help="auto (default), native, exl2 or remote")
     @argument("--region", help="EXL2 models: the model's region of the pool, '25%%' or a size like '2GiB'")
+    @argument("--remote-model", help="--model openai:http://HOST:PORT/v1: the engine's model name")
+    @argument("--api-key", help="remote heads: the engine's API key (default: $MULTIHEAD_REMOTE_API_KEY)")
+    @argument("--timeout", type=float, help="remote heads: seconds the engine may stay silent (default 60)")
+    @argument("--retries", type=int, help="remote heads: tries again on connection errors (default 2)")
     def head(self, line, cell=""):
         """Define or redefine a head; the cell body is its system prompt."""
         args = parse_argstring(self.head, line)
