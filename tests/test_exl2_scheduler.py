@@ -332,7 +332,7 @@ def test_a_region_that_does_not_fit_is_a_clear_error(models):
 
 def test_backend_and_region_options(models):
     ws = region_ws()
-    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: auto, exl2, native, region-native"):
+    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: auto, remote, exl2, native, region-native"):
         ws.add_head("a", models["r"], backend="nope")
     with pytest.raises(ConfigError, match="region= is not an option of the 'native' backend.*takes no per-model options"):
         ws.add_head("a", models["n"], region="10%")
