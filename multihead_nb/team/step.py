@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..errors import TeamError
 
 TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}  # schema type names
+MAX_ROUNDS = 100  # a refine loop of more rounds is a mistake, and planning it would take seconds
 
 
 @dataclass
@@ -36,8 +37,8 @@ class Step:
     def __post_init__(self):
         if not isinstance(self.template, str):
             raise TeamError(f"a step's template must be a string, got {type(self.template).__name__}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise TeamError(f"rounds must be a positive integer, got {self.rounds!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= MAX_ROUNDS:
+            raise TeamError(f"rounds must be an integer from 1 to {MAX_ROUNDS}, got {self.rounds!r}")
         self.sees = (self.sees,) if isinstance(self.sees, str) else tuple(self.sees)
         if self.sees and self.rounds == 1:
             raise TeamError("`sees` only makes sense with rounds > 1")

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .run import TeamRun
     from ..workspace.workspace import Workspace
 
+
 @dataclass(frozen=True)
 class Instance:
     head: str
