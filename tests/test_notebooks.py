@@ -56,7 +56,8 @@ def kernel_env(tmp_path_factory):
 
 def test_notebooks_are_valid_and_parametrized():
     assert [p.name for p in NOTEBOOKS] == ["01-quickstart.ipynb", "02-code-review-team.ipynb",
-                                           "03-how-paged-kv-works.ipynb", "04-benchmark-analysis.ipynb"]
+                                           "03-how-paged-kv-works.ipynb", "04-benchmark-analysis.ipynb",
+                                           "05-agents-over-http.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
