@@ -131,7 +131,9 @@ def main(argv=None) -> int:
 
     def run_mh(n_new):
         rep_key[0] += 1
-        ws.scheduler.prefix_keys[key] = (key, "rep", rep_key[0])  # no prefix reuse across reps
+        kv = ws.scheduler.kv.model(key)  # registered again under a new prefix key: no prefix reuse across reps
+        ws.scheduler.add_model(key, kv.layout, prefix_key=(key, "rep", rep_key[0]), max_context=kv.max_context,
+                               pool=kv.pool)
         for v in timers.values():
             v.clear()
         first_step = engine.step_count

@@ -71,7 +71,9 @@ class Bench:
     def run_multihead(self, plan: Plan):
         ws = self.ws
         self._rep_key += 1
-        ws.scheduler.prefix_keys[self.model_key] = (self.model_key, "rep", self._rep_key)  # no reuse across reps
+        kv = ws.scheduler.kv.model(self.model_key)  # registered again under a new prefix key: no reuse across reps
+        ws.scheduler.add_model(self.model_key, kv.layout, prefix_key=(self.model_key, "rep", self._rep_key),
+                               max_context=kv.max_context, pool=kv.pool)
         waste = []  # (slots, held) per step: ws.stats()["waste"]'s formula, without its page-by-page usage scan
         engine = ws.engine
         inner = engine.step

@@ -84,7 +84,7 @@ class Engine:
     def _cancel_now(self, req: Request, reason: str) -> None:
         if req.status.done:
             return
-        self.scheduler.finish(req)
+        self.scheduler.remove(req)
         req.status = Status.CANCELLED
         req.finish_reason = reason
         self._finish(req)
@@ -125,13 +125,12 @@ class Engine:
             return bool(plan.chunks)
 
     def _fail_plan(self, plan: StepPlan, error: Exception) -> None:
-        for req in plan.failed:
-            self._finish(req)
+        self._finish_failures(plan)
         for c in plan.chunks:
             req = c.request
             if req.status.done:
                 continue
-            self.scheduler.finish(req)
+            self.scheduler.remove(req)
             req.status = Status.FAILED
             req.finish_reason = "error"
             req.error = RequestError(f"the forward pass of {req.model!r} failed: {type(error).__name__}: {error}")
@@ -176,9 +175,14 @@ class Engine:
         batch = ForwardBatch(as_long(ids), as_long(pos), as_long(slots), qlens, clens, tables, as_long(logit_idx))
         return batch, samplers
 
+    def _finish_failures(self, plan: StepPlan) -> None:
+        for f in plan.failed:  # already out of the scheduler, pages freed
+            f.request.status, f.request.finish_reason = Status.FAILED, "error"
+            f.request.error = RequestError(f.message)
+            self._finish(f.request)
+
     def postprocess(self, plan: StepPlan, out: StepOutput) -> None:
-        for req in plan.failed:
-            self._finish(req)
+        self._finish_failures(plan)
         self.scheduler.advance(plan)
         t = self.now()
         for c in plan.chunks:
@@ -220,7 +224,7 @@ class Engine:
         for listener in self.listeners:
             listener("token", req, tok)
         if reason is not None:
-            self.scheduler.finish(req)
+            self.scheduler.remove(req)
             req.status = Status.FINISHED
             req.finish_reason = reason
             self._finish(req)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ceil_div
 from ..errors import ConfigError
 from .arena import Arena
 
@@ -54,7 +55,7 @@ class KVLayout:
         return self.tokens_per_page * self.bytes_per_token
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.tokens_per_page)
+        return ceil_div(num_tokens, self.tokens_per_page)
 
     def view(self, arena: Arena) -> torch.Tensor:
         """All pages as `[num_pages, 2, layers, tokens_per_page, kv_heads, head_dim]` (a view, no copy)."""
