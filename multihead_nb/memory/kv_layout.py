@@ -10,6 +10,7 @@ past that are unused. A layer's keys over all pages are one strided view of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -39,13 +40,13 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
 
-    @property
+    @cached_property  # asked for on every step of every request: computed once
     def tokens_per_page(self) -> int:
         return self.page_bytes // self.bytes_per_token
 

@@ -141,7 +141,10 @@ class KVManager:
         """Why `num_tokens` tokens of `seq` can never be held, even with every other request gone; None if they
         can."""
         layout = self.model(seq.model).layout
-        need, cap = layout.pages_for(num_tokens), self.capacity(seq.head, seq.model)
+        need = layout.pages_for(num_tokens)
+        if need <= len(seq.block_table):  # it holds them already
+            return None
+        cap = self.capacity(seq.head, seq.model)
         if need <= cap:
             return None
         quota = self.pool_of(seq.model).quota(seq.head)
