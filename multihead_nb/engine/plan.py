@@ -24,6 +24,8 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Failure:
+    """A request the scheduler found can never run (it is out of the queues, its pages freed); the engine ends it."""
+
     request: Request  # removed from the scheduler, its pages freed; its status is still the engine's to set
     message: str  # what a `RequestError` for it says
 
