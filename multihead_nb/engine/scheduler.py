@@ -87,7 +87,7 @@ class Scheduler:
     def add(self, req: Request) -> None:
         q = self.heads.get(req.head)
         if q is None:
-            raise RequestError(f"request {req.id} is for head {req.head!r}, which is not defined")
+            raise RequestError(f"head {req.head!r} of request {req.id} is not defined (removed before it started?)")
         if req.model != q.model:
             raise RequestError(f"request {req.id} is for model {req.model!r}, but head {req.head!r} now runs "
                                f"{q.model!r}; submit it again")
