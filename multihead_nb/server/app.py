@@ -6,7 +6,7 @@ the messages have one; a team's input variable from the last user message), stre
 cancelling it when the client goes away, and every error as OpenAI's error JSON with its HTTP status. Every request
 goes through the workspace's public API, so HTTP requests are batched by the same scheduler as the notebook's
 (fairness and quotas per head hold across both). Knows nothing of tensors or pages; the request shapes are
-`protocol.py`, the bridge to the engine `generations.py`.
+`protocol.py`, the bridge to the engine `generations.py`, the answers `responses.py`, the thread `running.py`.
 
     server = ws.serve(port=8000)          # from a notebook: beside the kernel's engine thread
     server.url                            # 'http://127.0.0.1:8000/v1'
@@ -15,25 +15,21 @@ goes through the workspace's public API, so HTTP requests are batched by the sam
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
-import socket
-import threading
 import time
-import uuid
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from ..errors import ConfigError, MultiHeadError, RequestError, TeamError
 from . import protocol as P
 from .generations import Generation, HeadGeneration, TeamGeneration
-
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+from .responses import error, respond
+from .running import Server
 
 
 class ServedModels:
@@ -114,7 +110,7 @@ def create_app(ws, *, teams=(), api_key: str | None = None) -> Starlette:
             if system and not any(m["role"] == "system" for m in messages):
                 messages = [{"role": "system", "content": system}] + messages
             gen = _start(lambda: HeadGeneration(ws, target, _encode_chat(ws, target, messages), req.sampling))
-        return await _respond(request, req, gen, chat=True)
+        return await respond(request, req, gen, chat=True)
 
     async def completions(request: Request):
         check(request)
@@ -127,19 +123,19 @@ def create_app(ws, *, teams=(), api_key: str | None = None) -> Starlette:
         else:
             ids = req.prompt if isinstance(req.prompt, list) else _encode_text(ws, target, req.prompt)
             gen = _start(lambda: HeadGeneration(ws, target, ids, req.sampling))
-        return await _respond(request, req, gen, chat=False)
+        return await respond(request, req, gen, chat=False)
 
     async def not_found(request: Request, exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         msg = f"{request.method} {request.url.path}: {exc.detail} (this server serves /v1/models, " \
               "/v1/chat/completions and /v1/completions)"
-        return _error(P.APIError(exc.status_code, msg, code=code))
+        return error(P.APIError(exc.status_code, msg, code=code))
 
     async def api_error(request: Request, exc: P.APIError):
-        return _error(exc)
+        return error(exc)
 
     async def server_error(request: Request, exc: Exception):
-        return _error(P.APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        return error(P.APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     routes = [
         Route("/health", health), Route("/v1/models", models), Route("/v1/models/{name:path}", model),
@@ -215,134 +211,6 @@ def _as_api_error(e: MultiHeadError) -> P.APIError:
     if isinstance(e, (ConfigError, RequestError, TeamError)):
         return P.bad(msg)
     return P.APIError(500, msg)
-
-
-# ---- responses --------------------------------------------------------------------------------------------
-def _error(e: P.APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _usage(o) -> dict:
-    return P.usage(o.prompt_tokens, o.completion_tokens)
-
-
-async def _respond(request: Request, req: P.GenerationRequest, gen: Generation, *, chat: bool):
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = P.now()
-    if req.stream:
-        return StreamingResponse(_stream(req, gen, rid, created, chat), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    task = None
-    try:
-        it = gen.deltas().__aiter__()
-        while True:
-            task = task or asyncio.ensure_future(it.__anext__())
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not done:
-                if await request.is_disconnected():
-                    return _error(P.APIError(499, "the client closed the request", code="client_closed"))
-                continue
-            try:
-                task.result()
-            except StopAsyncIteration:
-                break
-            task = None
-    except MultiHeadError as e:
-        raise P.APIError(500, f"{req.model}: {e}") from None
-    finally:
-        if task is not None and not task.done():
-            task.cancel()
-        if gen.outcome is None:
-            gen.cancel()  # the client went away (or an error): stop the request and free its pages
-    o = gen.outcome
-    reason = P.finish_reason(o.finish_reason)
-    if chat:
-        return JSONResponse(P.chat_response(rid, req.model, o.text, reason, _usage(o), created))
-    return JSONResponse(P.completion_response(rid, req.model, o.text, reason, _usage(o), created))
-
-
-async def _stream(req: P.GenerationRequest, gen: Generation, rid: str, created: int, chat: bool):
-    """Server-sent events; a client that goes away cancels the generation (Starlette cancels this coroutine)."""
-    model, with_usage = req.model, req.include_usage
-
-    def piece(text: str | None, finish: str | None = None, delta: dict | None = None) -> str:
-        if chat:
-            d = delta if delta is not None else ({} if text is None else {"content": text})
-            return _sse(P.chat_chunk(rid, model, created, d, finish, None, with_usage))
-        return _sse(P.completion_response(rid, model, text or "", finish, None, created, chunk=True,
-                                          with_usage=with_usage))
-
-    try:
-        if chat:
-            yield piece(None, delta={"role": "assistant", "content": ""})
-        try:
-            async for delta in gen.deltas():
-                yield piece(delta)
-        except MultiHeadError as e:
-            yield _sse(P.APIError(500, f"{model}: {e}").body())
-            return
-        o = gen.outcome
-        yield piece(None, P.finish_reason(o.finish_reason))
-        if with_usage:
-            if chat:
-                yield _sse(P.chat_chunk(rid, model, created, None, use=_usage(o), with_usage=True))
-            else:
-                yield _sse(P.completion_response(rid, model, None, None, _usage(o), created, chunk=True))
-        yield "data: [DONE]\n\n"
-    finally:
-        if gen.outcome is None:
-            gen.cancel()  # the client went away (or an error): stop the request and free its pages
-
-
-# ---- running it -------------------------------------------------------------------------------------------
-class Server:
-    """A running server (uvicorn on a daemon thread): `url`, `stop()`."""
-
-    def __init__(self, app, host: str, port: int, log_level: str = "warning"):
-        import uvicorn
-
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind(addr)
-        except OSError as e:
-            self._sock.close()
-            raise ConfigError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
-        self.host, self.port = host, self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=1,
-                                access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name=f"multihead-http-{self.port}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the HTTP server on {host}:{self.port} did not start")
-            time.sleep(0.01)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/v1"
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self) -> None:
-        """Stop serving (open streams are closed, their requests cancelled); returns once the port is free."""
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()
-
-    def __repr__(self) -> str:
-        return f"Server({self.url}, {'running' if self.running else 'stopped'})"
 
 
 def serve(ws, port: int = 8000, *, host: str = "127.0.0.1", teams=(), api_key: str | None = None,
