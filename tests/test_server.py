@@ -256,14 +256,20 @@ def test_32_concurrent_streams_from_4_threads(served):
     threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
     for th in threads:
         th.start()
+    while not results and not errors:  # the HTTP streams have begun: a notebook-side request joins them
+        time.sleep(0.01)
+    notebook = ws.submit("plain", "From the notebook.", max_tokens=30, ignore_eos=True)
     for th in threads:
         th.join(timeout=300)
     assert not errors, errors
+    assert len(notebook.result().token_ids) == 30
     assert len(results) == 32
     for prompt, text, n in results.values():
         assert n == 10 and text == solo[prompt]
     steps = ws.steps()
-    assert steps[steps.step >= steps_before].num_seqs.max() >= 8  # batched together by the one scheduler
+    steps = steps[steps.step >= steps_before]
+    assert steps.num_seqs.max() >= 8  # batched together by the one scheduler
+    assert steps.tokens_by_head.apply(lambda d: "poet" in d and "plain" in d).any()  # with the notebook's too
     assert settled(ws, free)
 
 
