@@ -31,12 +31,14 @@ def inject_parameters(nb, source: str):
 
 
 def write_kernelspec(folder: Path, name: str = KERNEL) -> Path:
-    """A kernelspec running this interpreter; put `folder` first on JUPYTER_PATH."""
+    """A kernelspec running this interpreter on this checkout's package; put `folder` first on JUPYTER_PATH."""
     spec = folder / "kernels" / name
     spec.mkdir(parents=True, exist_ok=True)
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (multihead tests)", "language": "python",
+        "env": {"PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get(
+            "PYTHONPATH") else []))},  # the checkout under test, whatever is installed
     }))
     return folder
 
