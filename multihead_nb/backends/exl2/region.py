@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ...config import ceil_div
-from ...errors import ConfigError, OutOfPagesError
-from ...memory import Arena, PagePool, PageState
+from ...errors import ConfigError
+from ...memory import Arena
 
 EXL2_PAGE_TOKENS = 256  # exllamav2's PAGED_PAGE_SIZE; flash-attn's paged KV needs a multiple of 256
 EXL2_DTYPE = torch.float16  # ExLlamaV2Cache (the FP16 cache) is the one whose tensors we can supply
