@@ -89,11 +89,11 @@ class RemoteBackend:
             kw.update(read_timeout=float(t), connect_timeout=min(float(t), 10.0))
         if "retries" in given:
             kw["retries"] = given["retries"]
-        probe = RemoteConfig(url, given.get("remote_model") or "?", **kw)
+        probe = RemoteConfig(url, None, **kw)
         try:
             served = list_models(probe)
         except RemoteError as e:
-            raise ConfigError(f"cannot add a head on {PREFIX}{url}: {e}") from None
+            raise ConfigError(f"cannot add a head on {PREFIX}{url}: {e}") from None  # names the engine and cause
         name = given.get("remote_model")
         if name is None:
             if len(served) != 1:

@@ -30,7 +30,7 @@ class RemoteError(RequestError):
 @dataclass(frozen=True)
 class RemoteConfig:
     base_url: str  # http(s)://HOST:PORT/v1
-    model: str  # the engine's name for the model
+    model: str | None  # the engine's name for the model (None: not chosen yet, e.g. to list its models)
     api_key: str | None = None
     connect_timeout: float = 5.0  # seconds to connect
     read_timeout: float = 60.0  # seconds the engine may stay silent (before the first piece, or between two)
@@ -42,7 +42,7 @@ class RemoteConfig:
         if url.scheme not in ("http", "https") or not url.netloc:
             raise ConfigError(f"a remote engine's URL is http(s)://HOST:PORT/v1, got {self.base_url!r}")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
-        if not isinstance(self.model, str) or not self.model:
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ConfigError(f"remote_model must name the engine's model (GET {self.base_url}/models lists them), "
                               f"got {self.model!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
@@ -56,7 +56,8 @@ class RemoteConfig:
 
     @property
     def where(self) -> str:
-        return f"remote model {self.model!r} at {self.base_url}"
+        return f"the engine at {self.base_url}" if self.model is None else \
+            f"remote model {self.model!r} at {self.base_url}"
 
 
 def request_body(model: str, messages: list[dict], params) -> dict:
