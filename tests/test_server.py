@@ -156,6 +156,25 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, cli
     assert client.chat.completions.create(model="plain", messages=MSG).choices[0].message.content is not None
 
 
+def test_a_request_that_fails_mid_generation(served, model):
+    ws, server, _ = served
+    tpp = ws.scheduler.layouts[ws.heads["poet"].model].tokens_per_page
+    prompt = len(ws.encode_prompt("poet", MSG[0]["content"]))
+    pages = -(-(prompt + 4) // tpp)  # room for the prompt and a few tokens, not for 400
+    ws.add_head("cramped", model, system="You write poems.", quota=f"{pages * ws.page_bytes}B", ignore_eos=True)
+    free = ws.pool.num_free
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+    with pytest.raises(openai.APIError, match="quota") as e:
+        for _ in client.chat.completions.create(model="cramped", messages=MSG, max_tokens=400, stream=True):
+            pass  # the error arrives as an event after some text
+    assert "cramped" in str(e.value)
+    with pytest.raises(openai.InternalServerError, match="quota"):
+        client.chat.completions.create(model="cramped", messages=MSG, max_tokens=400)
+    assert settled(ws, free)
+    ws.remove_head("cramped")
+    assert client.chat.completions.create(model="plain", messages=MSG).choices[0].message.content is not None
+
+
 def test_raw_http_errors(served):
     url = served[1].url
     r = httpx.post(url + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
