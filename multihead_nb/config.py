@@ -5,6 +5,7 @@ Owns: the small value parsers every layer shares. Knows nothing of models, pools
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -102,6 +103,21 @@ def resolve_dtype(value: str | torch.dtype, device: torch.device) -> torch.dtype
     if str(value) == "auto":
         return torch.bfloat16
     return parse_dtype(value)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory the device has (the machine's RAM for the CPU), or None when it cannot be told."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
+def ceil_div(a: int, b: int) -> int:
+    """`a / b` rounded up, for non-negative ints (pages for a number of bytes or tokens)."""
+    return -(-a // b)
 
 
 def format_size(n: int) -> str:

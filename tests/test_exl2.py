@@ -19,16 +19,13 @@ from multihead_nb.errors import CheckpointError, ConfigError, OutOfPagesError
 from multihead_nb.memory import Arena, PagePool, PageState
 from multihead_nb.backends.native import ForwardBatch
 from multihead_nb.backends.exl2 import runner as er
+from multihead_nb.memory.region_pool import region_owner
 from multihead_nb.backends.exl2.region import (
     EXL2_PAGE_TOKENS,
     Exl2Region,
     bytes_per_exl2_page,
     exl2_pages_in,
-    find_run,
-    region_owner,
     region_pages_for,
-    release_region,
-    reserve_region,
 )
 from multihead_nb.backends.exl2.batch import paged_params_fields
 from multihead_nb.backends.exl2.checkpoint import is_exl2_checkpoint, read_exl2_spec, require_exllamav2
@@ -124,14 +121,14 @@ def test_accounting_map_splits_the_region_evenly():
 # ---- reserving a contiguous run ----------------------------------------------------------------------------
 def test_reserve_region_on_a_fresh_pool():
     pool = PagePool(16)
-    pages = reserve_region(pool, "m", 5)
+    pages = pool.reserve_run(5, region_owner("m"), "m")
     assert pages == [0, 1, 2, 3, 4]
     assert all(pool.state(p) == PageState.KV and pool.holders(p) == {region_owner("m"): 1} for p in pages)
     assert all(pool.model_of(p) == "m" for p in pages)
     assert pool.num_free == 11
     pool.check()
     assert pool.allocate(1, "h", "x") == [5]  # the free queue's order is kept
-    release_region(pool, "m", pages)
+    pool.release(pages, region_owner("m"))
     assert pool.num_free == 15
     pool.check()
 
@@ -143,13 +140,13 @@ def test_reserve_region_finds_a_run_between_used_pages_and_keeps_the_queue_order
     before = PagePool(20)  # replay the same history to see which page a plain allocate would take next
     hb = before.allocate(20, "h", "x")
     before.release([hb[i] for i in (0, 2, 4, 9, 10, 11, 12, 15, 16, 17, 18, 19)], "h")
-    pages = reserve_region(pool, "m", 4)
+    pages = pool.reserve_run(4, region_owner("m"), "m")
     assert pages == [9, 10, 11, 12]
     pool.check()
     expect = [p for p in before.allocate(before.num_free, "z", "y") if p not in pages]
     assert pool.allocate(pool.num_free, "z", "y") == expect
     with pytest.raises(OutOfPagesError, match="no run of 5"):
-        reserve_region(PagePool(4), "m", 5)
+        PagePool(4).reserve_run(5, region_owner("m"), "m")
 
 
 def test_find_run_prefers_runs_without_cached_pages():
@@ -158,11 +155,11 @@ def test_find_run_prefers_runs_without_cached_pages():
     pool.register(pages[1], b"h1")  # page 1 will be cached (a reusable prefix)
     pool.release(pages, "h")
     assert pool.state(1) == PageState.CACHED
-    assert find_run(pool, 3) == [2, 3, 4]
-    assert find_run(pool, 12) == list(range(12))
+    assert pool.find_run(3) == [2, 3, 4]
+    assert pool.find_run(12) == list(range(12))
     pool2 = PagePool(6)
     pool2.allocate(1, "h", "x")  # page 0 used
-    assert find_run(pool2, 6) is None and find_run(pool2, 5) == [1, 2, 3, 4, 5]
+    assert pool2.find_run(6) is None and pool2.find_run(5) == [1, 2, 3, 4, 5]
 
 
 # ---- ForwardBatch -> PagedParams ---------------------------------------------------------------------------
@@ -299,7 +296,7 @@ def test_translation_with_paged_attention_over_the_region_matches_dense_attentio
     pool = PagePool(64)
     pool.allocate(3, "native-head", "other")  # something else lives in the arena too
     n_arena = region_pages_for(L_, KV, d, 6, 4096)
-    region = Exl2Region.from_pages(reserve_region(pool, "exl2", n_arena), 4096, L_, KV, d)
+    region = Exl2Region.from_pages(pool.reserve_run(n_arena, region_owner("exl2"), "exl2"), 4096, L_, KV, d)
     assert region.num_exl2_pages == 6
     keys, values = region.layer_views(arena)
     kc = [k.view(-1, P, KV, d) for k in keys]  # as in ExLlamaV2Attention.forward_paged
@@ -609,7 +606,7 @@ def _step(runner, seqs: list[_Seq], device) -> None:
 def _exl2_runner(path, arena, pool, n_pages, model="exl2"):
     spec = read_exl2_spec(path)
     n_arena = region_pages_for(spec.num_layers, spec.num_kv_heads, spec.head_dim, n_pages, arena.page_bytes)
-    pages = reserve_region(pool, model, n_arena)
+    pages = pool.reserve_run(n_arena, region_owner(model), model)
     return er.Exl2Runner(spec, arena, pages, device="cuda")
 
 

@@ -18,8 +18,9 @@ import torch
 from helpers import make_ws
 from multihead_nb.errors import ConfigError, OutOfPagesError, RequestError
 from multihead_nb.backends.native import ModelRunner, read_spec
-from multihead_nb.backends.exl2.checkpoint import read_exl2_spec
-from multihead_nb.backends.exl2.region import Exl2Region, region_owner
+from multihead_nb.backends.exl2.backend import Exl2Backend
+from multihead_nb.backends.exl2.region import Exl2Region
+from multihead_nb.memory.region_pool import region_owner
 from multihead_nb.backends.exl2.runner import Exl2Layout
 
 OWN_PAGE = 2 * 2 * 256 * 2 * 16 * 2  # bytes of one region page of the tiny llama (2 layers, 2 KV heads, dim 16)
@@ -54,8 +55,9 @@ class _RegionRunner:
         return self.inner.forward(batch)
 
 
-class NativeInRegion:
-    """A region backend for tests: the same protocol as `Exl2Backend` (detects, check, read_spec, runner)."""
+class NativeInRegion(Exl2Backend):
+    """A region backend for tests: the EXL2 backend's planning and regions, with the native runner over the region
+    (no exllamav2, no CUDA)."""
 
     name = "region-native"
 
@@ -67,9 +69,6 @@ class NativeInRegion:
 
     def check(self, device) -> None:
         pass
-
-    def read_spec(self, model: str):
-        return read_exl2_spec(model)
 
     def runner(self, spec, arena, region_pages, device):
         region = Exl2Region.from_pages(region_pages, arena.page_bytes, spec.num_layers, spec.num_kv_heads,
@@ -156,7 +155,7 @@ def test_region_and_native_heads_generate_together_as_alone(models):
     runner = ws.backends["region-native"].runners[-1]
     assert runner.pages_seen and max(runner.pages_seen) < region.num_pages
     stats = ws.stats()
-    assert not any(o.startswith("exl2-region:") for o in stats["pool"]["by_owner"])
+    assert not any(o.startswith("region:") for o in stats["pool"]["by_owner"])
     assert stats["models"][key]["backend"] == "region-native" and stats["models"][key]["region_pages"] == 256
     ws.pool.check()
     region.pool.check()
@@ -324,7 +323,7 @@ def test_a_region_that_does_not_fit_is_a_clear_error(models):
     with pytest.raises(ConfigError, match="quota"):
         ws.add_head("r1", models["r"], backend="region-native", region=4 * OWN_PAGE, quota="lots")
     assert len(ws.models) == 1 and not ws.pool.weights().keys() - {ws.heads["n1"].model}
-    assert not any(o.startswith("exl2-region:") for o in ws.pool.usage()["by_owner"])
+    assert not any(o.startswith("region:") for o in ws.pool.usage()["by_owner"])
     hold.cancel()
     assert ws.generate("n1", ids(2, 5), max_tokens=3).token_ids
     ws.pool.check()
@@ -333,9 +332,9 @@ def test_a_region_that_does_not_fit_is_a_clear_error(models):
 
 def test_backend_and_region_options(models):
     ws = region_ws()
-    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: auto, native, exl2, region-native"):
+    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: auto, exl2, native, region-native"):
         ws.add_head("a", models["r"], backend="nope")
-    with pytest.raises(ConfigError, match="region= is for models of a region backend"):
+    with pytest.raises(ConfigError, match="region= is not an option of the 'native' backend.*takes no per-model options"):
         ws.add_head("a", models["n"], region="10%")
     with pytest.raises(ConfigError, match="unknown head option"):
         ws.add_head("a", models["r"], regoin="10%")
@@ -346,7 +345,7 @@ def test_backend_and_region_options(models):
     ws.add_head("a", models["r"], backend="region-native", region="10%")
     with pytest.raises(ConfigError, match="loaded on the 'region-native' backend.*not 'native'"):
         ws.add_head("b", models["r"], backend="native")
-    with pytest.raises(ConfigError, match="loaded with a region of 102 pages; region='20%' asks for another"):
+    with pytest.raises(ConfigError, match="loaded with a region of 102 pages; the options .*'20%'.* ask for 204"):
         ws.add_head("b", models["r"], region="20%")
     assert set(ws.heads) == {"a"} and len(ws.models) == 1
     ws.add_head("b", models["r"], region=0.1)  # the same region: fine

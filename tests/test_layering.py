@@ -86,27 +86,27 @@ def test_every_part_of_the_package_has_a_floor():
     assert not unknown, f"top-level parts without a floor in FLOORS: {sorted(unknown)}"
 
 
-def test_no_floor_imports_a_higher_one():
+def upward_imports(g: dict) -> list[str]:
     bad = []
-    for mod, deps in graph().items():
+    for mod, deps in g.items():
         for dep, lazy in deps:
             if floor(dep) > floor(mod) and not (lazy and (mod, dep) in LAZY_UPWARD):
                 bad.append(f"{mod} -> {dep}{' (in a function)' if lazy else ''}")
-    assert not bad, "upward imports:\n" + "\n".join(bad)
+    return bad
 
 
-def test_no_import_cycles():
-    edges = {m: {d for d, _ in deps if d != m and not m.startswith(d + ".")} for m, deps in graph().items()}
+def cycles(g: dict) -> list[list[str]]:
     # a package's __init__ re-exporting its children is not a cycle with them
+    edges = {m: {d for d, _ in deps if d != m and not m.startswith(d + ".")} for m, deps in g.items()}
     state: dict[str, int] = {}
-    cycles = []
+    found = []
 
     def dfs(node, stack):
         state[node] = 1
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt):] + [nxt])
             elif nxt not in state:
                 dfs(nxt, stack)
         stack.pop()
@@ -115,11 +115,28 @@ def test_no_import_cycles():
     for m in sorted(edges):
         if m not in state:
             dfs(m, [])
-    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    return found
 
 
-def test_the_check_sees_an_upward_import(tmp_path):
-    """The graph is not vacuous: the engine's real imports are found, and a planted upward one would be caught."""
-    deps = dict(graph())["multihead_nb.engine.engine"]
-    assert ("multihead_nb.backends.batch", False) in deps
-    assert floor("multihead_nb.team.run") > floor("multihead_nb.workspace.handles") > floor("multihead_nb.engine.request")
+def test_no_floor_imports_a_higher_one():
+    bad = upward_imports(graph())
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles():
+    found = cycles(graph())
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_the_checks_are_not_vacuous():
+    """The real graph is seen (the engine's forward imports the backends' batch), and a planted upward import, a
+    planted module-level copy of an allowed lazy one, and a planted cycle are caught."""
+    g = graph()
+    assert ("multihead_nb.backends.batch", False) in g["multihead_nb.engine.forward"]
+    assert ("multihead_nb.team.team", True) in g["multihead_nb.workspace.workspace"]  # ws.team(), allowed
+    planted = {**g, "multihead_nb.engine.engine": [*g["multihead_nb.engine.engine"], ("multihead_nb.team.run", False)]}
+    assert upward_imports(planted) == ["multihead_nb.engine.engine -> multihead_nb.team.run"]
+    eager = {**g, "multihead_nb.workspace.workspace": [("multihead_nb.team.team", False)]}
+    assert upward_imports(eager) == ["multihead_nb.workspace.workspace -> multihead_nb.team.team"]
+    loop = {**g, "multihead_nb.memory.arena": [*g["multihead_nb.memory.arena"], ("multihead_nb.memory.kv_layout", False)]}
+    assert any("multihead_nb.memory.arena" in c for c in cycles(loop))

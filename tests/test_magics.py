@@ -9,6 +9,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import multihead_nb as mh
+from multihead_nb.errors import ConfigError
 from multihead_nb.notebook.magics import parsers
 from multihead_nb.notebook.magics.magic import MultiHeadMagics
 
@@ -214,10 +215,10 @@ def test_parse_team_and_vars():
     body = "a: one {x}\n  two\n\n# c\nb:three {a}\n"
     assert parsers.parse_team(body) == {"a": "one {x}\ntwo", "b": "three {a}"}
     assert parsers.parse_vars(["k=v=w", "n= 3"]) == {"k": "v=w", "n": " 3"}
-    with pytest.raises(ValueError, match="line 1"):
+    with pytest.raises(ConfigError, match="line 1"):
         parsers.parse_team("a - b")
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ConfigError, match="empty prompt"):
         parsers.parse_team("a:\nb: x")
     assert parsers.parse_size_arg("8KiB", "x") == 8192
-    with pytest.raises(ValueError, match="--page-bytes"):
+    with pytest.raises(ConfigError, match="--page-bytes"):
         parsers.parse_size_arg("8 parsecs", "--page-bytes")

@@ -447,3 +447,24 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestPagePool = PoolMachine.TestCase
+
+
+def test_reserve_run_takes_exactly_the_run_and_keeps_other_cached_prefixes():
+    pool = PagePool(10)
+    pages = pool.allocate(10, "h", "m")
+    pool.register(pages[0], b"prefix-0")  # page 0 holds a reusable prefix
+    pool.release(pages, "h")
+    assert pool.state(0) == PageState.CACHED
+    run = pool.reserve_run(4, "region", "big")
+    assert run == [1, 2, 3, 4]  # the run without cached pages
+    assert pool.lookup(b"prefix-0") == 0 and pool.state(0) == PageState.CACHED  # not evicted on the way
+    assert all(pool.holders(p) == {"region": 1} and pool.model_of(p) == "big" for p in run)
+    pool.check()
+    pool.set_quota("q", 2)
+    with pytest.raises(QuotaExceededError):
+        pool.reserve_run(3, "q", "big")
+    with pytest.raises(OutOfPagesError, match="no run of 6 consecutive"):
+        pool.reserve_run(6, "other", "big")
+    pool.release(run, "region")
+    assert pool.num_free == 10
+    pool.check()

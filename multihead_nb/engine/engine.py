@@ -1,9 +1,15 @@
-"""The engine loop: schedule → run → postprocess, inline or on a background thread.
+"""The engine loop: schedule → run → postprocess, inline or on a background thread, and every request's end.
 
-Owns: the step (turning a plan into one `ForwardBatch` per model, sampling, appending tokens, stop conditions,
-finishing requests), the inbox through which other threads submit and cancel, the background thread, and the
-listeners told of every token and every finish. Knows nothing of heads' prompts, chat templates, teams or
-notebooks; the workspace builds requests, the bus listens.
+Owns: the step; the inbox through which other threads submit and cancel; the live requests (from `submit` to their
+end, wherever they are: inbox, waiting, running, preempted); `finalize`, the one place a request ends (its final
+status, its pages freed, its stream closed, its listeners told); the background thread; the listeners told of every
+token and every end, called after the step, outside its lock. A step is safe against Ctrl-C in inline mode: the
+parts that change shared state run with the interrupt held back (`interrupts_deferred`), and an interrupt during
+the forward leaves every request as it was before the step. An exception in a step fails the requests it concerns;
+the engine keeps serving and keeps the cause in `errors`.
+
+Knows nothing of heads' prompts, chat templates, teams or notebooks; the workspace builds requests, the bus listens.
+Running a plan's forwards and sampling is `forward.py`; detokenizing and stops `output.py`; policy `scheduler.py`.
 """
 
 from __future__ import annotations
@@ -11,37 +17,21 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
 from typing import Callable
 
-import torch
-
-from ..errors import RequestError
-from ..backends.batch import ForwardBatch
-from .output import IncrementalDetokenizer
-from .recorder import Recorder
+from ..errors import MultiHeadError, RequestError
+from .forward import ModelSlot, StepOutput, run_plan
+from .interrupts import interrupts_deferred
+from .output import append_token, emit
+from .plan import StepPlan
+from .recorder import Recorder, StepRow, TokenRow
 from .request import Request, Status
-from .sampler import sample
-from .plan import Chunk, StepPlan
 from .scheduler import Scheduler
 
+__all__ = ["Engine", "ModelSlot"]
 
-@dataclass
-class ModelSlot:
-    """What the engine needs of a loaded model."""
-
-    runner: object  # has .forward(ForwardBatch) -> [L, vocab] logits, .layout, .device
-    tokenizer: object
-    eos_ids: frozenset[int]
-    max_context: int
-
-
-@dataclass
-class StepOutput:
-    sampled: dict[int, int]  # request id -> token id
-    batch_sizes: dict[str, int]  # model -> sequences in its forward
-    decode_tokens: dict[str, int]  # model -> tokens that were decode steps (the rest were prefill)
-    forward_s: float
+Listener = Callable[[str, Request, object], None]  # ("token", req, TokenRow) or ("finish", req, None)
 
 
 class Engine:
@@ -50,12 +40,17 @@ class Engine:
         self.recorder = recorder
         self.epoch = epoch
         self.models: dict[str, ModelSlot] = {}
-        self.listeners: list[Callable[[str, Request, object], None]] = []
+        self.listeners: list[Listener] = []
         self.step_count = 0
         self.tokens_generated = 0
         self.busy_s = 0.0
+        self.errors: deque[tuple[float, str]] = deque(maxlen=100)  # (time, what failed and why), newest last
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._step_lock = threading.RLock()  # one step at a time, whoever drives
+        self._live: dict[int, Request] = {}
+        self._live_lock = threading.Lock()
+        self._accepting = True
+        self._events: list[tuple[str, Request, object]] = []  # told to listeners after the step
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -76,23 +71,77 @@ class Engine:
         self._wake.set()
 
     def submit(self, req: Request) -> None:
-        self.call_soon(lambda: self.scheduler.add(req))
+        """Accept `req`: from now on it ends, one way or another (`finalize`), whatever happens to its head."""
+        with self._live_lock:
+            if not self._accepting:
+                raise RequestError("the workspace is closed; create a new one")
+            self._live[req.id] = req
+        self.call_soon(lambda: self._admit(req))
+
+    def stop_accepting(self) -> None:
+        """Refuse every later `submit` (the workspace is closing)."""
+        with self._live_lock:
+            self._accepting = False
 
     def cancel(self, req: Request, reason: str = "cancelled") -> None:
-        self.call_soon(lambda: self._cancel_now(req, reason))
+        self.call_soon(lambda: self.finalize(req, Status.CANCELLED, reason))
 
-    def _cancel_now(self, req: Request, reason: str) -> None:
-        if req.status.done:
-            return
-        self.scheduler.finish(req)
-        req.status = Status.CANCELLED
-        req.finish_reason = reason
-        self._finish(req)
+    def live_requests(self) -> list[Request]:
+        """Every request submitted and not yet ended, wherever it is."""
+        with self._live_lock:
+            return list(self._live.values())
 
     def process_inbox(self) -> None:
         """Apply submitted adds and cancels now (inline mode; the background thread does this each step)."""
-        with self._step_lock:
+        with self._step_lock, interrupts_deferred():
             self._drain_inbox()
+        self._deliver()
+
+    def sync(self, timeout: float = 60.0) -> None:
+        """Return once everything queued before this call is applied and its listeners and handles are told."""
+        if self._thread is None or self._thread is threading.current_thread():
+            self.process_inbox()
+            return
+        done = threading.Event()
+        self.call_soon(lambda: self._events.append(("barrier", None, done)))
+        if not done.wait(timeout):
+            raise RuntimeError(f"the engine thread did not respond within {timeout:g} s")
+
+    # ---- the one end of every request (engine side) --------------------------------------------------------
+    def finalize(self, req: Request, status: Status, reason: str, error: BaseException | None = None) -> None:
+        """End `req` (once): take it out of the scheduler and free its pages, set its final status, close its
+        stream; listeners hear of it after the step and then its handle wakes."""
+        if req.status.done:
+            return
+        assert status.done, status
+        self.scheduler.remove(req)
+        req.status, req.finish_reason, req.error = status, reason, error
+        req.finish_time = self.now()
+        emit(req, final=True)
+        req.deltas.put(None)
+        with self._live_lock:
+            self._live.pop(req.id, None)
+        self._events.append(("finish", req, None))
+
+    def fail(self, req: Request, message: str, cause: BaseException | None = None) -> None:
+        err = RequestError(message)
+        err.__cause__ = cause
+        self.finalize(req, Status.FAILED, "error", err)
+
+    def cancel_all(self, reason: str = "cancelled", head: str | None = None) -> list[Request]:
+        """Engine side: end every live request (of `head`, if given) wherever it is; returns them."""
+        ended = [r for r in self.live_requests() if head is None or r.head == head]
+        for r in ended:
+            self.finalize(r, Status.CANCELLED, reason)
+        return ended
+
+    def _admit(self, req: Request) -> None:
+        if req.status.done:  # cancelled while in the inbox
+            return
+        try:
+            self.scheduler.add(req)
+        except MultiHeadError as e:
+            self.fail(req, str(e))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -100,85 +149,71 @@ class Engine:
                 fn = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            fn()
+            try:
+                fn()
+            except Exception as e:  # one bad callback must not stop the engine
+                self._record_error("an engine callback", e)
+
+    def _deliver(self) -> None:
+        """Tell listeners of the last step's tokens and ends (outside the step lock), then wake finished handles."""
+        with self._step_lock:
+            events, self._events = self._events, []
+        if not events:
+            return
+        with interrupts_deferred():
+            for kind, req, payload in events:
+                if kind == "barrier":
+                    payload.set()
+                    continue
+                for listener in self.listeners:
+                    try:
+                        listener(kind, req, payload)
+                    except Exception as e:
+                        self._record_error(f"a listener of request {req.id}", e)
+                if kind == "finish":
+                    req.done_event.set()
+
+    def _record_error(self, where: str, e: BaseException) -> None:
+        self.errors.append((self.now(), f"{where} raised {type(e).__name__}: {e}"))
 
     # ---- the step ------------------------------------------------------------------------------------------
     def step(self) -> bool:
         """One engine step; returns whether any tokens were computed."""
-        with self._step_lock:
-            t0 = self.now()
+        try:
+            with self._step_lock:
+                return self._step()
+        finally:
+            self._deliver()
+
+    def _step(self) -> bool:
+        t0 = self.now()
+        with interrupts_deferred():
             self._drain_inbox()
-            plan = self.scheduler.schedule()
-            t1 = self.now()
             try:
-                out = self.run(plan)
-            except Exception as e:  # a failed forward fails the requests in it, not the workspace
-                self._fail_plan(plan, e)
-                return True
-            t2 = self.now()
+                plan = self.scheduler.schedule()
+            except Exception as e:  # a bug in planning: end what it concerns (everything queued), keep serving
+                self._record_error("the scheduler", e)
+                for r in self.scheduler.requests():
+                    self.fail(r, f"the scheduler failed: {type(e).__name__}: {e}", e)
+                return False
+            for failure in plan.failed:
+                self.fail(failure.request, failure.message)
+        t1 = self.now()
+        out = run_plan(self.models, plan)  # an interrupt here leaves every request as it was before the step
+        t2 = self.now()
+        with interrupts_deferred():
             self.postprocess(plan, out)
             t3 = self.now()
             if plan.chunks:
                 self._record_step(plan, out, t0, t1, t2, t3)
                 self.step_count += 1
                 self.busy_s += t3 - t0
-            return bool(plan.chunks)
-
-    def _fail_plan(self, plan: StepPlan, error: Exception) -> None:
-        for req in plan.failed:
-            self._finish(req)
-        for c in plan.chunks:
-            req = c.request
-            if req.status.done:
-                continue
-            self.scheduler.finish(req)
-            req.status = Status.FAILED
-            req.finish_reason = "error"
-            req.error = RequestError(f"the forward pass of {req.model!r} failed: {type(error).__name__}: {error}")
-            req.error.__cause__ = error
-            self._finish(req)
-
-    def run(self, plan: StepPlan) -> StepOutput:
-        sampled: dict[int, int] = {}
-        sizes: dict[str, int] = {}
-        decodes: dict[str, int] = {}
-        t = time.perf_counter()
-        for model, chunks in plan.by_model().items():
-            slot = self.models[model]
-            batch, samplers = self._batch(chunks, slot.runner.layout.tokens_per_page, slot.runner.device)
-            logits = slot.runner.forward(batch)  # [L, vocab]
-            sizes[model] = batch.num_seqs
-            decodes[model] = sum(1 for c in chunks if c.request.num_computed >= len(c.request.prompt_ids))
-            if samplers:
-                logits = logits.float().cpu()
-                params = [c.request.params for c in samplers]
-                gens = [c.request.generator for c in samplers]
-                for c, tok in zip(samplers, sample(logits, params, gens)):
-                    sampled[c.request.id] = tok
-        return StepOutput(sampled, sizes, decodes, time.perf_counter() - t)
-
-    @staticmethod
-    def _batch(chunks: list[Chunk], tpp: int, device) -> tuple[ForwardBatch, list[Chunk]]:
-        ids, pos, slots, qlens, clens, tables, logit_idx, samplers = [], [], [], [], [], [], [], []
-        for c in chunks:
-            r, start, n = c.request, c.request.num_computed, c.num_tokens
-            ids.extend(r.token_slice(start, start + n))
-            pos.extend(range(start, start + n))
-            table = r.block_table
-            slots.extend(table[p // tpp] * tpp + p % tpp for p in range(start, start + n))
-            qlens.append(n)
-            clens.append(start + n)
-            tables.append(table[: -(-(start + n) // tpp)])
-            if c.sample:
-                logit_idx.append(len(ids) - 1)
-                samplers.append(c)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        batch = ForwardBatch(as_long(ids), as_long(pos), as_long(slots), qlens, clens, tables, as_long(logit_idx))
-        return batch, samplers
+        return bool(plan.chunks)
 
     def postprocess(self, plan: StepPlan, out: StepOutput) -> None:
-        for req in plan.failed:
-            self._finish(req)
+        for c in plan.chunks:
+            if c.request.id in out.failed:
+                self.fail(c.request, out.failed[c.request.id], out.causes.get(c.request.id))
         self.scheduler.advance(plan)
         t = self.now()
         for c in plan.chunks:
@@ -186,74 +221,39 @@ class Engine:
             tok = out.sampled.get(req.id)
             if tok is None or req.status != Status.RUNNING:
                 continue
-            self._append_token(req, tok, t, out.batch_sizes[req.model])
+            try:
+                self._append_token(req, tok, t, out.batch_sizes[req.model])
+            except Exception as e:  # a bug in one request's output handling ends that request only
+                self.fail(req, f"handling the output of request {req.id} failed: {type(e).__name__}: {e}", e)
 
     def _append_token(self, req: Request, tok: int, t: float, batch_size: int) -> None:
         slot = self.models[req.model]
-        req.output_ids.append(tok)
+        delta, reason = append_token(req, tok, slot.tokenizer, slot.eos_ids, slot.max_context)
         self.tokens_generated += 1
-        if req.detokenizer is None:
-            req.detokenizer = IncrementalDetokenizer(slot.tokenizer, req.prompt_ids)
-        delta = req.detokenizer.push(tok)
-        req.text += delta
         prev = req.last_token_time if req.last_token_time is not None else req.arrival
         if req.first_token_time is None:
             req.first_token_time = t
         req.last_token_time = t
-        index = len(req.output_ids) - 1
-        self.recorder.token(
-            (req.head, req.id, index, tok, delta, t, t - prev, self.step_count, batch_size), req.tag
-        )
-        reason = None
-        if tok in slot.eos_ids and not req.params.ignore_eos:
-            reason = "stop"
-        for s in req.params.stop:
-            cut = req.text.find(s, max(0, len(req.text) - len(delta) - len(s)))
-            if cut >= 0:
-                req.text = req.text[:cut]
-                reason = "stop"
-                break
-        if reason is None and len(req.output_ids) >= req.params.max_tokens:
-            reason = "length"
-        if reason is None and req.num_tokens >= slot.max_context:
-            reason = "length"
-        for listener in self.listeners:
-            listener("token", req, tok)
+        row = TokenRow(req.head, req.id, len(req.output_ids) - 1, tok, delta, t, t - prev, self.step_count, batch_size)
+        req.token_rows.append(row)
+        self.recorder.token(row, req.tag)
+        self._events.append(("token", req, row))
         if reason is not None:
-            self.scheduler.finish(req)
-            req.status = Status.FINISHED
-            req.finish_reason = reason
-            self._finish(req)
+            self.finalize(req, Status.FINISHED, reason)
         else:
-            self._emit(req, hold_back=max((len(s) - 1 for s in req.params.stop), default=0))
-
-    def _emit(self, req: Request, hold_back: int = 0) -> None:
-        upto = max(req.emitted, len(req.text) - hold_back)
-        if upto > req.emitted:
-            req.deltas.put(req.text[req.emitted : upto])
-            req.emitted = upto
-
-    def _finish(self, req: Request) -> None:
-        req.finish_time = self.now()
-        self._emit(req)
-        req.deltas.put(None)
-        for listener in self.listeners:
-            listener("finish", req, None)
-        req.done_event.set()
+            emit(req)
 
     def _record_step(self, plan: StepPlan, out: StepOutput, t0, t1, t2, t3) -> None:
-        usage_free = self.scheduler.pool.num_free
-        in_use = self.scheduler.pool.num_pages - usage_free
+        pages_free = self.scheduler.pool.num_free
+        in_use = self.scheduler.pool.num_pages - pages_free
         for model, chunks in plan.by_model().items():
             by_head: dict[str, int] = {}
             for c in chunks:
                 by_head[c.request.head] = by_head.get(c.request.head, 0) + c.num_tokens
             decode = out.decode_tokens.get(model, 0)
             n = sum(c.num_tokens for c in chunks)
-            self.recorder.step(
-                (self.step_count, model, t0, t3, t3 - t0, len(chunks), n, n - decode, decode, by_head, in_use,
-                 usage_free, t1 - t0, t2 - t1, t3 - t2)
-            )
+            self.recorder.step(StepRow(self.step_count, model, t0, t3, t3 - t0, len(chunks), n, n - decode, decode,
+                                       by_head, in_use, pages_free, t1 - t0, t2 - t1, t3 - t2))
 
     # ---- driving -------------------------------------------------------------------------------------------
     def run_until(self, done: Callable[[], bool], timeout: float | None = None) -> None:
@@ -288,15 +288,23 @@ class Engine:
     def background(self) -> bool:
         return self._thread is not None
 
+    @property
+    def on_engine_thread(self) -> bool:
+        return self._thread is not None and self._thread is threading.current_thread()
+
     def _loop(self) -> None:
         while not self._stop:
             try:
                 worked = self.step()
-            except BaseException as e:  # a bug, not user input: keep it visible, stop serving
+            except Exception as e:  # steps contain their failures; this is a bug outside them: record, go on
+                self._record_error("an engine step", e)
+                worked = False
+            except BaseException as e:  # SystemExit and the like: stop serving, end every request visibly
                 self.crashed = e
-                for req in self.scheduler.requests():
-                    req.error = e
-                    self._cancel_now(req, "error")
+                with self._step_lock:
+                    for req in self.live_requests():
+                        self.finalize(req, Status.FAILED, "error", RequestError(f"the engine thread stopped: {e!r}"))
+                self._deliver()
                 raise
             if not worked:
                 self._wake.wait(0.05)

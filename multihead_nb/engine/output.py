@@ -1,9 +1,14 @@
-"""Incremental detokenization: token ids in, text deltas out, never splitting a multi-byte character.
+"""A request's output: token ids in, text out, stop conditions, and the text streamed to its reader.
 
-Owns: the offsets trick (decode a short window and emit only text that is complete). Knows nothing of requests.
+Owns: incremental detokenization (decode a short window and emit only complete text, never half a multi-byte
+character), stop strings (cut from the text; a possible stop-string prefix is held back from the stream), the end
+conditions (end-of-sequence ids, max_tokens, the model's context), and pushing text deltas to the request's queue.
+Knows nothing of scheduling, pages or the recorder.
 """
 
 from __future__ import annotations
+
+from .request import Request
 
 
 class IncrementalDetokenizer:
@@ -12,20 +17,47 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_tail or [])[-4:]
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self.text = ""
-        self.last_delta = ""
 
     def push(self, token_id: int) -> str:
         """Append one token; return the newly complete text (may be "" while a character is incomplete)."""
         self.ids.append(token_id)
-        self.last_delta = ""
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-            self.text += delta
-            self.last_delta = delta
-            return delta
+            return full[len(prefix) :]
         return ""
+
+
+def append_token(req: Request, tok: int, tokenizer, eos_ids: frozenset[int], max_context: int) -> tuple[str, str | None]:
+    """Append sampled token `tok` to `req`'s output: (the text it completed, why the request ends now or None)."""
+    req.output_ids.append(tok)
+    if req.detokenizer is None:
+        req.detokenizer = IncrementalDetokenizer(tokenizer, req.prompt_ids)
+    delta = req.detokenizer.push(tok)
+    req.text += delta
+    reason = None
+    if tok in eos_ids and not req.params.ignore_eos:
+        reason = "stop"
+    for s in req.params.stop:
+        cut = req.text.find(s, max(0, len(req.text) - len(delta) - len(s)))
+        if cut >= 0:
+            req.text = req.text[:cut]
+            reason = "stop"
+            break
+    if reason is None and len(req.output_ids) >= req.params.max_tokens:
+        reason = "length"
+    if reason is None and req.num_tokens >= max_context:
+        reason = "length"
+    return delta, reason
+
+
+def emit(req: Request, final: bool = False) -> None:
+    """Push the text not yet streamed to the request's reader; while it runs, hold back what could still become
+    a stop string."""
+    hold_back = 0 if final else max((len(s) - 1 for s in req.params.stop), default=0)
+    upto = max(req.emitted, len(req.text) - hold_back)
+    if upto > req.emitted:
+        req.deltas.put(req.text[req.emitted : upto])
+        req.emitted = upto

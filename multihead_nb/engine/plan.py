@@ -21,10 +21,18 @@ class Chunk:
 
 
 @dataclass
+class Failure:
+    """A request the scheduler found can never run (it is out of the queues, its pages freed); the engine ends it."""
+
+    request: Request
+    message: str
+
+
+@dataclass
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    failed: list[Request] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
 
     def by_model(self) -> dict[str, list[Chunk]]:
         out: dict[str, list[Chunk]] = {}

@@ -1,6 +1,7 @@
 """One generation request as the engine sees it: token ids, progress, pages, status, timing.
 
-Owns: a request's state and the arithmetic of what is left to compute. Knows nothing of scheduling policy,
+Owns: a request's state and the arithmetic of what is left to compute. Its final status is set in one place, the
+engine's `finalize`; the scheduler moves it between waiting and running. Knows nothing of scheduling policy,
 tensors or the bus. A request's prompt may be *open*: more prompt tokens may still arrive (a streamed handoff
 from an upstream head); the known part is prefilled, and sampling starts only once the prompt is closed.
 """
@@ -12,7 +13,6 @@ import itertools
 import numbers
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +61,19 @@ class Request:
     emitted: int = 0  # characters of `text` already streamed out (a possible stop-string prefix is held back)
     deltas: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # streamed text pieces, then None
     detokenizer: object = None
+    token_rows: list = field(default_factory=list)  # its `TokenRow`s (the recorder's log may have dropped them)
+
+    def extend_prompt(self, ids: list[int], close: bool) -> None:
+        """The one way an open prompt grows (engine side, between steps): append `ids`; `close` lets it sample."""
+        assert self.prompt_open, "only an open prompt grows"
+        self.prompt_ids.extend(ids)
+        if close:
+            self.prompt_open = False
+
+    def truncate_prompt(self, num_tokens: int) -> None:
+        """Drop an open prompt's ids past `num_tokens` (the scheduler first forgets their K/V: `rollback`)."""
+        assert self.prompt_open and num_tokens >= self.num_computed, (num_tokens, self.num_computed)
+        del self.prompt_ids[num_tokens:]
 
     @property
     def all_ids(self) -> list[int]:
@@ -104,10 +117,6 @@ class RequestIds:
 
     def next(self) -> int:
         return next(self._it)
-
-
-def now(epoch: float) -> float:
-    return time.perf_counter() - epoch
 
 
 def check_token_ids(ids, vocab_size: int | None, whose: str) -> list[int]:

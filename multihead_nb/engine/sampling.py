@@ -12,12 +12,15 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (as vLLM does)
+MAX_TEMPERATURE = 100.0
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "ignore_eos")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; `seed` makes sampling reproducible per request."""
+    """How to pick tokens. temperature 0 is greedy, and so is any temperature below `GREEDY_BELOW` (dividing logits
+    by it would overflow); at most `MAX_TEMPERATURE`. `seed` makes sampling reproducible per request."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -30,11 +33,13 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
+        else:
+            raise ConfigError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError(f"stop must be non-empty strings, got {self.stop!r}")
-        check_number("temperature", self.temperature, lo=0.0)
+        check_number("temperature", self.temperature, lo=0.0, hi=MAX_TEMPERATURE)
         check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         check_int("top_k", self.top_k, lo=0)
         check_int("max_tokens", self.max_tokens, lo=1)
@@ -45,7 +50,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def replace(self, **overrides) -> "SamplingParams":
         unknown = set(overrides) - set(SAMPLING_OPTIONS)
@@ -57,6 +62,8 @@ class SamplingParams:
 def check_number(name, value, *, lo=None, hi=None, lo_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
     if hi is not None and value > hi:

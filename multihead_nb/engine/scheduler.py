@@ -15,10 +15,10 @@ from collections import deque
 from ..errors import OutOfPagesError, RequestError
 from ..memory import KVLayout, PagePool, hash_page
 from ..memory.page_spaces import PageSpaces
-from .plan import Chunk, HeadQueue, StepPlan
+from .plan import Chunk, Failure, HeadQueue, StepPlan
 from .request import Request, Status
 
-__all__ = ["Chunk", "HeadQueue", "Scheduler", "StepPlan"]
+__all__ = ["Chunk", "Failure", "HeadQueue", "Scheduler", "StepPlan"]
 
 
 class Scheduler:
@@ -56,14 +56,23 @@ class Scheduler:
         self.heads[name] = q
         self.spaces.set_quota(name, model, quota_pages)
 
-    def remove_head(self, name: str) -> None:
-        q = self.heads.pop(name)
-        assert not q.running and not q.waiting, "cancel a head's requests before removing it"
+    def remove_head(self, name: str) -> list[Request]:
+        """Forget a head; returns its requests still queued (taken out, pages freed) for the caller to end."""
+        q = self.heads.get(name)
+        if q is None:
+            return []
+        left = [*q.running, *q.waiting]
+        for r in left:
+            self.remove(r)
+        del self.heads[name]
         self.spaces.set_quota(name, q.model, None)
+        return left
 
     # ---- queues --------------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
-        q = self.heads[req.head]
+        q = self.heads.get(req.head)
+        if q is None:
+            raise RequestError(f"head {req.head!r} of request {req.id} is not defined (removed before it started)")
         if not q.has_work:  # VTC: a head that comes back does not bring credit from its idle time
             active = [h.counter for h in self.heads.values() if h.has_work]
             if active:
@@ -77,8 +86,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return any(q.has_work for q in self.heads.values())
 
-    def finish(self, req: Request) -> None:
-        """Take a request out of its queue and free its pages (finished, failed or cancelled)."""
+    def remove(self, req: Request) -> None:
+        """Take a request out of its queue and free its pages (finished, failed or cancelled); idempotent."""
         q = self.heads.get(req.head)
         if q is not None:
             if req in q.running:
@@ -264,10 +273,7 @@ class Scheduler:
         if req in q.waiting:
             q.waiting.remove(req)
         self._free_pages(req)
-        req.status = Status.FAILED
-        req.finish_reason = "error"
-        req.error = RequestError(message)
-        plan.failed.append(req)
+        plan.failed.append(Failure(req, message))
 
     # ---- after the step ------------------------------------------------------------------------------------
     def advance(self, plan: StepPlan) -> None:

@@ -160,6 +160,45 @@ class PagePool:
             pages.append(page)
         return pages
 
+    def find_run(self, n: int) -> list[int] | None:
+        """The best run of `n` consecutive allocatable (free or cached) pages: fewest cached pages (each a reusable
+        prefix it would evict), then the lowest first page; None when there is no such run."""
+        if n < 1:
+            raise ValueError(f"a run needs at least one page, got {n}")
+        best: tuple[int, int] | None = None  # (cached pages, start)
+        run = cached = 0
+        for p in range(self.num_pages):
+            if p in self._free:
+                run += 1
+                cached += p in self._hash_of
+                if run > n:
+                    cached -= (p - n) in self._hash_of
+                    run = n
+                if run == n and (best is None or (cached, p - n + 1) < best):
+                    best = (cached, p - n + 1)
+            else:
+                run = cached = 0
+        return None if best is None else list(range(best[1], best[1] + n))
+
+    def reserve_run(self, n: int, owner: str, model: str) -> list[int]:
+        """Take `n` consecutive pages (`find_run`) for `owner`, as one allocation: held (state `kv`, refcount 1) by
+        `owner` for `model` until `release(pages, owner)`. For runners that read one contiguous cache (a region)."""
+        run = self.find_run(n)
+        if run is None:
+            raise OutOfPagesError(
+                f"{n} contiguous pages for {model!r} do not fit: the pool has {len(self._free)} free pages of "
+                f"{self.num_pages}, but no run of {n} consecutive ones")
+        self._check_quota(owner, n)
+        for page in run:
+            del self._free[page]
+            self._forget_hash(page)
+            self._ref[page] = 1
+            self._holders[page][owner] = 1
+            self._model[page] = model
+            self._tokens[page] = 0
+        self._held[owner] += n
+        return run
+
     def acquire(self, page: int, owner: str) -> None:
         """One more reference to an existing page (a prefix hit), in use or cached."""
         if page in self._weight_set:

@@ -28,6 +28,11 @@ from .page_pool import PagePool, PageState
 ROW_COLUMNS = ["page", "state", "owner", "holders", "model", "tokens", "shared"]
 
 
+def region_owner(model: str) -> str:
+    """The owner name under which the main pool holds the arena pages of `model`'s region."""
+    return f"region:{model}"
+
+
 class RegionPool:
     """Model `model`'s own pages (ids 0..N-1, `page_bytes` bytes each) inside arena pages `arena_pages`, which the
     main pool holds for owner `owner`; `charge[j]` lists the arena pages own page j is accounted to."""

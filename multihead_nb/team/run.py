@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from ..engine.request import Status
 from ..errors import MultiHeadError, TeamError
 from .handoff import SENTINEL, UpstreamFeed, encode, reference_ids, same_tokenizer, split_rendered
 from .json_output import parse_json_output
@@ -40,7 +41,8 @@ class _Target:
 class TeamRun:
     def __init__(self, team: "Team", variables: dict):
         self.team, self.ws, self.variables = team, team.ws, dict(variables)
-        self.id = self.ws._run_ids.next()
+        self.id = self.ws.new_run_id()
+        self.cancelled = False
         self.error: TeamError | None = None
         self.json: dict = {}
         self._targets: dict[Instance, _Target] = {}
@@ -74,12 +76,12 @@ class TeamRun:
                 continue
             up_tok = self.ws.tokenizer(src.head)
             same = same_tokenizer(up_tok, down_tok)
-            eos = self.ws.engine.models[self.ws.heads[src.head].model].eos_ids
+            eos = self.ws.eos_ids(src.head)
             feeds.append(UpstreamFeed(same, eos, down_tok))
         return _Target(pieces, sources, feeds, down_tok)
 
     def start(self) -> "TeamRun":
-        self.t_start = self.ws.engine.now()
+        self.t_start = self.ws.now()
         for inst in self.team.order:
             self._targets[inst] = self._build_target(inst)
         heads = {i.head for i in self.team.instances}
@@ -124,7 +126,7 @@ class TeamRun:
 
     def _on_end(self, inst, msg) -> None:
         req = self._targets[inst].handle.request
-        if req.status.value != "finished":
+        if req.status != Status.FINISHED:
             cause = req.error or f"it ended as {req.finish_reason or req.status.value}"
             return self._fail(f"step {inst.head!r} (round {inst.round}) failed: {cause}")
         step = self.team.steps[inst.head]
@@ -151,13 +153,7 @@ class TeamRun:
         keep, _ = t.feeds[k].finish(text)
         if t.cursor == k and t.flushed > keep and t.handle is not None:  # re-tokenized differently: roll back
             cut = t.base + keep
-            req, sched = t.handle.request, self.ws.scheduler
-
-            def rollback():
-                sched.rollback(req, cut)
-                del req.prompt_ids[cut:]
-
-            self.ws.engine.call_soon(rollback)
+            self.ws.truncate_prompt(t.handle, cut)
             del t.ids[cut:]
             t.flushed = keep
 
@@ -189,11 +185,11 @@ class TeamRun:
         self.error = TeamError(message)
         for t in self._targets.values():
             if t.handle is not None and not t.handle.request.status.done:
-                self.ws.engine.cancel(t.handle.request, "cancelled")
+                t.handle.cancel(wait=False)
         self._end()
 
     def _end(self) -> None:
-        self.t_end = self.ws.engine.now()
+        self.t_end = self.ws.now()
         for s in self._subs:
             s.close()
         self._done.set()
@@ -202,8 +198,9 @@ class TeamRun:
         """Cancel every step of the run and free its pages."""
         with self._lock:
             if not self._done.is_set():
+                self.cancelled = True
                 self._fail("the run was cancelled")
-        self.ws._sync()
+        self.ws.sync()
 
     @property
     def done(self) -> bool:
@@ -212,11 +209,11 @@ class TeamRun:
     def wait(self, timeout: float | None = None) -> "TeamRun":
         """Block until the run ends; raise its TeamError if a step failed."""
         try:
-            self.ws.engine.run_until(self._done.is_set, timeout)
+            self.ws.run_until(self._done.is_set, timeout)
         except KeyboardInterrupt:
             self.cancel()
             raise
-        if self.error is not None and str(self.error) != "the run was cancelled":
+        if self.error is not None and not self.cancelled:
             raise self.error
         return self
 
@@ -269,7 +266,11 @@ class TeamRun:
 
     @property
     def tokens(self) -> pd.DataFrame:
-        return self.ws.recorder.tokens(self._request_ids())
+        frames = [t.handle.tokens() for t in self._targets.values() if t.handle is not None]
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            return self.ws.tokens().iloc[0:0]
+        return pd.concat(frames, ignore_index=True).sort_values(["t", "request"]).reset_index(drop=True)
 
     @property
     def steps(self) -> pd.DataFrame:

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -91,10 +92,14 @@ class Subscription:
 
 
 class Bus:
-    def __init__(self, epoch: float | None = None):
+    """Topics and their subscribers; the log keeps the newest `max_messages` messages (`dropped` counts the rest)."""
+
+    def __init__(self, epoch: float | None = None, max_messages: int = 200_000):
         self.epoch = time.perf_counter() if epoch is None else epoch
         self._subs: dict[str, list[Subscription]] = {}
-        self._log: list[Message] = []
+        self._log: deque[Message] = deque(maxlen=max_messages)
+        self._seq = 0
+        self.dropped = 0
         self._lock = threading.RLock()
         self.errors: list[tuple[Message, Exception]] = []  # exceptions raised by subscriber callbacks
 
@@ -134,22 +139,29 @@ class Bus:
         if text is None:
             text = payload if isinstance(payload, str) else ""
         with self._lock:
-            msg = Message(len(self._log), topic, sender, kind, payload, text, time.perf_counter() - self.epoch,
+            msg = Message(self._seq, topic, sender, kind, payload, text, time.perf_counter() - self.epoch,
                           request, finish_reason)
+            self._seq += 1
+            if len(self._log) == self._log.maxlen:
+                self.dropped += 1
             self._log.append(msg)
             subs = list(self._subs.get(topic, ())) + list(self._subs.get("*", ()))
             for sub in subs:
                 sub._deliver(msg)
         return msg
 
-    def on_engine_event(self, event: str, req, token_id) -> None:
-        """Publish a head's token (with its text delta) or its end on the topic named after the head."""
+    def on_engine_event(self, event: str, req, row) -> None:
+        """Publish a head's token (its `TokenRow`: id and text delta) or its end on the topic named after the head."""
         if event == "token":
-            delta = getattr(req.detokenizer, "last_delta", "")
-            self.publish(req.head, [token_id], kind="tokens", sender=req.head, text=delta, request=req.id)
+            self.publish(req.head, [row.token_id], kind="tokens", sender=req.head, text=row.text, request=req.id)
         elif event == "finish":
             self.publish(req.head, None, kind="end", sender=req.head, text=req.text, request=req.id,
                          finish_reason=req.finish_reason)
+
+    def clear_log(self) -> None:
+        """Forget the logged messages (subscribers are unaffected)."""
+        with self._lock:
+            self._log.clear()
 
     def messages(self, topic: str | None = None) -> pd.DataFrame:
         """The log as a frame (columns: seq, topic, sender, kind, payload, text, t, request, finish_reason)."""

@@ -42,6 +42,13 @@ def workspace(**options) -> Workspace:
         return _default.ws
 
 
+def current() -> Workspace | None:
+    """The default workspace if it exists and is open, else None (creates nothing)."""
+    with _default.lock:
+        ws = _default.ws
+        return None if ws is None or ws.closed else ws
+
+
 def reset_workspace(**options) -> Workspace:
     """Replace the default workspace with a new one built with `options`; the old one is closed (its pages freed)
     only once the new one exists."""

@@ -1,8 +1,8 @@
 """What a caller holds for a request: `RequestHandle` (live: stream, result, cancel) and `Completion` (finished).
 
-Owns: waiting on a request from the caller's thread, turning KeyboardInterrupt into a clean cancel, and the
-finished result's fields. Knows nothing of scheduling or tensors; it asks the workspace's engine to step (inline
-mode) or waits for its thread (background mode).
+Owns: waiting on a request from the caller's thread, turning KeyboardInterrupt into a clean cancel of that request,
+and the finished result's fields, built from the request alone (its own token rows: no scan of the workspace's
+log). Knows nothing of scheduling or tensors; it asks the engine to step (inline mode) or waits for its thread.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from ..engine.recorder import token_frame
 from ..engine.request import Request, Status
 from ..errors import RequestError
 
 if TYPE_CHECKING:
-    from .workspace import Workspace
+    from ..engine.engine import Engine
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Completion:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str
+    finish_reason: str  # "stop", "length", "cancelled" (an error raises instead)
     tokens: pd.DataFrame
     ttft_s: float | None  # time from arrival to the first token
     duration_s: float  # time from arrival to the end
@@ -41,10 +42,11 @@ class Completion:
 
 
 class RequestHandle:
-    """A submitted request: stream its text, wait for its result, or cancel it."""
+    """A submitted request: stream its text, wait for its result, or cancel it. Every handle ends: finished,
+    cancelled, or failed (then `result()` and `stream()` raise the request's `MultiHeadError`)."""
 
-    def __init__(self, ws: "Workspace", req: Request):
-        self._ws = ws
+    def __init__(self, engine: "Engine", req: Request):
+        self._engine = engine
         self.request = req
 
     @property
@@ -56,8 +58,8 @@ class RequestHandle:
         return self.request.done_event.is_set()
 
     def stream(self):
-        """Yield text deltas as they are generated; ends when the request does."""
-        engine = self._ws.engine
+        """Yield text deltas as they are generated; ends when the request does. Ctrl-C cancels the request."""
+        engine = self._engine
         try:
             while True:
                 try:
@@ -72,21 +74,43 @@ class RequestHandle:
         except KeyboardInterrupt:
             self.cancel()
             raise
+        self.request.done_event.wait(30)
         self._raise_if_failed()
 
     def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the end; the `Completion`, or the request's error. Ctrl-C cancels the request."""
         try:
-            self._ws.engine.run_until(self.request.done_event.is_set, timeout)
+            self._engine.run_until(self.request.done_event.is_set, timeout)
         except KeyboardInterrupt:
             self.cancel()
             raise
         self._raise_if_failed()
-        return self._ws._completion(self.request)
+        return self.completion()
 
-    def cancel(self) -> None:
-        """Stop the request and free its pages; returns once they are free."""
-        engine = self._ws.engine
+    def completion(self) -> Completion:
+        """The request as it stands (partial while it runs)."""
+        req = self.request
+        end = req.finish_time if req.finish_time is not None else self._engine.now()
+        return Completion(
+            head=req.head, request_id=req.id, text=req.text, token_ids=list(req.output_ids),
+            prompt_token_ids=list(req.prompt_ids), finish_reason=req.finish_reason or "", tokens=self.tokens(),
+            ttft_s=None if req.first_token_time is None else req.first_token_time - req.arrival,
+            duration_s=end - req.arrival, num_cached_tokens=req.num_cached, num_preemptions=req.num_preemptions,
+        )
+
+    def tokens(self) -> pd.DataFrame:
+        """One row per generated token of this request (the token frame's columns and the request's tags)."""
+        req = self.request
+        return token_frame((row, req.tag) for row in list(req.token_rows))
+
+    def cancel(self, wait: bool = True) -> None:
+        """Stop the request and free its pages; with `wait`, return once they are free."""
+        engine = self._engine
         engine.cancel(self.request)
+        if not wait:
+            return
+        if engine.on_engine_thread:
+            return  # a listener on the engine thread: the end is delivered after it returns
         if engine.background:
             self.request.done_event.wait(timeout=30)
         else:

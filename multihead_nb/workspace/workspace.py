@@ -1,9 +1,11 @@
 """The kernel-resident workspace: one arena, its page pool, the loaded models, the heads, the engine and the bus.
 
-Owns: the public Python API (`add_head`, `generate`, `submit`, `pages`, `stats`, frames) and the wiring between
-layers (model loading and weight accounting are `loading.py`, chat templates `prompts.py`, the page map and usage
-numbers `usage.py`): a head's quota becomes pages, a prompt becomes token ids. `backends` names the region backends heads may ask for (`exl2`). Knows nothing of
-notebooks (the magics and widgets sit on top of it).
+Owns: the public Python API (`add_head`, `generate`, `submit`, `pages`, `stats`, frames, `close`) and the wiring
+between floors: a head's definition becomes a model loaded through the registered backends (`models.py`) and a
+queue in the scheduler, a prompt becomes token ids (`prompts.py`), a request a handle (`handles.py`); the page map
+and usage numbers are `report.py`. Every request it accepts ends (finished, cancelled or failed): removing a head
+or closing the workspace ends that head's (or every) request wherever it is, through the engine's one `finalize`.
+Knows nothing of notebooks, teams or HTTP (`team()`, `dashboard()` and `serve()` reach up lazily).
 """
 
 from __future__ import annotations
@@ -16,23 +18,27 @@ import time
 import pandas as pd
 import torch
 
-from ..config import format_size, parse_pages, parse_size, resolve_device, resolve_dtype
+from ..backends import default_backends
+from ..backends.base import LoadTarget
+from ..config import device_memory, format_size, parse_pages, parse_size, resolve_device, resolve_dtype
 from ..engine.engine import Engine
 from ..engine.recorder import Recorder
 from ..engine.request import Request, RequestIds, check_token_ids
 from ..engine.scheduler import Scheduler
 from ..errors import ConfigError, RequestError
-from .handles import Completion, RequestHandle
-from .heads import Head
-from .models import LoadedModel, load_model, unload_model
 from ..memory import Arena, PagePool
+from .bus import Bus
+from .handles import Completion, RequestHandle
+from .heads import MODEL_OPTIONS, Head
+from .models import LoadedModel, ModelTable
 from .prompts import encode_prompt, render_prompt
 from .report import page_frame, workspace_stats
 
 
 class Workspace:
     """One device, one arena, many heads. `background=None` runs the engine on a thread inside a Jupyter kernel
-    and inline (driven by `result()` / `stream()`) elsewhere."""
+    and inline (driven by `result()` / `stream()`) elsewhere. `history`: token rows (and bus messages) the
+    workspace-wide logs keep, newest last; every request keeps its own rows whatever the logs dropped."""
 
     def __init__(
         self,
@@ -46,6 +52,7 @@ class Workspace:
         background: bool | None = None,
         seed: int = 0,
         cpu_kernel: bool | None = None,
+        history: int = 200_000,
     ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -53,32 +60,35 @@ class Workspace:
         self.page_bytes = parse_size(page_bytes, what="page_bytes")
         if pool_bytes < self.page_bytes:
             raise ConfigError(f"pool of {format_size(pool_bytes)} is smaller than one page of {format_size(self.page_bytes)}")
+        have = device_memory(self.device)
+        if have is not None and pool_bytes > have:
+            raise ConfigError(f"pool of {format_size(pool_bytes)} is larger than the {format_size(have)} of memory "
+                              f"{self.device} has; ask for less (e.g. pool='1GiB')")
         if cpu_kernel not in (None, True, False):
             raise ConfigError(f"cpu_kernel must be None (use it where it builds), True or False, got {cpu_kernel!r}")
-        self.cpu_kernel = cpu_kernel  # native models' fused CPU kernel (bfloat16 on the CPU): see ModelRunner
-        for name, v in (("max_batched_tokens", max_batched_tokens), ("max_seqs", max_seqs)):
+        for name, v in (("max_batched_tokens", max_batched_tokens), ("max_seqs", max_seqs), ("history", history)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        self.cpu_kernel = cpu_kernel  # native models' fused CPU kernel: see ModelRunner
         self.epoch = time.perf_counter()
         self.arena = Arena(pool_bytes // self.page_bytes, self.page_bytes, self.device)
         self.pool = PagePool(self.arena.num_pages)
         self.scheduler = Scheduler(self.pool, max_batched_tokens=max_batched_tokens, max_seqs=max_seqs)
-        self.recorder = Recorder()
+        self.recorder = Recorder(max_steps=max(1, history // 4), max_tokens=history)
         self.engine = Engine(self.scheduler, self.recorder, self.epoch)
+        self.models = ModelTable(self.pool, self.scheduler, self.engine,
+                                 LoadTarget(self.arena, self.dtype, cpu_kernel), default_backends())
+        self.backends = self.models.backends  # by name, in the order backend="auto" asks them; add your own
         self.heads: dict[str, Head] = {}
-        self.models: dict[str, LoadedModel] = {}
-        from ..backends.exl2.runner import Exl2Backend  # imports no exllamav2: that happens when a head needs it
-
-        self.backends: dict[str, object] = {"exl2": Exl2Backend()}  # region backends by name (`Head.backend`)
+        self.bus = Bus(self.epoch, max_messages=history)
+        self.engine.listeners.append(self.bus.on_engine_event)
         self._ids = RequestIds()
         self._run_ids = RequestIds()
         self._rng = random.Random(seed)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the head table; held briefly
+        self._load_lock = threading.RLock()  # one add/remove of a head at a time (loading takes seconds)
         self._closed = False
-        from .bus import Bus  # the bus listens to the engine's tokens
-
-        self.bus = Bus(self.epoch)
-        self.engine.listeners.append(self._publish)
+        self._arena_bytes = self.arena.nbytes
         if background is None:
             background = "ipykernel" in sys.modules
         if background:
@@ -89,59 +99,50 @@ class Workspace:
         """Define a head; heads naming the same model share one loaded copy of its weights."""
         self._check_open()
         head = Head.from_options(name, str(model), system, **defaults)
-        with self._lock:
+        with self._load_lock:
             if name in self.heads and not replace:
                 raise ConfigError(f"a head named {name!r} already exists; remove_head({name!r}) first")
-            loaded = load_model(self, str(model), head.backend, head.region)
-            pin = f"\0loading {name}"  # keeps the model loaded while a head of the same name is replaced
-            loaded.heads.add(pin)
+            options = {k: getattr(head, k) for k in MODEL_OPTIONS if k != "backend"}
+            loaded = self.models.load(str(model), head.backend, options)
+            loaded.heads.add(f"\0loading {name}")  # keeps the model while a head of the same name is replaced
             try:
                 head.model = loaded.key
-                quota_pages = self._quota_pages(head, loaded)  # bad quotas fail before an old head is replaced
+                quota_pages = self._quota_pages(head, loaded)  # a bad quota fails before an old head is replaced
                 if name in self.heads:
                     self.remove_head(name)
                 with self.engine.lock:
-                    self.scheduler.add_head(
-                        name, loaded.key, weight=head.weight, quota_pages=quota_pages,
-                        max_concurrent=head.max_concurrent,
-                    )
+                    self.scheduler.add_head(name, loaded.key, weight=head.weight, quota_pages=quota_pages,
+                                            max_concurrent=head.max_concurrent)
+                with self._lock:
                     loaded.heads.add(name)
                     self.heads[name] = head
             finally:
-                loaded.heads.discard(pin)
+                loaded.heads.discard(f"\0loading {name}")
                 if not loaded.heads:
-                    unload_model(self, loaded)
+                    self.models.unload(loaded)
         return head
 
     def remove_head(self, name: str) -> None:
-        """Cancel the head's requests, free their pages; unload its model if no other head uses it."""
-        with self._lock:
-            head = self._head(name)
-            for req in [r for r in self.scheduler.requests() if r.head == name]:
-                self.engine.cancel(req)
-            self._sync()
-        with self._lock, self.engine.lock:
-            self.engine.process_inbox()  # cancels queued after the sync
-            self.scheduler.remove_head(name)
-            del self.heads[name]
+        """End the head's requests (wherever they are: queued, running, not yet admitted), free their pages, and
+        unload its model if no other head uses it."""
+        with self._load_lock:
+            with self._lock:
+                head = self.head(name)
+                del self.heads[name]  # from now on a submit to it is refused
+            self.engine.call_soon(lambda: self.engine.cancel_all("cancelled", head=name))
+            self.engine.sync()
+            with self.engine.lock:  # a request that slipped in after the cancel: end it too
+                for req in self.scheduler.remove_head(name):
+                    self.engine.fail(req, f"head {name!r} was removed")
+            self.engine.sync()
             loaded = self.models[head.model]
             loaded.heads.discard(name)
             if not loaded.heads:
-                unload_model(self, loaded)
-
-    def _sync(self) -> None:
-        """Let the engine apply queued adds and cancels before returning."""
-        if self.engine.background:
-            done = threading.Event()
-            self.engine.call_soon(done.set)
-            if not done.wait(timeout=60):
-                raise RuntimeError("the engine thread did not respond within 60 s")
-        else:
-            self.engine.process_inbox()
+                self.models.unload(loaded)
 
     def _quota_pages(self, head: Head, loaded: LoadedModel) -> int | None:
-        """A quota in pages of the head's model's pool: for a region model (EXL2) a share of its region's own pages,
-        or a size in whole own pages (each `region.page_bytes`); else of the pool's K/V pages, or `page_bytes`."""
+        """A quota in pages of the head's model's pool: for a region model a share of its region's own pages, or a
+        size in whole own pages (each `region.page_bytes`); else of the pool's K/V pages, or `page_bytes`."""
         if head.quota is None:
             return None
         region = loaded.region
@@ -149,20 +150,33 @@ class Workspace:
         unit = self.page_bytes if region is None else region.page_bytes
         return parse_pages(head.quota, total, unit, what="quota")
 
-    def _head(self, name: str) -> Head:
-        if name not in self.heads:
-            known = ", ".join(sorted(self.heads)) or "none yet"
-            raise ConfigError(f"unknown head {name!r}; heads: {known}")
-        return self.heads[name]
+    def head(self, name: str) -> Head:
+        """The head named `name`; a `ConfigError` listing the heads if there is none."""
+        with self._lock:
+            if name not in self.heads:
+                known = ", ".join(sorted(self.heads)) or "none yet"
+                raise ConfigError(f"unknown head {name!r}; heads: {known}")
+            return self.heads[name]
+
+
+
+    def _model_of(self, name: str) -> tuple[Head, LoadedModel]:
+        with self._lock:
+            h = self.head(name)
+            return h, self.models[h.model]
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def tokenizer(self, head: str):
-        return self.models[self._head(head).model].tokenizer
+        return self._model_of(head)[1].tokenizer
+
+    def eos_ids(self, head: str) -> frozenset[int]:
+        """The token ids that end a generation of `head`'s model."""
+        return self._model_of(head)[1].built.eos_ids
 
     def render_prompt(self, head: str, prompt: str | list[dict]) -> str:
         """The text the model sees: the head's system prompt and the user turn through the chat template."""
-        h = self._head(head)
-        return render_prompt(self.models[h.model].tokenizer, h.system, prompt)
+        h, loaded = self._model_of(head)
+        return render_prompt(loaded.tokenizer, h.system, prompt)
 
     def encode_prompt(self, head: str, prompt: str | list[dict]) -> list[int]:
         return encode_prompt(self.tokenizer(head), self.render_prompt(head, prompt))
@@ -176,31 +190,30 @@ class Workspace:
         self._check_open()
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             return self.submit_ids(head, list(prompt), **overrides)  # already token ids
-        ids = self.encode_prompt(head, prompt)
-        return self.submit_ids(head, ids, **overrides)
+        return self.submit_ids(head, self.encode_prompt(head, prompt), **overrides)
 
     def submit_ids(
         self, head: str, prompt_ids: list[int], *, prompt_open: bool = False, tag: dict | None = None, **overrides
     ) -> RequestHandle:
         """Queue a generation from token ids (an open prompt may grow; see `extend_prompt`)."""
         self._check_open()
-        h = self._head(head)
+        h, loaded = self._model_of(head)
         params = h.sampling.replace(**overrides)
-        loaded = self.models[h.model]
         prompt_ids = check_token_ids(prompt_ids, getattr(loaded.spec, "vocab_size", None), f"head {head!r}'s model")
+        if not prompt_ids and not prompt_open:
+            raise RequestError(f"the prompt for head {head!r} is empty: give at least one token")
         max_ctx = loaded.spec.max_position_embeddings
         if len(prompt_ids) + 1 > max_ctx:
             raise RequestError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the context of {h.model!r} ({max_ctx} tokens)"
-            )
-        layout = self.scheduler.layouts[h.model]
-        capacity = self.scheduler.capacity(head)
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of {h.model!r} ({max_ctx} tokens)")
+        layout = loaded.built.layout
+        with self.engine.lock:
+            capacity = self.scheduler.capacity(head)
         need = layout.pages_for(len(prompt_ids) + 1)
         if need > capacity:
             raise RequestError(
                 f"prompt of {len(prompt_ids)} tokens needs {need} pages ({layout.tokens_per_page} tokens per page) "
-                f"but head {head!r} can hold at most {capacity} pages of K/V; use a larger pool or quota"
-            )
+                f"but head {head!r} can hold at most {capacity} pages of K/V; use a larger pool or quota")
         seed = params.seed if params.seed is not None else self._rng.randrange(2**63)
         gen = None if params.greedy else torch.Generator().manual_seed(seed)
         req = Request(
@@ -208,46 +221,60 @@ class Workspace:
             arrival=self.engine.now(), prompt_open=prompt_open, tag=dict(tag or {}), generator=gen,
         )
         self.engine.submit(req)
-        return RequestHandle(self, req)
+        return RequestHandle(self.engine, req)
 
     def extend_prompt(self, handle: RequestHandle, ids: list[int], *, close: bool = False) -> None:
-        """Append token ids to an open prompt (from the engine's side); `close=True` lets it start sampling."""
+        """Append token ids to an open prompt (applied before the next step); `close=True` lets it start sampling."""
         req = handle.request
-        vocab = getattr(self.models[req.model].spec, "vocab_size", None)
-        ids = check_token_ids(ids, vocab, f"head {req.head!r}'s model")
+        ids = check_token_ids(ids, getattr(self.models[req.model].spec, "vocab_size", None), f"head {req.head!r}'s model")
 
         def apply():
-            if req.status.done:
-                return
-            req.prompt_ids.extend(ids)
-            if close:
-                req.prompt_open = False
+            if not req.status.done:
+                if close and not req.prompt_ids and not ids:
+                    self.engine.fail(req, f"the streamed prompt of request {req.id} closed empty")
+                    return
+                req.extend_prompt(ids, close)
+
+        self.engine.call_soon(apply)
+
+    def truncate_prompt(self, handle: RequestHandle, num_tokens: int) -> None:
+        """Cut an open prompt back to `num_tokens` ids (applied before the next step): its K/V past the cut is
+        forgotten first, never rewriting a page another request may share."""
+        req = handle.request
+
+        def apply():
+            if not req.status.done:
+                self.scheduler.rollback(req, num_tokens)
+                req.truncate_prompt(num_tokens)
 
         self.engine.call_soon(apply)
 
     def team(self, steps: dict):
-        """A team of this workspace's heads: {head: template or Step}; see `multihead_nb.team.team`."""
+        """A team of this workspace's heads: {head: template or Step}; see `multihead_nb.team`."""
         from ..team.team import Team
 
         self._check_open()
         return Team(self, steps)
 
+    def new_run_id(self) -> int:
+        """A fresh id for a team run of this workspace."""
+        return self._run_ids.next()
+
     def generate(self, head: str, prompt: str | list[dict] | list[int], **overrides) -> Completion:
         """Generate and wait: the blocking form of `submit(...).result()`."""
         return self.submit(head, prompt, **overrides).result()
 
-    def _completion(self, req: Request) -> Completion:
-        end = req.finish_time if req.finish_time is not None else self.engine.now()
-        return Completion(
-            head=req.head, request_id=req.id, text=req.text, token_ids=list(req.output_ids),
-            prompt_token_ids=list(req.prompt_ids), finish_reason=req.finish_reason or "",
-            tokens=self.recorder.tokens({req.id}),
-            ttft_s=None if req.first_token_time is None else req.first_token_time - req.arrival,
-            duration_s=end - req.arrival, num_cached_tokens=req.num_cached, num_preemptions=req.num_preemptions,
-        )
+    def now(self) -> float:
+        """Seconds since the workspace started (the clock of every frame)."""
+        return self.engine.now()
 
-    def _publish(self, event: str, req: Request, payload) -> None:
-        self.bus.on_engine_event(event, req, payload)
+    def run_until(self, done, timeout: float | None = None) -> None:
+        """Wait until `done()`: drive the engine in this thread (inline mode) or wait for its thread."""
+        self.engine.run_until(done, timeout)
+
+    def sync(self) -> None:
+        """Return once every submit, cancel and prompt change made so far has reached the engine."""
+        self.engine.sync()
 
     # ---- views ---------------------------------------------------------------------------------------------
     def pages(self) -> pd.DataFrame:
@@ -256,32 +283,34 @@ class Workspace:
         A page of a region model's region (EXL2) is shown by the model's own pages charged to it: `kv` and held by
         the heads holding them, `cached`, or `free` (free for that model only; its `model` column names it)."""
         with self.engine.lock:
-            return self._pages()
-
-    def _pages(self) -> pd.DataFrame:
-        return page_frame(self)
+            return page_frame(self.pool, self.models)
 
     def stats(self) -> dict:
-        """Pool usage, waste (allocated token slots not holding a token), queues per head, steps, tokens/s."""
+        """Pool usage, waste (allocated token slots not holding a token), queues per head, steps, tokens/s, models,
+        the engine's recent errors and how much history the logs dropped."""
         with self.engine.lock:
-            return self._stats()
-
-    def _stats(self) -> dict:
-        return workspace_stats(self)
+            stats = workspace_stats(self.pool, self.models, self.engine, self.recorder, self.bus.dropped)
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "page_bytes": self.page_bytes, **stats}
 
     def steps(self) -> pd.DataFrame:
         """One row per engine step and model (columns documented in `multihead_nb.engine.recorder`)."""
         return self.recorder.steps()
+
+    def tokens(self) -> pd.DataFrame:
+        """One row per generated token, the newest `history` (columns documented in `multihead_nb.engine.recorder`)."""
+        return self.recorder.tokens()
+
+    def clear_history(self) -> None:
+        """Empty the workspace-wide token, step and bus logs (requests and team runs keep their own rows)."""
+        self.recorder.clear()
+        self.bus.clear_log()
 
     def dashboard(self, **options):
         """A live dashboard (page map, scheduler queues, token streams, timeline); static figures without widgets."""
         from ..notebook.widgets.dashboard import dashboard
 
         return dashboard(self, **options)
-
-    def tokens(self) -> pd.DataFrame:
-        """One row per generated token (columns documented in `multihead_nb.engine.recorder`)."""
-        return self.recorder.tokens()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     @property
@@ -294,17 +323,23 @@ class Workspace:
             raise ConfigError("this workspace is closed; create a new one")
 
     def close(self) -> None:
-        """Cancel everything, stop the engine thread and drop the models and the arena."""
-        if self._closed:
-            return
-        for req in self.scheduler.requests():
-            self.engine.cancel(req)
-        self._sync()
-        self.engine.stop_thread()
-        for loaded in list(self.models.values()):
-            unload_model(self, loaded)
-        self.heads.clear()
-        self._closed = True
+        """End every request (wherever it is), stop the engine thread, and drop the models and the arena."""
+        with self._load_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True  # submits are refused from now on
+            self.engine.stop_accepting()
+            self.engine.call_soon(self.engine.cancel_all)
+            self.engine.sync()
+            self.engine.stop_thread()
+            self.engine.call_soon(self.engine.cancel_all)  # anything accepted while the thread stopped
+            self.engine.process_inbox()
+            for loaded in list(self.models.values()):
+                self.models.unload(loaded)
+            self.heads.clear()
+            self.models.target = None
+            self.arena = None  # the arena's memory goes once no one else holds it
 
     def __enter__(self):
         return self
@@ -313,8 +348,5 @@ class Workspace:
         self.close()
 
     def __repr__(self) -> str:
-        return (
-            f"Workspace(device={self.device}, pool={format_size(self.arena.nbytes)}, pages={self.pool.num_pages} x "
-            f"{format_size(self.page_bytes)}, heads={sorted(self.heads)})"
-        )
-
+        state = "closed" if self._closed else f"pages={self.pool.num_pages} x {format_size(self.page_bytes)}"
+        return f"Workspace(device={self.device}, pool={format_size(self._arena_bytes)}, {state}, heads={sorted(self.heads)})"

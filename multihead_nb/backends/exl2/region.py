@@ -9,8 +9,7 @@ region) and the region's bytes are cut, layer by layer, into those tensors:
 
 Owns: the byte math (`bytes_per_exl2_page`, `region_pages_for`, `exl2_pages_in`), the views of the arena (no copy)
 that become `cache.key_states[i]` / `cache.value_states[i]`, the accounting map from each 256-token EXL2 page to the
-arena pages it is charged to, and `reserve_region` / `release_region` (taking a contiguous run of pages out of a
-`PagePool` through its public API).
+arena pages it is charged to. The pool reserves the region itself (`PagePool.reserve_run`).
 
 Does not know: exllamav2 (nothing here imports it; it all runs on the CPU), which head holds which EXL2 page (a
 page-id allocator over the region's N pages does, e.g. a second `PagePool(N)`), nor requests or batches.
@@ -183,70 +182,3 @@ class Exl2Region:
             if names:
                 out[p] = sorted(names)
         return out
-
-
-# ---- taking a contiguous run out of the pool ---------------------------------------------------------------
-def region_owner(model: str) -> str:
-    """The owner name under which a region's arena pages are held in the pool."""
-    return f"exl2-region:{model}"
-
-
-def find_run(pool: PagePool, n_pages: int) -> list[int] | None:
-    """The best run of `n_pages` consecutive allocatable (free or cached) pages: fewest cached pages (each one a
-    reusable prefix it would evict), then the lowest first page; None when no such run exists."""
-    if n_pages < 1:
-        raise ValueError(f"a run needs at least one page, got {n_pages}")
-    states = [pool.state(p) for p in range(pool.num_pages)]
-    best: tuple[int, int] | None = None  # (cached pages, start)
-    run = cached = 0
-    for p, s in enumerate(states):
-        if s in (PageState.FREE, PageState.CACHED):
-            run += 1
-            cached += s == PageState.CACHED
-            if run > n_pages:
-                cached -= states[p - n_pages] == PageState.CACHED
-                run = n_pages
-            if run == n_pages:
-                cand = (cached, p - n_pages + 1)
-                if best is None or cand < best:
-                    best = cand
-        else:
-            run = cached = 0
-    return None if best is None else list(range(best[1], best[1] + n_pages))
-
-
-def reserve_region(pool: PagePool, model: str, n_pages: int) -> list[int]:
-    """Take `n_pages` consecutive arena pages out of `pool` for `model`'s EXL2 region; returns their ids.
-
-    Uses only PagePool's public API: pages are popped from the front of the free queue (`allocate(1, ...)`) until
-    every page of the chosen run is taken; the others go back (`release`, to the front, in their old order). The run
-    pages stay held (state `kv`, refcount 1) by `region_owner(model)` with `model_of == model`, until
-    `release_region`. Cost of going through the public API: a cached page popped on the way loses its prefix.
-    (A `PagePool.reserve_run(model, n)` would take exactly the run; see the report.)
-    """
-    run = find_run(pool, n_pages)
-    if run is None:
-        raise OutOfPagesError(
-            f"an EXL2 region of {n_pages} contiguous pages for {model!r} does not fit: the pool has "
-            f"{pool.num_free} free pages of {pool.num_pages}, but no run of {n_pages} consecutive ones"
-        )
-    owner = region_owner(model)
-    wanted = set(run)
-    popped: list[int] = []  # pages taken on the way, in free-queue order
-    got: list[int] = []
-    try:
-        while len(got) < len(wanted):
-            (p,) = pool.allocate(1, owner, model)
-            (got if p in wanted else popped).append(p)
-    except BaseException:
-        pool.release(got, owner)
-        raise
-    finally:
-        if popped:
-            pool.release(popped, owner)  # released last-first to the queue's front: the old order comes back
-    return run
-
-
-def release_region(pool: PagePool, model: str, pages: Sequence[int]) -> None:
-    """Give a region's arena pages back to the pool's free queue."""
-    pool.release(list(pages), region_owner(model))

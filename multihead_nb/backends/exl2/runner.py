@@ -2,8 +2,7 @@
 
 Owns: `Exl2Layout` (the scheduler's view of the model's 256-token pages), `Exl2Runner`, the `ModelRunner`
 look-alike that loads the model with exllamav2, hands it the region's views as its cache tensors and runs the
-calls `exl2_batch.paged_params_fields` translates, and `Exl2Backend`, what the workspace's loading needs to put an
-EXL2 model on a region (check the optional backend first, read the shape, build the runner). Does not know which
+calls `exl2_batch.paged_params_fields` translates (the backend that builds it is `backend.py`). Does not know which
 pages are whose (the batch's `block_tables` hold EXL2 page ids 0..N-1 of the model's region), heads, requests or
 sampling. Checkpoint detection and the lazy import are `exl2_checkpoint.py`.
 """
@@ -161,24 +160,3 @@ class Exl2Runner:
 
 
 # ---- the backend the workspace loads EXL2 models with ---------------------------------------------------
-class Exl2Backend:
-    """A region backend: the workspace's loading calls `check(device)` before it reserves anything (a clear error
-    naming what is missing), `read_spec(model)` for the shape that sizes the region and the weights, then
-    `runner(spec, arena, region_pages, device)`. `detects(model)`: whether `backend="auto"` picks it."""
-
-    name = "exl2"
-
-    def detects(self, model: str) -> bool:
-        return is_exl2_checkpoint(model)
-
-    def check(self, device: torch.device) -> None:
-        require_exllamav2()
-        if torch.device(device).type != "cuda":
-            raise ConfigError(f"EXL2 models run on CUDA only; this workspace's device is {device} "
-                              "(use Workspace(device='cuda'))")
-
-    def read_spec(self, model: str) -> Exl2Spec:
-        return read_exl2_spec(model)
-
-    def runner(self, spec: Exl2Spec, arena: Arena, region_pages, device) -> Exl2Runner:
-        return Exl2Runner(spec, arena, region_pages, device=device)

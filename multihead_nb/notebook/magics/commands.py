@@ -12,24 +12,12 @@ import sys
 import pandas as pd
 
 from ...config import format_size
-from ...errors import ConfigError, TeamError
+from ...errors import TeamError
 
 
 def define_head(ws, name: str, model: str, system: str | None, **options):
-    """Define (or redefine) a head; returns its one-line summary.
-
-    The head's options and the checkpoint are checked first, so a bad redefinition leaves the old head in place."""
-    from ...workspace.heads import Head
-    from ...workspace.models import resolve_backend
-    from ...backends.native import read_spec
-
-    head = Head.from_options(name, str(model), system, **options)
-    backend = resolve_backend(ws, str(model), head.backend)
-    if backend == "native":
-        read_spec(str(model))
-    else:  # a region backend (EXL2): what it needs is named before anything changes
-        ws.backends[backend].check(ws.device)
-        ws.backends[backend].read_spec(str(model))
+    """Define (or redefine) a head; returns its one-line summary. `add_head` checks everything (options, the
+    checkpoint, the quota) before it replaces an old head, so a bad redefinition leaves the old head in place."""
     ws.add_head(name, model, system=system or None, replace=True, **options)
     return head_summary(ws, name)
 
@@ -37,7 +25,7 @@ def define_head(ws, name: str, model: str, system: str | None, **options):
 def head_summary(ws, name: str) -> str:
     head = ws.heads[name]
     loaded = ws.models[head.model]
-    layout = ws.scheduler.layouts[head.model]
+    layout = loaded.built.layout
     q = ws.scheduler.heads[name]
     region = getattr(loaded, "region", None)  # a region model (EXL2) counts its quota in its region's own pages
     kv_pages, unit = (ws.pool.num_kv_pages, ws.page_bytes) if region is None else (region.num_pages, region.page_bytes)
@@ -88,9 +76,7 @@ def status(ws) -> str:
         f"  engine: {s['steps']} steps, {s['tokens_generated']} tokens, {s['tokens_per_s']:.1f} tokens/s",
     ]
     for key, m in s["models"].items():
-        runner = ws.models[key].runner
-        path = ("fused CPU kernel" if m.get("cpu_kernel") else
-                f"PyTorch ({getattr(runner, 'kernel_note', None) or m['backend']})")
+        path = m.get("runs_on") or m["backend"]
         lines.append(f"  model {_short_model(key)}: {m['weight_pages']} weight pages, heads {', '.join(m['heads'])}; "
                      f"runs on {path}")
     for head, q in s["queues"].items():
@@ -127,18 +113,11 @@ def dashboard(ws, **options):
 
 
 def new_workspace(**options):
-    """Close the default workspace and create a new one with `options` (pool, device, page_bytes, dtype)."""
-    from ...workspace import default as mh
+    """Replace the default workspace with one built with `options` (pool, device, page_bytes, dtype); the old one
+    is closed only once the new one exists, so bad options leave it (its heads, its requests) untouched."""
+    from ...workspace import default
 
-    from ...config import parse_size, resolve_device, resolve_dtype
-
-    device = resolve_device(options.get("device", "auto"))  # checked before the old workspace is closed
-    resolve_dtype(options.get("dtype", "auto"), device)
-    pool = parse_size(options.get("pool", "1GiB"), what="pool")
-    page = parse_size(options.get("page_bytes", "256KiB"), what="page_bytes")
-    if pool < page:
-        raise ConfigError(f"a pool of {format_size(pool)} is smaller than one page of {format_size(page)}")
-    return mh.reset_workspace(**options)
+    return default.reset_workspace(**options)
 
 
 def run_prompt(ws, head: str, prompt: str, out=None):

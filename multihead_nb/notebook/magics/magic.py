@@ -16,22 +16,21 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_ar
 from IPython.utils.text import dedent
 from traitlets import Integer, Unicode
 
-from ...errors import ConfigError, MultiHeadError
+from ...errors import MultiHeadError
 from . import commands, parsers
 
 SUBCOMMANDS = ("status", "heads", "pages", "dashboard", "pool", "reset", "run")
 
 
 def _one_line_errors(fn):
-    """Every error a user can cause leaves the magic as a one-line UsageError, never a traceback."""
+    """Every error a user can cause (a `MultiHeadError`) leaves the magic as a one-line UsageError; anything else is
+    a bug and surfaces as one, with its traceback."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
-        except UsageError as e:
-            raise UsageError(parsers.first_line(e)) from None
-        except (MultiHeadError, ValueError, TypeError, KeyError, OSError) as e:
+        except (UsageError, MultiHeadError) as e:
             raise UsageError(parsers.first_line(e)) from None
 
     return wrapper
@@ -54,12 +53,12 @@ class MultiHeadMagics(Magics):
 
     def workspace(self):
         """The default workspace (`mh.workspace()`), created with this magic's options when there is none."""
-        from ...workspace import default as mh
+        from ...workspace import default
 
-        try:
-            return mh.workspace(**self.workspace_options())
-        except ConfigError:  # it exists already, created with other options: use it as it is
-            return mh.workspace()
+        current = default.current()
+        if current is not None:  # it exists already (maybe created with other options): use it as it is
+            return current
+        return default.workspace(**self.workspace_options())  # bad options are an error, never a silent default
 
     # ---- %%head -------------------------------------------------------------------------------------------
     @cell_magic
@@ -185,7 +184,7 @@ class MultiHeadMagics(Magics):
         if len(parts) < 2:
             raise UsageError("usage: %mh run HEAD PROMPT...")
         ws = self.workspace()
-        ws._head(parts[0])  # unknown head: a one-line error before anything is queued
+        ws.head(parts[0])  # unknown head: a one-line error before anything is queued
         commands.run_prompt(ws, parts[0], parsers.join_words([parts[1]]))
 
 

@@ -1,6 +1,6 @@
 """Pure parsing of what the magics read: the `%%team` cell body, `--var k=v` pairs, sizes and head options.
 
-Owns: turning text into plain Python values and one-line `MagicSyntaxError`s (a `ValueError`) naming the line.
+Owns: turning text into plain Python values and one-line `MagicSyntaxError`s (a `ConfigError`) naming the line.
 Knows nothing of IPython, workspaces or models: `magic.py` turns these errors into `UsageError`s.
 """
 
@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import re
 
-from ...config import parse_share, parse_size
+from ...config import parse_size
 from ...errors import ConfigError
+from ...workspace.heads import HEAD_OPTIONS
 
 _STEP = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s?(.*)$")
 
-# magic option name (argparse dest) -> head option name
-HEAD_FLAGS = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_tokens": "max_tokens",
-    "stop": "stop", "seed": "seed", "quota": "quota", "weight": "weight", "max_concurrent": "max_concurrent",
-    "backend": "backend", "region": "region",
-}
-
-
-class MagicSyntaxError(ValueError):
+class MagicSyntaxError(ConfigError):
     """A malformed magic input; the message is one line."""
 
 
@@ -81,17 +74,12 @@ def parse_size_arg(value: str, what: str) -> int:
 def head_options(args: object, max_tokens_default: int | None = None) -> dict:
     """The head options given on a `%%head` line (argparse namespace -> {option: value}), None left out."""
     opts = {}
-    for dest, name in HEAD_FLAGS.items():
-        value = getattr(args, dest, None)
+    for name in HEAD_OPTIONS:  # each flag's argparse dest is the option's name; the core validates the values
+        value = getattr(args, name, None)
         if value is not None:
             opts[name] = tuple(value) if name == "stop" else value
     if "max_tokens" not in opts and max_tokens_default is not None:
         opts["max_tokens"] = max_tokens_default
-    if opts.get("quota") is not None:  # checked early, with the flag's name
-        try:
-            parse_share(opts["quota"], 100, what="--quota")
-        except ConfigError as e:
-            raise MagicSyntaxError(str(e)) from None
     return opts
 
 

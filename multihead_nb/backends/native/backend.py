@@ -1,0 +1,56 @@
+"""The native backend: Llama-family checkpoints run by `ModelRunner`, their K/V in pages of the main pool.
+
+Owns: planning a native model (its spec read and checked, its K/V layout for the arena's page size, its weight
+bytes in the workspace dtype) and building it (runner, tokenizer with a working chat template). Knows nothing of
+the pool's accounting, heads or requests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...errors import CheckpointError
+from ..base import BuiltModel, LoadTarget, ModelPlan, check_options, eos_ids
+
+
+def model_key(model: str) -> str:
+    """A local path by its resolved form, any other reference (a hub id) as given."""
+    p = Path(model).expanduser()
+    return str(p.resolve()) if p.exists() else model
+
+
+class NativeBackend:
+    name = "native"
+    options: tuple[str, ...] = ()
+
+    def detects(self, model: str) -> bool:
+        return True  # the fallback of "auto": any reference another backend does not claim
+
+    def key(self, model: str) -> str:
+        return model_key(model)
+
+    def plan(self, model: str, target: LoadTarget, options: dict) -> ModelPlan:
+        from . import read_spec
+
+        check_options(self, model, options)
+        spec = read_spec(model)
+        if spec.max_position_embeddings < 1:
+            raise CheckpointError(f"{spec.path}: max_position_embeddings must be positive, "
+                                  f"got {spec.max_position_embeddings}")
+        spec.kv_layout(target.dtype, target.page_bytes)  # ConfigError when a page cannot hold one token
+        return ModelPlan(self.key(model), spec.weight_bytes(target.dtype), detail=spec)
+
+    def build(self, plan: ModelPlan, target: LoadTarget, region: list[int] | None) -> BuiltModel:
+        from . import ModelRunner
+        from .tokenizer import load_tokenizer
+
+        assert region is None, "native models take their K/V pages from the main pool"
+        spec = plan.detail
+        runner = ModelRunner(spec, target.arena, dtype=target.dtype, device=target.device, kernel=target.cpu_kernel)
+        tokenizer = load_tokenizer(spec.path)
+        note = "fused CPU kernel" if runner.fused is not None else f"PyTorch ({runner.kernel_note})"
+        return BuiltModel(spec, runner, tokenizer, runner.layout, eos_ids(spec.eos_token_ids, tokenizer),
+                          runner.weight_nbytes(), note=note)
+
+    def release(self, built: BuiltModel) -> None:
+        pass
