@@ -379,3 +379,22 @@ def test_list_models_shows_embedded_ollama_and_hf_cache(files, tmp_path, monkeyp
     assert read_spec("org/tiny-GGUF/tiny-Q4_0.gguf").family == "qwen3"  # the name it shows loads
     emb = df.loc["embedded:SmolLM2-135M-Instruct"]
     assert emb.source == "embedded" and emb.runnable and emb.quantization == "Q4_1" and emb.params == "135M"
+
+
+def test_mh_models_magic(tmp_path, monkeypatch):
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import multihead_nb as mh
+
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "empty"))
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "multihead_nb")
+    try:
+        df = ip.run_line_magic("mh", "models")
+        assert list(df.columns) == list(mh.list_models().columns)
+        assert "embedded:SmolLM2-135M-Instruct" in set(df.model)
+        with pytest.raises(UsageError, match="%mh models takes no arguments"):
+            ip.run_line_magic("mh", "models --all")
+    finally:
+        ip.run_line_magic("unload_ext", "multihead_nb")
