@@ -10,7 +10,7 @@ another (greedy, `min_new_tokens = max_new_tokens`); (2) the three requests subm
 to the end (engine inline). Medians over reps.
 
 (a) Engine overhead: on the MultiHead decode steps at batch 3 (three sequences, no prefill), the share of the step
-    spent outside the model: schedule_s + postprocess_s (from the step frame) + batch building (`Engine._batch`,
+    spent outside the model: schedule_s + postprocess_s (from the step frame) + batch building (`engine.forward.build_batch`,
     timed by wrapping it) over duration_s. Also shown: the runner's index metadata (`build_metadata`), the model
     forward itself, and sampling + the logits copy (the rest of `forward_s`).
 (b) Aggregate tokens/s of the 3 concurrent heads over that of the 3 sequential `generate` calls (goal >= 2.5x).
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     from multihead_nb.config import resolve_device
     from multihead_nb.backends.native import read_spec
     from multihead_nb.backends.native import runner as runner_mod
+    from multihead_nb.engine import forward as forward_mod
     from multihead_nb.testing import SHAPES, shape_checkpoint, tiny_checkpoint
 
     args = parse_args(argv)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     # timing wrappers (bench-only instrumentation; the engine calls these through attribute lookups)
     engine = ws.engine
     timers = {"batch": [], "meta": [], "model": []}
-    batch_fn = engine._batch
+    batch_fn = forward_mod.build_batch
 
     def timed_batch(*a, **k):
         t = time.perf_counter()
@@ -127,11 +128,9 @@ def main(argv=None) -> int:
         timers["model"].append((engine.step_count, time.perf_counter() - t))
         return r
 
-    rep_key = [0]
 
     def run_mh(n_new):
-        rep_key[0] += 1
-        ws.scheduler.prefix_keys[key] = (key, "rep", rep_key[0])  # no prefix reuse across reps
+        ws.clear_prefix_cache()  # no prefix reuse across reps
         for v in timers.values():
             v.clear()
         first_step = engine.step_count
@@ -143,7 +142,7 @@ def main(argv=None) -> int:
         steps = steps[steps.step >= first_step].drop_duplicates("step")
         return wall, sum(len(r.token_ids) for r in res), steps, {k: dict(v) for k, v in timers.items()}
 
-    engine._batch = timed_batch
+    forward_mod.build_batch = timed_batch
     runner_mod.build_metadata = timed_meta
     slot.runner.forward = timed_forward
     try:
@@ -156,7 +155,7 @@ def main(argv=None) -> int:
             print(f"rep {rep + 1}: generate x{args.heads} sequential {hf_runs[-1][0]:.2f} s, "
                   f"MultiHead {args.heads} concurrent {mh_runs[-1][0]:.2f} s", flush=True)
     finally:
-        del engine._batch
+        forward_mod.build_batch = batch_fn
         runner_mod.build_metadata = meta_fn
         del slot.runner.forward
 
@@ -197,7 +196,7 @@ def main(argv=None) -> int:
     print("| part of a decode step | median ms |")
     print("|---|---|")
     for label, k in (("whole step (duration_s)", "duration"), ("schedule_s", "schedule"),
-                     ("batch building (Engine._batch)", "batch"), ("postprocess_s", "postprocess"),
+                     ("batch building (build_batch)", "batch"), ("postprocess_s", "postprocess"),
                      ("runner index metadata (build_metadata)", "meta"), ("model forward", "model"),
                      ("sampling + logits to CPU", "sample")):
         print(f"| {label} | {med[k]:.2f} |")

@@ -57,7 +57,6 @@ class Bench:
         self._cb = None
         self._cb_model = None
         self.cb_error: str | None = None
-        self._rep_key = 0
 
     # -- MultiHead
     def plan(self, wf) -> Plan:
@@ -70,30 +69,14 @@ class Bench:
 
     def run_multihead(self, plan: Plan):
         ws = self.ws
-        self._rep_key += 1
-        ws.scheduler.prefix_keys[self.model_key] = (self.model_key, "rep", self._rep_key)  # no reuse across reps
-        waste = []  # (slots, held) per step: ws.stats()["waste"]'s formula, without its page-by-page usage scan
-        engine = ws.engine
-        inner = engine.step
-
-        def step():
-            worked = inner()
-            slots = held = 0
-            for r in ws.scheduler.requests():
-                if r.block_table:
-                    slots += len(r.block_table) * ws.scheduler.layouts[r.model].tokens_per_page
-                    held += r.num_computed
-            if slots:
-                waste.append((slots, held))
-            return worked
-
-        engine.step = step
-        try:
-            t0 = time.perf_counter()
-            run = plan.team.run(**plan.variables)
-            wall = time.perf_counter() - t0
-        finally:
-            del engine.step
+        ws.clear_prefix_cache()  # no prefix reuse across reps
+        first = ws.engine.step_count
+        t0 = time.perf_counter()
+        run = plan.team.run(**plan.variables)
+        wall = time.perf_counter() - t0
+        steps = ws.steps()
+        steps = steps[steps.step >= first].drop_duplicates("step")
+        waste = [(s, h) for s, h in zip(steps.kv_slots, steps.kv_tokens) if s]  # (slots, held) per step
         return run, wall, waste
 
     def multihead_row(self, plan: Plan) -> dict:

@@ -222,3 +222,32 @@ def test_parse_team_and_vars():
     assert parsers.parse_size_arg("8KiB", "x") == 8192
     with pytest.raises(ConfigError, match="--page-bytes"):
         parsers.parse_size_arg("8 parsecs", "--page-bytes")
+
+
+@pytest.mark.parametrize("options", ["8MiB --page-bytes 1000", "1TiB --device cpu"])
+def test_a_failed_pool_change_keeps_the_old_workspace_and_its_requests(shell, model, options):
+    two_heads(shell, model)
+    ws = mh.workspace()
+    running = ws.submit("coder", [5, 6, 7], max_tokens=6, ignore_eos=True)
+    with pytest.raises(UsageError):
+        shell.run_line_magic("mh", f"pool {options}")
+    assert mh.workspace() is ws and not ws.closed and set(ws.heads) == {"coder", "reviewer"}
+    assert len(running.result(timeout=30).token_ids) == 6
+
+
+def test_a_bad_configured_pool_is_an_error_not_a_silent_default(shell, model):
+    mh.workspace().close()
+    shell.run_line_magic("config", 'MultiHeadMagics.pool = "abc"')
+    with pytest.raises(UsageError, match="pool must be a size"):
+        shell.run_cell_magic("head", f"coder --model {model}", "You write Python.")
+    from multihead_nb.workspace import default
+
+    assert default.current() is None
+
+
+def test_a_bug_inside_a_magic_is_not_disguised_as_a_usage_error(shell, model, monkeypatch):
+    from multihead_nb.notebook.magics import commands
+
+    monkeypatch.setattr(commands, "status", lambda ws: {}["missing"])  # a KeyError: a bug, not user input
+    with pytest.raises(KeyError):
+        shell.run_line_magic("mh", "status")

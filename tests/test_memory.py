@@ -468,3 +468,17 @@ def test_reserve_run_takes_exactly_the_run_and_keeps_other_cached_prefixes():
     pool.release(run, "region")
     assert pool.num_free == 10
     pool.check()
+
+
+def test_evict_cached_forgets_unheld_prefixes_only():
+    pool = PagePool(6)
+    a = pool.allocate(2, "h", "m")
+    b = pool.allocate(2, "h", "m")
+    for i, p in enumerate(a + b):
+        pool.register(p, bytes([i]))
+    pool.release(a, "h")  # a's pages: cached; b's still held
+    assert [pool.state(p) for p in a] == [PageState.CACHED] * 2
+    assert pool.evict_cached() == 2
+    assert all(pool.state(p) == PageState.FREE and pool.lookup(bytes([i])) is None for i, p in enumerate(a))
+    assert pool.lookup(bytes([2])) == b[0]  # held pages keep their prefix
+    pool.check()

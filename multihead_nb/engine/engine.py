@@ -246,6 +246,11 @@ class Engine:
     def _record_step(self, plan: StepPlan, out: StepOutput, t0, t1, t2, t3) -> None:
         pages_free = self.scheduler.pool.num_free
         in_use = self.scheduler.pool.num_pages - pages_free
+        slots = held = 0
+        for r in self.scheduler.requests():
+            if r.block_table and r.model in self.models:
+                slots += len(r.block_table) * self.models[r.model].runner.layout.tokens_per_page
+                held += r.num_computed
         for model, chunks in plan.by_model().items():
             by_head: dict[str, int] = {}
             for c in chunks:
@@ -253,7 +258,7 @@ class Engine:
             decode = out.decode_tokens.get(model, 0)
             n = sum(c.num_tokens for c in chunks)
             self.recorder.step(StepRow(self.step_count, model, t0, t3, t3 - t0, len(chunks), n, n - decode, decode,
-                                       by_head, in_use, pages_free, t1 - t0, t2 - t1, t3 - t2))
+                                       by_head, in_use, pages_free, slots, held, t1 - t0, t2 - t1, t3 - t2))
 
     # ---- driving -------------------------------------------------------------------------------------------
     def run_until(self, done: Callable[[], bool], timeout: float | None = None) -> None:

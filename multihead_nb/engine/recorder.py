@@ -12,7 +12,8 @@ stays bounded whatever it runs.
 Step frame, one row per (engine step, model forward):
     step, model, t_start, t_end, duration_s (seconds since the workspace started), num_seqs, num_tokens,
     prefill_tokens, decode_tokens, tokens_by_head (dict head -> tokens computed), pages_in_use (not free: K/V and
-    weights), pages_free, schedule_s, forward_s, postprocess_s (the whole step's phases; the same on each row of a
+    weights), pages_free, kv_slots (token slots in the pages the queued requests hold), kv_tokens (of which hold a
+    token's K/V; 1 - kv_tokens / kv_slots is the step's waste), schedule_s, forward_s, postprocess_s (the whole step's phases; the same on each row of a
     step)
 Token frame, one row per generated token:
     head, request, index (0-based in the output), token_id, text (the text this token completed; may be ""),
@@ -45,6 +46,8 @@ class StepRow(NamedTuple):
     tokens_by_head: dict
     pages_in_use: int
     pages_free: int
+    kv_slots: int
+    kv_tokens: int
     schedule_s: float
     forward_s: float
     postprocess_s: float

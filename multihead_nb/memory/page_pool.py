@@ -249,6 +249,16 @@ class PagePool:
         self._hash_of[page] = h
         self._page_of[h] = page
 
+    def evict_cached(self) -> int:
+        """Forget every cached prefix no one holds (those pages become plain free pages); returns how many."""
+        cached = [p for p in self._free if p in self._hash_of]
+        for page in cached:
+            self._forget_hash(page)
+            self._model[page] = None
+            self._tokens[page] = 0
+            self._free.move_to_end(page, last=False)
+        return len(cached)
+
     def set_tokens(self, page: int, n: int) -> None:
         self._tokens[page] = n
 

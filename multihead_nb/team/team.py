@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
 
 
+MAX_ROUNDS = 100  # a refine loop of more rounds is a mistake, and planning it would take seconds
+
+
 @dataclass
 class Step:
     """A head's part in a team.
@@ -43,8 +46,8 @@ class Step:
     def __post_init__(self):
         if not isinstance(self.template, str):
             raise TeamError(f"a step's template must be a string, got {type(self.template).__name__}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
-            raise TeamError(f"rounds must be a positive integer, got {self.rounds!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= MAX_ROUNDS:
+            raise TeamError(f"rounds must be an integer from 1 to {MAX_ROUNDS}, got {self.rounds!r}")
         self.sees = (self.sees,) if isinstance(self.sees, str) else tuple(self.sees)
         if self.sees and self.rounds == 1:
             raise TeamError("`sees` only makes sense with rounds > 1")

@@ -13,6 +13,7 @@ ROLES = ("system", "user", "assistant", "tool")
 def check_messages(prompt) -> list[dict]:
     """`prompt` as chat messages: a string is one user turn; a list must hold {"role": ..., "content": str}."""
     if isinstance(prompt, str):
+        check_text(prompt, "the prompt")
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise RequestError(f"a prompt is a string or a non-empty list of chat messages, got {prompt!r:.80}")
@@ -23,6 +24,7 @@ def check_messages(prompt) -> list[dict]:
             raise RequestError(f"chat message {i} needs a 'role' in {ROLES}, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
             raise RequestError(f"chat message {i} ({m['role']}) needs a string 'content', got {m.get('content')!r:.80}")
+        check_text(m["content"], f"chat message {i}")
     return [dict(m) for m in prompt]
 
 
@@ -40,13 +42,18 @@ def render_prompt(tokenizer, system: str | None, prompt: str | list[dict]) -> st
         raise RequestError(f"the chat template could not render these messages: {type(e).__name__}: {e}") from None
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of rendered `text` (special tokens come from the template when there is one, else are added)."""
+def check_text(text: str, what: str) -> None:
+    """A `RequestError` naming the place if `text` is not valid Unicode text (a lone surrogate, say)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise RequestError(f"the prompt is not valid text: {e.reason} at character {e.start} "
+        raise RequestError(f"{what} is not valid text: {e.reason} at character {e.start} "
                            f"({text[max(0, e.start - 20):e.start]!r} then {text[e.start]!r})") from None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered `text` (special tokens come from the template when there is one, else are added)."""
+    check_text(text, "the rendered prompt")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     return list(tokenizer(text, add_special_tokens=not has_template)["input_ids"])
 

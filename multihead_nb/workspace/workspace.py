@@ -301,6 +301,12 @@ class Workspace:
         """One row per generated token, the newest `history` (columns documented in `multihead_nb.engine.recorder`)."""
         return self.recorder.tokens()
 
+    def clear_prefix_cache(self) -> int:
+        """Forget every cached prefix no request holds (e.g. between benchmark repetitions); returns the pages."""
+        with self.engine.lock:
+            return self.pool.evict_cached() + sum(m.region.pool.evict_cached() for m in self.models.values()
+                                                   if m.region is not None)
+
     def clear_history(self) -> None:
         """Empty the workspace-wide token, step and bus logs (requests and team runs keep their own rows)."""
         self.recorder.clear()

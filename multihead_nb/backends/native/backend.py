@@ -47,7 +47,12 @@ class NativeBackend:
         assert region is None, "native models take their K/V pages from the main pool"
         spec = plan.detail
         runner = ModelRunner(spec, target.arena, dtype=target.dtype, device=target.device, kernel=target.cpu_kernel)
-        tokenizer = load_tokenizer(spec)  # a GGUF spec's open file is reused
+        try:
+            tokenizer = load_tokenizer(spec)  # a GGUF spec's open file is reused
+        except CheckpointError:
+            raise
+        except Exception as e:  # a broken tokenizer file: name the checkpoint, not the parser's internals
+            raise CheckpointError(f"cannot load the tokenizer of {spec.path}: {type(e).__name__}: {e}") from None
         note = "fused CPU kernel" if runner.fused is not None else f"PyTorch ({runner.kernel_note})"
         return BuiltModel(spec, runner, tokenizer, runner.layout, eos_ids(spec.eos_token_ids, tokenizer),
                           runner.weight_nbytes(), note=note)
