@@ -315,6 +315,7 @@ def _bad_files(files, tmp_path) -> dict:
                                "type the native runner cannot load .*is Q5_0.*supported: F32")
     out["missing-tensor"] = (write_gguf(folder, tmp_path / "drop.gguf", drop=("blk.1.ffn_down.weight",)),
                              "lacks tensors blk.1.ffn_down.weight")
+    out["no-tokenizer"] = (write_gguf(folder, tmp_path / "notok.gguf", tokenizer=False), "holds no tokenizer")
     out["moe"] = (write_gguf(folder, tmp_path / "moe.gguf", extra_metadata={"llama.expert_count": 8}),
                   "mixture-of-experts")
     nan = bytearray(files("llama", "F32").read_bytes())

@@ -89,6 +89,8 @@ def gguf_config(g: GGUFFile) -> dict:
     family = ARCHITECTURES[arch]
     if int(g.metadata(f"{arch}.expert_count", 0) or 0) > 0:
         raise CheckpointError(f"GGUF file {g.path} is a mixture-of-experts model, which the native runner cannot run")
+    if g.metadata("tokenizer.ggml.model", None) is None:
+        raise CheckpointError(f"GGUF file {g.path} holds no tokenizer (no tokenizer.ggml.model metadata)")
     embed = g.tensors.get("token_embd.weight")
     if embed is None or len(embed.shape) != 2:
         raise CheckpointError(f"GGUF file {g.path} lacks the tensor token_embd.weight")
