@@ -111,7 +111,7 @@ def test_bfloat16_stays_close_to_float32(reference):
 
 
 def test_code_workflow_collaborates(ws32):
-    team = CODE.setup(ws32, mh.DEFAULT_MODEL, prefix="code_", max_tokens=20)
+    team = CODE.setup(ws32, mh.DEFAULT_MODEL, prefix="code_", max_tokens=16)
     run = team.run(task="reverses a list")
     coder = run.outputs["code_coder"]
     assert re.search(r"```python\s*\n.*\bdef \w+\(", coder, re.S), coder

@@ -127,6 +127,8 @@ class GGUFFile:
             raise CheckpointError(f"{self.path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
         try:
             self._reader = _Reader(self.path)
+            if self._reader.byte_order != "I":
+                raise CheckpointError(f"GGUF file {self.path} is big-endian, which the native runner does not read")
             self.tensors = {
                 t.name: GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
                                    t.data.reshape(-1).view(np.uint8))
