@@ -169,16 +169,14 @@ def test_a_seeded_loop_of_real_interrupts_strands_nothing(models):
         handles += [ws.submit("x" if rng.random() < 0.5 else "y", IDS[: rng.randint(1, 6)], max_tokens=rng.randint(2, 10),
                               ignore_eos=True) for _ in range(2)]
         timer = threading.Timer(rng.uniform(0.0, 0.02), _thread.interrupt_main)
-        timer.start()
         try:
+            timer.start()  # a short delay can fire before start() returns
             handles[-1].result(timeout=30)
+            timer.join()  # an interrupt that arrives after result() returned lands here or in the sleep
+            time.sleep(0.01)
         except KeyboardInterrupt:
             interrupted += 1
         timer.join()
-        try:
-            time.sleep(0.03)  # an interrupt that arrives after result() returned lands here
-        except KeyboardInterrupt:
-            interrupted += 1
     for h in handles:
         h.request.done_event.is_set() or h.result(timeout=30)
     assert interrupted > 0 and all(h.done for h in handles)

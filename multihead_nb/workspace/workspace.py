@@ -3,29 +3,27 @@
 Owns: the public Python API (`add_head`, `generate`, `submit`, `pages`, `stats`, frames, `close`) and the wiring
 between floors: a head's definition becomes a model loaded through the registered backends (`models.py`) and a
 queue in the scheduler, a prompt becomes token ids (`prompts.py`), a request a handle (`handles.py`); the page map
-and usage numbers are `report.py`. Every request it accepts ends (finished, cancelled or failed): removing a head
+and usage numbers are `report.py`, building requests and changing open prompts `requests.py`. Every request it accepts ends (finished, cancelled or failed): removing a head
 or closing the workspace ends that head's (or every) request wherever it is, through the engine's one `finalize`.
 Knows nothing of notebooks, teams or HTTP (`team()`, `dashboard()` and `serve()` reach up lazily).
 """
 
 from __future__ import annotations
 
-import random
 import sys
 import threading
 import time
 
 import pandas as pd
-import torch
 
 from ..backends import default_backends
 from ..backends.base import LoadTarget
 from ..config import device_memory, format_size, parse_pages, parse_size, resolve_device, resolve_dtype
 from ..engine.engine import Engine
 from ..engine.recorder import Recorder
-from ..engine.request import Request, RequestIds, check_token_ids
+from ..engine.request import RequestIds
 from ..engine.scheduler import Scheduler
-from ..errors import ConfigError, RequestError
+from ..errors import ConfigError
 from ..memory import Arena, PagePool
 from .bus import Bus
 from .handles import Completion, RequestHandle
@@ -33,6 +31,7 @@ from .heads import MODEL_OPTIONS, Head
 from .models import LoadedModel, ModelTable
 from .prompts import encode_prompt, render_prompt
 from .report import page_frame, workspace_stats
+from .requests import RequestFactory
 
 
 class Workspace:
@@ -82,9 +81,8 @@ class Workspace:
         self.heads: dict[str, Head] = {}
         self.bus = Bus(self.epoch, max_messages=history)
         self.engine.listeners.append(self.bus.on_engine_event)
-        self._ids = RequestIds()
+        self._requests = RequestFactory(self.engine, seed)
         self._run_ids = RequestIds()
-        self._rng = random.Random(seed)
         self._lock = threading.RLock()  # the head table; held briefly
         self._load_lock = threading.RLock()  # one add/remove of a head at a time (loading takes seconds)
         self._closed = False
@@ -199,55 +197,24 @@ class Workspace:
         self._check_open()
         h, loaded = self._model_of(head)
         params = h.sampling.replace(**overrides)
-        prompt_ids = check_token_ids(prompt_ids, getattr(loaded.spec, "vocab_size", None), f"head {head!r}'s model")
-        if not prompt_ids and not prompt_open:
-            raise RequestError(f"the prompt for head {head!r} is empty: give at least one token")
-        max_ctx = loaded.spec.max_position_embeddings
-        if len(prompt_ids) + 1 > max_ctx:
-            raise RequestError(
-                f"prompt of {len(prompt_ids)} tokens does not fit the context of {h.model!r} ({max_ctx} tokens)")
-        layout = loaded.built.layout
-        with self.engine.lock:
+        try:  # read without the step lock (a submit must not wait for a step); a removed head raises here
             capacity = self.scheduler.capacity(head)
-        need = layout.pages_for(len(prompt_ids) + 1)
-        if need > capacity:
-            raise RequestError(
-                f"prompt of {len(prompt_ids)} tokens needs {need} pages ({layout.tokens_per_page} tokens per page) "
-                f"but head {head!r} can hold at most {capacity} pages of K/V; use a larger pool or quota")
-        seed = params.seed if params.seed is not None else self._rng.randrange(2**63)
-        gen = None if params.greedy else torch.Generator().manual_seed(seed)
-        req = Request(
-            id=self._ids.next(), head=head, model=h.model, prompt_ids=list(prompt_ids), params=params,
-            arrival=self.engine.now(), prompt_open=prompt_open, tag=dict(tag or {}), generator=gen,
-        )
+        except KeyError:
+            raise ConfigError(f"head {head!r} was removed") from None
+        req = self._requests.build(head, loaded, prompt_ids, params, capacity=capacity, prompt_open=prompt_open,
+                                   tag=tag)
         self.engine.submit(req)
         return RequestHandle(self.engine, req)
 
     def extend_prompt(self, handle: RequestHandle, ids: list[int], *, close: bool = False) -> None:
         """Append token ids to an open prompt (applied before the next step); `close=True` lets it start sampling."""
         req = handle.request
-        ids = check_token_ids(ids, getattr(self.models[req.model].spec, "vocab_size", None), f"head {req.head!r}'s model")
-
-        def apply():
-            if not req.status.done:
-                if close and not req.prompt_ids and not ids:
-                    self.engine.fail(req, f"the streamed prompt of request {req.id} closed empty")
-                    return
-                req.extend_prompt(ids, close)
-
-        self.engine.call_soon(apply)
+        self._requests.extend(req, ids, getattr(self.models[req.model].spec, "vocab_size", None), close)
 
     def truncate_prompt(self, handle: RequestHandle, num_tokens: int) -> None:
-        """Cut an open prompt back to `num_tokens` ids (applied before the next step): its K/V past the cut is
+        """Cut an open prompt back to `num_tokens` ids (applied before the next step); its K/V past the cut is
         forgotten first, never rewriting a page another request may share."""
-        req = handle.request
-
-        def apply():
-            if not req.status.done:
-                self.scheduler.rollback(req, num_tokens)
-                req.truncate_prompt(num_tokens)
-
-        self.engine.call_soon(apply)
+        self._requests.truncate(handle.request, num_tokens)
 
     def team(self, steps: dict):
         """A team of this workspace's heads: {head: template or Step}; see `multihead_nb.team`."""
