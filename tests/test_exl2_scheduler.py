@@ -289,7 +289,7 @@ def test_region_is_reserved_and_released_with_its_model(models):
     assert key in ws.models
     ws.remove_head("r3")
     assert key not in ws.models and ws.pool.num_free == start
-    assert key not in ws.scheduler.layouts and ws.scheduler.spaces.of(key) is ws.pool
+    assert key not in ws.scheduler.layouts and ws.scheduler.kv.pool_of(key) is ws.pool
     ws.pool.check()
     ws.add_head("r1", models["r"], backend="region-native")
     ws.close()
