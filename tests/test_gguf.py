@@ -252,6 +252,20 @@ def test_ollama_names_resolve_from_the_store(files, tmp_path, monkeypatch):
         read_spec("ollama:tiny")
 
 
+def test_ollama_names_of_one_blob_share_one_loaded_model(files, tmp_path, monkeypatch):
+    import multihead_nb as mh
+
+    _ollama_store(tmp_path, {"tiny:latest": files("llama")})
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))
+    ws = mh.Workspace(device="cpu", dtype="float32", pool="8MiB", page_bytes="8KiB", background=False)
+    ws.add_head("a", "ollama:tiny")
+    weights = ws.pool.usage()["weights"]
+    ws.add_head("b", "ollama:tiny:latest")
+    assert len(ws.models) == 1 and ws.heads["a"].model == ws.heads["b"].model
+    assert ws.pool.usage()["weights"] == weights
+    ws.close()
+
+
 def test_hub_gguf_file_offline_names_repo_and_file():
     with pytest.raises(CheckpointError, match="'model-Q4_K_M.gguf' of the Hugging Face repo no-org/no-repo-GGUF"):
         read_spec("no-org/no-repo-GGUF/model-Q4_K_M.gguf")

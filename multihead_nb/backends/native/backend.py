@@ -14,7 +14,15 @@ from ..base import BuiltModel, LoadTarget, ModelPlan, check_options, eos_ids
 
 
 def model_key(model: str) -> str:
-    """A local path by its resolved form, any other reference (a hub id) as given."""
+    """A local path by its resolved form; an Ollama name or embedded model by the GGUF file it names (so
+    `ollama:x` and `ollama:x:latest` are one model); a hub id as given."""
+    if model.startswith(("ollama:", "embedded:")):
+        from .model_ref import resolve_model
+
+        try:
+            return str(resolve_model(model).path)
+        except CheckpointError:
+            return model  # planning it raises the error, with its message
     p = Path(model).expanduser()
     return str(p.resolve()) if p.exists() else model
 
