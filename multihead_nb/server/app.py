@@ -106,7 +106,11 @@ def create_app(ws, *, teams=(), api_key: str | None = None) -> Starlette:
             gen = _start_team(target, req, _last_user(req.messages))
         else:
             messages = req.messages
-            system = ws.heads[target].system
+            try:
+                system = ws.head(target).system
+            except MultiHeadError:  # removed since `find`
+                raise P.APIError(404, f"The model '{target}' does not exist (it was removed)", param="model",
+                                 code="model_not_found") from None
             if system and not any(m["role"] == "system" for m in messages):
                 messages = [{"role": "system", "content": system}] + messages
             gen = _start(lambda: HeadGeneration(ws, target, _encode_chat(ws, target, messages), req.sampling))
