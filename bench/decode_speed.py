@@ -1,13 +1,17 @@
-"""Decode speed of the native runner against transformers, and against the machine's memory bandwidth.
+"""Decode and prefill speed of the native runner (PyTorch path and fused kernel per weight format) against
+transformers, and against the machine's memory bandwidth.
 
     python -m bench.decode_speed [--batch 1 3 8] [--dtype bfloat16] [--threads 2] [--steps 32]
+                                 [--paths torch kernel] [--formats bf16 q8_0 q4_0] [--prefill 128] [--shape S|DIR]
 
 In one process: the copy bandwidth (a large tensor copy, bytes read + written per second), the bytes a decode
-step reads (all weights once, plus the K/V of every sequence), and the time per decode step at each batch size
-for (a) `ModelRunner` and (b) transformers (`model(...)` with `past_key_values`, one token per step), both on the
-same random-weight checkpoint with SmolLM2-135M's shape. Each step feeds the argmax of the previous logits, as
-greedy decoding does. Prints a markdown table; "% of limit" is the bandwidth limit's time per step
-(bytes read / copy bandwidth) over the measured time per step.
+step reads (the weights held, plus the K/V of every sequence), and the time per decode step at each batch size
+for (a) `ModelRunner` on the PyTorch path, (b) `ModelRunner` with the fused CPU kernel, once per weight format
+(`quantize=` at load), and (c) transformers (`model(...)` with `past_key_values`, one token per step), all on the
+same checkpoint (random weights with SmolLM2-135M's shape by default). Each step feeds the argmax of the previous
+logits, as greedy decoding does. Then the time to prefill one prompt of `--prefill` tokens in one forward. Prints
+markdown; "% of limit" is the bandwidth limit's time per step (bytes read / copy bandwidth) over the measured
+time per step.
 
 The machine may be shared: each configuration runs `--trials` times and the fastest trial is reported.
 """
@@ -87,51 +91,82 @@ def _trials(step, steps: int, trials: int) -> float:
     return min(out)
 
 
-def bench_ours(path, batch: int, context: int, steps: int, trials: int, dtype, page_bytes: int) -> float:
-    from multihead_nb.memory import Arena, PagePool
-    from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
+class Seqs:
+    """`batch` sequences on pages interleaved in one arena, fed through `runner.forward` as the engine batches."""
 
-    spec = read_spec(path)
-    layout = spec.kv_layout(dtype, page_bytes)
-    tpp = layout.tokens_per_page
-    total = context + (trials + 1) * steps + 8
-    pages_per_seq = layout.pages_for(total)
-    arena = Arena(batch * pages_per_seq + 1, page_bytes)
-    pool = PagePool(arena.num_pages)
-    runner = ModelRunner(spec, arena, dtype=dtype, device="cpu")
-    g = torch.Generator().manual_seed(0)
-    seqs = []
-    for i in range(batch):  # pages allocated one at a time, alternating between sequences
-        seqs.append([])
-    for _ in range(pages_per_seq):
-        for s in seqs:
-            s += pool.allocate(1, "bench", "m")
-    lens = [0] * batch
+    def __init__(self, runner, layout, batch: int, total: int):
+        from multihead_nb.memory import PagePool
 
-    def forward(tokens: list[list[int]]):
+        self.runner, self.layout, self.batch = runner, layout, batch
+        pages_per_seq = layout.pages_for(total)
+        pool = PagePool(runner.arena.num_pages)
+        self.tables = [[] for _ in range(batch)]
+        for _ in range(pages_per_seq):  # pages allocated one at a time, alternating between sequences
+            for s in self.tables:
+                s += pool.allocate(1, "bench", "m")
+        self.lens = [0] * batch
+
+    def forward(self, tokens: list[list[int]]) -> list[int]:
+        from multihead_nb.backends.native import ForwardBatch
+
+        tpp = self.layout.tokens_per_page
         ids, pos, slots, ql, cl, li = [], [], [], [], [], []
         for i, toks in enumerate(tokens):
-            start = lens[i]
+            start = self.lens[i]
             ids += toks
             pos += range(start, start + len(toks))
-            slots += [seqs[i][p // tpp] * tpp + p % tpp for p in range(start, start + len(toks))]
+            slots += [self.tables[i][p // tpp] * tpp + p % tpp for p in range(start, start + len(toks))]
             ql.append(len(toks))
-            lens[i] = start + len(toks)
-            cl.append(lens[i])
+            self.lens[i] = start + len(toks)
+            cl.append(self.lens[i])
             li.append(len(ids) - 1)
         t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-        tables = [seqs[i][: layout.pages_for(lens[i])] for i in range(batch)]
-        logits = runner.forward(ForwardBatch(t(ids), t(pos), t(slots), ql, cl, tables, t(li)))
+        tables = [self.tables[i][: self.layout.pages_for(self.lens[i])] for i in range(self.batch)]
+        logits = self.runner.forward(ForwardBatch(t(ids), t(pos), t(slots), ql, cl, tables, t(li)))
         return logits.argmax(-1).tolist()
 
-    prompts = [torch.randint(3, spec.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
-    nxt = forward(prompts)
-    state = {"next": nxt}
+    def reset(self) -> None:
+        self.lens = [0] * self.batch
+
+
+def make_runner(spec, dtype, page_bytes: int, num_pages: int, path: str, fmt: str):
+    """`path` "torch" (the PyTorch path) or "kernel" (the fused kernel, weights in `fmt`)."""
+    from multihead_nb.memory import Arena
+    from multihead_nb.backends.native import ModelRunner
+
+    arena = Arena(num_pages, page_bytes)
+    quantize = None if fmt == "bf16" else fmt
+    return ModelRunner(spec, arena, dtype=dtype, device="cpu", kernel=path == "kernel", quantize=quantize)
+
+
+def bench_ours(spec, runner, batch: int, context: int, steps: int, trials: int, page_bytes: int) -> float:
+    """Seconds per decode step at `batch` (fastest of `trials` runs of `steps`, each started when quiet)."""
+    layout = spec.kv_layout(runner.dtype, page_bytes)
+    seqs = Seqs(runner, layout, batch, context + (trials + 1) * steps + 8)
+    g = torch.Generator().manual_seed(0)
+    state = {"next": seqs.forward([torch.randint(3, spec.vocab_size, (context,), generator=g).tolist()
+                                   for _ in range(batch)])}
 
     def step():
-        state["next"] = forward([[t] for t in state["next"]])
+        state["next"] = seqs.forward([[t] for t in state["next"]])
 
     return _trials(step, steps, trials)
+
+
+def bench_prefill(spec, runner, tokens: int, trials: int, page_bytes: int) -> float:
+    """Seconds to prefill one prompt of `tokens` tokens in one forward (fastest of `trials`, each when quiet)."""
+    layout = spec.kv_layout(runner.dtype, page_bytes)
+    seqs = Seqs(runner, layout, 1, tokens + 1)
+    prompt = torch.randint(3, spec.vocab_size, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    seqs.forward([prompt[:16]])  # warm-up
+    best = float("inf")
+    for _ in range(trials):
+        seqs.reset()
+        wait_quiet()
+        t = time.perf_counter()
+        seqs.forward([prompt])
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def bench_transformers(path, batch: int, context: int, steps: int, trials: int, dtype) -> float:
@@ -163,43 +198,65 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=32, help="decode steps per trial")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--context", type=int, default=128, help="prompt tokens per sequence before decoding")
+    ap.add_argument("--prefill", type=int, default=128, help="prompt tokens of the prefill measurement (0: none)")
     ap.add_argument("--page-bytes", type=int, default=256 * 1024)
-    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--shape", default="smollm2-135m", help="a SHAPES name (random weights) or a checkpoint folder")
+    ap.add_argument("--paths", nargs="+", default=["torch", "kernel"], choices=["torch", "kernel"])
+    ap.add_argument("--formats", nargs="+", default=["bf16"],
+                    help="weight formats of the kernel path: bf16 and/or quantize= formats (q8_0, q4_0, q4_1)")
     ap.add_argument("--no-transformers", action="store_true")
     args = ap.parse_args(argv)
 
+    from pathlib import Path
+
     from multihead_nb.config import parse_dtype
     from multihead_nb.backends.native import read_spec
+    from multihead_nb.backends.native.cpu_kernel import cpu_features, cpu_isas, load_kernel
     from multihead_nb.testing import shape_checkpoint
 
     torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
-    path = shape_checkpoint(args.shape, dtype=str(dtype).removeprefix("torch."))
+    path = Path(args.shape) if Path(args.shape).is_dir() else shape_checkpoint(
+        args.shape, dtype=str(dtype).removeprefix("torch."))
     spec = read_spec(path)
     bw = copy_bandwidth()
     rbw = read_bandwidth()
-    wbytes = spec.weight_bytes(dtype)
     kv_per_token = spec.kv_layout(dtype, args.page_bytes).bytes_per_token
     mid_ctx = args.context + (args.trials + 2) * args.steps // 2  # average context over the timed steps
+    machine, feats = cpu_features()
+    isa = load_kernel().isa if "kernel" in args.paths else "-"
     print(f"shape {args.shape} ({spec.num_params() / 1e6:.1f}M params), {dtype}, {args.threads} threads, "
           f"context {args.context} + {args.trials} x {args.steps} steps")
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write), read bandwidth {rbw / 1e9:.1f} GB/s; weights {wbytes / 1e6:.0f} MB; "
+    print(f"CPU {machine}, ISAs {', '.join(cpu_isas())}; kernel build {isa}")
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write), read bandwidth {rbw / 1e9:.1f} GB/s; "
           f"K/V {kv_per_token} bytes per token")
+    configs = [(p, f) for p in args.paths for f in (args.formats if p == "kernel" else ["bf16"])]
+    max_b = max(args.batch)
+    num_pages = max_b * spec.kv_layout(dtype, args.page_bytes).pages_for(
+        max(args.context + (args.trials + 1) * args.steps + 8, args.prefill + 1)) + 2
+    runners = {c: make_runner(spec, dtype, args.page_bytes, num_pages, *c) for c in configs}
+    names = [f"{p} {f}" if p == "kernel" else "PyTorch" for p, f in configs]
+    wbytes = {c: r.weight_nbytes() for c, r in runners.items()}
+    print("weights held: " + ", ".join(f"{n} {wbytes[c] / 1e6:.0f} MB" for n, c in zip(names, configs)))
     print()
-    print("| batch | ms/step ours | ms/step transformers | tokens/s ours | tokens/s transformers "
-          "| % of limit ours | % of limit transformers | speedup |")
-    print("|---|---|---|---|---|---|---|---|")
+    cols = names + ([] if args.no_transformers else ["transformers"])
+    print("| batch | " + " | ".join(f"ms/step {n}" for n in cols) + " | % of limit (each) | speed-up over PyTorch |")
+    print("|---|" + "---|" * (len(cols) + 2))
+    fmt = lambda s: "-" if s is None else f"{s * 1e3:.1f}"  # noqa: E731
     for b in args.batch:
-        step_bytes = wbytes + b * mid_ctx * kv_per_token
-        limit_s = step_bytes / bw  # time per step at the bandwidth limit
-        ours = bench_ours(path, b, args.context, args.steps, args.trials, dtype, args.page_bytes)
+        times = {c: bench_ours(spec, runners[c], b, args.context, args.steps, args.trials, args.page_bytes)
+                 for c in configs}
         hf = None if args.no_transformers else bench_transformers(path, b, args.context, args.steps, args.trials, dtype)
-        fmt = lambda s: "-" if s is None else f"{s * 1e3:.1f}"  # noqa: E731
-        tps = lambda s: "-" if s is None else f"{b / s:.0f}"  # noqa: E731
-        pct = lambda s: "-" if s is None else f"{100 * limit_s / s:.0f}%"  # noqa: E731
-        speed = "-" if hf is None else f"{hf / ours:.2f}x"
-        print(f"| {b} | {fmt(ours)} | {fmt(hf)} | {tps(ours)} | {tps(hf)} | {pct(ours)} | {pct(hf)} | {speed} |",
-              flush=True)
+        pct = [f"{100 * (wbytes[c] + b * mid_ctx * kv_per_token) / bw / times[c]:.0f}%" for c in configs]
+        base = times.get(("torch", "bf16"))
+        speed = ["-" if base is None else f"{base / times[c]:.2f}x" for c in configs if c[0] == "kernel"]
+        vals = [fmt(times[c]) for c in configs] + ([] if args.no_transformers else [fmt(hf)])
+        print(f"| {b} | " + " | ".join(vals) + f" | {' / '.join(pct)} | {' / '.join(speed) or '-'} |", flush=True)
+    if args.prefill:
+        pre = {c: bench_prefill(spec, runners[c], args.prefill, args.trials, args.page_bytes) for c in configs}
+        print()
+        print(f"Prefill of one {args.prefill}-token prompt (one forward): " + ", ".join(
+            f"{n} {pre[c] * 1e3:.0f} ms ({args.prefill / pre[c]:.0f} tokens/s)" for n, c in zip(names, configs)))
 
 
 if __name__ == "__main__":

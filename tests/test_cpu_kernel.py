@@ -1,9 +1,11 @@
-"""The fused CPU kernel (models/cpu_decode.c through fused_forward.py) against the PyTorch path, in bfloat16.
+"""The fused CPU kernel (csrc/cpu_decode.c through fused_forward.py) against a float32 reference: the PyTorch path in
+float32 on the same weights (dequantized where the kernel runs them quantized).
 
-Both SIMD builds are checked (AVX-512 BF16 where the CPU has it, and the portable C one): logits of every family
-over scattered small pages, decode and short prefill chunks mixed, a sliding window, head dims and hidden sizes
-that are not multiples of the vector width; a token's result does not depend on its batch-mates; the engine gives
-the same tokens for heads together and alone; and the errors when the kernel cannot be used.
+Every instruction-set build this CPU runs is checked (AVX-512, AVX2 + FMA, scalar C; NEON's products are checked
+under qemu in test_kernel_formats.py): logits of every family over scattered small pages, decode steps, short and
+long prefill chunks mixed, a sliding window, head dims and hidden sizes that are not multiples of the vector width,
+quantized weights; a token's result does not depend on its batch-mates; the engine gives the same tokens for heads
+together and alone; and the errors when the kernel cannot be used.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import torch
 from multihead_nb.errors import ConfigError
 from multihead_nb.memory import Arena
 from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
-from multihead_nb.backends.native.cpu_kernel import _compiler, load_kernel
+from multihead_nb.backends.native.cpu_kernel import _compiler, cpu_isas, load_kernel
+from multihead_nb.backends.native.fused_forward import FusedForward
+from multihead_nb.backends.native.kernel_weights import KernelWeights
+from multihead_nb.backends.native.weight_files import load_weights
 
 # Without a C compiler the kernel cannot exist and MultiHead uses its PyTorch path: skip, unless CI says a compiler
 # must be there (.ci/run sets MULTIHEAD_REQUIRE_KERNEL=1 once it has installed one).
@@ -27,40 +32,49 @@ pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULT
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(scope="module", params=["native", "portable"])
+@pytest.fixture(scope="module", params=cpu_isas())
 def kernel(request):
-    k = load_kernel(("-DMH_PORTABLE",) if request.param == "portable" else ())
-    if request.param == "portable":
-        assert k.simd == "portable"
-    return k
+    return load_kernel(request.param)
+
+
+def runner_on(spec, arena, kernel, quantize=None) -> ModelRunner:
+    """A runner of `spec` whose forward is `kernel`'s build (whatever the default would pick)."""
+    runner = ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=False, quantize=quantize)
+    weights = KernelWeights.build(spec, load_weights(spec, torch.float32 if quantize else BF16), quantize)
+    runner.fused = FusedForward(kernel, spec, weights, arena.data, runner.layout, arena.page_bytes)
+    runner.model = None
+    return runner
 
 
 class Pair:
-    """A kernel runner and a PyTorch-path runner of one model, sequences on disjoint shuffled pages of one arena."""
+    """A kernel runner and its float32 reference (the PyTorch path on the same, dequantized, weights), each in its
+    own arena, sequences on shuffled pages."""
 
-    def __init__(self, path, kernel, num_seqs: int, tokens_per_page: int = 3, pages_per_seq: int = 24):
+    def __init__(self, path, kernel, num_seqs: int, tokens_per_page: int = 3, pages_per_seq: int = 24,
+                 quantize: str | None = None):
         spec = read_spec(path)
-        bpt = spec.kv_layout(BF16, 1 << 20).bytes_per_token
-        page_bytes = -(-bpt * tokens_per_page // 256) * 256  # arena pages are multiples of 256 bytes
-        self.arena = Arena(2 * num_seqs * pages_per_seq, page_bytes, device="cpu")
-        from multihead_nb.backends.native.fused_forward import FusedForward
-
-        self.torch = ModelRunner(spec, self.arena, dtype=BF16, device="cpu", kernel=False)
-        plain = ModelRunner(spec, self.arena, dtype=BF16, device="cpu", kernel=False, packed=False)
-        plain.fused = FusedForward(kernel, plain.model, self.arena.data, plain.layout, self.arena.page_bytes)
-        self.runners = {"kernel": plain, "torch": self.torch}
-        assert tokens_per_page <= plain.tokens_per_page < 2 * tokens_per_page  # several pages per sequence
-        free = list(range(self.arena.num_pages))
-        random.Random(0).shuffle(free)
-        self.tables = {k: [[free.pop() for _ in range(pages_per_seq)] for _ in range(num_seqs)] for k in self.runners}
-        self.lens = [0] * num_seqs
         self.spec = spec
+        self.runners, self.arenas, self.tables = {}, {}, {}
+        for name, dtype in (("kernel", BF16), ("ref", torch.float32)):
+            bpt = spec.kv_layout(dtype, 1 << 20).bytes_per_token
+            page_bytes = -(-bpt * tokens_per_page // 256) * 256  # arena pages are multiples of 256 bytes
+            arena = Arena(2 * num_seqs * pages_per_seq, page_bytes, device="cpu")
+            if name == "kernel":
+                runner = runner_on(spec, arena, kernel, quantize)
+            else:
+                runner = ModelRunner(spec, arena, dtype=dtype, device="cpu", kernel=False, quantize=quantize)
+            assert tokens_per_page <= runner.tokens_per_page < 2 * tokens_per_page + 2  # several pages per sequence
+            free = list(range(arena.num_pages))
+            random.Random(0).shuffle(free)
+            self.tables[name] = [[free.pop() for _ in range(pages_per_seq)] for _ in range(num_seqs)]
+            self.runners[name], self.arenas[name] = runner, arena
+        self.lens = [0] * num_seqs
 
     def step(self, tokens: list[list[int]]) -> dict[str, torch.Tensor]:
         """Feed `tokens[i]` to sequence i (empty: it sits this step out); logits of each fed sequence's last token."""
-        tpp = self.torch.tokens_per_page
         out = {}
         for name, runner in self.runners.items():
+            tpp = runner.tokens_per_page
             ids, pos, slots, ql, cl, tabs, li = [], [], [], [], [], [], []
             for i, toks in enumerate(tokens):
                 if not toks:
@@ -75,19 +89,24 @@ class Pair:
                 tabs.append(self.tables[name][i])
                 li.append(len(ids) - 1)
             t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-            batch = ForwardBatch(t(ids), t(pos), t(slots), ql, cl, tabs, t(li))
-            if name == "kernel":
-                assert runner.fused.supports(batch)
-            out[name] = runner.forward(batch)
+            out[name] = runner.forward(ForwardBatch(t(ids), t(pos), t(slots), ql, cl, tabs, t(li)))
         for i, toks in enumerate(tokens):
             self.lens[i] += len(toks)
         return out
 
+    def kv(self, name: str, seq: int) -> torch.Tensor:
+        """The K/V of sequence `seq` as `name` wrote it: [n, 2, layers, KV, d] float32."""
+        runner = self.runners[name]
+        tpp, table = runner.tokens_per_page, self.tables[name][seq]
+        full = runner.layout.view(self.arenas[name])  # [P, 2, layers, tpp, KV, d]
+        return torch.stack([full[table[p // tpp], :, :, p % tpp].float() for p in range(self.lens[seq])])
 
-def assert_close(got: torch.Tensor, ref: torch.Tensor):
-    """bfloat16 agreement: relative L2 error of the logits under 3%, and the same argmax on most rows."""
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, tol: float = 0.03):
+    """Agreement with the float32 reference: relative L2 error of the logits under `tol` (bfloat16 K/V, int8
+    activations for quantized weights), and the same argmax on most rows."""
     err = (got - ref).norm() / ref.norm()
-    assert err < 0.03, f"relative error {err:.4f}"
+    assert err < tol, f"relative error {err:.4f}"
     return (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
 
 
@@ -98,55 +117,83 @@ CASES = {
     "mistral-window": ("mistral", {"sliding_window": 5}),
     "odd-sizes": ("llama", {"hidden_size": 72, "intermediate_size": 136, "num_attention_heads": 4,
                             "num_key_value_heads": 1}),  # head_dim 18: the ungrouped attention, masked tails
+    "wide-group": ("llama", {"hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads": 1}),  # G = 12
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_kernel_matches_torch_path(tiny_ckpt, kernel, case):
-    family, overrides = CASES[case]
-    pair = Pair(tiny_ckpt(family, **overrides), kernel, num_seqs=3)
+def run_greedy(pair: Pair, tol: float = 0.03) -> float:
+    """Prompts, then greedy decode with the reference's tokens fed to both, a prefill chunk beside decode tokens
+    and a sequence sitting a step out; checks every step's logits and at the end the K/V in the pages; returns the
+    share of rows with the reference's argmax."""
     g = torch.Generator().manual_seed(1)
     V = pair.spec.vocab_size
-    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (5, 4, 7)]  # 16 tokens: one kernel batch
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (5, 4, 7)]
     out = pair.step(prompts)
-    agree = [assert_close(out["kernel"], out["torch"])]
-    nxt = out["torch"].argmax(-1).tolist()
-    for i in range(14):  # greedy decode, the torch path's tokens fed to both; chunks and idle sequences mixed in
+    agree = [assert_close(out["kernel"], out["ref"], tol)]
+    nxt = out["ref"].argmax(-1).tolist()
+    for i in range(14):
         tokens = [[t] for t in nxt]
         if i == 3:
             tokens[0] += [11, 12, 13]  # a short prefill chunk beside decode tokens
         if i == 6:
             tokens[1] = []  # a sequence that sits a step out
         out = pair.step(tokens)
-        agree.append(assert_close(out["kernel"], out["torch"]))
+        agree.append(assert_close(out["kernel"], out["ref"], tol))
         fed = [j for j, t in enumerate(tokens) if t]
-        for j, row in zip(fed, out["torch"].argmax(-1).tolist()):
+        for j, row in zip(fed, out["ref"].argmax(-1).tolist()):
             nxt[j] = row
-    assert max(pair.lens) > 20 and sum(agree) / len(agree) > 0.9
-    # the K/V the kernel wrote into its pages matches the torch path's, position by position
-    tpp = pair.torch.tokens_per_page
-    full = pair.torch.layout.view(pair.arena)  # [P, 2, layers, tpp, KV, d]
-    for i, n in enumerate(pair.lens):
-        pk = [full[pair.tables["kernel"][i][p // tpp], :, :, p % tpp].float() for p in range(n)]
-        pt = [full[pair.tables["torch"][i][p // tpp], :, :, p % tpp].float() for p in range(n)]
-        a, b = torch.stack(pk), torch.stack(pt)
-        assert (a - b).norm() / b.norm() < 0.03
+    assert max(pair.lens) > 20
+    for i in range(len(pair.lens)):  # the K/V the kernel wrote into its pages, position by position
+        a, b = pair.kv("kernel", i), pair.kv("ref", i)
+        assert (a - b).norm() / b.norm() < tol
+    return sum(agree) / len(agree)
 
 
-def test_token_result_independent_of_batch(tiny_ckpt, kernel):
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_float32(tiny_ckpt, kernel, case):
+    family, overrides = CASES[case]
+    assert run_greedy(Pair(tiny_ckpt(family, **overrides), kernel, num_seqs=3)) > 0.9
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_kernel_matches_float32(tiny_ckpt, kernel, fmt):
+    """Weights quantized at load, kept packed in the kernel; the reference runs the same quantized values dequantized
+    in float32, so what remains is the kernel's own error (int8 activations per 32 elements, bfloat16 K/V)."""
+    pair = Pair(tiny_ckpt("qwen2"), kernel, num_seqs=3, quantize=fmt)
+    assert pair.runners["kernel"].fused.weights.formats == {fmt} | {"q8_0"}
+    assert run_greedy(pair, tol=0.05) > 0.85
+
+
+def test_long_prefill_matches_float32(tiny_ckpt, kernel):
+    """A 200-token prompt in one forward (token rows in several blocks and tiles), then the same continued in
+    chunks of 37 and 1 beside it: every length goes through the kernel."""
+    pair = Pair(tiny_ckpt("llama"), kernel, num_seqs=2, tokens_per_page=16, pages_per_seq=20)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(3, pair.spec.vocab_size, (200,), generator=g).tolist()
+    b = torch.randint(3, pair.spec.vocab_size, (111,), generator=g).tolist()
+    out = pair.step([a, []])
+    assert_close(out["kernel"], out["ref"])
+    for i in range(3):
+        out = pair.step([[5 + i], b[37 * i: 37 * (i + 1)]])
+        assert_close(out["kernel"], out["ref"])
+
+
+@pytest.mark.parametrize("fmt", [None, "q4_0"])
+def test_token_result_independent_of_batch(tiny_ckpt, kernel, fmt):
     """A dot product sums in the same order for any batch: one sequence alone or beside others, bit for bit."""
     path = tiny_ckpt("qwen2")
-    alone, crowd = Pair(path, kernel, num_seqs=1), Pair(path, kernel, num_seqs=4)
+    alone = Pair(path, kernel, num_seqs=1, quantize=fmt)
+    crowd = Pair(path, kernel, num_seqs=4, quantize=fmt, pages_per_seq=48)
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(3, 300, (6,), generator=g).tolist()
-    others = [torch.randint(3, 300, (3,), generator=g).tolist() for _ in range(3)]
+    others = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (3, 60, 1)]
     a = alone.step([prompt])["kernel"]
     c = crowd.step([prompt] + others)["kernel"]
     assert torch.equal(a[0], c[0])
     for _ in range(8):
         t = a[0].argmax().item()
         a = alone.step([[t]])["kernel"]
-        c = crowd.step([[t], [5], [6], [7]])["kernel"]
+        c = crowd.step([[t], [5], [6, 7, 8, 9, 10], [7]])["kernel"]
         assert torch.equal(a[0], c[0])
 
 
@@ -202,15 +249,31 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     assert runner.model.layers[0].qkv.packed == runner.model.packed  # the PyTorch path keeps its packed weights
     with pytest.raises(ConfigError, match="required but is unavailable"):
         ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=True)
-    # a CPU without AVX-512 BF16 (the portable build): PyTorch by default, the kernel only when asked for
+    # a CPU with neither AVX2 nor AVX-512 (the scalar build): PyTorch by default, the kernel only when asked for
     monkeypatch.delenv("CC")
     import multihead_nb.backends.native.runner as runner_module
 
-    monkeypatch.setattr(runner_module, "load_kernel", lambda: load_kernel(("-DMH_PORTABLE",)))
+    monkeypatch.setattr(runner_module, "load_kernel", lambda: load_kernel("scalar"))
     runner = ModelRunner(spec, arena, dtype=BF16, device="cpu")
-    assert runner.fused is None and "AVX-512 BF16" in runner.kernel_note
-    assert ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=True).fused.kernel.simd == "portable"
+    assert runner.fused is None and "scalar build is not faster" in runner.kernel_note
+    forced = ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=True)
+    assert forced.fused.kernel.isa == "scalar" and "fused CPU kernel scalar, weights bf16" == forced.kernel_note
     monkeypatch.undo()
+    # the default on this CPU: the kernel where its AVX2 or AVX-512 build runs, and the note says which
+    runner = ModelRunner(spec, arena, dtype=BF16, device="cpu")
+    best = cpu_isas()[0]
+    assert (runner.fused is not None) == (best in ("avx2", "avx512"))
+    if runner.fused is not None:
+        assert runner.kernel_note.startswith(f"fused CPU kernel {best}") and runner.model is None
+    # quantizing: formats and shapes it cannot take are errors naming the problem; on float32 it runs dequantized
+    with pytest.raises(ConfigError, match="q5_0"):
+        ModelRunner(spec, arena, dtype=BF16, device="cpu", quantize="q5_0")
+    odd = read_spec(tiny_ckpt("llama", hidden_size=72, intermediate_size=136, num_attention_heads=4,
+                              num_key_value_heads=1))
+    with pytest.raises(ConfigError, match="72 .*q8_0"):
+        ModelRunner(odd, Arena(16, 1 << 16, device="cpu"), dtype=BF16, device="cpu", quantize="q8_0")
+    f32 = ModelRunner(spec, arena, dtype=torch.float32, device="cpu", quantize="q8_0")
+    assert f32.fused is None and f32.model is not None
     # a shape the kernel does not take: the PyTorch path, and the reason
     wide = read_spec(tiny_ckpt("llama", head_dim=520))
     runner = ModelRunner(wide, Arena(16, 1 << 20, device="cpu"), dtype=BF16, device="cpu")
@@ -229,8 +292,45 @@ def test_kernel_refuses_out_of_range_ids_and_pages(tiny_ckpt, kernel):
     with pytest.raises(IndexError, match="vocabulary"):
         runner.forward(ForwardBatch(t([3, V]), t([0, 1]), t([table[0] * tpp, table[0] * tpp + 1]), [2], [2], [table],
                                     t([1])))
-    far = pair.arena.num_pages + 5
+    far = pair.arenas["kernel"].num_pages + 5
     with pytest.raises(IndexError, match="past the arena"):
         runner.forward(ForwardBatch(t([3]), t([0]), t([far * tpp]), [1], [1], [[far]], t([0])))
+    with pytest.raises(IndexError, match="logits indices"):
+        runner.forward(ForwardBatch(t([3]), t([0]), t([table[0] * tpp]), [1], [1], [table], t([1])))
     out = pair.step([[3, 4]])  # and it still works
-    assert_close(out["kernel"], out["torch"])
+    assert_close(out["kernel"], out["ref"])
+
+
+def test_workspace_quantize_at_load(tiny_ckpt):
+    """`add_head(..., quantize="q4_0")` (a native backend option): the kernel keeps the blocks packed, the pool is
+    charged exactly their packed size, heads of the model share it, asking for another format is an error, and
+    greedy tokens match the same model run dequantized in float32 on the PyTorch path for most steps."""
+    import multihead_nb as mh
+    from multihead_nb.backends.native.kernel_weights import packed_bytes
+
+    path = str(tiny_ckpt("qwen2"))
+    key = str(tiny_ckpt("qwen2").resolve())
+    kw = dict(device="cpu", pool="16MiB", page_bytes="4KiB", background=False)
+    ws = mh.Workspace(dtype="bfloat16", cpu_kernel=True, **kw)
+    ws.add_head("plain", path)
+    dense_pages = ws.models[key].weight_pages
+    ws.remove_head("plain")
+    ws.add_head("a", path, quantize="q4_0")
+    ws.add_head("b", path)  # no option: shares the quantized copy
+    loaded = ws.models[key]
+    held = loaded.runner.weight_nbytes()
+    assert held == packed_bytes(loaded.spec, "q4_0") and loaded.weight_pages == -(-held // ws.page_bytes)
+    assert loaded.weight_pages < dense_pages
+    assert ws.stats()["models"][key]["runs_on"].startswith("fused CPU kernel") and "q4_0" in loaded.runner.kernel_note
+    with pytest.raises(ConfigError, match="quantize='q4_0'.*quantize='q8_0'"):
+        ws.add_head("c", path, quantize="q8_0")
+    with pytest.raises(ConfigError, match="q5_k"):
+        ws.add_head("d", str(tiny_ckpt("llama")), quantize="q5_k")
+    got = ws.generate("a", [5, 9, 13, 2, 7], max_tokens=12, ignore_eos=True).token_ids
+    ws.close()
+    ref_ws = mh.Workspace(dtype="float32", cpu_kernel=False, **kw)
+    ref_ws.add_head("a", path, quantize="q4_0")
+    assert ref_ws.models[key].runner.fused is None  # float32: the PyTorch path, on the dequantized values
+    ref = ref_ws.generate("a", [5, 9, 13, 2, 7], max_tokens=12, ignore_eos=True).token_ids
+    ref_ws.close()
+    assert sum(a == b for a, b in zip(got, ref)) >= 9

@@ -334,7 +334,7 @@ def test_backend_and_region_options(models):
     ws = region_ws()
     with pytest.raises(ConfigError, match="unknown backend 'nope'; known: auto, remote, exl2, native, region-native"):
         ws.add_head("a", models["r"], backend="nope")
-    with pytest.raises(ConfigError, match="region= is not an option of the 'native' backend.*takes no per-model options"):
+    with pytest.raises(ConfigError, match="region= is not an option of the 'native' backend.*it takes quantize"):
         ws.add_head("a", models["n"], region="10%")
     with pytest.raises(ConfigError, match="unknown head option"):
         ws.add_head("a", models["r"], regoin="10%")

@@ -1,15 +1,16 @@
 """The native backend: Llama-family checkpoints run by `ModelRunner`, their K/V in pages of the main pool.
 
 Owns: planning a native model (its spec read and checked, its K/V layout for the arena's page size, its weight
-bytes in the workspace dtype) and building it (runner, tokenizer with a working chat template). Knows nothing of
-the pool's accounting, heads or requests.
+bytes in the workspace dtype, or packed when `quantize=` asks for a format) and building it (runner, tokenizer with
+a working chat template), and which format each model it built was quantized to (a head asking another format of
+a loaded model is an error). Knows nothing of the pool's accounting, heads or requests.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import CheckpointError
+from ...errors import CheckpointError, ConfigError
 from ..base import BuiltModel, LoadTarget, ModelPlan, check_options, eos_ids
 
 
@@ -29,7 +30,10 @@ def model_key(model: str) -> str:
 
 class NativeBackend:
     name = "native"
-    options: tuple[str, ...] = ()
+    options: tuple[str, ...] = ("quantize",)
+
+    def __init__(self):
+        self._quantized: dict[str, str | None] = {}  # key -> quantize= of the models built and not released
 
     def detects(self, model: str) -> bool:
         return True  # the fallback of "auto": any reference another backend does not claim
@@ -40,30 +44,44 @@ class NativeBackend:
     def plan(self, model: str, target: LoadTarget, options: dict) -> ModelPlan:
         from . import read_spec
 
-        check_options(self, model, options)
+        from .kernel_weights import packed_bytes
+        from .kernel_weights import problem as quantize_problem
+
+        quantize = check_options(self, model, options).get("quantize")
+        key = self.key(model)
+        if key in self._quantized and "quantize" in options and options["quantize"] != self._quantized[key]:
+            raise ConfigError(f"{model!r} is loaded with quantize={self._quantized[key]!r}; quantize="
+                              f"{options['quantize']!r} asks for another (remove its heads to change it)")
         spec = read_spec(model)
         if spec.max_position_embeddings < 1:
             raise CheckpointError(f"{spec.path}: max_position_embeddings must be positive, "
                                   f"got {spec.max_position_embeddings}")
         spec.kv_layout(target.dtype, target.page_bytes)  # ConfigError when a page cannot hold one token
-        return ModelPlan(self.key(model), spec.weight_bytes(target.dtype), detail=spec)
+        if quantize is None:
+            return ModelPlan(key, spec.weight_bytes(target.dtype), detail=(spec, None))
+        why = quantize_problem(spec, quantize)
+        if why:
+            raise ConfigError(f"cannot quantize {model!r}: {why}")
+        return ModelPlan(key, packed_bytes(spec, quantize), detail=(spec, quantize))
 
     def build(self, plan: ModelPlan, target: LoadTarget, region: list[int] | None) -> BuiltModel:
         from . import ModelRunner
         from .tokenizer import load_tokenizer
 
         assert region is None, "native models take their K/V pages from the main pool"
-        spec = plan.detail
-        runner = ModelRunner(spec, target.arena, dtype=target.dtype, device=target.device, kernel=target.cpu_kernel)
+        spec, quantize = plan.detail
+        runner = ModelRunner(spec, target.arena, dtype=target.dtype, device=target.device, kernel=target.cpu_kernel,
+                             quantize=quantize)
         try:
             tokenizer = load_tokenizer(spec)  # a GGUF spec's open file is reused
         except CheckpointError:
             raise
         except Exception as e:  # a broken tokenizer file: name the checkpoint, not the parser's internals
             raise CheckpointError(f"cannot load the tokenizer of {spec.path}: {type(e).__name__}: {e}") from None
-        note = "fused CPU kernel" if runner.fused is not None else f"PyTorch ({runner.kernel_note})"
+        note = runner.kernel_note if runner.fused is not None else f"PyTorch ({runner.kernel_note})"
+        self._quantized[plan.key] = quantize
         return BuiltModel(spec, runner, tokenizer, runner.layout, eos_ids(spec.eos_token_ids, tokenizer),
                           runner.weight_nbytes(), note=note)
 
     def release(self, built: BuiltModel) -> None:
-        pass
+        self._quantized.pop(self.key(built.spec.name), None)

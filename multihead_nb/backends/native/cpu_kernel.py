@@ -1,11 +1,14 @@
-"""Build and load the fused CPU forward (`csrc/cpu_decode.c`) at run time, with the C compiler the machine has.
+"""Build and load the fused CPU forward (`csrc/cpu_decode.c`) at run time, once per instruction set, with the C
+compiler the machine has.
 
-Owns: compiling the C source into a shared library cached on disk (keyed by the source, the flags and the
-compiler), loading it with ctypes, and the ctypes mirrors of its structs. Knows nothing of models or batches
-(`fused_forward.py` fills the structs).
+Owns: which instruction sets this CPU runs (`cpu_isas`: AVX-512 with BF16 where present, AVX2 + FMA, ARM NEON with
+dotprod where present, and scalar C for the rest, best first), the compiler
+flags of each, compiling the C source into a shared library cached on disk (keyed by the source, the flags, the
+compiler and the CPU), loading it with ctypes, and the ctypes mirrors of its structs. Knows nothing of models or
+batches (`fused_forward.py` fills the structs).
 
-Nothing here is required: without a C compiler, or where the build or load fails, `load_kernel` returns None and
-says why in `KernelUnavailable.reason`; callers then use the PyTorch path. The OpenMP runtime the library needs
+Nothing here is required: without a C compiler, or where the build or load fails, `load_kernel` raises
+`KernelUnavailable` naming the reason; callers then use the PyTorch path. The OpenMP runtime the library needs
 (`libgomp.so.1`) is the one torch has already loaded, so the kernel and torch share one thread pool.
 """
 
@@ -17,48 +20,64 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "cpu_decode.c"  # includes the headers beside it
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off")  # no implicit FMA: one rounding order in every tile shape
+LIB_FLAGS = ("-fopenmp", "-shared", "-fPIC")
+ISAS = ("avx512", "avx2", "neon", "scalar")  # best first
 
-_u16p = ctypes.POINTER(ctypes.c_uint16)
+_f32p = ctypes.POINTER(ctypes.c_float)
+_i32p = ctypes.POINTER(ctypes.c_int32)
+
+
+class MatrixStruct(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("format", ctypes.c_int32), ("rows", ctypes.c_int32),
+                ("cols", ctypes.c_int32), ("row_bytes", ctypes.c_int64)]
 
 
 class LayerStruct(ctypes.Structure):
-    _fields_ = [(name, _u16p) for name in
-                ("ln1", "ln2", "wqkv", "bqkv", "q_norm", "k_norm", "wo", "bo", "wgu", "wdown")]
+    _fields_ = [("ln1", _f32p), ("ln2", _f32p), ("q", MatrixStruct), ("k", MatrixStruct), ("v", MatrixStruct),
+                ("bqkv", _f32p), ("q_norm", _f32p), ("k_norm", _f32p), ("o", MatrixStruct), ("bo", _f32p),
+                ("gate", MatrixStruct), ("up", MatrixStruct), ("down", MatrixStruct)]
 
 
 class ModelStruct(ctypes.Structure):
     _fields_ = [
-        *[(n, ctypes.c_int32) for n in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "inter")],
+        *[(n, ctypes.c_int32) for n in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab")],
         ("eps", ctypes.c_float),
         ("tokens_per_page", ctypes.c_int32), ("sliding_window", ctypes.c_int32),
         ("layers", ctypes.POINTER(LayerStruct)),
-        ("embed", _u16p), ("final_norm", _u16p), ("cache", _u16p),
+        ("embed", MatrixStruct), ("lm_head", MatrixStruct), ("final_norm", _f32p),
+        ("cache", ctypes.POINTER(ctypes.c_uint16)),
         ("page_stride", ctypes.c_int64), ("kv_stride", ctypes.c_int64), ("layer_stride", ctypes.c_int64),
     ]
 
 
 class StepStruct(ctypes.Structure):
     _fields_ = [
-        *[(n, ctypes.c_int32) for n in ("T", "max_pages", "max_ctx", "num_threads")],
+        *[(n, ctypes.c_int32) for n in ("T", "S", "max_pages", "max_ctx", "num_threads", "num_logits")],
         ("input_ids", ctypes.POINTER(ctypes.c_int64)),
-        ("seq_of", ctypes.POINTER(ctypes.c_int32)), ("pos", ctypes.POINTER(ctypes.c_int32)),
-        ("block_tables", ctypes.POINTER(ctypes.c_int32)),
-        ("cos", ctypes.POINTER(ctypes.c_float)), ("sin", ctypes.POINTER(ctypes.c_float)),
-        *[(n, ctypes.POINTER(ctypes.c_float)) for n in ("x", "qkv", "gu", "scores")],
-        *[(n, _u16p) for n in ("xn", "attn", "act", "out")],
+        ("seq_of", _i32p), ("pos", _i32p), ("block_tables", _i32p),
+        ("cos", _f32p), ("sin", _f32p), ("logits_idx", _i32p), ("logits", _f32p),
     ]
+
+
+class KernelUnavailable(RuntimeError):
+    """Why the fused CPU kernel cannot be used here (no compiler, a failed build or load, an unknown ISA)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
 class CpuKernel:
-    """The loaded library: `forward(model, step) -> int` (0 = ok) and which SIMD path it was built with."""
+    """The loaded library of one instruction set: `forward(model, step) -> int` (0 = ok), `isa` (what it runs)."""
 
     path: Path
     lib: ctypes.CDLL
@@ -66,24 +85,68 @@ class CpuKernel:
     def __post_init__(self):
         self.lib.mh_forward.argtypes = [ctypes.POINTER(ModelStruct), ctypes.POINTER(StepStruct)]
         self.lib.mh_forward.restype = ctypes.c_int
-        self.lib.mh_simd_path.restype = ctypes.c_int
+        self.lib.mh_matmul_test.argtypes = [ctypes.POINTER(MatrixStruct), _f32p, ctypes.c_int, _f32p, ctypes.c_int]
+        self.lib.mh_matmul_test.restype = ctypes.c_int
+        self.lib.mh_dequant_row.argtypes = [ctypes.POINTER(MatrixStruct), ctypes.c_int, _f32p]
+        self.lib.mh_isa.restype = ctypes.c_char_p
 
     @property
-    def simd(self) -> str:
-        return "avx512-bf16" if self.lib.mh_simd_path() == 1 else "portable"
+    def isa(self) -> str:
+        """e.g. "avx2+fma", "avx512+bf16", "neon+dotprod", "scalar"."""
+        return self.lib.mh_isa().decode()
 
     def forward(self, model: ModelStruct, step: StepStruct) -> int:
         return self.lib.mh_forward(ctypes.byref(model), ctypes.byref(step))
 
 
-class KernelUnavailable(RuntimeError):
-    """Why the fused CPU kernel cannot be used here (no compiler, a failed build or load)."""
+# ---- the CPU ---------------------------------------------------------------------------------------------------
+def cpu_features() -> tuple[str, frozenset[str]]:
+    """(machine, feature flags): x86 `flags` or ARM `Features` of /proc/cpuinfo (macOS: sysctl)."""
+    machine = platform.machine().lower()
+    feats: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    feats.update(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    if sys.platform == "darwin" and machine == "arm64":
+        feats.add("asimd")
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+            if out == "1":
+                feats.add("asimddp")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return machine, frozenset(feats)
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+
+def isa_flags(isa: str, machine: str, feats: frozenset[str]) -> tuple[str, ...] | None:
+    """The compiler flags of `isa` on this CPU, or None where the CPU cannot run it."""
+    x86 = machine in ("x86_64", "amd64")
+    arm = machine in ("aarch64", "arm64")
+    avx2 = ("-mavx2", "-mfma", "-mf16c")
+    if isa == "avx512" and x86 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= feats:
+        return (*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mtune=native",
+                *(("-mavx512bf16",) if "avx512_bf16" in feats else ()))
+    if isa == "avx2" and x86 and {"avx2", "fma", "f16c"} <= feats:
+        return (*avx2, "-mtune=native")
+    if isa == "neon" and arm:
+        return ("-march=armv8.2-a+dotprod",) if "asimddp" in feats else ("-march=armv8-a",)
+    if isa == "scalar":
+        return ("-DMH_SCALAR",)
+    return None
 
 
+def cpu_isas() -> list[str]:
+    """The instruction sets this CPU runs, best first (scalar always last)."""
+    machine, feats = cpu_features()
+    return [isa for isa in ISAS if isa_flags(isa, machine, feats) is not None]
+
+
+# ---- building --------------------------------------------------------------------------------------------------
 def _cache_dir() -> Path:
     root = os.environ.get("MULTIHEAD_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "multihead_nb")
@@ -95,8 +158,8 @@ def _compiler() -> str | None:
 
 
 def _cpu_identity() -> str:
-    """What `-march=native` compiles for: a library built on one CPU must not be loaded on another (a cache
-    directory shared between machines would otherwise hand out code with instructions this CPU lacks)."""
+    """The CPU a library is built on: `-mtune=native` tunes for it, and a cache shared between machines must not
+    hand one CPU's build to another."""
     try:
         with open("/proc/cpuinfo") as f:
             lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
@@ -105,42 +168,60 @@ def _cpu_identity() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def build(extra_flags: tuple[str, ...] = (), cache_dir: Path | None = None) -> Path:
-    """Compile `csrc/cpu_decode.c` (once per source, flags and compiler) and return the library's path."""
-    cc = _compiler()
+def compile_c(flags: tuple[str, ...], out_name: str, *, cc: str | None = None, sources: tuple[Path, ...] = (SOURCE,),
+              cache_dir: Path | None = None) -> Path:
+    """Compile `sources` with `cc` and `flags` (once per sources, flags, compiler and CPU); the output's path.
+    `out_name` is the cached file's stem and suffix, e.g. "cpu_decode-avx2.so"."""
+    cc = cc or _compiler()
     if cc is None:
         raise KernelUnavailable("no C compiler found (set CC, or install gcc) for the fused CPU kernel")
-    flags = FLAGS + tuple(extra_flags)
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C compiler {cc!r} does not run: {e}") from e
-    sources = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
-    key = hashlib.sha256(sources + repr((flags, version, _cpu_identity())).encode()).hexdigest()[:16]
+    texts = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
+    texts += b"".join(p.read_bytes() for p in sources)
+    key = hashlib.sha256(texts + repr((flags, cc, version, _cpu_identity())).encode()).hexdigest()[:16]
+    stem, _, suffix = out_name.partition(".")
     out_dir = cache_dir or _cache_dir()
-    lib = out_dir / f"cpu_decode-{key}.so"
-    if lib.exists():
-        return lib
+    out = out_dir / f"{stem}-{key}{'.' + suffix if suffix else ''}"
+    if out.exists():
+        return out
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        tmp_lib = Path(tmp) / lib.name
+        tmp_out = Path(tmp) / out.name
         try:
-            done = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_lib), "-lm"],
-                                  capture_output=True, text=True, timeout=300)
+            done = subprocess.run([cc, *flags, *map(str, sources), "-o", str(tmp_out), "-lm"],
+                                  capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.SubprocessError) as e:
             raise KernelUnavailable(f"building the fused CPU kernel with {cc!r} failed: {e}") from e
         if done.returncode != 0:
-            raise KernelUnavailable(f"building the fused CPU kernel with {cc!r} failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp_lib, lib)  # atomic: concurrent builders each write their own temporary file
-    return lib
+            raise KernelUnavailable(f"building the fused CPU kernel with {cc!r} {' '.join(flags)} failed:\n"
+                                    f"{done.stderr[-2000:]}")
+        os.replace(tmp_out, out)  # atomic: concurrent builders each write their own temporary file
+    return out
 
 
-def load_kernel(extra_flags: tuple[str, ...] = (), cache_dir: Path | None = None) -> CpuKernel:
-    """Build (if needed) and load the kernel; raises `KernelUnavailable` naming the reason when it cannot."""
+def load_kernel(isa: str | None = None, cache_dir: Path | None = None) -> CpuKernel:
+    """Build (if needed) and load the kernel for `isa` (None: the best this CPU runs that builds); raises
+    `KernelUnavailable` naming the reason when it cannot."""
     import torch  # noqa: F401  (torch first: its libgomp is the one the library binds to)
 
-    path = build(extra_flags, cache_dir)
-    try:
-        return CpuKernel(path, ctypes.CDLL(str(path)))
-    except OSError as e:
-        raise KernelUnavailable(f"loading the fused CPU kernel {path} failed: {e}") from e
+    machine, feats = cpu_features()
+    if isa is not None and isa not in ISAS:
+        raise KernelUnavailable(f"unknown instruction set {isa!r} (known: {', '.join(ISAS)})")
+    candidates = [isa] if isa is not None else cpu_isas()
+    reasons = []
+    for name in candidates:
+        flags = isa_flags(name, machine, feats)
+        if flags is None:
+            reasons.append(f"this CPU ({machine}) cannot run {name}")
+            continue
+        try:
+            path = compile_c(COMMON_FLAGS + LIB_FLAGS + flags, f"cpu_decode-{name}.so", cache_dir=cache_dir)
+            return CpuKernel(path, ctypes.CDLL(str(path)))
+        except KernelUnavailable as e:
+            reasons.append(e.reason)
+        except OSError as e:
+            reasons.append(f"loading the fused CPU kernel {name} failed: {e}")
+    raise KernelUnavailable("; ".join(dict.fromkeys(reasons)))

@@ -1,12 +1,10 @@
-"""The fused CPU forward: one `LlamaModel` forward for a small batch as one call into `cpu_decode.c`.
+"""The fused CPU forward: one Llama-family forward over a `ForwardBatch` of any length as one call into
+`cpu_decode.c`, logits included.
 
-Owns: describing a model's weights and its arena pages to the kernel (built once per model), and turning a
-`ForwardBatch` into the kernel's per-step arguments (built once per forward), then the lm_head in PyTorch.
-Knows nothing of requests or scheduling; which batches take this path is the runner's choice (`supports`).
-
-Used for bfloat16 on the CPU, for batches of at most `max_tokens` tokens (decode steps, short prefill chunks):
-there a step is bound by reading the weights, and the PyTorch path's ~25 calls per layer cost more than the bytes.
-Longer batches are compute-bound and stay on the PyTorch path (oneDNN matmuls).
+Owns: describing a model's packed weights (`KernelWeights`) and its arena pages to the kernel (built once per
+model), and turning a `ForwardBatch` into the kernel's per-step arguments (built once per forward), with the checks
+the C code relies on (token ids, positions, page ids). Knows nothing of requests or scheduling; whether a model runs
+here is the runner's choice (`unsupported` says which shapes cannot).
 """
 
 from __future__ import annotations
@@ -17,20 +15,27 @@ import torch
 
 from ...memory import KVLayout
 from ..batch import ForwardBatch
-from .cpu_kernel import CpuKernel, LayerStruct, ModelStruct, StepStruct
-from .llama import LlamaModel
+from .cpu_kernel import CpuKernel, LayerStruct, MatrixStruct, ModelStruct, StepStruct
+from .kernel_weights import KernelWeights
+from .llama import RotaryTable
+from .loader import ModelSpec
+from .quant import PackedMatrix
 
-_U16 = ctypes.POINTER(ctypes.c_uint16)
+_F32 = ctypes.POINTER(ctypes.c_float)
 
 
-def _ptr(t: torch.Tensor | None, ctype=ctypes.c_uint16):
+def _ptr(t: torch.Tensor | None, ctype=ctypes.c_float):
     if t is None:
         return None
     assert t.is_contiguous() and t.device.type == "cpu"
     return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctype))
 
 
-def unsupported(spec) -> str | None:
+def _matrix(m: PackedMatrix) -> MatrixStruct:
+    return MatrixStruct(m.data.data_ptr(), m.fmt_id, m.rows, m.cols, m.row_bytes)
+
+
+def unsupported(spec: ModelSpec) -> str | None:
     """Why the kernel cannot run this model's shape (None: it can)."""
     if spec.head_dim % 2 or spec.head_dim > 512:
         return f"head_dim {spec.head_dim} (the kernel needs an even head_dim of at most 512)"
@@ -40,49 +45,40 @@ def unsupported(spec) -> str | None:
 
 
 class FusedForward:
-    """`forward(batch) -> logits` of `model` through the kernel, reading and writing K/V in `arena_data`."""
+    """`forward(batch) -> logits` of a model through the kernel, reading and writing K/V in `arena_data`."""
 
-    def __init__(self, kernel: CpuKernel, model: LlamaModel, arena_data: torch.Tensor, layout: KVLayout,
-                 page_bytes: int, max_tokens: int = 16):
-        spec = model.spec
-        assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    def __init__(self, kernel: CpuKernel, spec: ModelSpec, weights: KernelWeights, arena_data: torch.Tensor,
+                 layout: KVLayout, page_bytes: int):
         assert arena_data.dtype == torch.uint8 and arena_data.is_contiguous() and page_bytes % 2 == 0
-        self.kernel, self.model, self.max_tokens = kernel, model, max_tokens
-        self._keep: list[torch.Tensor] = []  # every tensor whose address the structs hold
-
-        def p(t):
-            if t is None:
-                return None
-            t = t.contiguous()
-            assert t.dtype == torch.bfloat16
-            self._keep.append(t)
-            return _ptr(t)
-
+        assert layout.dtype == torch.bfloat16, "the kernel keeps K/V in bfloat16"
+        self.kernel, self.spec, self.weights = kernel, spec, weights
+        self.rope = RotaryTable(spec, torch.float32, torch.device("cpu"))
         self.layers = (LayerStruct * spec.num_layers)()
-        for i, L in enumerate(model.layers):
-            assert not L.qkv.packed, "the fused kernel reads plain row-major weights"
+        for i, L in enumerate(weights.layers):
             s = self.layers[i]
-            s.ln1, s.ln2, s.q_norm, s.k_norm = p(L.ln1), p(L.ln2), p(L.q_norm), p(L.k_norm)
-            s.wqkv, s.bqkv, s.wo, s.bo = p(L.qkv.weight), p(L.qkv.bias), p(L.o.weight), p(L.o.bias)
-            s.wgu, s.wdown = p(L.gate_up.weight), p(L.down.weight)
+            s.ln1, s.ln2, s.q_norm, s.k_norm = _ptr(L.ln1), _ptr(L.ln2), _ptr(L.q_norm), _ptr(L.k_norm)
+            s.bqkv, s.bo = _ptr(L.bqkv), _ptr(L.bo)
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                setattr(s, name, _matrix(L.mats[name]))
         tpp, KV, d = layout.tokens_per_page, spec.num_kv_heads, spec.head_dim
         self.struct = ModelStruct(
             num_layers=spec.num_layers, hidden=spec.hidden_size, heads=spec.num_heads, kv_heads=KV, head_dim=d,
-            inter=spec.intermediate_size, eps=spec.rms_norm_eps, tokens_per_page=tpp,
+            inter=spec.intermediate_size, vocab=spec.vocab_size, eps=spec.rms_norm_eps, tokens_per_page=tpp,
             sliding_window=spec.sliding_window or 0, layers=self.layers,
-            embed=p(model.embed), final_norm=p(model.norm), cache=_ptr(arena_data),
+            embed=_matrix(weights.embed), lm_head=_matrix(weights.lm_head), final_norm=_ptr(weights.norm),
+            cache=_ptr(arena_data, ctypes.c_uint16),
             page_stride=page_bytes // 2, kv_stride=spec.num_layers * tpp * KV * d, layer_stride=tpp * KV * d,
         )
         self._arena = arena_data
 
     def supports(self, batch: ForwardBatch) -> bool:
-        return batch.num_tokens <= self.max_tokens
+        return batch.num_tokens >= 1
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits `[L, vocab]` float32 at `batch.logits_indices`; writes the batch's K/V into its pages."""
-        spec, model = self.model.spec, self.model
+        spec = self.spec
         T, S = batch.num_tokens, batch.num_seqs
-        h, H, KV, d, I = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
+        d = spec.head_dim
         max_ctx = max(batch.context_lens)
         tpp = self.struct.tokens_per_page
         max_pages = -(-max_ctx // tpp)
@@ -95,9 +91,9 @@ class FusedForward:
                                          torch.tensor(batch.query_lens))  # [T]
         positions = batch.positions
         pos32 = positions.to(torch.int32)  # [T]
-        cos, sin = model.rope.lookup(positions, max_ctx - 1)  # [T, 1, d] each, model dtype
-        cos, sin = cos.reshape(T, d).float(), sin.reshape(T, d).float()  # [T, d]
-        ids = batch.input_ids.contiguous()
+        cos, sin = self.rope.lookup(positions, max_ctx - 1)  # [T, 1, d] each, float32
+        cos, sin = cos.reshape(T, d).contiguous(), sin.reshape(T, d).contiguous()  # [T, d]
+        ids = batch.input_ids.to(torch.int64).contiguous()
         if T and (int(ids.min()) < 0 or int(ids.max()) >= spec.vocab_size):  # C reads embed rows unchecked
             raise IndexError(f"token ids outside the vocabulary of {spec.vocab_size}: {ids.tolist()}")
         ctx_of = torch.tensor(batch.context_lens, dtype=torch.int32)[seq_of.long()]  # [T]
@@ -105,23 +101,19 @@ class FusedForward:
             raise IndexError(f"positions {pos32.tolist()} outside their sequences' contexts {batch.context_lens}")
         if int(tables.max()) * (self.struct.page_stride * 2) >= self._arena.numel():
             raise IndexError(f"a page id in the block tables is past the arena's pages: {batch.block_tables}")
-        f32, bf = dict(dtype=torch.float32), dict(dtype=torch.bfloat16)
-        x, qkv = torch.empty(T, h, **f32), torch.empty(T, (H + 2 * KV) * d, **f32)
-        gu, scores = torch.empty(T, 2 * I, **f32), torch.empty(T * H, max_ctx, **f32)
-        xn, attn, act, out = (torch.empty(T, h, **bf), torch.empty(T, H * d, **bf), torch.empty(T, I, **bf),
-                              torch.empty(T, h, **bf))
+        idx = batch.logits_indices.to(torch.int32).contiguous()  # [L]
+        L = idx.numel()
+        if L and (int(idx.min()) < 0 or int(idx.max()) >= T):
+            raise IndexError(f"logits indices {idx.tolist()} outside the batch's {T} tokens")
+        logits = torch.empty(L, spec.vocab_size, dtype=torch.float32)  # [L, V]
         step = StepStruct(
-            T=T, max_pages=max_pages, max_ctx=max_ctx, num_threads=torch.get_num_threads(),
+            T=T, S=S, max_pages=max_pages, max_ctx=max_ctx, num_threads=torch.get_num_threads(), num_logits=L,
             input_ids=_ptr(ids, ctypes.c_int64), seq_of=_ptr(seq_of, ctypes.c_int32),
             pos=_ptr(pos32, ctypes.c_int32), block_tables=_ptr(tables, ctypes.c_int32),
-            cos=_ptr(cos, ctypes.c_float), sin=_ptr(sin, ctypes.c_float),
-            x=_ptr(x, ctypes.c_float), qkv=_ptr(qkv, ctypes.c_float), gu=_ptr(gu, ctypes.c_float),
-            scores=_ptr(scores, ctypes.c_float), xn=_ptr(xn), attn=_ptr(attn), act=_ptr(act), out=_ptr(out),
+            cos=_ptr(cos), sin=_ptr(sin), logits_idx=_ptr(idx, ctypes.c_int32), logits=_ptr(logits),
         )
         rc = self.kernel.forward(self.struct, step)
         if rc != 0:
-            raise RuntimeError(f"the fused CPU kernel rejected the batch (code {rc})")
-        hidden = out.index_select(0, batch.logits_indices)  # [L, h]
-        logits = model.lm_head(hidden).float()  # [L, V]
-        assert logits.shape == (batch.logits_indices.shape[0], spec.vocab_size)
+            raise RuntimeError(f"the fused CPU kernel rejected the batch (code {rc}: "
+                               f"{'out of memory' if rc == -2 else 'bad shape'})")
         return logits

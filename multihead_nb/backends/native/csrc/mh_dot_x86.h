@@ -1,0 +1,235 @@
+/* x86 tile kernels: NR weight rows x MT token rows of one format, AVX2 + FMA (+ F16C), 256-bit. AVX-512 builds
+ * use these too, with vdpbf16ps over 512 bits for bfloat16 weights where AVX-512 BF16 is present (activations then
+ * in bfloat16).
+ *
+ * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
+ * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
+ * elements as 8 even then 8 odd (MH_F_CHUNK), one accumulator per (row, token) pair.
+ * Quantized (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): each 32-block of a row is dequantized into 4 registers of float32
+ * (sign-extended bytes or nibbles, converted, times the block's scale plus its offset) and multiplied with the
+ * float32 activations by FMAs: activations are not quantized (measured here against int8 activations with
+ * vpmaddubsw products, llama.cpp's way: as fast in decode, which reads memory, and faster in prefill, where the
+ * 4 FMAs per 32 weights and token beat 5-6 integer and conversion operations), so the only error is the weights'. */
+#ifndef MH_DOT_X86_H
+#define MH_DOT_X86_H
+
+#define MH_F_CHUNK 16
+#define AI static inline __attribute__((always_inline))
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ---- bfloat16 weights ----------------------------------------------------------------------------------- */
+#ifndef MH_BF16_DOT
+/* Two accumulators per (row, token), the even and the odd elements: one FMA each per 16 weights. Rows are read
+ * one after the other (NR = 1): a single stream per thread reads memory faster than interleaved rows. */
+AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, int t0, const int MT, float *res) {
+    const int K = a->K, K16 = K & ~15;
+    __m256 ae[1][6], ao[1][6];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < MT; t++) ae[r][t] = ao[r][t] = _mm256_setzero_ps();
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    const float *x[6];
+    for (int t = 0; t < MT; t++) x[t] = a->f + (size_t)(t0 + t) * K;
+    for (int k = 0; k < K16; k += 16) {
+        for (int r = 0; r < NR; r++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * rb + 2 * (size_t)k));
+            const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+            for (int t = 0; t < MT; t++) {
+                ae[r][t] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x[t] + k), ae[r][t]);
+                ao[r][t] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x[t] + k + 8), ao[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < MT; t++) {
+            float s = hsum8(_mm256_add_ps(ae[r][t], ao[r][t]));
+            for (int k = K16; k < K; k++) s += bf16_to_f32(rd16(w + (size_t)r * rb + 2 * (size_t)k)) * x[t][k];
+            res[r * MT + t] = s;
+        }
+}
+#else
+/* One weight row against MT token rows in bfloat16, 64 elements a step, two accumulators per token row. */
+AI void tile_bf16_row(const uint16_t *w, int K, const mh_act *a, int t0, const int MT, float *res) {
+    __m512 acc[8];
+    for (int i = 0; i < 2 * MT; i++) acc[i] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
+        for (int m = 0; m < MT; m++) {
+            const uint16_t *x = a->h + (size_t)(t0 + m) * K + k;
+            acc[2 * m] = _mm512_dpbf16_ps(acc[2 * m], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(x));
+            acc[2 * m + 1] = _mm512_dpbf16_ps(acc[2 * m + 1], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(x + 32));
+        }
+    }
+    for (; k < K; k += 32) {
+        __mmask32 mask = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1u);
+        __m512i w0 = _mm512_maskz_loadu_epi16(mask, w + k);
+        for (int m = 0; m < MT; m++)
+            acc[2 * m] = _mm512_dpbf16_ps(acc[2 * m], (__m512bh)w0,
+                                          (__m512bh)_mm512_maskz_loadu_epi16(mask, a->h + (size_t)(t0 + m) * K + k));
+    }
+    for (int m = 0; m < MT; m++) res[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * m], acc[2 * m + 1]));
+}
+
+AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, int t0, const int MT, float *res) {
+    for (int r = 0; r < NR; r++) tile_bf16_row((const uint16_t *)(w + (size_t)r * rb), a->K, a, t0, MT, res + r * MT);
+}
+#endif
+
+/* ---- quantized weights: dequantized 32 at a time into registers, float32 products ------------------------ */
+/* 8 signed bytes -> 8 floats */
+AI __m256 cvt8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+
+/* The 32 weights of 32-block b of a packed row, dequantized in order: w[i] = q[i] * dw + off (off per 16). */
+AI void deq32(const int fmt, const uint8_t *row, int b, __m256 w[4]) {
+    if (fmt == MH_Q8_0) {
+        const uint8_t *blk = row + (size_t)b * 34;
+        const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(blk)));
+        for (int i = 0; i < 4; i++)
+            w[i] = _mm256_mul_ps(cvt8(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * i))), d);
+    } else if (fmt == MH_Q4_0 || fmt == MH_Q4_1) {
+        /* element i < 16 is the low nibble of byte i, element 16 + i its high nibble: 8 bytes zero-extended to
+         * 32-bit lanes give elements i..i+7 masked and i+16..i+23 shifted */
+        const int bb = fmt == MH_Q4_0 ? 18 : 20;
+        const uint8_t *blk = row + (size_t)b * bb, *qs = blk + bb - 16;
+        const float dv = f16_to_f32(rd16(blk));
+        const __m256 d = _mm256_set1_ps(dv);
+        const __m256 off = _mm256_set1_ps(fmt == MH_Q4_0 ? -8.0f * dv : f16_to_f32(rd16(blk + 2)));
+        const __m256i m = _mm256_set1_epi32(15);
+        const __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
+        const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+        w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q0, m)), d, off);
+        w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q1, m)), d, off);
+        w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q0, 4)), d, off);
+        w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q1, 4)), d, off);
+    } else if (fmt == MH_Q4_K) {
+        const uint8_t *blk = row + (size_t)(b / 8) * 144;
+        const int j = b % 8;
+        int sc, mn;
+        q4k_scale_min(j, blk + 4, &sc, &mn);
+        const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(blk)) * (float)sc);
+        const __m256 off = _mm256_set1_ps(-f16_to_f32(rd16(blk + 2)) * (float)mn);
+        const uint8_t *qs = blk + 16 + (j / 2) * 32; /* sub-block j: low (even j) or high (odd j) nibbles */
+        const __m256i m = _mm256_set1_epi32(15);
+        for (int i = 0; i < 4; i++) {
+            const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * i)));
+            w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(j & 1 ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, m)), d,
+                                   off);
+        }
+    } else { /* Q6_K */
+        const uint8_t *blk = row + (size_t)(b / 8) * 210;
+        const int j = b % 8, half = j / 4, k = j % 4;
+        const uint8_t *ql = blk + half * 64 + (k & 1) * 32, *qh = blk + 128 + half * 32;
+        const int8_t *scales = (const int8_t *)(blk + 192) + half * 8 + 2 * k;
+        const float dv = f16_to_f32(rd16(blk + 208));
+        const __m128i m = _mm_set1_epi8(15), m3 = _mm_set1_epi8(3);
+        for (int h = 0; h < 2; h++) {
+            __m128i l = _mm_loadu_si128((const __m128i *)(ql + 16 * h));
+            l = _mm_and_si128(k >= 2 ? _mm_srli_epi16(l, 4) : l, m);
+            const __m128i hb = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qh + 16 * h)),
+                                                           _mm_cvtsi32_si128(2 * k)), m3);
+            const __m128i u = _mm_sub_epi8(_mm_or_si128(l, _mm_slli_epi16(hb, 4)), _mm_set1_epi8(32));
+            const __m256 d = _mm256_set1_ps(dv * (float)scales[h]);
+            w[2 * h] = _mm256_mul_ps(cvt8(u), d);
+            w[2 * h + 1] = _mm256_mul_ps(cvt8(_mm_srli_si128(u, 8)), d);
+        }
+    }
+}
+
+/* NR rows x MT token rows: each 32-block of each row dequantized once into 4 registers, then 4 FMAs per token
+ * into the (row, token) pair's two accumulators (elements 0-7 and 16-23, 8-15 and 24-31), in element order. */
+AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const mh_act *a, int t0, const int MT,
+               float *res) {
+    const int K = a->K, nb = K / 32;
+    __m256 acc0[1][4], acc1[1][4];
+    const float *x[4];
+    for (int t = 0; t < MT; t++) x[t] = a->x + (size_t)(t0 + t) * a->ldx;
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < MT; t++) acc0[r][t] = acc1[r][t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++)
+        for (int r = 0; r < NR; r++) {
+            __m256 wv[4];
+            deq32(fmt, w + (size_t)r * rb, b, wv);
+            for (int t = 0; t < MT; t++) {
+                const float *xb = x[t] + 32 * b;
+                acc0[r][t] = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(xb), acc0[r][t]);
+                acc1[r][t] = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xb + 8), acc1[r][t]);
+                acc0[r][t] = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xb + 16), acc0[r][t]);
+                acc1[r][t] = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xb + 24), acc1[r][t]);
+            }
+        }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < MT; t++) res[r * MT + t] = hsum8(_mm256_add_ps(acc0[r][t], acc1[r][t]));
+}
+
+/* ---- dispatch: the format and (NR, MT) as constants in each branch -------------------------------------- */
+#define MH_NR 1 /* the most rows and token rows of any tile */
+#define MH_MT 8
+
+/* The tile shape the driver asks for: one weight row (read as one stream) against up to 6 token rows for
+ * bfloat16 (12 accumulators), 4 for quantized weights (8 accumulators and 4 registers of dequantized weights). */
+static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
+#ifdef MH_BF16_DOT
+    const int bf = 0;
+#else
+    const int bf = fmt == MH_BF16;
+#endif
+    (void)T;
+    *nr = 1;
+    *mt = bf ? 6 : 4;
+}
+
+#define MH_SHAPES_BF16(CALL)                                                                                       \
+    switch (mt) {                                                                                                  \
+    case 1: CALL(1, 1); break;                                                                                     \
+    case 2: CALL(1, 2); break;                                                                                     \
+    case 3: CALL(1, 3); break;                                                                                     \
+    case 4: CALL(1, 4); break;                                                                                     \
+    case 5: CALL(1, 5); break;                                                                                     \
+    default: CALL(1, 6); break;                                                                                    \
+    }
+
+#define MH_SHAPES_Q(CALL)                                                                                          \
+    switch (mt) {                                                                                                  \
+    case 1: CALL(1, 1); break;                                                                                     \
+    case 2: CALL(1, 2); break;                                                                                     \
+    case 3: CALL(1, 3); break;                                                                                     \
+    default: CALL(1, 4); break;                                                                                    \
+    }
+
+#define MH_CALL_BF16(R, M) tile_bf16(w, rb, R, a, t0, M, res)
+#define MH_CALL_Q(R, M) tile_q(FMT, w, rb, R, a, t0, M, res)
+
+static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a, int t0, int mt, float *res) {
+    switch (fmt) {
+#ifdef MH_BF16_DOT
+    case MH_BF16: MH_SHAPES_Q(MH_CALL_BF16); break;
+#else
+    case MH_BF16: MH_SHAPES_BF16(MH_CALL_BF16); break;
+#endif
+#define FMT MH_Q8_0
+    case MH_Q8_0: MH_SHAPES_Q(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q4_0
+    case MH_Q4_0: MH_SHAPES_Q(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q4_1
+    case MH_Q4_1: MH_SHAPES_Q(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q4_K
+    case MH_Q4_K: MH_SHAPES_Q(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q6_K
+    case MH_Q6_K: MH_SHAPES_Q(MH_CALL_Q); break;
+#undef FMT
+    default: break;
+    }
+}
+
+#endif

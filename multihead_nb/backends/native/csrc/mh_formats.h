@@ -1,0 +1,113 @@
+/* The weight formats' blocks, element by element: GGUF's Q8_0, Q4_0, Q4_1, Q4_K and Q6_K (layouts as llama.cpp's
+ * ggml-common.h defines them; the code is written here from those layouts) and plain bfloat16.
+ *
+ * Every quantized format is seen through one shape, 32 elements at a time ("a 32-block"): unsigned integers u
+ * (signed for Q8_0), a float scale dw, an integer scale per 16 elements sc[2], and a float offset per 16 elements
+ * off[2], so that weight[i] = dw * sc[i / 16] * u[i] + off[i / 16]. A dot product with activations quantized per
+ * 32-block (x[i] = dx * q[i]) is then dw * dx * sum(sc u q) + off . (dx * sums of q): integer products and a few
+ * float operations per block. The SIMD kernels compute the same per format without unpacking to memory; this
+ * scalar version is the scalar build's kernel, the embedding lookup, and the reading of the layouts.
+ * Owns no state; knows nothing of tiling or threads. */
+#ifndef MH_FORMATS_H
+#define MH_FORMATS_H
+#include "mh_kernel.h"
+
+static inline int fmt_block_elems(int fmt) { return fmt == MH_BF16 ? 1 : (fmt == MH_Q4_K || fmt == MH_Q6_K) ? 256 : 32; }
+
+static inline int fmt_block_bytes(int fmt) {
+    switch (fmt) {
+    case MH_BF16: return 2;
+    case MH_Q8_0: return 34;  /* d f16, qs int8[32] */
+    case MH_Q4_0: return 18;  /* d f16, qs[16]: element i < 16 is qs[i] & 15, else qs[i - 16] >> 4; minus 8 */
+    case MH_Q4_1: return 20;  /* d f16, m f16, qs[16] as Q4_0's; d q + m */
+    case MH_Q4_K: return 144; /* d f16, dmin f16, scales[12] (6-bit scale and min of 8 sub-blocks), qs[128] */
+    case MH_Q6_K: return 210; /* ql[128] low 4 bits, qh[64] high 2 bits, scales int8[16], d f16 */
+    default: return 0;
+    }
+}
+
+/* Q4_K's 6-bit scale and min of sub-block j (0..7) from its 12 scale bytes. */
+static inline void q4k_scale_min(int j, const uint8_t *q, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* 32-block b of a packed row: u[32] (as bytes; Q8_0's are signed), dw, sc[2], off[2] as described above. */
+static inline void unpack32(int fmt, const uint8_t *row, int b, uint8_t *u, float *dw, int sc[2], float off[2]) {
+    sc[0] = sc[1] = 1;
+    *dw = off[0] = off[1] = 0.0f;
+    switch (fmt) {
+    case MH_Q8_0: {
+        const uint8_t *blk = row + (size_t)b * 34;
+        *dw = f16_to_f32(rd16(blk));
+        memcpy(u, blk + 2, 32);
+        off[0] = off[1] = 0.0f;
+        break;
+    }
+    case MH_Q4_0: case MH_Q4_1: {
+        const int bytes = fmt == MH_Q4_0 ? 18 : 20;
+        const uint8_t *blk = row + (size_t)b * bytes, *qs = blk + bytes - 16;
+        *dw = f16_to_f32(rd16(blk));
+        for (int i = 0; i < 16; i++) {
+            u[i] = qs[i] & 15;
+            u[i + 16] = qs[i] >> 4;
+        }
+        off[0] = off[1] = fmt == MH_Q4_0 ? -8.0f * *dw : f16_to_f32(rd16(blk + 2));
+        break;
+    }
+    case MH_Q4_K: {
+        const uint8_t *blk = row + (size_t)(b / 8) * 144;
+        const int j = b % 8;
+        const uint8_t *qs = blk + 16 + (j / 2) * 32;
+        int s, m;
+        q4k_scale_min(j, blk + 4, &s, &m);
+        *dw = f16_to_f32(rd16(blk)) * (float)s;
+        for (int i = 0; i < 32; i++) u[i] = j & 1 ? qs[i] >> 4 : qs[i] & 15;
+        off[0] = off[1] = -f16_to_f32(rd16(blk + 2)) * (float)m;
+        break;
+    }
+    case MH_Q6_K: {
+        const uint8_t *blk = row + (size_t)(b / 8) * 210;
+        const int j = b % 8, half = j / 4, k = j % 4; /* k: which quarter of the 128-element half */
+        const uint8_t *ql = blk + half * 64 + (k & 1) * 32, *qh = blk + 128 + half * 32;
+        const int8_t *scales = (const int8_t *)(blk + 192) + half * 8 + 2 * k;
+        *dw = f16_to_f32(rd16(blk + 208));
+        for (int i = 0; i < 32; i++) {
+            const int lo = k < 2 ? ql[i] & 15 : ql[i] >> 4;
+            u[i] = (uint8_t)(lo | (((qh[i] >> (2 * k)) & 3) << 4));
+        }
+        sc[0] = scales[0];
+        sc[1] = scales[1];
+        off[0] = -32.0f * *dw * (float)sc[0];
+        off[1] = -32.0f * *dw * (float)sc[1];
+        break;
+    }
+    default: memset(u, 0, 32); break;
+    }
+}
+
+/* Row r of W as float32 (the embedding lookup; tests' reference). */
+static void dequant_row(const mh_matrix *W, int r, float *out) {
+    const uint8_t *row = W->data + (size_t)r * W->row_bytes;
+    if (W->format == MH_BF16) {
+        for (int k = 0; k < W->cols; k++) out[k] = bf16_to_f32(rd16(row + 2 * (size_t)k));
+        return;
+    }
+    uint8_t u[32];
+    float dw, off[2];
+    int sc[2];
+    for (int b = 0; b < W->cols / 32; b++) {
+        unpack32(W->format, row, b, u, &dw, sc, off);
+        for (int i = 0; i < 32; i++) {
+            const float v = W->format == MH_Q8_0 ? (float)(int8_t)u[i] : (float)u[i];
+            out[b * 32 + i] = dw * (float)sc[i / 16] * v + off[i / 16];
+        }
+    }
+}
+
+#endif

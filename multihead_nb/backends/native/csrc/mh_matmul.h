@@ -1,0 +1,153 @@
+/* Matrix products out[t, n] (+)= X[t, :] . W[n, :] (+ bias[n]) for any number of token rows t, every weight format,
+ * inside the forward's OpenMP region.
+ *
+ * Owns: preparing a product's input rows once per product ("activations": float32 reordered for the bfloat16
+ * kernels, bfloat16 for vdpbf16ps, the float32 rows as they are for quantized weights, or on NEON int8 per 32-block
+ * with its scale and sums, as llama.cpp quantizes activations to Q8), splitting the output rows of a group of matrices that share one input
+ * between threads, and tiling (NR weight rows x MT token rows per call of the ISA's tile kernel, token rows in
+ * blocks that stay in cache). Knows nothing of layers; the per-ISA tile kernels are mh_dot_*.h.
+ *
+ * Batch invariance: each (weight row, token row) result is summed by one accumulator sequence that does not depend
+ * on the tile shape or on the other token rows, so a token's result is the same alone or in any batch. */
+#ifndef MH_MATMUL_H
+#define MH_MATMUL_H
+#include "mh_formats.h"
+
+typedef struct {
+    int T, K;          /* token rows, elements per row */
+    int forms;         /* which of the forms below are filled (ACT_*) */
+    const float *x;    /* the rows themselves, float32, ldx apart (ACT_X) */
+    int ldx;
+    float *f;          /* [T, K] float32, in the order the ISA's bfloat16 kernel reads (MH_F_CHUNK) */
+    uint16_t *h;       /* [T, K] bfloat16 */
+    int8_t *q;         /* [T, K] int8, K % 32 == 0 */
+    float *d, *s16;    /* [T, K / 32] scales; [T, K / 16] scale times the sum of q over 16 elements */
+    float *s32;        /* [T, K / 32] scale times the sum of q over the 32-block */
+} mh_act;
+
+enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4, ACT_X = 8 };
+
+#if defined(MH_ISA_X86)
+#include "mh_dot_x86.h"
+#elif defined(MH_ISA_NEON)
+#include "mh_dot_neon.h"
+#else
+#include "mh_dot_scalar.h"
+#endif
+
+/* What a format's products read: bfloat16 weights reordered float32 (bfloat16 with vdpbf16ps); quantized weights
+ * the float32 rows as they are, or on NEON int8 blocks (sdot products). */
+static inline int act_form(int fmt) {
+#ifdef MH_BF16_DOT
+    if (fmt == MH_BF16) return ACT_H;
+#endif
+#ifdef MH_ISA_NEON
+    return fmt == MH_BF16 ? ACT_F : ACT_Q;
+#else
+    return fmt == MH_BF16 ? ACT_F : ACT_X;
+#endif
+}
+
+/* One token row x[K] into the forms asked for. */
+static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, int8_t *q, float *d, float *s16,
+                     float *s32) {
+    if (forms & ACT_F) {
+        const int C = MH_F_CHUNK, full = C > 1 ? K / C * C : 0;
+        for (int c = 0; c < full; c += C)
+            for (int i = 0; i < C / 2; i++) {
+                f[c + i] = x[c + 2 * i];
+                f[c + C / 2 + i] = x[c + 2 * i + 1];
+            }
+        for (int k = full; k < K; k++) f[k] = x[k];
+    }
+    if (forms & ACT_H)
+        for (int k = 0; k < K; k++) h[k] = f32_to_bf16(x[k]);
+    if (forms & ACT_Q)
+        for (int b = 0; b < K / 32; b++) {
+            const float *xb = x + 32 * b;
+            float amax = 0.0f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+            const float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int sums[2] = {0, 0};
+            for (int i = 0; i < 32; i++) {
+                const int v = (int)nearbyintf(xb[i] * inv);
+                q[32 * b + i] = (int8_t)v;
+                sums[i / 16] += v;
+            }
+            d[b] = db;
+            s16[2 * b] = db * (float)sums[0];
+            s16[2 * b + 1] = db * (float)sums[1];
+            s32[b] = db * (float)(sums[0] + sums[1]);
+        }
+}
+
+/* The a->T rows of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
+static void prep_act(mh_act *a, const float *X, int ldx, int forms) {
+    a->forms = forms;
+    a->x = X;
+    a->ldx = ldx;
+    const int K = a->K, nb = K / 32;
+#pragma omp for schedule(static)
+    for (int t = 0; t < a->T; t++)
+        prep_row(X + (size_t)t * ldx, K, forms, a->f + (size_t)t * K, a->h + (size_t)t * K, a->q + (size_t)t * K,
+                 a->d + (size_t)t * nb, a->s16 + (size_t)t * 2 * nb, a->s32 + (size_t)t * nb);
+}
+
+typedef struct {
+    const mh_matrix *W;
+    const float *bias; /* [rows] or NULL */
+    float *out;        /* out[t * ldo + n] */
+    int ldo, accumulate;
+} mh_part;
+
+/* This thread's share [*n0, *n1) of N rows, in blocks of 4 rows, contiguous per thread. */
+static void share(int N, int *n0, int *n1) {
+    int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    int blocks = (N + 3) / 4, per = (blocks + nt - 1) / nt;
+    int a = tid * per * 4, b = (tid + 1) * per * 4;
+    *n0 = a < N ? a : N;
+    *n1 = b < N ? b : N;
+}
+
+#ifndef MH_TB
+#define MH_TB 48 /* token rows per block: their activations stay in L2 while a thread's weight rows stream */
+#endif
+
+/* The parts' products for all a->T token rows; this thread's share of the parts' rows (call from every thread;
+ * no barrier at the end). */
+static void matmul(const mh_part *parts, int np, const mh_act *a) {
+    int total = 0;
+    for (int p = 0; p < np; p++) total += parts[p].W->rows;
+    int r0, r1;
+    share(total, &r0, &r1);
+    float res[MH_NR * MH_MT];
+    const int T = a->T;
+    for (int tb = 0; tb < T; tb += MH_TB) {
+        const int te = tb + MH_TB < T ? tb + MH_TB : T;
+        int base = 0;
+        for (int p = 0; p < np; p++) {
+            const mh_part *P = &parts[p];
+            const int N = P->W->rows;
+            const int lo = r0 > base ? r0 - base : 0, hi = r1 - base < N ? r1 - base : N;
+            base += N;
+            int NR, MT;
+            tile_shape(P->W->format, te - tb, &NR, &MT);
+            for (int n = lo; n < hi; n += NR) {
+                const int nr = hi - n < NR ? hi - n : NR;
+                const uint8_t *w = P->W->data + (size_t)n * P->W->row_bytes;
+                for (int t = tb; t < te; t += MT) {
+                    const int mt = te - t < MT ? te - t : MT;
+                    tile(P->W->format, w, P->W->row_bytes, nr, a, t, mt, res);
+                    for (int r = 0; r < nr; r++)
+                        for (int m = 0; m < mt; m++) {
+                            float *o = P->out + (size_t)(t + m) * P->ldo + n + r;
+                            const float v = res[r * mt + m] + (P->bias ? P->bias[n + r] : 0.0f);
+                            *o = P->accumulate ? *o + v : v;
+                        }
+                }
+            }
+        }
+    }
+}
+
+#endif

@@ -1,0 +1,150 @@
+"""A model's weights as the fused CPU kernel reads them: every matrix a `PackedMatrix` (bfloat16 or GGUF blocks,
+each in its own format), norms and biases float32.
+
+Owns: turning a dense weight dict (Hugging Face names, from `weight_files.load_weights`) into that set, quantizing
+at load when asked (`quantize="q8_0"` etc.: the layers' matrices in that format, the embedding / lm_head in Q8_0
+for the 4-bit formats, as llama.cpp keeps its output matrix above 4 bits), taking packed matrices as they are
+(GGUF tensors, no dequantized copy), why a model cannot be packed (`problem`), and the bytes held. Knows nothing
+of the kernel's structs (`fused_forward.py`) nor of files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .loader import ModelSpec
+from .quant import QUANTIZABLE, PackedMatrix, quantize, shape_problem
+
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+HF_NAMES = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+            "o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+            "down": "mlp.down_proj.weight"}
+
+
+def output_format(fmt: str) -> str:
+    """The format of the embedding and lm_head when the layers are quantized to `fmt`."""
+    return fmt if fmt in ("bf16", "q8_0") else "q8_0"
+
+
+def problem(spec: ModelSpec, fmt: str) -> str | None:
+    """Why `spec`'s matrices cannot be quantized to `fmt` (None: they can)."""
+    if fmt not in QUANTIZABLE:
+        return f"quantize={fmt!r} is not supported (supported: {', '.join(QUANTIZABLE)})"
+    checks = ((fmt, spec.hidden_size, "hidden size"), (fmt, spec.num_heads * spec.head_dim, "attention width"),
+              (fmt, spec.intermediate_size, "intermediate size"), (output_format(fmt), spec.hidden_size, "hidden size"))
+    for f, cols, what in checks:
+        p = shape_problem(f, cols)
+        if p:
+            return f"the {what} {cols} cannot be quantized to {f}: {p}"
+    return None
+
+
+def packed_bytes(spec: ModelSpec, fmt: str) -> int:
+    """The bytes `KernelWeights.build(spec, dense, fmt)` holds (what the pool is charged for a quantized model)."""
+    from .quant import FORMATS
+
+    def mat(rows: int, cols: int, f: str) -> int:
+        _, elems, nbytes = FORMATS[f]
+        return rows * (cols // elems) * nbytes
+
+    h, d, I = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    out_fmt = output_format(fmt)
+    layer = mat(q + 2 * kv, h, fmt) + mat(h, q, fmt) + mat(2 * I, h, fmt) + mat(h, I, fmt) + 4 * 2 * h
+    if spec.attention_bias:
+        layer += 4 * (q + 2 * kv) + (4 * h if spec.family in ("llama", "qwen3") else 0)
+    if spec.qk_norm:
+        layer += 4 * 2 * d
+    heads = mat(spec.vocab_size, h, out_fmt) * (1 if spec.tie_word_embeddings else 2)
+    return spec.num_layers * layer + heads + 4 * h
+
+
+@dataclass
+class KernelLayer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    mats: dict[str, PackedMatrix]
+    bqkv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class KernelWeights:
+    """Per layer the seven matrices, norms (float32) and biases; the embedding, final norm and lm_head."""
+
+    layers: list[KernelLayer]
+    embed: PackedMatrix
+    lm_head: PackedMatrix
+    norm: torch.Tensor
+    formats: set[str] = field(default_factory=set)
+
+    def nbytes(self) -> int:
+        mats = [self.embed] + ([] if self.lm_head is self.embed else [self.lm_head])
+        total = sum(m.nbytes for m in mats) + self.norm.numel() * 4
+        for L in self.layers:
+            total += sum(m.nbytes for m in L.mats.values())
+            for t in (L.ln1, L.ln2, L.bqkv, L.bo, L.q_norm, L.k_norm):
+                total += 0 if t is None else t.numel() * 4
+        return total
+
+    def describe(self) -> str:
+        """The formats held, e.g. "q4_0 + q8_0"."""
+        return " + ".join(sorted(self.formats))
+
+    @classmethod
+    def build(cls, spec: ModelSpec, weights: dict, fmt: str | None = None) -> KernelWeights:
+        """From a weight dict by Hugging Face name: dense tensors (packed as bfloat16, or quantized to `fmt`) or
+        `PackedMatrix` values (kept as they are). Empties `weights` as it goes."""
+        f32 = lambda t: None if t is None else t.detach().to(torch.float32).contiguous()  # noqa: E731
+
+        def pack(w, out_fmt: str) -> PackedMatrix:
+            if isinstance(w, PackedMatrix):
+                return w
+            return quantize(w.detach().cpu(), out_fmt)
+
+        layer_fmt = fmt or "bf16"
+        layers = []
+        for i in range(spec.num_layers):
+            pre = f"model.layers.{i}."
+            w = lambda name: weights.pop(pre + name, None)  # noqa: E731
+            mats = {k: pack(w(HF_NAMES[k]), layer_fmt) for k in LINEARS}
+            biases = [w(f"self_attn.{p}_proj.bias") for p in "qkv"]
+            bqkv = torch.cat([f32(b) for b in biases]) if all(b is not None for b in biases) else None
+            layers.append(KernelLayer(
+                ln1=f32(w("input_layernorm.weight")), ln2=f32(w("post_attention_layernorm.weight")), mats=mats,
+                bqkv=bqkv, bo=f32(w("self_attn.o_proj.bias")), q_norm=f32(w("self_attn.q_norm.weight")),
+                k_norm=f32(w("self_attn.k_norm.weight"))))
+        out_fmt = output_format(layer_fmt)
+        embed = pack(weights.pop("model.embed_tokens.weight"), out_fmt)
+        lm = weights.pop("lm_head.weight", None)
+        lm_head = embed if spec.tie_word_embeddings or lm is None else pack(lm, out_fmt)
+        norm = f32(weights.pop("model.norm.weight"))
+        weights.clear()
+        formats = {m.format for L in layers for m in L.mats.values()} | {embed.format, lm_head.format}
+        return cls(layers, embed, lm_head, norm, formats)
+
+    def dense(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The same weights dequantized into `dtype`, by Hugging Face name (for the PyTorch path)."""
+        out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed.dequantize(dtype),
+                                        "model.norm.weight": self.norm.to(dtype)}
+        if self.lm_head is not self.embed:
+            out["lm_head.weight"] = self.lm_head.dequantize(dtype)
+        for i, L in enumerate(self.layers):
+            pre = f"model.layers.{i}."
+            for k in LINEARS:
+                out[pre + HF_NAMES[k]] = L.mats[k].dequantize(dtype)
+            out[pre + "input_layernorm.weight"] = L.ln1.to(dtype)
+            out[pre + "post_attention_layernorm.weight"] = L.ln2.to(dtype)
+            if L.bqkv is not None:
+                q, kv = L.mats["q"].rows, L.mats["k"].rows
+                for p, b in zip("qkv", L.bqkv.split([q, kv, kv])):
+                    out[pre + f"self_attn.{p}_proj.bias"] = b.to(dtype)
+            for name, t in (("self_attn.o_proj.bias", L.bo), ("self_attn.q_norm.weight", L.q_norm),
+                            ("self_attn.k_norm.weight", L.k_norm)):
+                if t is not None:
+                    out[pre + name] = t.to(dtype)
+        return out

@@ -1,0 +1,128 @@
+"""Weight matrices kept packed as the fused CPU kernel reads them: bfloat16 rows, or GGUF blocks (Q8_0, Q4_0, Q4_1,
+Q4_K, Q6_K) row after row, exactly as a GGUF file stores them.
+
+Owns: the formats' names, block sizes and the kernel's ids for them; `PackedMatrix` (format, shape, the bytes);
+quantizing a dense matrix at load (`quantize`, llama.cpp's reference rounding as the `gguf` package implements it:
+Q8_0, Q4_0, Q4_1, and bfloat16); wrapping a GGUF tensor's raw bytes (`from_ggml`, no copy); dequantizing (for the
+PyTorch path and for tests). Knows nothing of models, files or the kernel's code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# name -> (kernel id, elements per block, bytes per block); ids mirror mh_kernel.h
+FORMATS = {
+    "bf16": (1, 1, 2),
+    "q8_0": (2, 32, 34),
+    "q4_0": (3, 32, 18),
+    "q4_1": (4, 32, 20),
+    "q4_k": (5, 256, 144),
+    "q6_k": (6, 256, 210),
+}
+QUANTIZABLE = ("q8_0", "q4_0", "q4_1", "bf16")  # what `quantize=` can make from a dense model
+
+
+def ggml_type(fmt: str):
+    """The `gguf.GGMLQuantizationType` of a format name."""
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[fmt.upper()]
+
+
+def format_of_ggml(qtype) -> str | None:
+    """A GGML type (enum or int) as one of FORMATS' names, or None where the kernel does not read it."""
+    from gguf import GGMLQuantizationType
+
+    name = GGMLQuantizationType(int(qtype)).name.lower()
+    return name if name in FORMATS else None
+
+
+def shape_problem(fmt: str, cols: int) -> str | None:
+    """Why rows of `cols` elements cannot be packed in `fmt` (None: they can)."""
+    if fmt not in FORMATS:
+        return f"unknown weight format {fmt!r} (known: {', '.join(FORMATS)})"
+    block = FORMATS[fmt][1]
+    if cols % block:
+        return f"rows of {cols} elements are not whole {fmt} blocks of {block}"
+    return None
+
+
+@dataclass
+class PackedMatrix:
+    """A `[rows, cols]` weight matrix; `data` is uint8 `[rows, row_bytes]`, row-major, contiguous, on the CPU."""
+
+    format: str
+    rows: int
+    cols: int
+    data: torch.Tensor
+
+    def __post_init__(self):
+        problem = shape_problem(self.format, self.cols)
+        if problem:
+            raise ValueError(problem)
+        assert self.data.dtype == torch.uint8 and self.data.is_contiguous()
+        assert tuple(self.data.shape) == (self.rows, self.row_bytes), (tuple(self.data.shape), self.row_bytes)
+
+    @property
+    def fmt_id(self) -> int:
+        return FORMATS[self.format][0]
+
+    @property
+    def row_bytes(self) -> int:
+        _, elems, nbytes = FORMATS[self.format]
+        return self.cols // elems * nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def select_rows(self, index: torch.Tensor) -> PackedMatrix:
+        """Rows `index` (a row permutation of packed rows is a gather of whole rows)."""
+        return PackedMatrix(self.format, int(index.numel()), self.cols, self.data.index_select(0, index).contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`[rows, cols]` in `dtype`, by the `gguf` package's reference dequantization."""
+        if self.format == "bf16":
+            return self.data.view(torch.bfloat16).to(dtype)
+        from gguf.quants import dequantize
+
+        dense = dequantize(self.data.numpy(), ggml_type(self.format))  # [rows, cols] float32
+        return torch.from_numpy(np.ascontiguousarray(dense)).reshape(self.rows, self.cols).to(dtype)
+
+
+def quantize(w: torch.Tensor, fmt: str, chunk_rows: int = 4096) -> PackedMatrix:
+    """A dense `[rows, cols]` matrix packed in `fmt` (one of QUANTIZABLE), a chunk of rows at a time."""
+    if fmt not in QUANTIZABLE:
+        raise ValueError(f"cannot quantize to {fmt!r} at load (supported: {', '.join(QUANTIZABLE)}); "
+                         "K-quants come from GGUF files")
+    assert w.dim() == 2
+    rows, cols = w.shape
+    problem = shape_problem(fmt, cols)
+    if problem:
+        raise ValueError(problem)
+    if fmt == "bf16":
+        data = w.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(rows, cols * 2)  # may share w's bytes
+        return PackedMatrix(fmt, rows, cols, data)
+    from gguf.quants import quantize as gguf_quantize
+
+    qtype = ggml_type(fmt)
+    out = torch.empty(rows, cols // FORMATS[fmt][1] * FORMATS[fmt][2], dtype=torch.uint8)
+    for r in range(0, rows, chunk_rows):
+        block = w[r:r + chunk_rows].float().numpy()
+        out[r:r + chunk_rows] = torch.from_numpy(np.ascontiguousarray(gguf_quantize(block, qtype)))
+    return PackedMatrix(fmt, rows, cols, out)
+
+
+def from_ggml(raw, qtype, shape: tuple[int, int]) -> PackedMatrix:
+    """A GGUF tensor's raw bytes (numpy or torch uint8, any shape) as a packed `shape` matrix, without copying."""
+    fmt = format_of_ggml(qtype)
+    if fmt is None:
+        raise ValueError(f"GGML type {qtype} is not one the kernel reads (it reads {', '.join(FORMATS)})")
+    rows, cols = shape
+    data = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.asarray(raw))
+    data = data.view(torch.uint8).reshape(rows, -1)
+    return PackedMatrix(fmt, rows, cols, data.contiguous())

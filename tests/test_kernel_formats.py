@@ -1,0 +1,197 @@
+"""The kernel's matrix products per weight format and per instruction-set build, against a float32 reference built
+from the `gguf` package's reference (de)quantization, on random blocks.
+
+- Each build this CPU runs (AVX-512, AVX2 + FMA, scalar) through ctypes; the NEON build (with and without dotprod)
+  cross-compiled with Debian's gcc-aarch64-linux-gnu and run under qemu-user (skipped only where those are missing;
+  .ci/run installs them); the AVX-512 build at least compiled here when this CPU cannot run it.
+- The reference takes the activations as the build does (float32; bfloat16 with AVX-512 BF16; on NEON int8 per 32
+  elements, scale amax / 127), so what remains is float32 rounding; the cost of NEON's activation quantization
+  against float32 inputs is checked separately. Row dequantization (the embedding lookup) is bit-exact against `gguf.quants.dequantize`.
+- A token row's result is bit-identical alone and in a batch of any size (several token blocks and tiles).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, ISAS, MatrixStruct, _compiler, compile_c,
+                                                     cpu_features, cpu_isas, isa_flags, load_kernel)
+from multihead_nb.backends.native.quant import FORMATS, PackedMatrix, ggml_type, quantize
+
+pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
+                                reason="no C compiler here: the fused CPU kernel cannot be built")
+
+DRIVER = Path(__file__).with_name("c") / "kernel_driver.c"
+COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
+ROWS = 37
+
+
+def random_matrix(fmt: str, rows: int, cols: int, seed: int) -> PackedMatrix:
+    """Quantized by gguf's reference quantizer where it has one (bf16, Q8_0, Q4_0, Q4_1); K-quants as random
+    blocks (any bits are a valid block) with small positive half-precision super-block scales."""
+    g = torch.Generator().manual_seed(seed)
+    if fmt in ("bf16", "q8_0", "q4_0", "q4_1"):
+        w = torch.randn(rows, cols, generator=g)
+        pm = quantize(w, fmt)
+        if fmt != "bf16":  # the same bytes as gguf's reference quantizer
+            assert np.array_equal(pm.data.numpy(), gguf_quantize(w.numpy(), ggml_type(fmt)))
+        return pm
+    nb, bb = rows * cols // 256, FORMATS[fmt][2]
+    raw = torch.randint(0, 256, (nb, bb), generator=g, dtype=torch.uint8)
+    scale = lambda: (torch.rand(nb, generator=g) * 0.02 + 0.001).half().view(torch.uint8).reshape(nb, 2)  # noqa
+    if fmt == "q4_k":
+        raw[:, 0:2], raw[:, 2:4] = scale(), scale()
+    else:
+        raw[:, 208:210] = scale()
+    return PackedMatrix(fmt, rows, cols, raw.reshape(rows, -1).contiguous())
+
+
+def quantized_acts(X: np.ndarray) -> np.ndarray:
+    """X [T, K] float32 as the kernel's int8 activations represent it (per 32: d = amax / 127, q = rint(x 127 / amax))."""
+    T, K = X.shape
+    xb = X.reshape(T, K // 32, 32).astype(np.float32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    return (np.rint(xb * inv).astype(np.float64) * d.astype(np.float64)).reshape(T, K)
+
+
+def reference(pm: PackedMatrix, X: np.ndarray, isa: str) -> np.ndarray:
+    """[T, rows] float64: what the build computes, up to float32 rounding."""
+    W = gguf_dequantize(pm.data.numpy(), ggml_type(pm.format)).reshape(pm.rows, pm.cols).astype(np.float64)
+    if pm.format != "bf16" and isa.startswith("neon"):
+        Xr = quantized_acts(X)
+    elif pm.format == "bf16" and "bf16" in isa:  # vdpbf16ps: activations in bfloat16
+        Xr = torch.from_numpy(X).to(torch.bfloat16).double().numpy()
+    else:
+        Xr = X.astype(np.float64)
+    return Xr @ W.T
+
+
+def check_product(got: np.ndarray, pm: PackedMatrix, X: np.ndarray, isa: str) -> None:
+    ref = reference(pm, X, isa)
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < 2e-6, f"{pm.format} on {isa}: relative error {err:.2e} against the float32 reference"
+
+
+def inputs(cols: int, T: int, seed: int) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, cols, generator=g)
+    X[1 % T, :32] = 0.0  # an all-zero 32-block (scale 0)
+    return X.numpy()
+
+
+# ---- the builds this CPU runs, through ctypes -----------------------------------------------------------------
+def _matrix(pm: PackedMatrix) -> MatrixStruct:
+    return MatrixStruct(pm.data.data_ptr(), pm.fmt_id, pm.rows, pm.cols, pm.row_bytes)
+
+
+def product(kernel, pm: PackedMatrix, X: np.ndarray, threads: int = 2) -> np.ndarray:
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    out = np.empty((X.shape[0], pm.rows), dtype=np.float32)
+    f32p = ctypes.POINTER(ctypes.c_float)
+    rc = kernel.lib.mh_matmul_test(ctypes.byref(_matrix(pm)), X.ctypes.data_as(f32p), X.shape[0],
+                                   out.ctypes.data_as(f32p), threads)
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module", params=cpu_isas())
+def kernel(request):
+    return load_kernel(request.param)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_product_per_format(kernel, fmt):
+    pm = random_matrix(fmt, ROWS, COLS[fmt], seed=1)
+    X = inputs(pm.cols, 53, seed=2)  # 53 token rows: two token blocks, partial tiles
+    full = product(kernel, pm, X)
+    check_product(full.astype(np.float64), pm, X, kernel.isa)
+    for t in (0, 1, 50):  # alone, and in a batch of 3, bit for bit the same as in the batch of 53
+        assert np.array_equal(product(kernel, pm, X[t:t + 1])[0], full[t])
+    assert np.array_equal(product(kernel, pm, X[48:51])[1], full[49])
+    assert np.array_equal(product(kernel, pm, X, threads=1), full)  # the thread split changes nothing either
+    # the embedding lookup's row dequantization: exactly gguf's
+    row = np.empty(pm.cols, dtype=np.float32)
+    ref = pm.dequantize().numpy()
+    for r in (0, 17, ROWS - 1):
+        kernel.lib.mh_dequant_row(ctypes.byref(_matrix(pm)), r, row.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        assert np.array_equal(row, ref[r])
+
+
+
+
+# ---- NEON under qemu ------------------------------------------------------------------------------------------
+def _neon_tools() -> tuple[str, str] | None:
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64-static") or shutil.which(
+        "qemu-aarch64")
+    return (cc, qemu) if cc and qemu else None
+
+
+@pytest.fixture(scope="module", params=["neon+dotprod", "neon"])
+def neon_driver(request):
+    tools = _neon_tools()
+    if tools is None:
+        pytest.skip("no aarch64 cross compiler or qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user-static)")
+    cc, qemu = tools
+    feats = frozenset({"asimd", "asimddp"} if request.param == "neon+dotprod" else {"asimd"})
+    flags = COMMON_FLAGS + isa_flags("neon", "aarch64", feats) + ("-static", f"-I{CSRC}")
+    exe = compile_c(flags, f"kernel_driver-{request.param}", cc=cc, sources=(DRIVER,))
+    return request.param, qemu, exe
+
+
+def run_neon(driver, mode: int, pm: PackedMatrix, X: np.ndarray | None = None) -> np.ndarray:
+    isa, qemu, exe = driver
+    T = 0 if X is None else X.shape[0]
+    stdin = struct.pack("<5iq", mode, pm.fmt_id, pm.rows, pm.cols, T, pm.row_bytes) + pm.data.numpy().tobytes()
+    if X is not None:
+        stdin += np.ascontiguousarray(X, dtype=np.float32).tobytes()
+    done = subprocess.run([qemu, str(exe)], input=stdin, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr.decode().strip() == f"isa {isa}"
+    out = np.frombuffer(done.stdout, dtype=np.float32)
+    return out.reshape(T, pm.rows) if mode == 0 else out.reshape(pm.rows, pm.cols)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_neon_product_per_format(neon_driver, fmt):
+    pm = random_matrix(fmt, ROWS, COLS[fmt], seed=1)
+    X = inputs(pm.cols, 53, seed=2)
+    full = run_neon(neon_driver, 0, pm, X)
+    check_product(full.astype(np.float64), pm, X, neon_driver[0])
+    assert np.array_equal(run_neon(neon_driver, 0, pm, X[50:51])[0], full[50])  # alone = in the batch
+    assert np.array_equal(run_neon(neon_driver, 1, pm), pm.dequantize().numpy())
+
+
+def test_neon_activation_quantization_cost(neon_driver):
+    """What NEON's int8 activations cost against float32 inputs on random data: well under 1% of the product."""
+    pm = random_matrix("q8_0", 64, 256, seed=3)
+    X = inputs(256, 8, seed=4)
+    exact = X.astype(np.float64) @ pm.dequantize().double().numpy().T
+    got = run_neon(neon_driver, 0, pm, X)
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.01
+
+
+# ---- AVX-512 where this CPU cannot run it: it must at least compile --------------------------------------------
+def test_every_x86_build_compiles():
+    machine, _ = cpu_features()
+    if machine not in ("x86_64", "amd64"):
+        pytest.skip("not an x86 machine")
+    all_feats = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
+    for isa in ("avx512", "avx2"):
+        flags = isa_flags(isa, machine, all_feats)
+        lib = compile_c(COMMON_FLAGS + ("-fopenmp", "-shared", "-fPIC") + flags, f"cpu_decode-check-{isa}.so")
+        assert lib.exists()
+    assert set(cpu_isas()) <= set(ISAS) and cpu_isas()[-1] == "scalar"
