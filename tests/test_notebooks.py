@@ -31,12 +31,14 @@ def inject_parameters(nb, source: str):
 
 
 def write_kernelspec(folder: Path, name: str = KERNEL) -> Path:
-    """A kernelspec running this interpreter; put `folder` first on JUPYTER_PATH."""
+    """A kernelspec running this interpreter on this checkout's package; put `folder` first on JUPYTER_PATH."""
     spec = folder / "kernels" / name
     spec.mkdir(parents=True, exist_ok=True)
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (multihead tests)", "language": "python",
+        "env": {"PYTHONPATH": os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get(
+            "PYTHONPATH") else []))},  # the checkout under test, whatever is installed
     }))
     return folder
 
@@ -56,13 +58,14 @@ def kernel_env(tmp_path_factory):
 
 def test_notebooks_are_valid_and_parametrized():
     assert [p.name for p in NOTEBOOKS] == ["01-quickstart.ipynb", "02-code-review-team.ipynb",
-                                           "03-how-paged-kv-works.ipynb", "04-benchmark-analysis.ipynb"]
+                                           "03-how-paged-kv-works.ipynb", "04-benchmark-analysis.ipynb",
+                                           "05-agents-over-http.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
         assert nb.metadata["kernelspec"]["name"] == "python3"
         params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-        assert len(params) == 1 and 'MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"' in params[0].source
+        assert len(params) == 1 and 'MODEL = "embedded:SmolLM2-135M-Instruct"' in params[0].source
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -76,8 +76,9 @@ class Backend(Protocol):
     def detects(self, model: str) -> bool:
         """Whether `backend="auto"` should pick this backend for `model` (cheap: no loading)."""
 
-    def key(self, model: str) -> str:
-        """The key `model` would be loaded under (cheap: a resolved path, no reading); `plan(...).key` equals it."""
+    def key(self, model: str, options: dict) -> str:
+        """The key `model` would be loaded under with these per-model `options` (cheap: a resolved path, no
+        reading; a remote model's key names its remote model too); `plan(model, target, options).key` equals it."""
 
     def plan(self, model: str, target: LoadTarget, options: dict) -> ModelPlan:
         """Read `model`'s shape and sizes; raise `CheckpointError`/`ConfigError` naming what is wrong."""

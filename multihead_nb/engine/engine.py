@@ -28,6 +28,7 @@ from .plan import StepPlan
 from .recorder import Recorder, StepRow, TokenRow
 from .request import Request, Status
 from .scheduler import Scheduler
+from . import sources
 
 __all__ = ["Engine", "ModelSlot"]
 
@@ -115,6 +116,7 @@ class Engine:
             return
         assert status.done, status
         self.scheduler.remove(req)
+        sources.stop(self, req)  # a stream source's request: close its stream
         req.status, req.finish_reason, req.error = status, reason, error
         req.finish_time = self.now()
         emit(req, final=True)
@@ -139,7 +141,8 @@ class Engine:
         if req.status.done:  # cancelled while in the inbox
             return
         try:
-            self.scheduler.add(req)
+            if not sources.start(self, req):  # a stream source's requests bypass the scheduler
+                self.scheduler.add(req)
         except MultiHeadError as e:
             self.fail(req, str(e))
 
@@ -208,7 +211,8 @@ class Engine:
                 self._record_step(plan, out, t0, t1, t2, t3)
                 self.step_count += 1
                 self.busy_s += t3 - t0
-        return bool(plan.chunks)
+            arrived = sources.poll(self)  # tokens from stream sources (remote engines)
+        return bool(plan.chunks) or arrived > 0
 
     def postprocess(self, plan: StepPlan, out: StepOutput) -> None:
         for c in plan.chunks:
@@ -288,6 +292,10 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         self._thread = None
+
+    def wake(self) -> None:
+        """Make an idle engine thread step now (a stream source got something)."""
+        self._wake.set()
 
     @property
     def background(self) -> bool:

@@ -1,20 +1,27 @@
-"""The scheduler: who runs this step, how many tokens each, and which pages they get.
+"""The scheduler: who runs this step, and how many tokens each.
 
-Owns: per-head queues (running, waiting), weighted virtual token counters (VTC) for fairness, admission on free
-pages and quotas, chunked prefill under one token budget per step, preemption by recompute, and the page
-bookkeeping that follows a step (advance progress, register full pages in the prefix cache, free pages). A request's
-pages come from its model's pool (`PageSpaces`: the main pool, or a region model's own pool) in its model's tokens
-per page. Knows nothing of tensors, tokenizers or timing: the engine runs the plan and tells it what was sampled.
+Owns the policy: per-head queues (running, waiting), weighted virtual token counters (VTC) for fairness (a head
+that comes back from idle gets no credit for the time it was away), admission under per-head limits (concurrent
+requests, page quotas), chunked prefill under one token budget per step, and preemption by recompute (the victim:
+the newest request of the most-served head whose pages come from the same pool, or of the head itself when its
+quota binds). Asks the `KVManager` for everything about pages: the cached prefix, allocation, commit, free,
+rollback, capacity.
+
+A request leaves the scheduler only through `remove` (idempotent: out of its queue, pages freed). The scheduler
+moves a request between WAITING and RUNNING but never sets a final status, error or finish reason: a request
+that can never run is removed and reported in `StepPlan.failed`, and the engine finalizes it. Knows nothing of
+tensors, tokenizers or timing: the engine runs the plan and tells it (`advance`) what was computed.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
+from types import MappingProxyType
+from typing import Hashable, Mapping
 
-from ..errors import OutOfPagesError, RequestError
-from ..memory import KVLayout, PagePool, hash_page
-from ..memory.page_spaces import PageSpaces
+from ..errors import ConfigError, RequestError
+from ..memory import KVLayout, KVManager, PagePool
 from .plan import Chunk, Failure, HeadQueue, StepPlan
 from .request import Request, Status
 
@@ -23,56 +30,67 @@ __all__ = ["Chunk", "Failure", "HeadQueue", "Scheduler", "StepPlan"]
 
 class Scheduler:
     def __init__(self, pool: PagePool, *, max_batched_tokens: int = 512, max_seqs: int = 128):
-        self.pool = pool  # the main pool; a region model's requests take pages from its own (`self.spaces`)
-        self.spaces = PageSpaces(pool)
+        if max_batched_tokens < 1 or max_seqs < 1:
+            raise ConfigError(f"a step needs a positive token budget and sequence limit, got "
+                              f"max_batched_tokens={max_batched_tokens}, max_seqs={max_seqs}")
+        self.kv = KVManager(pool)
         self.max_batched_tokens = max_batched_tokens
         self.max_seqs = max_seqs
         self.heads: dict[str, HeadQueue] = {}
-        self.layouts: dict[str, KVLayout] = {}
-        self.prefix_keys: dict[str, object] = {}
-        self.max_context: dict[str, int] = {}
-        self._page_hashes: dict[int, list[bytes]] = {}  # request id -> hashes of its registered full pages
+
+    @property
+    def pool(self) -> PagePool:
+        """The main pool (a region model's requests take pages from its own: `kv.pool_of(model)`)."""
+        return self.kv.pool
+
+    @property
+    def layouts(self) -> Mapping[str, KVLayout]:
+        """Each registered model's K/V layout (read-only)."""
+        return MappingProxyType({m: rec.layout for m, rec in self.kv.models.items()})
 
     # ---- registration --------------------------------------------------------------------------------------
-    def add_model(self, model: str, layout: KVLayout, prefix_key: object = None, max_context: int = 1 << 30,
-                  pool: PagePool | None = None) -> None:  # pool: its requests' pages (default: the main pool)
-        self.layouts[model] = layout
-        self.spaces.add(model, pool)
-        self.max_context[model] = max_context
-        self.prefix_keys[model] = prefix_key if prefix_key is not None else model
+    def add_model(self, model: str, layout: KVLayout, prefix_key: Hashable = None, max_context: int = 1 << 30,
+                  pool: PagePool | None = None) -> None:
+        """Register `model` with the KV manager (again: replace its record, e.g. a new prefix key); `pool`: where
+        its requests' pages come from (default: the main pool)."""
+        self.kv.add_model(model, layout, prefix_key, max_context, pool)
 
     def remove_model(self, model: str) -> None:
-        self.layouts.pop(model, None)
-        self.spaces.remove(model)
-        self.prefix_keys.pop(model, None)
-        self.max_context.pop(model, None)
+        self.kv.remove_model(model)
 
     def add_head(self, name: str, model: str, *, weight=1.0, quota_pages=None, max_concurrent=None) -> None:
-        old = self.heads.get(name)
+        """Define (or redefine, keeping its fairness counters) a head running `model`, a registered model."""
+        if model not in self.kv.models:
+            raise ConfigError(f"head {name!r} runs model {model!r}, which is not registered; add the model first")
         q = HeadQueue(name, model, weight, quota_pages, max_concurrent)
-        if old is not None:  # redefinition keeps its queues only if the model is the same
-            assert not old.running and not old.waiting, "cancel a head's requests before redefining it"
+        old = self.heads.get(name)
+        if old is not None:
+            if old.running or old.waiting:
+                raise ConfigError(f"head {name!r} still has requests; remove it before redefining it")
             q.counter, q.served = old.counter, old.served
+        self.kv.set_quota(name, model, quota_pages)
         self.heads[name] = q
-        self.spaces.set_quota(name, model, quota_pages)
 
     def remove_head(self, name: str) -> list[Request]:
-        """Forget a head; returns its requests still queued (taken out, pages freed) for the caller to end."""
-        q = self.heads.get(name)
+        """Forget a head; the requests it still had are removed (pages freed) and returned for the engine to
+        finalize."""
+        q = self.heads.pop(name, None)
         if q is None:
             return []
         left = [*q.running, *q.waiting]
-        for r in left:
-            self.remove(r)
-        del self.heads[name]
-        self.spaces.set_quota(name, q.model, None)
+        for req in left:
+            self.kv.free(req)
+        self.kv.set_quota(name, q.model, None)
         return left
 
-    # ---- queues --------------------------------------------------------------------------------------------
+    # ---- requests in and out -------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         q = self.heads.get(req.head)
         if q is None:
-            raise RequestError(f"head {req.head!r} of request {req.id} is not defined (removed before it started)")
+            raise RequestError(f"head {req.head!r} of request {req.id} is not defined (removed before it started?)")
+        if req.model != q.model:
+            raise RequestError(f"request {req.id} is for model {req.model!r}, but head {req.head!r} now runs "
+                               f"{q.model!r}; submit it again")
         if not q.has_work:  # VTC: a head that comes back does not bring credit from its idle time
             active = [h.counter for h in self.heads.values() if h.has_work]
             if active:
@@ -82,52 +100,24 @@ class Scheduler:
     def requests(self) -> list[Request]:
         return [r for q in self.heads.values() for r in (*q.running, *q.waiting)]
 
-    @property
-    def has_work(self) -> bool:
-        return any(q.has_work for q in self.heads.values())
-
     def remove(self, req: Request) -> None:
-        """Take a request out of its queue and free its pages (finished, failed or cancelled); idempotent."""
+        """Take a request out of its queue and free its pages, whatever its fate; idempotent. The only way a
+        request leaves the scheduler."""
         q = self.heads.get(req.head)
         if q is not None:
             if req in q.running:
                 q.running.remove(req)
-            if req in q.waiting:
+            elif req in q.waiting:
                 q.waiting.remove(req)
-        self._free_pages(req)
-
-    def _free_pages(self, req: Request) -> None:
-        if req.block_table:
-            self.spaces.of(req.model).release(req.block_table, req.head)
-        req.block_table = []
-        req.num_computed = 0
-        self._page_hashes.pop(req.id, None)
-
-    def _preempt(self, req: Request, plan: StepPlan, pending: dict) -> None:
-        q = self.heads[req.head]
-        q.running.remove(req)
-        self._free_pages(req)
-        req.status = Status.WAITING
-        req.num_preemptions += 1
-        q.waiting.appendleft(req)
-        if req in pending.get(req.head, ()):
-            pending[req.head].remove(req)
-        plan.preempted.append(req)
+        self.kv.free(req)
 
     def rollback(self, req: Request, num_tokens: int) -> None:
         """Forget computed K/V past `num_tokens` (a streamed prompt was re-tokenized differently)."""
-        layout = self.layouts[req.model]
-        tpp = layout.tokens_per_page
-        keep = min(num_tokens, req.num_computed)
-        hashes = self._page_hashes.get(req.id, [])
-        if keep < len(hashes) * tpp:  # never rewrite a registered (possibly shared) page: recompute it
-            keep = (keep // tpp) * tpp
-            del hashes[keep // tpp :]
-        n_pages = layout.pages_for(keep)
-        if len(req.block_table) > n_pages:
-            self.spaces.of(req.model).release(req.block_table[n_pages:], req.head)
-            del req.block_table[n_pages:]
-        req.num_computed = keep
+        self.kv.rollback(req, num_tokens)
+
+    def capacity(self, head: str) -> int:
+        """The most pages of K/V one request of `head` can ever hold: its model's pool's K/V pages, or its quota."""
+        return self.kv.capacity(head, self.heads[head].model)
 
     # ---- the plan ------------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -149,17 +139,17 @@ class Scheduler:
             if not cands:
                 continue
             req = cands.popleft()
-            if req.num_tokens + (0 if req.prompt_open else 1) > self.max_context[req.model]:
-                self._fail(req, q, plan, (
-                    f"request {req.id} of head {req.head!r} has {req.num_tokens} tokens, more than the "
-                    f"{self.max_context[req.model]}-token context of its model; shorten its prompt or inputs"))
+            problem = self._never_runs(req)
+            if problem is not None:
+                self.remove(req)
+                plan.failed.append(Failure(req, problem))
                 n = 0
             elif req.status == Status.WAITING:
-                n = self._admit(req, q, budget, plan)
+                n = self._admit(req, q, budget)
                 if n == 0:
                     cands.clear()  # this head admits nothing more this step (concurrency, quota or pages)
             else:
-                n = self._grow(req, q, budget, plan, pending, planned)
+                n = self._grow(req, q, budget, pending, planned)
             if n > 0:
                 planned.add(req.id)
                 plan.chunks.append(Chunk(req, n, req.ready_to_sample and n == req.num_uncomputed))
@@ -170,78 +160,46 @@ class Scheduler:
                 heapq.heappush(heap, (q.counter, order, name))
         return plan
 
-    def _admit(self, req: Request, q: HeadQueue, budget: int, plan: StepPlan) -> int:
+    def _never_runs(self, req: Request) -> str | None:
+        """Why `req` can never get through its next chunk, even alone: past its model's context, or more pages than
+        its pool or quota holds; None if it can."""
+        rec = self.kv.model(req.model)
+        if req.num_tokens + (0 if req.prompt_open else 1) > rec.max_context:
+            return (f"request {req.id} of head {req.head!r} has {req.num_tokens} tokens, more than the "
+                    f"{rec.max_context}-token context of its model; shorten its prompt or inputs")
+        if req.status == Status.WAITING:  # its whole known prompt, and the token it samples next
+            return self.kv.never_fits(req, req.num_tokens + (0 if req.prompt_open else 1))
+        return self.kv.never_fits(req, req.num_computed + 1)
+
+    def _admit(self, req: Request, q: HeadQueue, budget: int) -> int:
         if q.max_concurrent is not None and len(q.running) >= q.max_concurrent:
             return 0
-        layout = self.layouts[req.model]
-        tpp = layout.tokens_per_page
-        if self._cannot_fit_alone(req, q, layout, req.num_tokens + (0 if req.prompt_open else 1)):
-            self._fail(req, q, plan, self._too_big_message(req, q, layout, req.num_tokens + 1))
-            return 0
-        # prefix cache: full pages strictly before the page of the last known token
-        ids = req.all_ids
-        key, pool = self.prefix_keys[req.model], self.spaces.of(req.model)
-        hashes, pages, prev = [], [], None
-        for i in range((len(ids) - 1) // tpp):
-            prev = hash_page(prev, ids[i * tpp : (i + 1) * tpp], key)
-            page = pool.lookup(prev)
-            if page is None or pool.model_of(page) != req.model:
-                break
-            try:
-                pool.acquire(page, req.head)
-            except OutOfPagesError:  # quota
-                break
-            hashes.append(prev)
-            pages.append(page)
-        req.block_table = pages
-        req.num_computed = req.num_cached = len(pages) * tpp
-        n = self._fit_chunk(req, q, layout, min(req.num_uncomputed, budget))
-        if n == 0:
-            self._free_pages(req)
-            req.num_cached = 0
-            return 0
-        self._page_hashes[req.id] = hashes
-        q.waiting.remove(req)
-        q.running.append(req)
-        req.status = Status.RUNNING
+        n = self.kv.admit(req, budget)
+        if n > 0:
+            q.waiting.remove(req)
+            q.running.append(req)
+            req.status = Status.RUNNING
         return n
 
-    def _grow(self, req, q, budget, plan, pending, planned) -> int:
-        layout = self.layouts[req.model]
+    def _grow(self, req: Request, q: HeadQueue, budget: int, pending: dict, planned: set[int]) -> int:
         want = min(req.num_uncomputed, budget)
-        if self._cannot_fit_alone(req, q, layout, req.num_computed + 1):
-            self._fail(req, q, plan, self._too_big_message(req, q, layout, req.num_computed + 1))
-            return 0
         while True:
-            n = self._fit_chunk(req, q, layout, want)
+            n = self.kv.allocate(req, want)
             if n > 0:
                 return n
             victim = self._pick_victim(req, q, planned)
             if victim is None:
-                self._preempt(req, plan, pending)  # others hold the pages this step; retry later
+                self._preempt(req, pending)  # others hold the pages this step; retry later
                 return 0
-            self._preempt(victim, plan, pending)
-
-    def _fit_chunk(self, req: Request, q: HeadQueue, layout: KVLayout, want: int) -> int:
-        """Allocate pages for up to `want` more tokens; shrink the chunk to what fits; return its size."""
-        have = len(req.block_table) * layout.tokens_per_page - req.num_computed
-        pool = self.spaces.of(req.model)
-        n = min(want, have + pool.headroom(req.head) * layout.tokens_per_page)
-        if n <= 0:
-            return 0
-        need = layout.pages_for(req.num_computed + n) - len(req.block_table)
-        if need > 0:
-            req.block_table.extend(pool.allocate(need, req.head, req.model))
-        return n
+            self._preempt(victim, pending)
 
     def _pick_victim(self, req: Request, q: HeadQueue, planned: set[int]) -> Request | None:
         """A running request to preempt: same head when the quota binds, else the most-served head's newest (of the
         heads whose pages come from the same pool: preempting others frees nothing this request can use)."""
-        quota_bound = q.quota_pages is not None and self.spaces.of(q.model).held_by(q.name) >= q.quota_pages
-        if quota_bound:
+        if q.quota_pages is not None and self.kv.held(q.name, q.model) >= q.quota_pages:
             heads = [q]
         else:  # only heads served at least as much as this one give way (VTC); else this request waits
-            heads = [h for h in self.heads.values() if h.counter >= q.counter and self.spaces.same(h.model, q.model)]
+            heads = [h for h in self.heads.values() if h.counter >= q.counter and self.kv.same_pool(h.model, q.model)]
             heads.sort(key=lambda h: -h.counter)
         for h in heads:
             for victim in reversed(h.running):
@@ -249,52 +207,26 @@ class Scheduler:
                     return victim
         return None
 
-    def capacity(self, head: str) -> int:
-        """The most pages of K/V one request of `head` can ever hold: its model's pool's K/V pages, or its quota."""
-        q = self.heads[head]
-        kv_pages = self.spaces.of(q.model).num_kv_pages
-        return kv_pages if q.quota_pages is None else min(kv_pages, q.quota_pages)
-
-    def _cannot_fit_alone(self, req, q, layout, num_tokens) -> bool:
-        return layout.pages_for(num_tokens) > self.capacity(q.name)
-
-    def _too_big_message(self, req, q, layout, num_tokens) -> str:
-        quota_binds = q.quota_pages is not None and q.quota_pages == self.capacity(q.name)
-        limit = "its quota" if quota_binds else "the pool"
-        return (
-            f"request {req.id} of head {req.head!r} needs {layout.pages_for(num_tokens)} pages for {num_tokens} tokens "
-            f"({layout.tokens_per_page} tokens per page), but {limit} holds only {self.capacity(q.name)} pages of K/V; "
-            "use a shorter prompt or max_tokens, or a larger pool or quota"
-        )
-
-    def _fail(self, req: Request, q: HeadQueue, plan: StepPlan, message: str) -> None:
-        if req in q.running:
-            q.running.remove(req)
-        if req in q.waiting:
-            q.waiting.remove(req)
-        self._free_pages(req)
-        plan.failed.append(Failure(req, message))
+    def _preempt(self, req: Request, pending: dict) -> None:
+        """RUNNING -> WAITING: free its pages (recomputed when it is admitted again), first in its head's line."""
+        q = self.heads[req.head]
+        q.running.remove(req)
+        self.kv.free(req)
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        q.waiting.appendleft(req)
+        if req in pending.get(req.head, ()):
+            pending[req.head].remove(req)
 
     # ---- after the step ------------------------------------------------------------------------------------
     def advance(self, plan: StepPlan) -> None:
-        """Record that each chunk's tokens now have K/V: progress, tokens per page, prefix-cache entries."""
+        """Each chunk's tokens now have K/V: the KV manager commits them; the head's service grows."""
         for c in plan.chunks:
             req = c.request
-            if req.status != Status.RUNNING:
+            if req.status != Status.RUNNING or not req.block_table:  # removed since planning
                 continue
-            layout, pool, key = self.layouts[req.model], self.spaces.of(req.model), self.prefix_keys[req.model]
-            tpp = layout.tokens_per_page
-            start = req.num_computed
-            req.num_computed += c.num_tokens
+            self.kv.commit(req, c.num_tokens)
             self.heads[req.head].served += c.num_tokens
-            for i in range(start // tpp, layout.pages_for(req.num_computed)):
-                pool.set_tokens(req.block_table[i], min(tpp, req.num_computed - i * tpp))
-            hashes = self._page_hashes.setdefault(req.id, [])
-            while (len(hashes) + 1) * tpp <= req.num_computed:  # a page just filled: register it
-                i = len(hashes)
-                h = hash_page(hashes[-1] if hashes else None, req.token_slice(i * tpp, (i + 1) * tpp), key)
-                hashes.append(h)
-                pool.register(req.block_table[i], h)
 
     def queue_lengths(self) -> dict[str, dict[str, int]]:
         return {

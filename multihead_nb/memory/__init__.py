@@ -1,7 +1,10 @@
-"""The one arena and its pages: `Arena` (bytes), `PagePool` (page ids), `KVLayout` (a model's view of pages)."""
+"""The one arena and its pages: `Arena` (bytes), `PagePool` (page ids), `KVLayout` (a model's view of pages),
+`KVManager` (which pages hold each request's K/V; the prefix cache's hashes)."""
 
 from .arena import Arena
 from .kv_layout import KVLayout
-from .page_pool import PagePool, PageState, hash_page, prefix_hashes
+from .kv_manager import KVManager, KVSequence, ModelKV, hash_page, prefix_hashes
+from .page_pool import PagePool, PageState
 
-__all__ = ["Arena", "KVLayout", "PagePool", "PageState", "hash_page", "prefix_hashes"]
+__all__ = ["Arena", "KVLayout", "KVManager", "KVSequence", "ModelKV", "PagePool", "PageState", "hash_page",
+           "prefix_hashes"]

@@ -10,9 +10,11 @@ past that are unused. A layer's keys over all pages are one strided view of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from ..config import ceil_div
 from ..errors import ConfigError
 from .arena import Arena
 
@@ -38,13 +40,13 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
 
-    @property
+    @cached_property  # asked for on every step of every request: computed once
     def tokens_per_page(self) -> int:
         return self.page_bytes // self.bytes_per_token
 
@@ -54,7 +56,7 @@ class KVLayout:
         return self.tokens_per_page * self.bytes_per_token
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.tokens_per_page)
+        return ceil_div(num_tokens, self.tokens_per_page)
 
     def view(self, arena: Arena) -> torch.Tensor:
         """All pages as `[num_pages, 2, layers, tokens_per_page, kv_heads, head_dim]` (a view, no copy)."""

@@ -1,8 +1,8 @@
 """The page pool: which page of the arena is free, cached, holding K/V or charged to weights, and for whom.
 
-Owns: page ids, reference counts, the free queue in eviction order, the prefix cache (hash of a full page's
-tokens → page), the holders of each page (head names), per-owner quotas and usage numbers. Knows nothing of
-tensors, models or requests: callers pass page ids, owner names and model keys.
+Owns: page ids, reference counts, the free queue in eviction order, the prefix cache's index (hash of a full page's
+tokens → page; the KV manager computes the hashes), the holders of each page (head names), per-owner quotas and
+usage numbers. Knows nothing of tensors, models or requests: callers pass page ids, owner names and model keys.
 
 Eviction order: a freed page that holds no reusable prefix goes to the front of the free queue (taken first); a
 freed page with a prefix hash goes to the back (kept longest, LRU), and stays matchable until it is taken.
@@ -10,10 +10,9 @@ freed page with a prefix hash goes to the back (kept longest, LRU), and stays ma
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, OrderedDict
 from enum import Enum
-from typing import Hashable, Iterable, Sequence
+from typing import Iterable
 
 from ..errors import ConfigError, OutOfPagesError, QuotaExceededError
 
@@ -23,28 +22,6 @@ class PageState(str, Enum):
     CACHED = "cached"  # in the free queue, still holds a matchable full page of K/V
     KV = "kv"  # referenced by at least one request
     WEIGHTS = "weights"  # charged to a model's weights
-
-
-def hash_page(prev: bytes | None, chunk: Sequence[int], key: Hashable) -> bytes:
-    """The chained hash of one full page of tokens, given the previous page's hash (None for page 0)."""
-    if prev is None:
-        prev = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
-    h = hashlib.blake2b(prev, digest_size=16)
-    h.update(b",".join(str(int(t)).encode() for t in chunk))
-    return h.digest()
-
-
-def prefix_hashes(token_ids: Sequence[int], tokens_per_page: int, key: Hashable) -> list[bytes]:
-    """Chained hashes of the full pages of `token_ids`: hash i covers tokens [0, (i+1) * tokens_per_page).
-
-    `key` separates models (and adapters): the same tokens under another key never match.
-    """
-    out: list[bytes] = []
-    prev = None
-    for i in range(len(token_ids) // tokens_per_page):
-        prev = hash_page(prev, token_ids[i * tokens_per_page : (i + 1) * tokens_per_page], key)
-        out.append(prev)
-    return out
 
 
 class PagePool:

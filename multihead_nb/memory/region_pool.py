@@ -2,7 +2,7 @@
 
 Some runners (ExLlamaV2) cannot read K/V scattered over arena pages: they get a *region*, a contiguous run of
 the arena's pages held in the main `PagePool` by one owner name, and cut it into pages of their own (256 tokens
-each for ExLlamaV2). Owns: `RegionPool` — the `PagePool` over the model's own page ids 0..N-1 (the scheduler takes
+each for ExLlamaV2). Owns: `RegionPool` — the `PagePool` over the model's own page ids 0..N-1 (the KV manager takes
 the model's requests' pages from it, so refcounts, the prefix cache and quotas work there as in the main pool), the
 charge of each own page to arena pages, and the page-map view that follows; `page_rows` / `pool_usage`, the main
 pool's page map and usage numbers with every region expanded to the heads holding its pages.

@@ -1,76 +1,23 @@
 """Teams: a graph of steps, one per head, whose prompt templates name the heads whose output they need.
 
-Owns: parsing templates (a placeholder naming a team head is that head's output, any other is a run variable),
-validation before anything runs (unknown head, cycle, missing variable), refine loops (`rounds`), and the plan of
-step *instances* (head, round) with the instance each reference reads. Knows nothing of pages or tensors; a run
-is `TeamRun` (team_run.py).
+Owns: reading templates (a placeholder naming a team head is that head's output, any other is a run variable),
+validation before anything runs (unknown head, cycle, missing variable), refine loops (`rounds`), the plan of
+step *instances* (head, round) with the instance each reference reads, and a team's name, variable defaults, input
+and output (what a team file and the server use). Knows nothing of pages or tensors; a step is `step.py`, a run
+`TeamRun` (run.py), a team file `files.py`.
 """
 
 from __future__ import annotations
 
-import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import MultiHeadError, TeamError
+from .step import Step, placeholders
 
 if TYPE_CHECKING:
     from .run import TeamRun
     from ..workspace.workspace import Workspace
-
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
-
-
-MAX_ROUNDS = 100  # a refine loop of more rounds is a mistake, and planning it would take seconds
-
-
-@dataclass
-class Step:
-    """A head's part in a team.
-
-    template: the user prompt, with `{head}` and `{variable}` placeholders.
-    rounds: run this step N times; between rounds the heads in `sees` run on its latest output, and in round r a
-        placeholder naming this head or a head in `sees` reads that head's output of round r-1 ("" in round 1).
-    schema: the output must be a JSON object with these fields (field -> type or type name); `json=True` asks only
-        for valid JSON.
-    options: sampling overrides for this step (max_tokens, temperature, ...).
-    """
-
-    template: str
-    rounds: int = 1
-    sees: tuple[str, ...] = ()
-    schema: dict | None = None
-    json: bool = False
-    options: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.template, str):
-            raise TeamError(f"a step's template must be a string, got {type(self.template).__name__}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= MAX_ROUNDS:
-            raise TeamError(f"rounds must be an integer from 1 to {MAX_ROUNDS}, got {self.rounds!r}")
-        self.sees = (self.sees,) if isinstance(self.sees, str) else tuple(self.sees)
-        if self.sees and self.rounds == 1:
-            raise TeamError("`sees` only makes sense with rounds > 1")
-        if self.schema is not None:
-            if not isinstance(self.schema, dict):
-                raise TeamError(f"a schema is a dict of field -> type, got {self.schema!r}")
-            self.schema = {k: _TYPES.get(v, v) if isinstance(v, str) else v for k, v in self.schema.items()}
-            for k, v in self.schema.items():
-                if not isinstance(v, type):
-                    raise TeamError(f"schema field {k!r} must map to a type (or str, int, ...), got {v!r}")
-            self.json = True
-
-
-def placeholders(template: str) -> list[str]:
-    """Field names in a template, in order (`{{` and `}}` are literal braces)."""
-    try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as e:
-        raise TeamError(f"malformed template {template!r}: {e}") from None
-    for n in names:
-        if not n.isidentifier():
-            raise TeamError(f"placeholder {{{n}}} in {template!r} must be a plain name like {{task}}")
-    return names
 
 
 @dataclass(frozen=True)
@@ -82,18 +29,47 @@ class Instance:
 class Team:
     """Steps (head -> template or Step) bound to a workspace; `run(**vars)` or `start(**vars)`."""
 
-    def __init__(self, ws: "Workspace", steps: dict):
+    def __init__(self, ws: "Workspace", steps: dict, *, name: str | None = None, defaults: dict | None = None,
+                 input: str | None = None, output: str | None = None, description: str = ""):
+        self.ws = ws
+        self._build(steps, ws.heads)
+        self._set_options(name=name, defaults=defaults, input=input, output=output, description=description)
+
+    @classmethod
+    def check(cls, steps: dict, heads: dict, **options) -> "Team":
+        """Validate `steps` against head definitions (name -> Head) without a workspace: the same errors as
+        `Team(ws, steps, ...)`, raised before any head is added (team files use this). The result cannot run."""
+        team = cls.__new__(cls)
+        team.ws = None
+        team._build(steps, heads)
+        team._set_options(**options)
+        return team
+
+    def _set_options(self, *, name=None, defaults=None, input=None, output=None, description="") -> None:
+        self.name, self.description = name, description
+        self.defaults = dict(defaults or {})  # variable -> value used when a run does not give it
+        unknown = sorted(set(self.defaults) - set(self.variables))
+        if unknown:
+            raise TeamError(f"a default for {unknown[0]!r}, which is not a variable of this team (variables: "
+                            f"{', '.join(self.variables) or 'none'})")
+        if input is not None and input not in self.variables:
+            raise TeamError(f"input {input!r} is not a variable of this team (variables: "
+                            f"{', '.join(self.variables) or 'none'})")
+        if output is not None and output not in self.steps:
+            raise TeamError(f"output {output!r} is not a step of this team (steps: {', '.join(self.steps)})")
+        self.input, self.output = input, output
+
+    def _build(self, steps: dict, heads: dict) -> None:
         if not isinstance(steps, dict) or not steps:
             raise TeamError("a team needs a dict of at least one step: {head: template}")
-        self.ws = ws
         self.steps: dict[str, Step] = {}
         for head, step in steps.items():
-            if head not in ws.heads:
-                known = ", ".join(sorted(ws.heads)) or "none"
+            if head not in heads:
+                known = ", ".join(sorted(heads)) or "none"
                 raise TeamError(f"team step {head!r} names no head of this workspace (heads: {known})")
             self.steps[head] = step if isinstance(step, Step) else Step(step)
             try:
-                ws.heads[head].sampling.replace(**self.steps[head].options)
+                heads[head].sampling.replace(**self.steps[head].options)
             except MultiHeadError as e:
                 raise TeamError(f"step {head!r}: {e}") from None
         self.refs: dict[str, list[str]] = {}
@@ -103,7 +79,7 @@ class Team:
             self.refs[head] = [n for n in names if n in self.steps]
             for n in names:
                 if n not in self.steps:
-                    if n in ws.heads:
+                    if n in heads:
                         raise TeamError(f"step {head!r} reads {{{n}}}, a head that is not a step of this team")
                     if n not in self.variables:
                         self.variables.append(n)
@@ -112,6 +88,29 @@ class Team:
                     raise TeamError(f"step {head!r} sees {s!r}, which is not a step of this team")
         self.instances, self.sources = self._plan()
         self.order = self._toposort()
+
+    @property
+    def output_head(self) -> str:
+        """The step whose answer is the team's answer (served over HTTP): `output`, else the last step no other
+        step reads."""
+        if self.output is not None:
+            return self.output
+        # a step is read when another step reads it, except a critic reading the step it serves (a refine loop)
+        read = {r for h, refs in self.refs.items() for r in refs if r != h and h not in self.steps[r].sees}
+        sinks = [h for h in self.steps if h not in read]
+        return (sinks or list(self.steps))[-1]
+
+    @property
+    def input_variable(self) -> str | None:
+        """The variable a user message fills (served over HTTP): `input`, else the first variable."""
+        return self.input if self.input is not None else (self.variables[0] if self.variables else None)
+
+    def save(self, path, *, variables: dict | None = None):
+        """Write this team (its heads' definitions, its steps, variable defaults, given `variables` added) to a YAML
+        or JSON team file (by the suffix); returns its path. `mh.load_team(path, ws)` reads it back."""
+        from .files import save_team
+
+        return save_team(self, path, variables=variables)
 
     # ---- the instance graph --------------------------------------------------------------------------------
     def _plan(self):
@@ -170,6 +169,9 @@ class Team:
                 out[inst.head] = inst
         return out
 
+    def with_defaults(self, variables: dict) -> dict:
+        return {**{k: v for k, v in self.defaults.items() if k in self.variables}, **variables}
+
     def check_variables(self, variables: dict) -> None:
         missing = [v for v in self.variables if v not in variables]
         if missing:
@@ -180,6 +182,7 @@ class Team:
         """Start a run and return its live handle at once."""
         from .run import TeamRun
 
+        variables = self.with_defaults(variables)
         self.check_variables(variables)
         return TeamRun(self, variables).start()
 
@@ -193,6 +196,7 @@ class Team:
         Returns instance -> Completion; the prompts are the ones a streamed run builds."""
         from .run import TeamRun
 
+        variables = self.with_defaults(variables)
         self.check_variables(variables)
         builder = TeamRun(self, variables)
         done: dict = {}

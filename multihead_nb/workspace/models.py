@@ -91,7 +91,7 @@ class ModelTable(Mapping):
         """Load `model` once: a model already loaded is shared ("auto" takes it on the backend it runs on; another
         backend, or another region size, is an error)."""
         for loaded in self._models.values():
-            if self.backends[loaded.backend].key(model) == loaded.key:
+            if self.backends[loaded.backend].key(model, options or {}) == loaded.key:
                 return self._shared(loaded, model, backend, options or {})
         name, plan = self.plan(model, backend, options)
         page_bytes = self.pool_page_bytes

@@ -33,10 +33,14 @@ def workspace_stats(pool: PagePool, models, engine: Engine, recorder: Recorder, 
             slots += len(r.block_table) * models[r.model].built.layout.tokens_per_page
             held += r.num_computed
     busy = engine.busy_s
+    queues = engine.scheduler.queue_lengths()
+    for r in engine.live_requests():  # a stream source's (remote) requests run outside the scheduler
+        if r.head in queues and r.model in models and models[r.model].built.layout.pages_for(1) == 0:
+            queues[r.head]["running"] += 1
     return {
         "pool": usage,
         "waste": 0.0 if slots == 0 else 1 - held / slots,
-        "queues": engine.scheduler.queue_lengths(),
+        "queues": queues,
         "steps": engine.step_count,
         "tokens_generated": engine.tokens_generated,
         "tokens_per_s": engine.tokens_generated / busy if busy else 0.0,

@@ -223,6 +223,15 @@ class Workspace:
         self._check_open()
         return Team(self, steps)
 
+    def serve(self, port: int = 8000, **options):
+        """Serve this workspace's heads (and `teams=[...]`) over the OpenAI protocol on a thread beside the engine's;
+        returns the running server (`.url`, `.stop()`). Options: host ("127.0.0.1"), teams, api_key, log_level;
+        see `multihead_nb.server.app`."""
+        from ..server.app import serve
+
+        self._check_open()
+        return serve(self, port=port, **options)
+
     def new_run_id(self) -> int:
         """A fresh id for a team run of this workspace."""
         return self._run_ids.next()

@@ -26,7 +26,7 @@ class Exl2Backend:
 
         return is_exl2_checkpoint(model)
 
-    def key(self, model: str) -> str:
+    def key(self, model: str, options: dict | None = None) -> str:
         from ..native.backend import model_key
 
         return model_key(model)

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from ...config import ceil_div
+
 from ..batch import ForwardBatch
 from .region import EXL2_PAGE_TOKENS
 
 
 # ---- ForwardBatch -> forward_chunk calls -------------------------------------------------------------------
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def paged_params_fields(batch: ForwardBatch, page_size: int = EXL2_PAGE_TOKENS,
                         max_tokens_per_call: int | None = None) -> list[dict]:
     """The `forward_chunk` calls that compute `batch`, with their `PagedParams` fields (all CPU tensors).
@@ -50,17 +48,17 @@ def paged_params_fields(batch: ForwardBatch, page_size: int = EXL2_PAGE_TOKENS,
             raise ValueError(f"logits index {row} outside the batch's {batch.num_tokens} tokens")
         want.setdefault(int(row), []).append(pos)
     for i, (c, table) in enumerate(zip(batch.context_lens, batch.block_tables)):
-        if len(table) < _ceil_div(c, page_size):
+        if len(table) < ceil_div(c, page_size):
             raise ValueError(f"sequence {i}: {len(table)} pages cannot hold its {c} tokens "
                              f"({page_size} tokens per page)")
 
     def call(seqs: list[int], rows: list[list[int]], past: list[int]) -> dict:
         b, q = len(seqs), len(rows[0])
         after = [p + q for p in past]
-        width = max(_ceil_div(a, page_size) for a in after)
+        width = max(ceil_div(a, page_size) for a in after)
         block_index = torch.zeros((b, width), dtype=torch.int32)  # [b, max_pages], padded with page 0
         for r, (s, a) in enumerate(zip(seqs, after)):
-            pages = batch.block_tables[s][: _ceil_div(a, page_size)]
+            pages = batch.block_tables[s][: ceil_div(a, page_size)]
             block_index[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         flat = [t for rr in rows for t in rr]
         token_rows = torch.tensor(flat, dtype=torch.int64)  # [b * q]

@@ -28,8 +28,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ...errors import ConfigError, OutOfPagesError
-from ...memory import Arena, PagePool, PageState
+from ...config import ceil_div
+from ...errors import ConfigError
+from ...memory import Arena
 
 EXL2_PAGE_TOKENS = 256  # exllamav2's PAGED_PAGE_SIZE; flash-attn's paged KV needs a multiple of 256
 EXL2_DTYPE = torch.float16  # ExLlamaV2Cache (the FP16 cache) is the one whose tensors we can supply
@@ -49,7 +50,7 @@ def region_pages_for(num_layers: int, kv_heads: int, head_dim: int, n_pages: int
     if n_pages < 1:
         raise ConfigError(f"a region needs at least one EXL2 page, got {n_pages}")
     need = n_pages * bytes_per_exl2_page(num_layers, kv_heads, head_dim)
-    return -(-need // arena_page_bytes)
+    return ceil_div(need, arena_page_bytes)
 
 
 def exl2_pages_in(num_layers: int, kv_heads: int, head_dim: int, n_arena_pages: int, arena_page_bytes: int) -> int:
@@ -163,7 +164,7 @@ class Exl2Region:
             return []
         b, pb = self.bytes_per_exl2_page, self.arena_page_bytes
         lo, hi = local * pb, (local + 1) * pb
-        return list(range(lo // b, min(self.num_exl2_pages, -(-hi // b))))
+        return list(range(lo // b, min(self.num_exl2_pages, ceil_div(hi, b))))
 
     def charge_map(self) -> list[list[int]]:
         """For each EXL2 page j, `arena_pages_of(j)`."""

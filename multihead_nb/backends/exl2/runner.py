@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...config import ceil_div
 from ...errors import CheckpointError, ConfigError
 from ...memory import Arena
 from ..batch import ForwardBatch
@@ -38,7 +39,7 @@ class Exl2Layout:
         return bytes_per_exl2_page(self.num_layers, self.num_kv_heads, self.head_dim)
 
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.tokens_per_page)
+        return ceil_div(num_tokens, self.tokens_per_page)
 
 
 class Exl2Runner:

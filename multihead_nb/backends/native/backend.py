@@ -15,7 +15,15 @@ from ..base import BuiltModel, LoadTarget, ModelPlan, check_options, eos_ids
 
 
 def model_key(model: str) -> str:
-    """A local path by its resolved form, any other reference (a hub id) as given."""
+    """A local path by its resolved form; an Ollama name or embedded model by the GGUF file it names (so
+    `ollama:x` and `ollama:x:latest` are one model); a hub id as given."""
+    if model.startswith(("ollama:", "embedded:")):
+        from .model_ref import resolve_model
+
+        try:
+            return str(resolve_model(model).path)
+        except CheckpointError:
+            return model  # planning it raises the error, with its message
     p = Path(model).expanduser()
     return str(p.resolve()) if p.exists() else model
 
@@ -30,7 +38,7 @@ class NativeBackend:
     def detects(self, model: str) -> bool:
         return True  # the fallback of "auto": any reference another backend does not claim
 
-    def key(self, model: str) -> str:
+    def key(self, model: str, options: dict | None = None) -> str:
         return model_key(model)
 
     def plan(self, model: str, target: LoadTarget, options: dict) -> ModelPlan:
@@ -65,7 +73,9 @@ class NativeBackend:
         runner = ModelRunner(spec, target.arena, dtype=target.dtype, device=target.device, kernel=target.cpu_kernel,
                              quantize=quantize)
         try:
-            tokenizer = load_tokenizer(spec.path)
+            tokenizer = load_tokenizer(spec)  # a GGUF spec's open file is reused
+        except CheckpointError:
+            raise
         except Exception as e:  # a broken tokenizer file: name the checkpoint, not the parser's internals
             raise CheckpointError(f"cannot load the tokenizer of {spec.path}: {type(e).__name__}: {e}") from None
         note = runner.kernel_note if runner.fused is not None else f"PyTorch ({runner.kernel_note})"

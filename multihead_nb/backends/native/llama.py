@@ -20,12 +20,17 @@ from .loader import ModelSpec
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    """`[head_dim / 2]` float32 inverse frequencies, llama3-scaled when the spec says so (as Hugging Face)."""
+    """`[head_dim / 2]` float32 inverse frequencies, llama3-scaled when the spec says so (as Hugging Face), or
+    divided by a GGUF file's per-frequency factors (llama.cpp's `rope_freqs`, its form of the llama3 scaling)."""
     d = spec.head_dim
     inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [d/2]
     rs = spec.rope_scaling
     if rs is None:
         return inv
+    if rs["rope_type"] == "freq_factors":
+        factors = torch.tensor(rs["factors"], dtype=torch.float32)  # [d/2]
+        assert factors.shape == inv.shape, (factors.shape, inv.shape)
+        return inv / factors
     assert rs["rope_type"] == "llama3"
     factor, low, high, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old / low, old / high

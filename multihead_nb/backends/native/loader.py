@@ -1,8 +1,10 @@
-"""Hugging Face checkpoints of the Llama family: finding the folder, reading its shape, loading its tensors.
+"""Checkpoints of the Llama family, Hugging Face folders and GGUF files: reading a model's shape before its weights.
 
-Owns: `resolve_checkpoint` (a local folder or a hub id → a folder), `ModelSpec` (the model's shape, read from
-config.json before any weight is loaded) and its checks; the weight files themselves are `weight_files.py`. Knows nothing of how the
-model computes (`llama.py`) nor of pages beyond `ModelSpec.kv_layout`.
+Owns: `ModelSpec` (the model's shape, read from config.json or from a GGUF file's metadata before any weight is
+loaded) and `read_spec`, which resolves a reference (`model_ref.py`: folders, hub ids, GGUF files, Ollama names,
+the embedded default) and checks the spec against the tensors there. The weight files themselves are
+`weight_files.py`, GGUF's metadata `gguf_config.py`. Knows nothing of how the model computes (`llama.py`) nor of
+pages beyond `ModelSpec.kv_layout`.
 
 Every problem a user can cause is a `CheckpointError` that names the cause and the path.
 """
@@ -17,6 +19,7 @@ import torch
 
 from ...errors import CheckpointError
 from ...memory import KVLayout
+from .model_ref import looks_like_hub_id, resolve_checkpoint, resolve_model  # noqa: F401 (resolve_checkpoint: re-exported)
 from .weight_files import check_tensors, read_json, weight_files
 
 # architecture name (config.json "architectures") → family; model_type → family
@@ -28,45 +31,6 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
 ROPE_TYPES = ("default", "llama3")
-
-
-# ---- finding the folder ------------------------------------------------------------------------------------
-def _looks_like_hub_id(name: str) -> bool:
-    """`org/name` or `name`: no leading `/`, `.` or `~`, at most one `/`, no backslash."""
-    return (
-        bool(name)
-        and not name.startswith(("/", ".", "~"))
-        and name.count("/") <= 1
-        and "\\" not in name
-        and not name.endswith("/")
-    )
-
-
-def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """The folder of a checkpoint: a local folder as is, or a hub id downloaded (or found) in the HF cache."""
-    name = str(name_or_path)
-    p = Path(name).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise CheckpointError(f"checkpoint path {p} is a file, not a folder with config.json and weights")
-        return p.resolve()
-    if isinstance(name_or_path, Path) or not _looks_like_hub_id(name):
-        raise CheckpointError(f"checkpoint folder {p} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(
-            repo_id=name,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
-        )
-    except Exception as e:  # offline, unknown repo, gated repo, ...
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"no local folder {name!r}, and the Hugging Face hub id {name!r} could not be fetched "
-            f"({type(e).__name__}: {cause}); check the name, or download it while online "
-            "(it is then found in the cache offline)"
-        ) from None
-    return Path(folder)
 
 
 # ---- the spec ----------------------------------------------------------------------------------------------
@@ -86,7 +50,8 @@ class ModelSpec:
     vocab_size: int
     max_position_embeddings: int
     rope_theta: float
-    rope_scaling: dict | None  # None for plain RoPE, else {"rope_type": "llama3", "factor": ..., ...}
+    rope_scaling: dict | None  # None: plain RoPE; {"rope_type": "llama3", "factor": ..., ...}; or per-frequency
+    # divisors of the inverse frequencies, {"rope_type": "freq_factors", "factors": (...)} (GGUF's rope_freqs)
     rms_norm_eps: float
     tie_word_embeddings: bool
     attention_bias: bool  # q/k/v (and for llama/qwen3 also o) projections have a bias
@@ -95,6 +60,7 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     weight_files: tuple[Path, ...] = field(default=(), compare=False, repr=False)
+    gguf: object | None = field(default=None, compare=False, repr=False)  # the open GGUFFile of a GGUF checkpoint
 
     # ---- sizes ---------------------------------------------------------------------------------------------
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -211,10 +177,15 @@ def _ids(value) -> tuple[int, ...]:
 
 def read_spec(name_or_path: str | Path) -> ModelSpec:
     """The spec of a checkpoint, with its weight files checked (present, readable headers, every tensor named)."""
-    path = resolve_checkpoint(name_or_path)
+    ref = resolve_model(name_or_path)
+    if ref.kind == "gguf":
+        return _gguf_spec(str(name_or_path), ref.path)
+    path = ref.path
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"checkpoint folder {path} has no config.json")
+        hint = (f"; for a repo of GGUF files name the file: {name_or_path}/FILE.gguf"
+                if ref.source == "hub" and looks_like_hub_id(str(name_or_path)) else "")
+        raise CheckpointError(f"checkpoint folder {path} has no config.json (nor a GGUF file){hint}")
     cfg = read_json(cfg_path, "config file")
     if (cfg.get("quantization_config") or {}).get("quant_method") == "exl2":
         raise CheckpointError(
@@ -272,4 +243,15 @@ def read_spec(name_or_path: str | Path) -> ModelSpec:
     if cfg.get("mlp_bias"):
         raise CheckpointError(f"checkpoint {path} has MLP biases (mlp_bias), which are not supported")
     check_tensors(spec)
+    return spec
+
+
+def _gguf_spec(name: str, file: Path) -> ModelSpec:
+    """The spec of a GGUF file, which stays open (memory-mapped) in `spec.gguf` for `load_weights`."""
+    from .gguf_config import check_gguf_tensors, gguf_config
+    from .gguf_file import GGUFFile
+
+    g = GGUFFile(file)
+    spec = ModelSpec(name=name, path=file, weight_files=(file,), gguf=g, **gguf_config(g))
+    check_gguf_tensors(g, spec.tensor_shapes())
     return spec

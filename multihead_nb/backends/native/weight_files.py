@@ -1,5 +1,7 @@
 """A checkpoint's weight files: which `*.safetensors` files hold its tensors (sharded or not), their headers checked
-against the files' sizes, the tensors' names and shapes checked against a `ModelSpec`, and `load_weights`.
+against the files' sizes, the tensors' names and shapes checked against a `ModelSpec`, and `load_weights` (from
+safetensors, or from a GGUF file: dequantized into the workspace dtype, llama-arch Q/K rows put back in Hugging
+Face order).
 
 Knows nothing of config.json beyond the JSON reading it shares with `loader.py`, nor of how the weights are used.
 Every problem is a `CheckpointError` naming the file.
@@ -100,6 +102,8 @@ def check_tensors(spec: ModelSpec) -> None:
 
 def load_weights(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor `spec` needs, by Hugging Face name, in `dtype` on `device` (extra tensors are skipped)."""
+    if spec.gguf is not None:
+        return _load_gguf(spec, dtype, device)
     from safetensors import SafetensorError, safe_open
 
     expected = spec.tensor_shapes()
@@ -115,4 +119,32 @@ def load_weights(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str
     missing = [n for n in expected if n not in out]
     if missing:
         raise CheckpointError(f"checkpoint {spec.path} lacks tensors {', '.join(missing[:5])}")
+    return out
+
+
+def _load_gguf(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A GGUF spec's tensors, dequantized; llama.cpp permutes the Q/K rows of llama-arch files for its rotary
+    layout (`unpermute_rows` undoes it); a tied model has no `output.weight` (the spec then needs no lm_head)."""
+    from .gguf_config import gguf_name, unpermute_rows
+    from .gguf_dequant import dequantize
+
+    g = spec.gguf
+    permuted = g.architecture == "llama"
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in spec.tensor_shapes().items():
+        t = g.tensors.get(gguf_name(name))
+        if t is None:
+            raise CheckpointError(f"GGUF file {g.path} lacks the tensor {gguf_name(name)}")
+        try:
+            w = dequantize(t.raw, t.ggml_type, shape, dtype, device)  # [shape] in dtype
+        except ValueError as e:
+            raise CheckpointError(f"GGUF file {g.path}: tensor {t.name} cannot be loaded ({e})") from None
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = unpermute_rows(w, spec.num_heads)
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = unpermute_rows(w, spec.num_kv_heads)
+        if not bool(torch.isfinite(w.sum())):  # one read; any inf or NaN makes the sum non-finite
+            raise CheckpointError(f"GGUF file {g.path} is corrupt: tensor {t.name} holds non-finite values"
+                                  f"{'' if dtype == torch.float32 else f' in {dtype}'}")
+        out[name] = w
     return out

@@ -31,6 +31,8 @@ def head_summary(ws, name: str) -> str:
     kv_pages, unit = (ws.pool.num_kv_pages, ws.page_bytes) if region is None else (region.num_pages, region.page_bytes)
     quota = "none" if q.quota_pages is None else f"{q.quota_pages} pages ({format_size(q.quota_pages * unit)})"
     model = _short_model(getattr(loaded.spec, "name", None) or head.model)
+    if layout.pages_for(1) == 0:  # served elsewhere (a remote engine): no weights, no pages here
+        return f"head {name!r}: {loaded.built.note or model} · no local weights or pages"
     return (
         f"head {name!r}: {model} · {str(ws.dtype).replace('torch.', '')} · {layout.tokens_per_page} tokens/page "
         f"({format_size(ws.page_bytes)} pages) · weights {format_size(loaded.weight_pages * ws.page_bytes)} "
@@ -39,13 +41,17 @@ def head_summary(ws, name: str) -> str:
 
 
 def team_variables(team, given: dict, namespace: dict | None) -> dict:
-    """The team's run variables: `--var` values first, then names from the notebook namespace."""
+    """The team's run variables: `--var` values first, then names from the notebook namespace, then the team's
+    defaults (a loaded team file's `variables:`)."""
     out = {}
     for name in team.variables:
         if name in given:
             out[name] = given[name]
         elif namespace is not None and name in namespace:
             out[name] = namespace[name]
+    for name in team.variables:
+        if name not in out and name in team.defaults:
+            out[name] = team.defaults[name]
     missing = [v for v in team.variables if v not in out]
     if missing:
         raise TeamError(
@@ -62,6 +68,25 @@ def start_team(ws, steps: dict, given: dict, namespace: dict | None = None):
     """Build the team (validated before anything runs) and start it; returns the live TeamRun."""
     team = ws.team(steps)
     return team.start(**team_variables(team, given, namespace))
+
+
+def save_team(ws, steps: dict, given: dict, path: str) -> str:
+    """Write the team of `steps` (with its heads' definitions and `given` as variable defaults) to `path`."""
+    team = ws.team(steps)
+    written = team.save(path, variables=given)
+    return f"saved team {team.name or written.stem!r} ({', '.join(team.steps)}) to {written}"
+
+
+def load_team(ws, source: str, *, model: str | None = None, prefix: str = ""):
+    """Load a team file (or a built-in team) into `ws`; returns the Team and a one-line summary."""
+    from ...team.load import load_team as load
+
+    team = load(source, ws, model=model, prefix=prefix)
+    defaults = ", ".join(f"{k}={v!r}" for k, v in team.defaults.items())
+    summary = (f"team {team.name!r}: heads {', '.join(team.steps)} (added to the workspace); variables "
+               f"{', '.join(team.variables) or 'none'}{f' (defaults {defaults})' if defaults else ''}; "
+               f"answer: {team.output_head}")
+    return team, summary
 
 
 def status(ws) -> str:
@@ -110,6 +135,13 @@ def pages(ws) -> pd.DataFrame:
 
 def dashboard(ws, **options):
     return ws.dashboard(**options)
+
+
+def models() -> pd.DataFrame:
+    """The models loadable here without the network (`mh.list_models()`)."""
+    from ...backends.native.catalog import list_models
+
+    return list_models()
 
 
 def new_workspace(**options):

@@ -19,7 +19,7 @@ from traitlets import Integer, Unicode
 from ...errors import MultiHeadError
 from . import commands, parsers
 
-SUBCOMMANDS = ("status", "heads", "pages", "dashboard", "pool", "reset", "run")
+SUBCOMMANDS = ("status", "heads", "pages", "models", "dashboard", "pool", "reset", "run", "load")
 
 
 def _one_line_errors(fn):
@@ -65,7 +65,8 @@ class MultiHeadMagics(Magics):
     @_one_line_errors
     @magic_arguments()
     @argument("name", help="the head's name (a Python identifier)")
-    @argument("--model", "-m", help="hub id or checkpoint folder (default: MultiHeadMagics.default_model)")
+    @argument("--model", "-m", help="hub id, checkpoint folder, or openai:http://HOST:PORT/v1 (a remote engine) "
+                                    "(default: MultiHeadMagics.default_model)")
     @argument("--temperature", type=float)
     @argument("--top-p", type=float)
     @argument("--top-k", type=int)
@@ -75,8 +76,12 @@ class MultiHeadMagics(Magics):
     @argument("--quota", help="the head's share of K/V pages: '25%%' or a size like '64MiB'")
     @argument("--weight", type=float, help="fair share relative to other heads")
     @argument("--max-concurrent", type=int)
-    @argument("--backend", help="auto (default), native, or exl2")
+    @argument("--backend", help="auto (default), native, exl2 or remote")
     @argument("--region", help="EXL2 models: the model's region of the pool, '25%%' or a size like '2GiB'")
+    @argument("--remote-model", help="--model openai:http://HOST:PORT/v1: the engine's model name")
+    @argument("--api-key", help="remote heads: the engine's API key (default: $MULTIHEAD_REMOTE_API_KEY)")
+    @argument("--timeout", type=float, help="remote heads: seconds the engine may stay silent (default 60)")
+    @argument("--retries", type=int, help="remote heads: tries again on connection errors (default 2)")
     def head(self, line, cell=""):
         """Define or redefine a head; the cell body is its system prompt."""
         args = parse_argstring(self.head, line)
@@ -93,6 +98,8 @@ class MultiHeadMagics(Magics):
     @magic_arguments()
     @argument("-o", "--output", metavar="NAME", help="also store the TeamRun in this notebook variable")
     @argument("--var", action="append", metavar="NAME=VALUE", help="a run variable (repeatable)")
+    @argument("--save", metavar="FILE", help="also save the team and its heads to a team file (.yaml or .json)")
+    @argument("--no-run", action="store_true", help="do not run (with --save: only write the file)")
     def team(self, line, cell=""):
         """Run a team: one step per line, `head: prompt template`; returns the TeamRun."""
         args = parse_argstring(self.team, line)
@@ -100,6 +107,10 @@ class MultiHeadMagics(Magics):
             raise UsageError(f"-o expects a Python variable name, got {args.output!r}")
         steps = parsers.parse_team(cell or "")
         given = parsers.parse_vars(args.var)
+        if args.save:
+            print(commands.save_team(self.workspace(), steps, given, args.save))
+        if args.no_run:
+            return None
         run = commands.start_team(self.workspace(), steps, given, self.shell.user_ns if self.shell else None)
         if args.output:
             self.shell.user_ns[args.output] = run
@@ -123,8 +134,8 @@ class MultiHeadMagics(Magics):
     @line_magic
     @_one_line_errors
     def mh(self, line=""):
-        """%mh status | heads | pages | dashboard | pool SIZE [--device D] [--page-bytes B] [--dtype T] | reset |
-        run HEAD PROMPT..."""
+        """%mh status | heads | pages | models | dashboard | pool SIZE [--device D] [--page-bytes B] [--dtype T] |
+        reset | run HEAD PROMPT... | load FILE [-o NAME] [--model M] [--prefix P]"""
         words = line.split(None, 1)
         cmd, rest = (words[0], words[1] if len(words) > 1 else "") if words else ("status", "")
         if cmd not in SUBCOMMANDS:
@@ -146,6 +157,10 @@ class MultiHeadMagics(Magics):
     def _mh_pages(self, rest):
         self._no_args("pages", rest)
         return commands.pages(self.workspace())
+
+    def _mh_models(self, rest):
+        self._no_args("models", rest)
+        return commands.models()
 
     def _mh_dashboard(self, rest):
         p = MagicArgumentParser(prog="%mh dashboard")
@@ -178,6 +193,21 @@ class MultiHeadMagics(Magics):
         self._no_args("reset", rest)
         ws = commands.new_workspace(**self.workspace_options())
         print(repr(ws))
+
+    def _mh_load(self, rest):
+        p = MagicArgumentParser(prog="%mh load")
+        p.add_argument("file", help="a team file (.yaml or .json) or a built-in team: code, research, creative")
+        p.add_argument("-o", "--output", metavar="NAME", help="store the Team in this notebook variable")
+        p.add_argument("--model", help="run every head of the team on this model")
+        p.add_argument("--prefix", default="", help="prefix every head's name with this")
+        args = p.parse_argstring(rest)
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"-o expects a Python variable name, got {args.output!r}")
+        team, summary = commands.load_team(self.workspace(), args.file, model=args.model, prefix=args.prefix)
+        if args.output:
+            self.shell.user_ns[args.output] = team
+        print(summary)
+        return team
 
     def _mh_run(self, rest):
         parts = rest.split(None, 1)
