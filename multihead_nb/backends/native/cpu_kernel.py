@@ -27,7 +27,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "cpu_decode.c"  # includes the headers beside it
-COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off")  # no implicit FMA: one rounding order in every tile shape
+COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-Werror=implicit-function-declaration")  # no implicit FMA: one rounding order in every tile shape
 LIB_FLAGS = ("-fopenmp", "-shared", "-fPIC")
 ISAS = ("avx512", "avx2", "neon", "scalar")  # best first
 

@@ -68,7 +68,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
     const int split = d % 8 == 0 && d <= MH_GROUP_DIM && G <= MH_GROUP_MAX; /* attend_part_avx2 + attn_merge */
 #else
     const int grouped = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX && G > 1;
-    const int split = 0;
+    const int split = 0; /* the split attention is x86's (attend_part_avx2) */
 #endif
     const int Kmax = h > HD ? (h > I ? h : I) : (HD > I ? HD : I);
     mh_work w = {0};
@@ -79,6 +79,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
     w.attn = alloc64(sizeof(float) * T * HD);
     const int ldsc = s->max_ctx > 128 ? s->max_ctx : 128; /* a split task's chunk is at most this long */
     w.scores = alloc64(sizeof(float) * nt * (grouped || split ? G : 1) * ldsc);
+#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
     int chunks = 0;
     if (split) { /* each token's context in chunks of att_chunk(n) keys; one task per (token, KV head, chunk) */
         w.tstart = malloc(sizeof(int32_t) * (T + 1));
@@ -97,6 +98,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
         for (int t = 0; t < T; t++)
             for (int c = w.tstart[t]; c < w.tstart[t + 1]; c++) w.task_t[c] = t;
     }
+#endif
     w.sel = alloc64(sizeof(float) * (L + 1) * (h + HD));
     w.act.f = alloc64(sizeof(float) * T * Kmax);
     w.act.h = alloc64(sizeof(uint16_t) * T * Kmax);
@@ -157,6 +159,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 }
             }
 
+#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
             if (split) {
                 float *sc = w.scores + (size_t)omp_get_thread_num() * G * ldsc;
 #pragma omp for schedule(dynamic, 1)
@@ -176,7 +179,9 @@ int mh_forward(const mh_model *m, mh_step *s) {
                     attn_merge(G, d, nch, w.po + slot * G * d, w.pmx + slot * G, w.psm + slot * G,
                                w.attn + (size_t)t * HD + (size_t)kvh * G * d);
                 }
-            } else {
+            } else
+#endif
+            {
                 float *sc = w.scores + (size_t)omp_get_thread_num() * (grouped ? G : 1) * ldsc;
                 if (grouped) {
 #pragma omp for schedule(dynamic, 1)
