@@ -34,6 +34,21 @@ static void rope(float *v, const float *cos, const float *sin, int d) {
 
 static float silu(float g) { return g / (1.0f + expf(-g)); }
 
+/* a[i] = silu(g[i]) * u[i] for one token row; on x86 8 at a time with exp256 (arguments clamped to <= 88, where
+ * exp still fits a float; below -87 it is 0 as expf's). Each element's value depends on its index only. */
+static void silu_mul_row(const float *g, const float *u, int n, float *a) {
+    int i = 0;
+#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+    const __m256 one = _mm256_set1_ps(1.0f), hi = _mm256_set1_ps(88.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), hi));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) a[i] = silu(g[i]) * u[i];
+}
+
 static int forms_of(const mh_matrix *a, const mh_matrix *b, const mh_matrix *c) {
     return act_form(a->format) | (b ? act_form(b->format) : 0) | (c ? act_form(c->format) : 0);
 }
@@ -251,7 +266,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             for (int t = 0; t < rows; t++) {
                 const float *g = w.gu + (size_t)t * 2 * I;
                 float *a = w.xn + (size_t)t * I;
-                for (int i = 0; i < I; i++) a[i] = silu(g[i]) * g[I + i];
+                silu_mul_row(g, g + I, I, a);
                 prep_row(a, I, forms, act->f + (size_t)t * I, act->h + (size_t)t * I, act->q + (size_t)t * I,
                          act->d + (size_t)t * (I / 32), act->s16 + (size_t)t * (I / 16), act->s32 + (size_t)t * (I / 32));
             }

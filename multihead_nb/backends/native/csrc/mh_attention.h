@@ -126,9 +126,10 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* Keys per attention task: a token's context of n keys is cut in chunks of this many (at most 64 chunks); it
- * depends on the token's own context only, so a token's result never depends on its batch-mates. */
-static inline int att_chunk(int n) { return n <= 64 * 128 ? 128 : (n + 63) / 64; }
+/* Keys per attention task: a token's context of n keys is cut in chunks of this many (64: a lone decode token's
+ * attention spreads over the threads; at most 64 chunks); it depends on the token's own context only, so a
+ * token's result never depends on its batch-mates. */
+static inline int att_chunk(int n) { return n <= 64 * 64 ? 64 : (n + 63) / 64; }
 
 /* 4 accumulators (one key each) -> their 4 sums. */
 static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
