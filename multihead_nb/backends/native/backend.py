@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ...errors import CheckpointError, ConfigError
 from ..base import BuiltModel, LoadTarget, ModelPlan, check_options, eos_ids
 
@@ -44,7 +46,7 @@ class NativeBackend:
     def plan(self, model: str, target: LoadTarget, options: dict) -> ModelPlan:
         from . import read_spec
 
-        from .kernel_weights import packed_bytes
+        from .kernel_weights import gguf_packed_bytes, packed_bytes
         from .kernel_weights import problem as quantize_problem
 
         quantize = check_options(self, model, options).get("quantize")
@@ -58,7 +60,12 @@ class NativeBackend:
                                   f"got {spec.max_position_embeddings}")
         spec.kv_layout(target.dtype, target.page_bytes)  # ConfigError when a page cannot hold one token
         if quantize is None:
-            return ModelPlan(key, spec.weight_bytes(target.dtype), detail=(spec, None))
+            packed = getattr(spec, "gguf", None) is not None and target.device.type == "cpu" \
+                and target.dtype == torch.bfloat16 and target.cpu_kernel is not False
+            # a GGUF file the kernel will likely run keeps its blocks: charged at their size (more, once loaded,
+            # if the PyTorch path dequantizes them after all)
+            size = gguf_packed_bytes(spec) if packed else spec.weight_bytes(target.dtype)
+            return ModelPlan(key, size, detail=(spec, None))
         why = quantize_problem(spec, quantize)
         if why:
             raise ConfigError(f"cannot quantize {model!r}: {why}")

@@ -16,7 +16,7 @@ from .attention import build_metadata
 from ..batch import ForwardBatch
 from .cpu_kernel import KernelUnavailable, load_kernel
 from .fused_forward import FusedForward, unsupported
-from .kernel_weights import KernelWeights
+from .kernel_weights import KernelWeights, gguf_weights
 from .kernel_weights import problem as weight_problem
 from .llama import LlamaModel
 from .loader import ModelSpec
@@ -62,8 +62,10 @@ class ModelRunner:
         # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
         self.caches = [full[:, :, layer].permute(0, 2, 1, 3, 4) for layer in range(spec.num_layers)]
         cpu_kernel, self.kernel_note = self._kernel(kernel)
-        # quantized from float32 (the checkpoint's values, not their bfloat16 rounding), as llama.cpp converts
-        weights = load_weights(spec, torch.float32 if quantize else self.dtype, self.device)
+        if cpu_kernel is not None and quantize is None and getattr(spec, "gguf", None) is not None:
+            weights = gguf_weights(spec)  # the file's blocks as they are
+        else:  # quantized from float32 (the checkpoint's values, not their bfloat16 rounding), as llama.cpp converts
+            weights = load_weights(spec, torch.float32 if quantize else self.dtype, self.device)
         self.model = self.fused = None
         if cpu_kernel is not None:
             packed_weights = KernelWeights.build(spec, weights, quantize)
