@@ -333,18 +333,17 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
     """llama-bench (one repetition) and MultiHead's kernel (decode at batch 1 and 3, prefill of `prompt` tokens),
     format by format, interleaved for `rounds` rounds, each waiting for quiet CPUs first; the best of each.
 
-    MultiHead runs a checkpoint of the same shape quantized at load to the same format (`quantize=`: the layers
-    in that format, the embedding / lm_head in Q8_0 for the 4-bit formats, as llama-quantize lays out these
-    files), so both do the same work per token; its decode starts after a `prompt`-token context."""
+    MultiHead loads the same GGUF file (its blocks kept packed in the kernel); its decode starts after a
+    `prompt`-token context."""
     import torch
 
     from multihead_nb.backends.native import read_spec
-    from multihead_nb.testing import shape_checkpoint
 
     from .decode_speed import bench_ours, bench_prefill, make_runner, wait_quiet
 
     torch.set_num_threads(threads)
-    spec = read_spec(shape_checkpoint("smollm2-135m", dtype="bfloat16"))
+    specs = {fmt: read_spec(str(path)) for fmt, path in files.items()}
+    spec = next(iter(specs.values()))
     page_bytes = 256 * 1024
     num_pages = 3 * spec.kv_layout(torch.bfloat16, page_bytes).pages_for(prompt + 8 * gen) + 2
     best: dict[tuple, float] = {}
@@ -353,17 +352,17 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
         old = best.get(key)
         best[key] = value if old is None else (max(old, value) if higher else min(old, value))
 
-    runners = {fmt: make_runner(spec, torch.bfloat16, page_bytes, num_pages, "kernel", fmt) for fmt in files}
+    runners = {fmt: make_runner(specs[fmt], torch.bfloat16, page_bytes, num_pages, "kernel", "bf16") for fmt in files}
     for rnd in range(rounds):
         for fmt, path in files.items():
             wait_quiet()
             res = llama_bench(tools, path, threads, prompt, gen, reps=1)
             keep((fmt, "llama decode"), res["decode_tps"])
             keep((fmt, "llama prefill"), res["prefill_tps"])
-            r = runners[fmt]
-            keep((fmt, "ours b1"), bench_ours(spec, r, 1, prompt, gen // 4, 1, page_bytes), higher=False)
-            keep((fmt, "ours b3"), bench_ours(spec, r, 3, prompt, gen // 4, 1, page_bytes), higher=False)
-            keep((fmt, "ours prefill"), bench_prefill(spec, r, prompt, 1, page_bytes), higher=False)
+            r, sp = runners[fmt], specs[fmt]
+            keep((fmt, "ours b1"), bench_ours(sp, r, 1, prompt, gen // 4, 1, page_bytes), higher=False)
+            keep((fmt, "ours b3"), bench_ours(sp, r, 3, prompt, gen // 4, 1, page_bytes), higher=False)
+            keep((fmt, "ours prefill"), bench_prefill(sp, r, prompt, 1, page_bytes), higher=False)
             log(f"round {rnd + 1} {fmt}: " + ", ".join(f"{k[1]} {v:.4g}" for k, v in best.items() if k[0] == fmt))
     rows = []
     for fmt in files:
