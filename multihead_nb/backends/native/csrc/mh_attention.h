@@ -148,6 +148,16 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     const uint16_t *keys = m->cache + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
     float qs[MH_GROUP_MAX * MH_GROUP_DIM];
     for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
+    const uint16_t *kp_all[n]; /* each key's row, page by page (no division per key) */
+    {
+        const int tpp = m->tokens_per_page, KVd = m->kv_heads * d;
+        const int32_t *table = s->block_tables + (size_t)seq * s->max_pages;
+        for (int j = j0; j <= j1;) {
+            const int pi = j / tpp, end = (pi + 1) * tpp - 1 < j1 ? (pi + 1) * tpp - 1 : j1;
+            const uint16_t *base = keys + (int64_t)table[pi] * m->page_stride + (int64_t)(j - pi * tpp) * KVd;
+            for (; j <= end; j++, base += KVd) kp_all[j - j0] = base;
+        }
+    }
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *qg[3];
@@ -155,7 +165,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         for (int k0 = 0; k0 < n; k0 += 4) {
             const int nk = n - k0 < 4 ? n - k0 : 4;
             const uint16_t *kp[4];
-            for (int i = 0; i < 4; i++) kp[i] = keys + slot_offset(m, s, seq, j0 + k0 + (i < nk ? i : nk - 1));
+            for (int i = 0; i < 4; i++) kp[i] = kp_all[k0 + (i < nk ? i : nk - 1)];
             __m256 acc[3][4];
             for (int g = 0; g < 3; g++)
                 for (int i = 0; i < 4; i++) acc[g][i] = _mm256_setzero_ps();
@@ -195,7 +205,6 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         mx[g] = best;
         sm[g] = tot;
     }
-    const uint16_t *vals = keys + m->kv_stride;
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         for (int c0 = 0; c0 < d; c0 += 32) {
@@ -204,7 +213,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
             for (int g = 0; g < 3; g++)
                 for (int c = 0; c < 4; c++) acc[g][c] = _mm256_setzero_ps();
             for (int j = 0; j < n; j++) {
-                const uint16_t *v = vals + slot_offset(m, s, seq, j0 + j) + c0;
+                const uint16_t *v = kp_all[j] + m->kv_stride + c0;
                 __m256 p[3];
                 for (int g = 0; g < ng; g++) p[g] = _mm256_broadcast_ss(sc + (size_t)(g0 + g) * ldsc + j);
                 for (int c = 0; c < nc; c++) {
