@@ -4,9 +4,9 @@ from the `gguf` package's reference (de)quantization, on random blocks.
 - Each build this CPU runs (AVX-512, AVX2 + FMA, scalar) through ctypes; the NEON build (with and without dotprod)
   cross-compiled with Debian's gcc-aarch64-linux-gnu and run under qemu-user (skipped only where those are missing;
   .ci/run installs them); the AVX-512 build at least compiled here when this CPU cannot run it.
-- The reference takes the activations as the build does (float32; bfloat16 with AVX-512 BF16; on NEON int8 per 32
-  elements, scale amax / 127), so what remains is float32 rounding; the cost of NEON's activation quantization
-  against float32 inputs is checked separately. Row dequantization (the embedding lookup) is bit-exact against `gguf.quants.dequantize`.
+- The reference takes the activations as the build does (float32; bfloat16 with AVX-512 BF16; int8 per 32
+  elements, scale amax / 127, on NEON and for the 32-element block formats on x86), so what remains is float32
+  rounding; the cost of the activation quantization against float32 inputs is checked separately. Row dequantization (the embedding lookup) is bit-exact against `gguf.quants.dequantize`.
 - A token row's result is bit-identical alone and in a batch of any size (several token blocks and tiles).
 """
 
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULT
 DRIVER = Path(__file__).with_name("c") / "kernel_driver.c"
 COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q5_0": 96, "q5_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
 ROWS = 37
+X86_INT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # x86 builds: int8 activations (mh_dot_x86_int.h)
 
 
 def random_matrix(fmt: str, rows: int, cols: int, seed: int) -> PackedMatrix:
@@ -71,7 +72,7 @@ def quantized_acts(X: np.ndarray) -> np.ndarray:
 def reference(pm: PackedMatrix, X: np.ndarray, isa: str) -> np.ndarray:
     """[T, rows] float64: what the build computes, up to float32 rounding."""
     W = gguf_dequantize(pm.data.numpy(), ggml_type(pm.format)).reshape(pm.rows, pm.cols).astype(np.float64)
-    if pm.format != "bf16" and isa.startswith("neon"):
+    if pm.format != "bf16" and (isa.startswith("neon") or isa.startswith("avx") and pm.format in X86_INT_FORMATS):
         Xr = quantized_acts(X)
     elif pm.format == "bf16" and "bf16" in isa:  # vdpbf16ps: activations in bfloat16
         Xr = torch.from_numpy(X).to(torch.bfloat16).double().numpy()
@@ -131,6 +132,19 @@ def test_product_per_format(kernel, fmt):
         assert np.array_equal(row, ref[r])
 
 
+
+
+@pytest.mark.parametrize("fmt", X86_INT_FORMATS)
+def test_activation_quantization_cost(kernel, fmt):
+    """What int8 activations (x86's integer products, as NEON's) cost against float32 inputs on random data: well
+    under 1% of the product, and no worse than the weights' own rounding (the product with float32 weights)."""
+    if kernel.isa == "scalar":
+        pytest.skip("the scalar build takes float32 activations")
+    pm = random_matrix(fmt, 64, 256, seed=3)
+    X = inputs(256, 8, seed=4)
+    exact = X.astype(np.float64) @ pm.dequantize().double().numpy().T
+    got = product(kernel, pm, X)
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.01
 
 
 # ---- NEON under qemu ------------------------------------------------------------------------------------------

@@ -158,6 +158,12 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
             for (; j <= end; j++, base += KVd) kp_all[j - j0] = base;
         }
     }
+    /* The pages are scattered in the arena and the weights streamed since this layer's keys were written have
+     * pushed them out of cache: fetch each key row 8 keys ahead, and its value row while its key is used (the
+     * hardware prefetchers do not follow a block table). */
+    const int row_bytes = 2 * d;
+    for (int j = 0; j < n && j < 8; j++)
+        for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)kp_all[j] + c, _MM_HINT_T0);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *qg[3];
@@ -166,6 +172,12 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
             const int nk = n - k0 < 4 ? n - k0 : 4;
             const uint16_t *kp[4];
             for (int i = 0; i < 4; i++) kp[i] = kp_all[k0 + (i < nk ? i : nk - 1)];
+            if (g0 == 0)
+                for (int i = 0; i < nk; i++)
+                    for (int c = 0; c < row_bytes; c += 64) {
+                        if (k0 + 8 + i < n) _mm_prefetch((const char *)kp_all[k0 + 8 + i] + c, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
+                    }
             __m256 acc[3][4];
             for (int g = 0; g < 3; g++)
                 for (int i = 0; i < 4; i++) acc[g][i] = _mm256_setzero_ps();

@@ -187,7 +187,9 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
         for (int t = 0; t < MT; t++) res[r * MT + t] = hsum8(_mm256_add_ps(acc0[r][t], acc1[r][t]));
 }
 
-/* ---- prefill: rows dequantized once per token block into a float32 scratch ---------------------------------- */
+#include "mh_dot_x86_int.h"
+
+/* ---- prefill: K-quant rows dequantized once per token block into a float32 scratch ------------------------ */
 #define MH_DEQ_SCRATCH 1
 
 /* Rows [0, nr) of packed w, every 32-block as deq32 gives it, into dst [nr, K] float32. */
@@ -304,6 +306,7 @@ AI void q_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_
     }
 #define MH_ROWS_BF16(M) bf16_rows(w, rb, nrows, a, t0, M, P, n0)
 #define MH_ROWS_Q(M) q_rows(FMT, w, rb, nrows, a, t0, M, P, n0)
+#define MH_ROWS_QI(M) qi_rows(FMT, w, rb, nrows, a, t0, M, P, n0)
 
 /* Rows n0 .. n0 + nrows - 1 of a part (w: the first one) against token rows t0 .. t0 + mt - 1. */
 static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, int mt,
@@ -315,19 +318,19 @@ static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
     case MH_BF16: MH_MT_BF16(MH_ROWS_BF16); break;
 #endif
 #define FMT MH_Q8_0
-    case MH_Q8_0: MH_MT_Q(MH_ROWS_Q); break;
+    case MH_Q8_0: MH_MT_Q(MH_ROWS_QI); break;
 #undef FMT
 #define FMT MH_Q4_0
-    case MH_Q4_0: MH_MT_Q(MH_ROWS_Q); break;
+    case MH_Q4_0: MH_MT_Q(MH_ROWS_QI); break;
 #undef FMT
 #define FMT MH_Q4_1
-    case MH_Q4_1: MH_MT_Q(MH_ROWS_Q); break;
+    case MH_Q4_1: MH_MT_Q(MH_ROWS_QI); break;
 #undef FMT
 #define FMT MH_Q5_0
-    case MH_Q5_0: MH_MT_Q(MH_ROWS_Q); break;
+    case MH_Q5_0: MH_MT_Q(MH_ROWS_QI); break;
 #undef FMT
 #define FMT MH_Q5_1
-    case MH_Q5_1: MH_MT_Q(MH_ROWS_Q); break;
+    case MH_Q5_1: MH_MT_Q(MH_ROWS_QI); break;
 #undef FMT
 #define FMT MH_Q4_K
     case MH_Q4_K: MH_MT_Q(MH_ROWS_Q); break;

@@ -58,8 +58,10 @@ static inline int act_form(int fmt) {
 #ifdef MH_BF16_DOT
     if (fmt == MH_BF16) return ACT_H;
 #endif
-#ifdef MH_ISA_NEON
+#if defined(MH_ISA_NEON)
     return fmt == MH_BF16 ? ACT_F : ACT_Q;
+#elif defined(MH_ISA_X86)
+    return fmt == MH_BF16 ? ACT_F : int_dot_format(fmt) ? ACT_Q : ACT_X;
 #else
     return fmt == MH_BF16 ? ACT_F : ACT_X;
 #endif
@@ -79,6 +81,9 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
     }
     if (forms & ACT_H)
         for (int k = 0; k < K; k++) h[k] = f32_to_bf16(x[k]);
+#ifdef MH_ISA_X86
+    if (forms & ACT_Q) quantize_row_avx2(x, K, q, d, s16, s32);
+#else
     if (forms & ACT_Q)
         for (int b = 0; b < K / 32; b++) {
             const float *xb = x + 32 * b;
@@ -96,6 +101,7 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
             s16[2 * b + 1] = db * (float)sums[1];
             s32[b] = db * (float)(sums[0] + sums[1]);
         }
+#endif
 }
 
 /* The a->T rows of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
@@ -152,7 +158,7 @@ static void matmul(const mh_part *parts, int np, const mh_act *a) {
             NB = NB < NR ? NR : NB;
 #ifdef MH_DEQ_SCRATCH
             /* quantized rows in prefill: dequantized once per token block into float32 (same values, same sums) */
-            const int deq = P->W->format != MH_BF16 && te - tb >= 8 && P->W->cols % 32 == 0;
+            const int deq = act_form(P->W->format) == ACT_X && P->W->format != MH_BF16 && te - tb >= 8 && P->W->cols % 32 == 0;
             float *wf = NULL;
             if (deq) {
                 NB = (int)(MH_ROW_BLOCK_BYTES / (4 * (int64_t)P->W->cols));
