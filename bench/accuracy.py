@@ -1,5 +1,6 @@
 """What each weight format costs in accuracy, on the real SmolLM2-135M-Instruct: MultiHead's fused kernel (bfloat16
-K/V, float32 activations; NEON: int8 activations) against the float32 reference on the same dequantized weights,
+K/V; activations int8 per 32-block for the quantized formats, as llama.cpp's, except the K-quants on x86 and the
+scalar build, float32) against the float32 reference on the same dequantized weights,
 and llama.cpp's own greedy tokens on the same weights in the same format.
 
     python -m bench.accuracy [--formats bf16 q8_0 q5_0 q4_0 q4_1] [--tokens 64] [--no-llama]

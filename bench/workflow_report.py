@@ -29,17 +29,20 @@ def median(xs):
 def markdown_table(df, meta: dict) -> str:
     has_vllm = bool((df.system == "vllm").any()) or bool(meta.get("vllm"))
     has_llama = bool((df.system == "llama_server").any())
-    peers = ("transformers_cb",) + (("vllm",) if has_vllm else ()) + (("llama_server",) if has_llama else ())
+    has_cb = bool((df.system == "transformers_cb").any())  # --skip-cb: no column, rather than "failed"
+    peers = (("transformers_cb",) if has_cb else ()) + (("vllm",) if has_vllm else ()) \
+        + (("llama_server",) if has_llama else ())
     fmt = meta.get("quantize") or meta["dtype"]
     lines = [
         f"Model: {meta['model_shape']} ({fmt}, random weights unless a checkpoint was given), "
         f"{meta['new_tokens']} new tokens per head (fixed), device {meta['device']}, {meta['threads']} threads, "
         f"median of {meta['reps']} reps.",
         "",
-        "| workflow | sequential s | MultiHead s | speedup | transformers CB s | MultiHead vs CB |"
+        "| workflow | sequential s | MultiHead s | speedup |"
+        + (" transformers CB s | MultiHead vs CB |" if has_cb else "")
         + (" vllm s | MultiHead vs vllm |" if has_vllm else "")
         + (f" llama-server -np {meta['llama_server']['parallel']} s | MultiHead vs llama-server |" if has_llama else ""),
-        "|---|---|---|---|---|---|" + "---|---|" * (len(peers) - 1),
+        "|---|---|---|---|" + "---|---|" * len(peers),
     ]
     for wf in meta["workflows"]:
         med = {s: median(df[(df.workflow == wf) & (df.system == s)].wall_s.tolist()) for s in (*SYSTEMS, "vllm")}

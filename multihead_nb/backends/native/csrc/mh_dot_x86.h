@@ -5,11 +5,10 @@
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
  * elements as 8 even then 8 odd (MH_F_CHUNK), one accumulator per (row, token) pair.
- * Quantized (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K): each 32-block of a row is dequantized into 4 registers of float32
+ * The 32-element block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) use integer products against int8 activations
+ * (mh_dot_x86_int.h). The K-quants (Q4_K, Q6_K) are dequantized 32 at a time into 4 registers of float32
  * (sign-extended bytes or nibbles, converted, times the block's scale plus its offset) and multiplied with the
- * float32 activations by FMAs: activations are not quantized (measured here against int8 activations with
- * vpmaddubsw products, llama.cpp's way: as fast in decode, which reads memory, and faster in prefill, where the
- * 4 FMAs per 32 weights and token beat 5-6 integer and conversion operations), so the only error is the weights'. */
+ * float32 activations by FMAs; in prefill their rows are dequantized once per token block into a scratch. */
 #ifndef MH_DOT_X86_H
 #define MH_DOT_X86_H
 
