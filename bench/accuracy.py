@@ -4,6 +4,7 @@ scalar build, float32) against the float32 reference on the same dequantized wei
 and llama.cpp's own greedy tokens on the same weights in the same format.
 
     python -m bench.accuracy [--formats bf16 q8_0 q5_0 q4_0 q4_1] [--tokens 64] [--no-llama]
+                             [--activations int8 float32]
 
 Per format: the reference is the PyTorch path in float32 on the checkpoint quantized to that format and dequantized
 (for bf16, the checkpoint's bfloat16 values), so the numbers measure the kernel's own error, not the format's;
@@ -56,14 +57,14 @@ def greedy(runner, pages: int, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def runner_for(spec, dtype, kernel: bool, fmt: str, tokens: int):
+def runner_for(spec, dtype, kernel: bool, fmt: str, tokens: int, activations: str | None = None):
     from multihead_nb.memory import Arena
     from multihead_nb.backends.native import ModelRunner
 
     page_bytes = 64 * 1024
     pages = spec.kv_layout(dtype, page_bytes).pages_for(tokens) + 1
     runner = ModelRunner(spec, Arena(pages, page_bytes), dtype=dtype, device="cpu", kernel=kernel,
-                         quantize=None if fmt == "bf16" else fmt)
+                         quantize=None if fmt == "bf16" else fmt, activations=activations)
     return runner, pages
 
 
@@ -73,6 +74,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--activations", nargs="+", default=["int8", "float32"], choices=["int8", "float32"],
+                    help="the kernel's inputs to quantized products (a row each; bf16 has none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -93,15 +96,24 @@ def main(argv=None) -> None:
     rows, base_tokens = [], None
     for fmt in args.formats:
         ref, ref_pages = runner_for(spec, torch.float32, False, fmt, total)
-        ker, ker_pages = runner_for(spec, torch.bfloat16, True, fmt, total)
         server = None if tools is None else llama_cpp.LlamaServer(
             tools, llama_cpp.checkpoint_gguf(folder, fmt, tools), parallel=1, threads=args.threads)
-        dist, maxabs, argmax_same, free_same, llama_same, fmt_same, n_pos = 0.0, 0.0, 0, 0, 0, 0, 0
-        ref_tokens_all = []
+        llama_same, fmt_same, ref_tokens_all = 0, 0, []
         try:
             for i, p in enumerate(prompts):
-                ref_tokens = greedy(ref, ref_pages, p, args.tokens)
-                ref_tokens_all.append(ref_tokens)
+                ref_tokens_all.append(greedy(ref, ref_pages, p, args.tokens))
+                if server is not None:
+                    llama_same += sum(x == y for x, y in zip(server.complete(p, args.tokens), ref_tokens_all[i]))
+                if base_tokens is not None:
+                    fmt_same += sum(x == y for x, y in zip(ref_tokens_all[i], base_tokens[i]))
+        finally:
+            if server is not None:
+                server.close()
+        n_pos = args.tokens * len(prompts)
+        for acts in args.activations[:1] if fmt == "bf16" else args.activations:
+            ker, ker_pages = runner_for(spec, torch.bfloat16, True, fmt, total, acts)
+            dist, maxabs, argmax_same, free_same = 0.0, 0.0, 0, 0
+            for p, ref_tokens in zip(prompts, ref_tokens_all):
                 seq = p + ref_tokens[:-1]
                 a = Seq(ref, ref_pages).forward(seq, all_logits=True)[len(p) - 1:]  # [tokens, V]
                 b = Seq(ker, ker_pages).forward(seq, all_logits=True)[len(p) - 1:]
@@ -109,31 +121,24 @@ def main(argv=None) -> None:
                 maxabs = max(maxabs, float((b - a).abs().max()))
                 argmax_same += int((b.argmax(-1) == a.argmax(-1)).sum())
                 free_same += sum(x == y for x, y in zip(greedy(ker, ker_pages, p, args.tokens), ref_tokens))
-                if server is not None:
-                    llama_same += sum(x == y for x, y in zip(server.complete(p, args.tokens), ref_tokens))
-                if base_tokens is not None:
-                    fmt_same += sum(x == y for x, y in zip(ref_tokens, base_tokens[i]))
-                n_pos += args.tokens
-        finally:
-            if server is not None:
-                server.close()
+            rows.append((fmt, "-" if fmt == "bf16" else acts, ker.fused.kernel.isa if ker.fused else "-",
+                         dist / n_pos, maxabs, argmax_same / n_pos, free_same / n_pos,
+                         None if server is None else llama_same / n_pos,
+                         None if fmt == "bf16" or base_tokens is None else fmt_same / n_pos))
         if fmt == "bf16":
             base_tokens = ref_tokens_all
-        rows.append((fmt, ker.fused.kernel.isa if ker.fused else "-", dist / n_pos, maxabs, argmax_same / n_pos,
-                     free_same / n_pos, None if server is None else llama_same / n_pos,
-                     None if fmt == "bf16" or base_tokens is None else fmt_same / n_pos))
         print(f"{fmt}: done", flush=True)
     print()
     print(f"SmolLM2-135M-Instruct (the embedded Q4_1 weights in bfloat16), {len(prompts)} chat prompts x "
           f"{args.tokens} greedy tokens, {args.threads} threads")
     print()
-    print("| format | kernel build | logits: relative L2 distance to the float32 reference (mean) | largest "
+    print("| format | activations | kernel build | logits: relative L2 distance to the float32 reference (mean) | largest "
           "absolute logit difference | same argmax (teacher forced) | greedy tokens equal: MultiHead kernel "
           "| greedy tokens equal: llama.cpp | the format's reference vs bf16's |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    for fmt, isa, d, m, am, fr, ll, fs in rows:
-        print(f"| {fmt} | {isa} | {d:.2e} | {m:.3f} | {pct(am)} | {pct(fr)} | {pct(ll)} | {pct(fs)} |")
+    for fmt, acts, isa, d, m, am, fr, ll, fs in rows:
+        print(f"| {fmt} | {acts} | {isa} | {d:.2e} | {m:.3f} | {pct(am)} | {pct(fr)} | {pct(ll)} | {pct(fs)} |")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class FusedForward:
     """`forward(batch) -> logits` of a model through the kernel, reading and writing K/V in `arena_data`."""
 
     def __init__(self, kernel: CpuKernel, spec: ModelSpec, weights: KernelWeights, arena_data: torch.Tensor,
-                 layout: KVLayout, page_bytes: int):
+                 layout: KVLayout, page_bytes: int, int8_activations: bool = True):
         assert arena_data.dtype == torch.uint8 and arena_data.is_contiguous() and page_bytes % 2 == 0
         assert layout.dtype == torch.bfloat16, "the kernel keeps K/V in bfloat16"
         self.kernel, self.spec, self.weights = kernel, spec, weights
@@ -70,6 +70,7 @@ class FusedForward:
             embed=_matrix(weights.embed), lm_head=_matrix(weights.lm_head), final_norm=_ptr(weights.norm),
             cache=_ptr(arena_data, ctypes.c_uint16),
             page_stride=page_bytes // 2, kv_stride=spec.num_layers * tpp * KV * d, layer_stride=tpp * KV * d,
+            int8_activations=int(int8_activations),
         )
         self._arena = arena_data
 

@@ -49,8 +49,9 @@ static void silu_mul_row(const float *g, const float *u, int n, float *a) {
     for (; i < n; i++) a[i] = silu(g[i]) * u[i];
 }
 
-static int forms_of(const mh_matrix *a, const mh_matrix *b, const mh_matrix *c) {
-    return act_form(a->format) | (b ? act_form(b->format) : 0) | (c ? act_form(c->format) : 0);
+static int forms_of(const mh_model *m, const mh_matrix *a, const mh_matrix *b, const mh_matrix *c) {
+    const int i8 = m->int8_activations;
+    return act_form(a->format, i8) | (b ? act_form(b->format, i8) : 0) | (c ? act_form(c->format, i8) : 0);
 }
 
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
@@ -137,7 +138,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             const int last = l == m->num_layers - 1;
             act->T = T;
             act->K = h;
-            int forms = forms_of(&Ly->q, &Ly->k, &Ly->v);
+            int forms = forms_of(m, &Ly->q, &Ly->k, &Ly->v);
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
                 rms_norm_row(w.x + (size_t)t * h, Ly->ln1, h, m->eps, w.xn + (size_t)t * h);
@@ -238,7 +239,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             }
             act->T = rows;
             act->K = HD;
-            prep_act(act, w.attn, HD, act_form(Ly->o.format));
+            prep_act(act, w.attn, HD, act_form(Ly->o.format, m->int8_activations));
             {
                 mh_part o = {&Ly->o, Ly->bo, w.x, h, 1};
                 matmul(&o, 1, act);
@@ -246,7 +247,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
 #pragma omp barrier
 
             act->K = h;
-            forms = forms_of(&Ly->gate, &Ly->up, NULL);
+            forms = forms_of(m, &Ly->gate, &Ly->up, NULL);
 #pragma omp for schedule(static)
             for (int t = 0; t < rows; t++) {
                 rms_norm_row(w.x + (size_t)t * h, Ly->ln2, h, m->eps, w.xn + (size_t)t * h);
@@ -261,7 +262,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             }
 #pragma omp barrier
             act->K = I;
-            forms = act_form(Ly->down.format);
+            forms = act_form(Ly->down.format, m->int8_activations);
 #pragma omp for schedule(static)
             for (int t = 0; t < rows; t++) {
                 const float *g = w.gu + (size_t)t * 2 * I;
@@ -282,7 +283,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
         /* final norm and lm_head for the logits' rows */
         act->T = L;
         act->K = h;
-        const int forms = act_form(m->lm_head.format);
+        const int forms = act_form(m->lm_head.format, m->int8_activations);
 #pragma omp for schedule(static)
         for (int i = 0; i < L; i++) {
             const int t = compacted ? i : s->logits_idx[i];
@@ -302,8 +303,9 @@ int mh_forward(const mh_model *m, mh_step *s) {
 
 /* ---- entry points for tests and for Python's reports ----------------------------------------------------- */
 
-/* out[T, W.rows] = X[T, W.cols] . W^T through this build's kernels (activations prepared as the forward does). */
-int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int num_threads) {
+/* out[T, W.rows] = X[T, W.cols] . W^T through this build's kernels (activations prepared as the forward does for a
+ * model with int8_activations = int8). */
+int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int num_threads, int int8) {
     const int K = W->cols;
     mh_act a = {T, K, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL};
     a.f = alloc64(sizeof(float) * T * K);
@@ -316,7 +318,7 @@ int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int nu
     if (rc == 0) {
 #pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
         {
-            prep_act(&a, X, K, act_form(W->format));
+            prep_act(&a, X, K, act_form(W->format, int8));
             mh_part p = {W, NULL, out, W->rows, 0};
             matmul(&p, 1, &a);
         }

@@ -317,19 +317,19 @@ static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
     case MH_BF16: MH_MT_BF16(MH_ROWS_BF16); break;
 #endif
 #define FMT MH_Q8_0
-    case MH_Q8_0: MH_MT_Q(MH_ROWS_QI); break;
+    case MH_Q8_0: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q4_0
-    case MH_Q4_0: MH_MT_Q(MH_ROWS_QI); break;
+    case MH_Q4_0: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q4_1
-    case MH_Q4_1: MH_MT_Q(MH_ROWS_QI); break;
+    case MH_Q4_1: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q5_0
-    case MH_Q5_0: MH_MT_Q(MH_ROWS_QI); break;
+    case MH_Q5_0: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q5_1
-    case MH_Q5_1: MH_MT_Q(MH_ROWS_QI); break;
+    case MH_Q5_1: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q4_K
     case MH_Q4_K: MH_MT_Q(MH_ROWS_Q); break;

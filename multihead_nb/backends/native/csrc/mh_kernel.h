@@ -59,6 +59,8 @@ typedef struct {
     const float *final_norm;           /* [h] */
     uint16_t *cache;                   /* the arena, as bfloat16 elements */
     int64_t page_stride, kv_stride, layer_stride; /* elements: page to page, keys to values, layer to layer */
+    int32_t int8_activations;          /* x86: products of the 32-element block formats against int8 activations
+                                          (else float32); NEON always int8, the scalar build float32 */
 } mh_model;
 
 typedef struct {

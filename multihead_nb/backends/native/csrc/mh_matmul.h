@@ -55,16 +55,19 @@ static inline void store_out(const mh_part *P, int n, int t0, int mt, const floa
 #endif
 
 /* What a format's products read: bfloat16 weights reordered float32 (bfloat16 with vdpbf16ps); quantized weights
- * int8 blocks (NEON's sdot; x86's vpmaddubsw for the 32-element block formats) or the float32 rows as they are. */
-static inline int act_form(int fmt) {
+ * int8 blocks (NEON's sdot, always; x86's vpmaddubsw for the 32-element block formats when `int8`, the model's
+ * choice) or the float32 rows as they are. */
+static inline int act_form(int fmt, int int8) {
 #ifdef MH_BF16_DOT
     if (fmt == MH_BF16) return ACT_H;
 #endif
 #if defined(MH_ISA_NEON)
+    (void)int8;
     return fmt == MH_BF16 ? ACT_F : ACT_Q;
 #elif defined(MH_ISA_X86)
-    return fmt == MH_BF16 ? ACT_F : int_dot_format(fmt) ? ACT_Q : ACT_X;
+    return fmt == MH_BF16 ? ACT_F : int8 && int_dot_format(fmt) ? ACT_Q : ACT_X;
 #else
+    (void)int8;
     return fmt == MH_BF16 ? ACT_F : ACT_X;
 #endif
 }
@@ -160,7 +163,8 @@ static void matmul(const mh_part *parts, int np, const mh_act *a) {
             NB = NB < NR ? NR : NB;
 #ifdef MH_DEQ_SCRATCH
             /* quantized rows in prefill: dequantized once per token block into float32 (same values, same sums) */
-            const int deq = act_form(P->W->format) == ACT_X && P->W->format != MH_BF16 && te - tb >= 8 && P->W->cols % 32 == 0;
+            const int deq = P->W->format != MH_BF16 && !(int_dot_format(P->W->format) && (a->forms & ACT_Q))
+                            && te - tb >= 8 && P->W->cols % 32 == 0;
             float *wf = NULL;
             if (deq) {
                 NB = (int)(MH_ROW_BLOCK_BYTES / (4 * (int64_t)P->W->cols));
