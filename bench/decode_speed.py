@@ -200,7 +200,8 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=128, help="prompt tokens per sequence before decoding")
     ap.add_argument("--prefill", type=int, default=128, help="prompt tokens of the prefill measurement (0: none)")
     ap.add_argument("--page-bytes", type=int, default=256 * 1024)
-    ap.add_argument("--shape", default="smollm2-135m", help="a SHAPES name (random weights) or a checkpoint folder")
+    ap.add_argument("--shape", default="smollm2-135m",
+                    help="a SHAPES name (random weights), a checkpoint folder or a GGUF file")
     ap.add_argument("--paths", nargs="+", default=["torch", "kernel"], choices=["torch", "kernel"])
     ap.add_argument("--formats", nargs="+", default=["bf16"],
                     help="weight formats of the kernel path: bf16 and/or quantize= formats (q8_0, q4_0, q4_1)")
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
-    path = Path(args.shape) if Path(args.shape).is_dir() else shape_checkpoint(
+    path = Path(args.shape) if Path(args.shape).exists() else shape_checkpoint(
         args.shape, dtype=str(dtype).removeprefix("torch."))
     spec = read_spec(path)
     bw = copy_bandwidth()

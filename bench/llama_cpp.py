@@ -31,7 +31,8 @@ import urllib.request
 from pathlib import Path
 
 TARGETS = ("llama-server", "llama-bench", "llama-quantize")
-LLAMA_FTYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k_m": "Q4_K_M", "q6_k": "Q6_K"}
+LLAMA_FTYPES = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k_m": "Q4_K_M",
+                "q6_k": "Q6_K"}
 
 
 def cache_dir() -> Path:
@@ -137,6 +138,108 @@ def write_bf16(src: Path, out: Path) -> Path:
     return out
 
 
+HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+              "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def _permute_rows(w, n_head: int):
+    """llama.cpp's row order for q/k of llama-arch files (what its converter writes): [n_head, 2, d/2, ...] with the
+    two halves of each head interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_from_checkpoint(folder: Path, out: Path) -> Path:
+    """A bf16 llama-arch GGUF of the safetensors checkpoint `folder` (the same bfloat16 values MultiHead loads; q/k
+    rows in llama.cpp's order), with the embedded SmolLM2 file's tokenizer (its vocabulary must be as large as the
+    checkpoint's: prompts are token ids, so only the ids matter). Llama-family checkpoints without biases only."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+    from gguf.quants import quantize
+
+    from multihead_nb.backends.native import read_spec
+    from multihead_nb.backends.native.weight_files import load_weights
+
+    spec = read_spec(folder)
+    if spec.family not in ("llama", "mistral") or spec.attention_bias or spec.rope_scaling or spec.sliding_window:
+        raise SystemExit(f"{folder}: only plain llama-family checkpoints can be written as GGUF here")
+    tok = GGUFReader(embedded_gguf())
+    n_vocab = len(tok.fields["tokenizer.ggml.tokens"].contents())
+    if n_vocab != spec.vocab_size:
+        raise SystemExit(f"{folder}: vocabulary of {spec.vocab_size}, the embedded tokenizer has {n_vocab}")
+    tmp = out.with_suffix(".part")
+    w = GGUFWriter(tmp, "llama")
+    w.add_name(spec.name)
+    for key, value in (("context_length", spec.max_position_embeddings), ("embedding_length", spec.hidden_size),
+                       ("block_count", spec.num_layers), ("feed_forward_length", spec.intermediate_size),
+                       ("rope.dimension_count", spec.head_dim), ("attention.head_count", spec.num_heads),
+                       ("attention.head_count_kv", spec.num_kv_heads), ("vocab_size", spec.vocab_size)):
+        w.add_uint32(f"llama.{key}", int(value))
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", float(spec.rms_norm_eps))
+    w.add_float32("llama.rope.freq_base", float(spec.rope_theta))
+    w.add_uint32("general.file_type", int(LlamaFileType.MOSTLY_BF16))
+    for name, field in tok.fields.items():
+        if name.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
+            w.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    weights = load_weights(spec, torch.float32)
+
+    def put(name: str, t: torch.Tensor):
+        a = t.float().numpy()
+        if a.ndim == 1:
+            w.add_tensor(name, np.ascontiguousarray(a, dtype=np.float32))
+        else:
+            raw = quantize(np.ascontiguousarray(a), Q.BF16)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=Q.BF16)
+
+    put("token_embd.weight", weights["model.embed_tokens.weight"])
+    put("output_norm.weight", weights["model.norm.weight"])
+    if not spec.tie_word_embeddings:
+        put("output.weight", weights["lm_head.weight"])
+    for i in range(spec.num_layers):
+        for hf, gg in HF_TO_GGUF.items():
+            t = weights[f"model.layers.{i}.{hf}"]
+            if hf.startswith("self_attn.q_proj"):
+                t = _permute_rows(t, spec.num_heads)
+            elif hf.startswith("self_attn.k_proj"):
+                t = _permute_rows(t, spec.num_kv_heads)
+            put(f"blk.{i}.{gg}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def checkpoint_gguf(folder: Path, fmt: str, tools: dict[str, Path] | None = None) -> Path:
+    """The GGUF of checkpoint `folder` in `fmt` (bf16 written by `gguf_from_checkpoint`, the rest by
+    `llama-quantize` from it), cached by the checkpoint's path and weight files' sizes and times."""
+    import hashlib
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    key = hashlib.sha256(repr([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+                         .encode()).hexdigest()[:12]
+    base = cache_dir() / "models" / f"{Path(folder).name}-{key}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    bf16 = base.with_suffix(".bf16.gguf")
+    if not bf16.exists():
+        gguf_from_checkpoint(Path(folder), bf16)
+    if fmt == "bf16":
+        return bf16
+    path = base.with_suffix(f".{fmt}.gguf")
+    if not path.exists():
+        tools = tools or build()
+        subprocess.run([str(tools["llama-quantize"]), str(bf16), str(path), LLAMA_FTYPES[fmt]], check=True,
+                       capture_output=True)
+    return path
+
+
 def gguf_files(formats, tools: dict[str, Path] | None = None, log=print) -> dict[str, Path]:
     """format -> the GGUF file of SmolLM2-135M-Instruct in that format (made once, cached)."""
     folder = cache_dir() / "models"
@@ -230,18 +333,17 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
     """llama-bench (one repetition) and MultiHead's kernel (decode at batch 1 and 3, prefill of `prompt` tokens),
     format by format, interleaved for `rounds` rounds, each waiting for quiet CPUs first; the best of each.
 
-    MultiHead runs a checkpoint of the same shape quantized at load to the same format (`quantize=`: the layers
-    in that format, the embedding / lm_head in Q8_0 for the 4-bit formats, as llama-quantize lays out these
-    files), so both do the same work per token; its decode starts after a `prompt`-token context."""
+    MultiHead loads the same GGUF file (its blocks kept packed in the kernel); its decode starts after a
+    `prompt`-token context."""
     import torch
 
     from multihead_nb.backends.native import read_spec
-    from multihead_nb.testing import shape_checkpoint
 
     from .decode_speed import bench_ours, bench_prefill, make_runner, wait_quiet
 
     torch.set_num_threads(threads)
-    spec = read_spec(shape_checkpoint("smollm2-135m", dtype="bfloat16"))
+    specs = {fmt: read_spec(str(path)) for fmt, path in files.items()}
+    spec = next(iter(specs.values()))
     page_bytes = 256 * 1024
     num_pages = 3 * spec.kv_layout(torch.bfloat16, page_bytes).pages_for(prompt + 8 * gen) + 2
     best: dict[tuple, float] = {}
@@ -250,17 +352,17 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
         old = best.get(key)
         best[key] = value if old is None else (max(old, value) if higher else min(old, value))
 
-    runners = {fmt: make_runner(spec, torch.bfloat16, page_bytes, num_pages, "kernel", fmt) for fmt in files}
+    runners = {fmt: make_runner(specs[fmt], torch.bfloat16, page_bytes, num_pages, "kernel", "bf16") for fmt in files}
     for rnd in range(rounds):
         for fmt, path in files.items():
             wait_quiet()
             res = llama_bench(tools, path, threads, prompt, gen, reps=1)
             keep((fmt, "llama decode"), res["decode_tps"])
             keep((fmt, "llama prefill"), res["prefill_tps"])
-            r = runners[fmt]
-            keep((fmt, "ours b1"), bench_ours(spec, r, 1, prompt, gen // 4, 1, page_bytes), higher=False)
-            keep((fmt, "ours b3"), bench_ours(spec, r, 3, prompt, gen // 4, 1, page_bytes), higher=False)
-            keep((fmt, "ours prefill"), bench_prefill(spec, r, prompt, 1, page_bytes), higher=False)
+            r, sp = runners[fmt], specs[fmt]
+            keep((fmt, "ours b1"), bench_ours(sp, r, 1, prompt, gen // 4, 1, page_bytes), higher=False)
+            keep((fmt, "ours b3"), bench_ours(sp, r, 3, prompt, gen // 4, 1, page_bytes), higher=False)
+            keep((fmt, "ours prefill"), bench_prefill(sp, r, prompt, 1, page_bytes), higher=False)
             log(f"round {rnd + 1} {fmt}: " + ", ".join(f"{k[1]} {v:.4g}" for k, v in best.items() if k[0] == fmt))
     rows = []
     for fmt in files:

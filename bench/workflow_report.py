@@ -10,7 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-SYSTEMS = ("sequential", "transformers_cb", "multihead")
+SYSTEMS = ("sequential", "transformers_cb", "multihead", "llama_server")
 MH_COLUMNS = [
     "mh_first_token_s", "mh_ttft_s", "mh_decode_tokens_per_s", "mh_peak_kv_pages", "mh_peak_pages_in_use",
     "mh_waste_mean", "mh_waste_max", "mh_step_overhead", "mh_steps", "mh_mean_batch", "mh_cached_tokens",
@@ -28,23 +28,35 @@ def median(xs):
 
 def markdown_table(df, meta: dict) -> str:
     has_vllm = bool((df.system == "vllm").any()) or bool(meta.get("vllm"))
+    has_llama = bool((df.system == "llama_server").any())
+    has_cb = bool((df.system == "transformers_cb").any())  # --skip-cb: no column, rather than "failed"
+    peers = (("transformers_cb",) if has_cb else ()) + (("vllm",) if has_vllm else ()) \
+        + (("llama_server",) if has_llama else ())
+    fmt = meta.get("quantize") or meta["dtype"]
     lines = [
-        f"Model: {meta['model_shape']} ({meta['dtype']}, random weights unless a checkpoint was given), "
+        f"Model: {meta['model_shape']} ({fmt}, random weights unless a checkpoint was given), "
         f"{meta['new_tokens']} new tokens per head (fixed), device {meta['device']}, {meta['threads']} threads, "
         f"median of {meta['reps']} reps.",
         "",
-        "| workflow | sequential s | MultiHead s | speedup | transformers CB s | MultiHead vs CB |"
-        + (" vllm s | MultiHead vs vllm |" if has_vllm else ""),
-        "|---|---|---|---|---|---|" + ("---|---|" if has_vllm else ""),
+        "| workflow | sequential s | MultiHead s | speedup |"
+        + (" transformers CB s | MultiHead vs CB |" if has_cb else "")
+        + (" vllm s | MultiHead vs vllm |" if has_vllm else "")
+        + (f" llama-server -np {meta['llama_server']['parallel']} s | MultiHead vs llama-server |" if has_llama else ""),
+        "|---|---|---|---|" + "---|---|" * len(peers),
     ]
     for wf in meta["workflows"]:
         med = {s: median(df[(df.workflow == wf) & (df.system == s)].wall_s.tolist()) for s in (*SYSTEMS, "vllm")}
         seq, mh = med["sequential"], med["multihead"]
         line = f"| {wf} | {seq:.2f} | {mh:.2f} | {seq / mh:.2f}x |"
-        for peer in ("transformers_cb", "vllm") if has_vllm else ("transformers_cb",):
+        for peer in peers:
             t = med[peer]
             line += " failed | - |" if math.isnan(t) else f" {t:.2f} | {t / mh:.2f}x |"
         lines.append(line)
+    if has_llama:
+        errs = df[(df.system == "llama_server") & (df.error.fillna("") != "")].error.unique()
+        lines += ["", f"llama-server on `{Path(meta['llama_server']['gguf']).name}` ({meta['llama_server']['format']}: "
+                  "the same weights), token-id prompts, fixed n_predict, ignore_eos; a step is sent when all of "
+                  "its inputs have finished" + (f"; failed: {errs[0]}" if len(errs) else "")]
     errs = df[(df.system == "transformers_cb") & (df.error.fillna("") != "")].error.unique()
     if len(errs):
         lines += ["", f"transformers CB failed: {errs[0]}"]

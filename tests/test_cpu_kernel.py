@@ -155,7 +155,7 @@ def test_kernel_matches_float32(tiny_ckpt, kernel, case):
     assert run_greedy(Pair(tiny_ckpt(family, **overrides), kernel, num_seqs=3)) > 0.9
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q4_0", "q4_1"])
 def test_quantized_kernel_matches_float32(tiny_ckpt, kernel, fmt):
     """Weights quantized at load, kept packed in the kernel; the reference runs the same quantized values dequantized
     in float32, so what remains is the kernel's own error (int8 activations per 32 elements, bfloat16 K/V)."""
@@ -266,8 +266,8 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     if runner.fused is not None:
         assert runner.kernel_note.startswith(f"fused CPU kernel {best}") and runner.model is None
     # quantizing: formats and shapes it cannot take are errors naming the problem; on float32 it runs dequantized
-    with pytest.raises(ConfigError, match="q5_0"):
-        ModelRunner(spec, arena, dtype=BF16, device="cpu", quantize="q5_0")
+    with pytest.raises(ConfigError, match="q3_k"):
+        ModelRunner(spec, arena, dtype=BF16, device="cpu", quantize="q3_k")
     odd = read_spec(tiny_ckpt("llama", hidden_size=72, intermediate_size=136, num_attention_heads=4,
                               num_key_value_heads=1))
     with pytest.raises(ConfigError, match="72 .*q8_0"):
@@ -334,3 +334,49 @@ def test_workspace_quantize_at_load(tiny_ckpt):
     ref = ref_ws.generate("a", [5, 9, 13, 2, 7], max_tokens=12, ignore_eos=True).token_ids
     ref_ws.close()
     assert sum(a == b for a, b in zip(got, ref)) >= 9
+
+
+def prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+    """Logits [len(ids), V] of one prefill of `ids` on pages 0.. of the runner's own arena."""
+    tpp, n = runner.tokens_per_page, len(ids)
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    table = list(range(-(-n // tpp)))
+    slots = [table[p // tpp] * tpp + p % tpp for p in range(n)]
+    return runner.forward(ForwardBatch(t(ids), t(range(n)), t(slots), [n], [n], [table], t(range(n))))
+
+
+def test_activations_option(tiny_ckpt):
+    """`activations="float32"`: the kernel multiplies quantized weights with float32 inputs, ~10x closer to the
+    float32 reference than the default int8 activations. As a head option (native backend) of a workspace: the
+    kernel note says which; a head asking the other of a loaded model is an error naming both; an unknown value is
+    an error."""
+    import multihead_nb as mh
+
+    path = tiny_ckpt("qwen2")
+    spec = read_spec(str(path))
+    prompt = [5, 9, 13, 2, 7, 11, 4, 8]
+    ref = ModelRunner(spec, Arena(8, 1 << 17, device="cpu"), dtype=torch.float32, device="cpu", kernel=False,
+                      quantize="q8_0")
+    b = prefill_logits(ref, prompt)
+    distance = {}
+    for acts in ("int8", "float32"):
+        runner = ModelRunner(spec, Arena(8, 1 << 16, device="cpu"), dtype=BF16, device="cpu", kernel=True,
+                             quantize="q8_0", activations=acts)
+        assert runner.kernel_note.endswith(f"{acts} activations")
+        a = prefill_logits(runner, prompt)
+        distance[acts] = float((a - b).norm() / b.norm())
+    assert distance["float32"] < 0.01 < distance["int8"] < 0.1, distance
+
+    kw = dict(device="cpu", pool="16MiB", page_bytes="4KiB", background=False)
+    with mh.Workspace(dtype="bfloat16", cpu_kernel=True, **kw) as ws:
+        ws.add_head("a", str(path), quantize="q8_0", activations="float32")
+        with pytest.raises(ConfigError, match="activations='float32'.*activations='int8'"):
+            ws.add_head("b", str(path), activations="int8")
+        ws.add_head("c", str(path), activations="float32")  # the same choice shares the loaded model
+        ws.remove_head("a"), ws.remove_head("c")
+        ws.add_head("d", str(path), quantize="q8_0")
+        assert ws.models[str(path.resolve())].runner.kernel_note.endswith("int8 activations")
+        with pytest.raises(ConfigError, match="activations='int8'.*activations='float32'"):
+            ws.add_head("e", str(path), activations="float32")
+        with pytest.raises(ConfigError, match="activations='int4'"):
+            ws.add_head("x", str(tiny_ckpt("llama")), activations="int4")

@@ -4,9 +4,9 @@ from the `gguf` package's reference (de)quantization, on random blocks.
 - Each build this CPU runs (AVX-512, AVX2 + FMA, scalar) through ctypes; the NEON build (with and without dotprod)
   cross-compiled with Debian's gcc-aarch64-linux-gnu and run under qemu-user (skipped only where those are missing;
   .ci/run installs them); the AVX-512 build at least compiled here when this CPU cannot run it.
-- The reference takes the activations as the build does (float32; bfloat16 with AVX-512 BF16; on NEON int8 per 32
-  elements, scale amax / 127), so what remains is float32 rounding; the cost of NEON's activation quantization
-  against float32 inputs is checked separately. Row dequantization (the embedding lookup) is bit-exact against `gguf.quants.dequantize`.
+- The reference takes the activations as the build does (float32; bfloat16 with AVX-512 BF16; int8 per 32
+  elements, scale amax / 127, on NEON and for the 32-element block formats on x86), so what remains is float32
+  rounding; the cost of the activation quantization against float32 inputs is checked separately. Row dequantization (the embedding lookup) is bit-exact against `gguf.quants.dequantize`.
 - A token row's result is bit-identical alone and in a batch of any size (several token blocks and tiles).
 """
 
@@ -33,15 +33,16 @@ pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULT
                                 reason="no C compiler here: the fused CPU kernel cannot be built")
 
 DRIVER = Path(__file__).with_name("c") / "kernel_driver.c"
-COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
+COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q5_0": 96, "q5_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
 ROWS = 37
+X86_INT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # x86 builds: int8 activations (mh_dot_x86_int.h)
 
 
 def random_matrix(fmt: str, rows: int, cols: int, seed: int) -> PackedMatrix:
-    """Quantized by gguf's reference quantizer where it has one (bf16, Q8_0, Q4_0, Q4_1); K-quants as random
-    blocks (any bits are a valid block) with small positive half-precision super-block scales."""
+    """Quantized by gguf's reference quantizer where it has one (bf16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1); K-quants as
+    random blocks (any bits are a valid block) with small positive half-precision super-block scales."""
     g = torch.Generator().manual_seed(seed)
-    if fmt in ("bf16", "q8_0", "q4_0", "q4_1"):
+    if fmt in ("bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"):
         w = torch.randn(rows, cols, generator=g)
         pm = quantize(w, fmt)
         if fmt != "bf16":  # the same bytes as gguf's reference quantizer
@@ -68,10 +69,11 @@ def quantized_acts(X: np.ndarray) -> np.ndarray:
     return (np.rint(xb * inv).astype(np.float64) * d.astype(np.float64)).reshape(T, K)
 
 
-def reference(pm: PackedMatrix, X: np.ndarray, isa: str) -> np.ndarray:
-    """[T, rows] float64: what the build computes, up to float32 rounding."""
+def reference(pm: PackedMatrix, X: np.ndarray, isa: str, int8: bool = True) -> np.ndarray:
+    """[T, rows] float64: what the build computes (`int8`: the model's int8_activations), up to float32 rounding."""
     W = gguf_dequantize(pm.data.numpy(), ggml_type(pm.format)).reshape(pm.rows, pm.cols).astype(np.float64)
-    if pm.format != "bf16" and isa.startswith("neon"):
+    x86_int8 = int8 and isa.startswith("avx") and pm.format in X86_INT_FORMATS
+    if pm.format != "bf16" and (isa.startswith("neon") or x86_int8):
         Xr = quantized_acts(X)
     elif pm.format == "bf16" and "bf16" in isa:  # vdpbf16ps: activations in bfloat16
         Xr = torch.from_numpy(X).to(torch.bfloat16).double().numpy()
@@ -80,8 +82,8 @@ def reference(pm: PackedMatrix, X: np.ndarray, isa: str) -> np.ndarray:
     return Xr @ W.T
 
 
-def check_product(got: np.ndarray, pm: PackedMatrix, X: np.ndarray, isa: str) -> None:
-    ref = reference(pm, X, isa)
+def check_product(got: np.ndarray, pm: PackedMatrix, X: np.ndarray, isa: str, int8: bool = True) -> None:
+    ref = reference(pm, X, isa, int8)
     err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert err < 2e-6, f"{pm.format} on {isa}: relative error {err:.2e} against the float32 reference"
 
@@ -98,12 +100,12 @@ def _matrix(pm: PackedMatrix) -> MatrixStruct:
     return MatrixStruct(pm.data.data_ptr(), pm.fmt_id, pm.rows, pm.cols, pm.row_bytes)
 
 
-def product(kernel, pm: PackedMatrix, X: np.ndarray, threads: int = 2) -> np.ndarray:
+def product(kernel, pm: PackedMatrix, X: np.ndarray, threads: int = 2, int8: bool = True) -> np.ndarray:
     X = np.ascontiguousarray(X, dtype=np.float32)
     out = np.empty((X.shape[0], pm.rows), dtype=np.float32)
     f32p = ctypes.POINTER(ctypes.c_float)
     rc = kernel.lib.mh_matmul_test(ctypes.byref(_matrix(pm)), X.ctypes.data_as(f32p), X.shape[0],
-                                   out.ctypes.data_as(f32p), threads)
+                                   out.ctypes.data_as(f32p), threads, int(int8))
     assert rc == 0
     return out
 
@@ -113,16 +115,17 @@ def kernel(request):
     return load_kernel(request.param)
 
 
+@pytest.mark.parametrize("int8", [True, False], ids=["int8-activations", "float32-activations"])
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_product_per_format(kernel, fmt):
+def test_product_per_format(kernel, fmt, int8):
     pm = random_matrix(fmt, ROWS, COLS[fmt], seed=1)
     X = inputs(pm.cols, 53, seed=2)  # 53 token rows: two token blocks, partial tiles
-    full = product(kernel, pm, X)
-    check_product(full.astype(np.float64), pm, X, kernel.isa)
+    full = product(kernel, pm, X, int8=int8)
+    check_product(full.astype(np.float64), pm, X, kernel.isa, int8)
     for t in (0, 1, 50):  # alone, and in a batch of 3, bit for bit the same as in the batch of 53
-        assert np.array_equal(product(kernel, pm, X[t:t + 1])[0], full[t])
-    assert np.array_equal(product(kernel, pm, X[48:51])[1], full[49])
-    assert np.array_equal(product(kernel, pm, X, threads=1), full)  # the thread split changes nothing either
+        assert np.array_equal(product(kernel, pm, X[t:t + 1], int8=int8)[0], full[t])
+    assert np.array_equal(product(kernel, pm, X[48:51], int8=int8)[1], full[49])
+    assert np.array_equal(product(kernel, pm, X, threads=1, int8=int8), full)  # nor does the thread split
     # the embedding lookup's row dequantization: exactly gguf's
     row = np.empty(pm.cols, dtype=np.float32)
     ref = pm.dequantize().numpy()
@@ -131,6 +134,20 @@ def test_product_per_format(kernel, fmt):
         assert np.array_equal(row, ref[r])
 
 
+
+
+@pytest.mark.parametrize("fmt", X86_INT_FORMATS)
+def test_activation_quantization_cost(kernel, fmt):
+    """What int8 activations (x86's integer products, as NEON's) cost against float32 inputs on random data: under
+    1% of the product; with float32 activations only float32 rounding is left."""
+    if kernel.isa == "scalar":
+        pytest.skip("the scalar build takes float32 activations only")
+    pm = random_matrix(fmt, 64, 256, seed=3)
+    X = inputs(256, 8, seed=4)
+    exact = X.astype(np.float64) @ pm.dequantize().double().numpy().T
+    err = lambda got: np.linalg.norm(got - exact) / np.linalg.norm(exact)  # noqa: E731
+    assert 1e-4 < err(product(kernel, pm, X, int8=True)) < 0.01
+    assert err(product(kernel, pm, X, int8=False)) < 2e-6
 
 
 # ---- NEON under qemu ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Heads: a model plus a system prompt, sampling defaults and limits.
 
 Owns: `Head` (a named agent's definition, with how its model is run: `backend`; for region backends such as EXL2,
-the `region` of the pool its model's K/V lives in; for native models `quantize`; for the remote backend,
+the `region` of the pool its model's K/V lives in; for native models `quantize` and `activations`; for the remote backend,
 `remote_model`, `api_key`, `timeout` and `retries`). Knows nothing of pages, tensors or the engine; the workspace
 turns a head's `quota` and `region` into pages, and hands the model options to the backend that loads its model.
 """
@@ -14,7 +14,7 @@ from ..engine.sampling import SAMPLING_OPTIONS, SamplingParams, check_int, check
 from ..errors import ConfigError
 
 LIMIT_OPTIONS = ("quota", "weight", "max_concurrent")
-MODEL_OPTIONS = ("backend", "region", "quantize", "remote_model", "api_key", "timeout", "retries")
+MODEL_OPTIONS = ("backend", "region", "quantize", "activations", "remote_model", "api_key", "timeout", "retries")
 HEAD_OPTIONS = SAMPLING_OPTIONS + LIMIT_OPTIONS + MODEL_OPTIONS
 
 
@@ -33,6 +33,9 @@ class Head:
     backend: str = "auto"
     region: str | int | float | None = None  # region backends: the model's share of the pool ("25%") or a size
     quantize: str | None = None  # native models: matrices quantized at load ("q8_0", "q4_0", "q4_1"; kept packed)
+    # native models in the CPU kernel: "int8" (default: quantized weights times int8 activations, as llama.cpp) or
+    # "float32" (slower, logits ~10x closer to the float32 reference)
+    activations: str | None = None
     # the remote backend (model="openai:http://HOST:PORT/v1"): the engine's model name, its key, seconds it may
     # stay silent, tries again on connection errors
     remote_model: str | None = None

@@ -22,7 +22,7 @@ int main(void) {
     if (mode == 0) {
         float *x = malloc(sizeof(float) * T * cols), *out = malloc(sizeof(float) * T * rows);
         read_all(x, sizeof(float) * T * cols);
-        if (mh_matmul_test(&W, x, T, out, 1) != 0) return 3;
+        if (mh_matmul_test(&W, x, T, out, 1, 1) != 0) return 3;
         fwrite(out, sizeof(float), (size_t)T * rows, stdout);
     } else {
         float *out = malloc(sizeof(float) * cols);

@@ -2,13 +2,15 @@
 
 Owns: planning a native model (its spec read and checked, its K/V layout for the arena's page size, its weight
 bytes in the workspace dtype, or packed when `quantize=` asks for a format) and building it (runner, tokenizer with
-a working chat template), and which format each model it built was quantized to (a head asking another format of
-a loaded model is an error). Knows nothing of the pool's accounting, heads or requests.
+a working chat template), and which format each model it built was quantized to and which `activations=` its
+kernel takes (a head asking another of a loaded model is an error). Knows nothing of the pool's accounting, heads or requests.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from ...errors import CheckpointError, ConfigError
 from ..base import BuiltModel, LoadTarget, ModelPlan, check_options, eos_ids
@@ -30,10 +32,10 @@ def model_key(model: str) -> str:
 
 class NativeBackend:
     name = "native"
-    options: tuple[str, ...] = ("quantize",)
+    options: tuple[str, ...] = ("quantize", "activations")
 
     def __init__(self):
-        self._quantized: dict[str, str | None] = {}  # key -> quantize= of the models built and not released
+        self._loaded: dict[str, dict] = {}  # key -> {"quantize": ..., "activations": ...} of the models built and not released
 
     def detects(self, model: str) -> bool:
         return True  # the fallback of "auto": any reference another backend does not claim
@@ -44,34 +46,47 @@ class NativeBackend:
     def plan(self, model: str, target: LoadTarget, options: dict) -> ModelPlan:
         from . import read_spec
 
-        from .kernel_weights import packed_bytes
+        from .kernel_weights import gguf_packed_bytes, packed_bytes
         from .kernel_weights import problem as quantize_problem
 
-        quantize = check_options(self, model, options).get("quantize")
+        from .runner import ACTIVATIONS
+
+        options = check_options(self, model, options)
+        quantize, activations = options.get("quantize"), options.get("activations")
+        if activations not in ACTIVATIONS:
+            raise ConfigError(f"activations={activations!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
         key = self.key(model)
-        if key in self._quantized and "quantize" in options and options["quantize"] != self._quantized[key]:
-            raise ConfigError(f"{model!r} is loaded with quantize={self._quantized[key]!r}; quantize="
-                              f"{options['quantize']!r} asks for another (remove its heads to change it)")
+        norm = {"quantize": lambda v: v, "activations": lambda v: v or "int8"}
+        for name in ("quantize", "activations"):
+            if key in self._loaded and name in options \
+                    and norm[name](options[name]) != norm[name](self._loaded[key][name]):
+                raise ConfigError(f"{model!r} is loaded with {name}={norm[name](self._loaded[key][name])!r}; {name}="
+                                  f"{options[name]!r} asks for another (remove its heads to change it)")
         spec = read_spec(model)
         if spec.max_position_embeddings < 1:
             raise CheckpointError(f"{spec.path}: max_position_embeddings must be positive, "
                                   f"got {spec.max_position_embeddings}")
         spec.kv_layout(target.dtype, target.page_bytes)  # ConfigError when a page cannot hold one token
         if quantize is None:
-            return ModelPlan(key, spec.weight_bytes(target.dtype), detail=(spec, None))
+            packed = getattr(spec, "gguf", None) is not None and target.device.type == "cpu" \
+                and target.dtype == torch.bfloat16 and target.cpu_kernel is not False
+            # a GGUF file the kernel will likely run keeps its blocks: charged at their size (more, once loaded,
+            # if the PyTorch path dequantizes them after all)
+            size = gguf_packed_bytes(spec) if packed else spec.weight_bytes(target.dtype)
+            return ModelPlan(key, size, detail=(spec, None, activations))
         why = quantize_problem(spec, quantize)
         if why:
             raise ConfigError(f"cannot quantize {model!r}: {why}")
-        return ModelPlan(key, packed_bytes(spec, quantize), detail=(spec, quantize))
+        return ModelPlan(key, packed_bytes(spec, quantize), detail=(spec, quantize, activations))
 
     def build(self, plan: ModelPlan, target: LoadTarget, region: list[int] | None) -> BuiltModel:
         from . import ModelRunner
         from .tokenizer import load_tokenizer
 
         assert region is None, "native models take their K/V pages from the main pool"
-        spec, quantize = plan.detail
+        spec, quantize, activations = plan.detail
         runner = ModelRunner(spec, target.arena, dtype=target.dtype, device=target.device, kernel=target.cpu_kernel,
-                             quantize=quantize)
+                             quantize=quantize, activations=activations)
         try:
             tokenizer = load_tokenizer(spec)  # a GGUF spec's open file is reused
         except CheckpointError:
@@ -79,9 +94,9 @@ class NativeBackend:
         except Exception as e:  # a broken tokenizer file: name the checkpoint, not the parser's internals
             raise CheckpointError(f"cannot load the tokenizer of {spec.path}: {type(e).__name__}: {e}") from None
         note = runner.kernel_note if runner.fused is not None else f"PyTorch ({runner.kernel_note})"
-        self._quantized[plan.key] = quantize
+        self._loaded[plan.key] = {"quantize": quantize, "activations": activations}
         return BuiltModel(spec, runner, tokenizer, runner.layout, eos_ids(spec.eos_token_ids, tokenizer),
                           runner.weight_nbytes(), note=note)
 
     def release(self, built: BuiltModel) -> None:
-        self._quantized.pop(self.key(built.spec.name), None)
+        self._loaded.pop(self.key(built.spec.name), None)

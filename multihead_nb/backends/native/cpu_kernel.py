@@ -27,7 +27,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "cpu_decode.c"  # includes the headers beside it
-COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off")  # no implicit FMA: one rounding order in every tile shape
+COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-Werror=implicit-function-declaration")  # no implicit FMA: one rounding order in every tile shape
 LIB_FLAGS = ("-fopenmp", "-shared", "-fPIC")
 ISAS = ("avx512", "avx2", "neon", "scalar")  # best first
 
@@ -55,6 +55,7 @@ class ModelStruct(ctypes.Structure):
         ("embed", MatrixStruct), ("lm_head", MatrixStruct), ("final_norm", _f32p),
         ("cache", ctypes.POINTER(ctypes.c_uint16)),
         ("page_stride", ctypes.c_int64), ("kv_stride", ctypes.c_int64), ("layer_stride", ctypes.c_int64),
+        ("int8_activations", ctypes.c_int32),
     ]
 
 
@@ -85,7 +86,8 @@ class CpuKernel:
     def __post_init__(self):
         self.lib.mh_forward.argtypes = [ctypes.POINTER(ModelStruct), ctypes.POINTER(StepStruct)]
         self.lib.mh_forward.restype = ctypes.c_int
-        self.lib.mh_matmul_test.argtypes = [ctypes.POINTER(MatrixStruct), _f32p, ctypes.c_int, _f32p, ctypes.c_int]
+        self.lib.mh_matmul_test.argtypes = [ctypes.POINTER(MatrixStruct), _f32p, ctypes.c_int, _f32p, ctypes.c_int,
+                                            ctypes.c_int]
         self.lib.mh_matmul_test.restype = ctypes.c_int
         self.lib.mh_dequant_row.argtypes = [ctypes.POINTER(MatrixStruct), ctypes.c_int, _f32p]
         self.lib.mh_isa.restype = ctypes.c_char_p

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import torch
 
 from ...memory import KVLayout
@@ -48,11 +49,12 @@ class FusedForward:
     """`forward(batch) -> logits` of a model through the kernel, reading and writing K/V in `arena_data`."""
 
     def __init__(self, kernel: CpuKernel, spec: ModelSpec, weights: KernelWeights, arena_data: torch.Tensor,
-                 layout: KVLayout, page_bytes: int):
+                 layout: KVLayout, page_bytes: int, int8_activations: bool = True):
         assert arena_data.dtype == torch.uint8 and arena_data.is_contiguous() and page_bytes % 2 == 0
         assert layout.dtype == torch.bfloat16, "the kernel keeps K/V in bfloat16"
         self.kernel, self.spec, self.weights = kernel, spec, weights
         self.rope = RotaryTable(spec, torch.float32, torch.device("cpu"))
+        self._cos = self._sin = None
         self.layers = (LayerStruct * spec.num_layers)()
         for i, L in enumerate(weights.layers):
             s = self.layers[i]
@@ -68,49 +70,57 @@ class FusedForward:
             embed=_matrix(weights.embed), lm_head=_matrix(weights.lm_head), final_norm=_ptr(weights.norm),
             cache=_ptr(arena_data, ctypes.c_uint16),
             page_stride=page_bytes // 2, kv_stride=spec.num_layers * tpp * KV * d, layer_stride=tpp * KV * d,
+            int8_activations=int(int8_activations),
         )
         self._arena = arena_data
 
     def supports(self, batch: ForwardBatch) -> bool:
         return batch.num_tokens >= 1
 
+    def _rope(self, positions: np.ndarray, max_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin_signed `[T, d]` float32 for `positions` (numpy copies of the table, grown with it)."""
+        self.rope.ensure(max_ctx)
+        if self._cos is None or self._cos.shape[0] != self.rope.size:
+            self._cos, self._sin = self.rope.cos.numpy(), self.rope.sin.numpy()  # [n, d] float32, shared
+        return np.ascontiguousarray(self._cos[positions]), np.ascontiguousarray(self._sin[positions])
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits `[L, vocab]` float32 at `batch.logits_indices`; writes the batch's K/V into its pages."""
+        """Logits `[L, vocab]` float32 at `batch.logits_indices`; writes the batch's K/V into its pages. The
+        arguments are checked here (the C code indexes the embedding, block tables and arena unchecked)."""
         spec = self.spec
         T, S = batch.num_tokens, batch.num_seqs
-        d = spec.head_dim
         max_ctx = max(batch.context_lens)
         tpp = self.struct.tokens_per_page
         max_pages = -(-max_ctx // tpp)
-        tables = torch.zeros(S, max_pages, dtype=torch.int32)  # [S, max_pages]
+        tables = np.zeros((S, max_pages), dtype=np.int32)  # [S, max_pages]
         for i, table in enumerate(batch.block_tables):
             n = -(-batch.context_lens[i] // tpp)
             assert len(table) >= n, f"sequence {i}: block table of {len(table)} pages for {batch.context_lens[i]} tokens"
-            tables[i, :n] = torch.tensor(table[:n], dtype=torch.int32)
-        seq_of = torch.repeat_interleave(torch.arange(S, dtype=torch.int32),
-                                         torch.tensor(batch.query_lens))  # [T]
-        positions = batch.positions
-        pos32 = positions.to(torch.int32)  # [T]
-        cos, sin = self.rope.lookup(positions, max_ctx - 1)  # [T, 1, d] each, float32
-        cos, sin = cos.reshape(T, d).contiguous(), sin.reshape(T, d).contiguous()  # [T, d]
-        ids = batch.input_ids.to(torch.int64).contiguous()
-        if T and (int(ids.min()) < 0 or int(ids.max()) >= spec.vocab_size):  # C reads embed rows unchecked
+            tables[i, :n] = table[:n]
+        qlens = np.asarray(batch.query_lens)
+        seq_of = np.repeat(np.arange(S, dtype=np.int32), qlens)  # [T]
+        pos = batch.positions.numpy()  # [T] int64
+        ids = np.ascontiguousarray(batch.input_ids.numpy(), dtype=np.int64)  # [T]
+        if T and (ids.min() < 0 or ids.max() >= spec.vocab_size):
             raise IndexError(f"token ids outside the vocabulary of {spec.vocab_size}: {ids.tolist()}")
-        ctx_of = torch.tensor(batch.context_lens, dtype=torch.int32)[seq_of.long()]  # [T]
-        if bool(((pos32 < 0) | (pos32 >= ctx_of)).any()):  # positions index the block tables unchecked in C
-            raise IndexError(f"positions {pos32.tolist()} outside their sequences' contexts {batch.context_lens}")
+        ctx_of = np.asarray(batch.context_lens)[seq_of]  # [T]
+        if T and ((pos < 0) | (pos >= ctx_of)).any():
+            raise IndexError(f"positions {pos.tolist()} outside their sequences' contexts {batch.context_lens}")
         if int(tables.max()) * (self.struct.page_stride * 2) >= self._arena.numel():
             raise IndexError(f"a page id in the block tables is past the arena's pages: {batch.block_tables}")
-        idx = batch.logits_indices.to(torch.int32).contiguous()  # [L]
-        L = idx.numel()
-        if L and (int(idx.min()) < 0 or int(idx.max()) >= T):
+        idx = np.ascontiguousarray(batch.logits_indices.numpy(), dtype=np.int32)  # [L]
+        L = idx.shape[0]
+        if L and (idx.min() < 0 or idx.max() >= T):
             raise IndexError(f"logits indices {idx.tolist()} outside the batch's {T} tokens")
+        pos32 = pos.astype(np.int32)
+        cos, sin = self._rope(pos, max_ctx)  # [T, d] each
         logits = torch.empty(L, spec.vocab_size, dtype=torch.float32)  # [L, V]
+        a = lambda arr, ctype: arr.ctypes.data_as(ctypes.POINTER(ctype))  # noqa: E731
         step = StepStruct(
             T=T, S=S, max_pages=max_pages, max_ctx=max_ctx, num_threads=torch.get_num_threads(), num_logits=L,
-            input_ids=_ptr(ids, ctypes.c_int64), seq_of=_ptr(seq_of, ctypes.c_int32),
-            pos=_ptr(pos32, ctypes.c_int32), block_tables=_ptr(tables, ctypes.c_int32),
-            cos=_ptr(cos), sin=_ptr(sin), logits_idx=_ptr(idx, ctypes.c_int32), logits=_ptr(logits),
+            input_ids=a(ids, ctypes.c_int64), seq_of=a(seq_of, ctypes.c_int32), pos=a(pos32, ctypes.c_int32),
+            block_tables=a(tables, ctypes.c_int32), cos=a(cos, ctypes.c_float), sin=a(sin, ctypes.c_float),
+            logits_idx=a(idx, ctypes.c_int32), logits=_ptr(logits),
         )
         rc = self.kernel.forward(self.struct, step)
         if rc != 0:

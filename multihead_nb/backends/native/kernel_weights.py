@@ -23,6 +23,53 @@ HF_NAMES = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v":
             "down": "mlp.down_proj.weight"}
 
 
+def gguf_weights(spec: ModelSpec) -> dict:
+    """A GGUF spec's tensors for `KernelWeights.build`, by Hugging Face name: every matrix in a format the kernel
+    reads as a `PackedMatrix` over the file's own bytes (memory-mapped, no copy; llama-arch q/k rows put back in
+    Hugging Face order by a gather of whole rows), everything else dequantized: vectors to float32, matrices of
+    other GGML types (F16, Q5_K, ...) to float32 here and bfloat16 in the kernel (a converted copy of those only)."""
+    import warnings
+
+    from .gguf_config import gguf_name, unpermute_rows
+    from .gguf_dequant import dequantize
+    from .quant import format_of_ggml, from_ggml
+
+    g = spec.gguf
+    permuted = g.architecture == "llama"
+    out: dict = {}
+    for name, shape in spec.tensor_shapes().items():
+        t = g.tensors[gguf_name(name)]
+        heads = (spec.num_heads if "q_proj" in name else spec.num_kv_heads if "k_proj" in name else 0) if permuted \
+            else 0
+        if len(shape) == 2 and format_of_ggml(t.ggml_type) is not None:
+            with warnings.catch_warnings():  # the map is read-only, and the kernel only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                pm = from_ggml(t.raw, t.ggml_type, shape)
+            if heads:
+                pm = PackedMatrix(pm.format, pm.rows, pm.cols, unpermute_rows(pm.data, heads).contiguous())
+            out[name] = pm
+        else:
+            w = dequantize(t.raw, t.ggml_type, shape, torch.float32, "cpu")
+            out[name] = unpermute_rows(w, heads) if heads else w
+    return out
+
+
+def gguf_packed_bytes(spec: ModelSpec) -> int:
+    """The bytes `KernelWeights.build(spec, gguf_weights(spec))` holds: the file's blocks for the matrices the kernel
+    reads, bfloat16 for other matrices, float32 for vectors."""
+    from .gguf_config import gguf_name
+    from .quant import format_of_ggml
+
+    total = 0
+    for name, shape in spec.tensor_shapes().items():
+        t = spec.gguf.tensors[gguf_name(name)]
+        if len(shape) == 2:
+            total += t.nbytes if format_of_ggml(t.ggml_type) is not None else 2 * shape[0] * shape[1]
+        else:
+            total += 4 * shape[0]
+    return total
+
+
 def output_format(fmt: str) -> str:
     """The format of the embedding and lm_head when the layers are quantized to `fmt`."""
     return fmt if fmt in ("bf16", "q8_0") else "q8_0"

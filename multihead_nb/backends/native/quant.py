@@ -1,9 +1,9 @@
-"""Weight matrices kept packed as the fused CPU kernel reads them: bfloat16 rows, or GGUF blocks (Q8_0, Q4_0, Q4_1,
-Q4_K, Q6_K) row after row, exactly as a GGUF file stores them.
+"""Weight matrices kept packed as the fused CPU kernel reads them: bfloat16 rows, or GGUF blocks (Q8_0, Q5_0, Q5_1,
+Q4_0, Q4_1, Q4_K, Q6_K) row after row, exactly as a GGUF file stores them.
 
 Owns: the formats' names, block sizes and the kernel's ids for them; `PackedMatrix` (format, shape, the bytes);
 quantizing a dense matrix at load (`quantize`, llama.cpp's reference rounding as the `gguf` package implements it:
-Q8_0, Q4_0, Q4_1, and bfloat16); wrapping a GGUF tensor's raw bytes (`from_ggml`, no copy); dequantizing (for the
+Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, and bfloat16); wrapping a GGUF tensor's raw bytes (`from_ggml`, no copy); dequantizing (for the
 PyTorch path and for tests). Knows nothing of models, files or the kernel's code.
 """
 
@@ -20,10 +20,12 @@ FORMATS = {
     "q8_0": (2, 32, 34),
     "q4_0": (3, 32, 18),
     "q4_1": (4, 32, 20),
+    "q5_0": (7, 32, 22),
+    "q5_1": (8, 32, 24),
     "q4_k": (5, 256, 144),
     "q6_k": (6, 256, 210),
 }
-QUANTIZABLE = ("q8_0", "q4_0", "q4_1", "bf16")  # what `quantize=` can make from a dense model
+QUANTIZABLE = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "bf16")  # what `quantize=` can make from a dense model
 
 
 def ggml_type(fmt: str):

@@ -16,12 +16,13 @@ from .attention import build_metadata
 from ..batch import ForwardBatch
 from .cpu_kernel import KernelUnavailable, load_kernel
 from .fused_forward import FusedForward, unsupported
-from .kernel_weights import KernelWeights
+from .kernel_weights import KernelWeights, gguf_weights
 from .kernel_weights import problem as weight_problem
 from .llama import LlamaModel
 from .loader import ModelSpec
 from .weight_files import load_weights
 
+ACTIVATIONS = (None, "int8", "float32")  # the kernel's inputs to products with quantized weights (None: "int8")
 DEFAULT_ISAS = ("avx2", "avx512")  # builds used by default: measured faster than PyTorch (bench/README.md)
 
 
@@ -36,11 +37,16 @@ class ModelRunner:
     `quantize`: None keeps the checkpoint's weights (bfloat16 in the kernel), or one of `quant.QUANTIZABLE`
     ("q8_0", "q4_0", "q4_1", "bf16") quantizes the matrices at load; the kernel keeps them packed, the PyTorch path
     (no kernel here) runs their dequantized values.
+    `activations`: how the kernel multiplies quantized weights: "int8" (the default) quantizes each 32-element block
+    of a product's input to int8, as llama.cpp does, for integer products (faster; logits ~4e-2 from the float32
+    reference instead of ~4e-3, see bench/README.md); "float32" multiplies the dequantized weights with float32
+    inputs. x86 builds do either for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (the K-quants always float32); NEON is always int8,
+    the scalar build always float32.
     """
 
     def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,
                  device: torch.device | str | None = None, packed: bool | None = None, kernel: bool | None = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, activations: str | None = None):
         self.spec = spec
         self.arena = arena
         self.dtype = parse_dtype(dtype)
@@ -57,18 +63,25 @@ class ModelRunner:
             if why:
                 raise ConfigError(f"cannot quantize {spec.name}: {why}")
         self.quantize = quantize
+        if activations not in ACTIVATIONS:
+            raise ConfigError(f"activations={activations!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+        self.activations = activations or "int8"
         self.layout = spec.kv_layout(self.dtype, arena.page_bytes)  # ConfigError when a page cannot hold a token
         full = self.layout.view(arena)  # [P, 2, layers, tpp, KV, d]
         # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
         self.caches = [full[:, :, layer].permute(0, 2, 1, 3, 4) for layer in range(spec.num_layers)]
         cpu_kernel, self.kernel_note = self._kernel(kernel)
-        # quantized from float32 (the checkpoint's values, not their bfloat16 rounding), as llama.cpp converts
-        weights = load_weights(spec, torch.float32 if quantize else self.dtype, self.device)
+        if cpu_kernel is not None and quantize is None and getattr(spec, "gguf", None) is not None:
+            weights = gguf_weights(spec)  # the file's blocks as they are
+        else:  # quantized from float32 (the checkpoint's values, not their bfloat16 rounding), as llama.cpp converts
+            weights = load_weights(spec, torch.float32 if quantize else self.dtype, self.device)
         self.model = self.fused = None
         if cpu_kernel is not None:
             packed_weights = KernelWeights.build(spec, weights, quantize)
-            self.fused = FusedForward(cpu_kernel, spec, packed_weights, arena.data, self.layout, arena.page_bytes)
-            self.kernel_note = f"fused CPU kernel {cpu_kernel.isa}, weights {packed_weights.describe()}"
+            self.fused = FusedForward(cpu_kernel, spec, packed_weights, arena.data, self.layout, arena.page_bytes,
+                                      int8_activations=self.activations == "int8")
+            self.kernel_note = (f"fused CPU kernel {cpu_kernel.isa}, weights {packed_weights.describe()}"
+                                + ("" if packed_weights.formats <= {"bf16"} else f", {self.activations} activations"))
         else:
             if quantize is not None:  # the quantized model's values, run densely
                 weights = KernelWeights.build(spec, weights, quantize).dense(self.dtype)

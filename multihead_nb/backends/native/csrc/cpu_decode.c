@@ -34,8 +34,24 @@ static void rope(float *v, const float *cos, const float *sin, int d) {
 
 static float silu(float g) { return g / (1.0f + expf(-g)); }
 
-static int forms_of(const mh_matrix *a, const mh_matrix *b, const mh_matrix *c) {
-    return act_form(a->format) | (b ? act_form(b->format) : 0) | (c ? act_form(c->format) : 0);
+/* a[i] = silu(g[i]) * u[i] for one token row; on x86 8 at a time with exp256 (arguments clamped to <= 88, where
+ * exp still fits a float; below -87 it is 0 as expf's). Each element's value depends on its index only. */
+static void silu_mul_row(const float *g, const float *u, int n, float *a) {
+    int i = 0;
+#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+    const __m256 one = _mm256_set1_ps(1.0f), hi = _mm256_set1_ps(88.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), hi));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) a[i] = silu(g[i]) * u[i];
+}
+
+static int forms_of(const mh_model *m, const mh_matrix *a, const mh_matrix *b, const mh_matrix *c) {
+    const int i8 = m->int8_activations;
+    return act_form(a->format, i8) | (b ? act_form(b->format, i8) : 0) | (c ? act_form(c->format, i8) : 0);
 }
 
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
@@ -68,7 +84,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
     const int split = d % 8 == 0 && d <= MH_GROUP_DIM && G <= MH_GROUP_MAX; /* attend_part_avx2 + attn_merge */
 #else
     const int grouped = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX && G > 1;
-    const int split = 0;
+    const int split = 0; /* the split attention is x86's (attend_part_avx2) */
 #endif
     const int Kmax = h > HD ? (h > I ? h : I) : (HD > I ? HD : I);
     mh_work w = {0};
@@ -79,6 +95,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
     w.attn = alloc64(sizeof(float) * T * HD);
     const int ldsc = s->max_ctx > 128 ? s->max_ctx : 128; /* a split task's chunk is at most this long */
     w.scores = alloc64(sizeof(float) * nt * (grouped || split ? G : 1) * ldsc);
+#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
     int chunks = 0;
     if (split) { /* each token's context in chunks of att_chunk(n) keys; one task per (token, KV head, chunk) */
         w.tstart = malloc(sizeof(int32_t) * (T + 1));
@@ -97,6 +114,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
         for (int t = 0; t < T; t++)
             for (int c = w.tstart[t]; c < w.tstart[t + 1]; c++) w.task_t[c] = t;
     }
+#endif
     w.sel = alloc64(sizeof(float) * (L + 1) * (h + HD));
     w.act.f = alloc64(sizeof(float) * T * Kmax);
     w.act.h = alloc64(sizeof(uint16_t) * T * Kmax);
@@ -120,7 +138,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             const int last = l == m->num_layers - 1;
             act->T = T;
             act->K = h;
-            int forms = forms_of(&Ly->q, &Ly->k, &Ly->v);
+            int forms = forms_of(m, &Ly->q, &Ly->k, &Ly->v);
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
                 rms_norm_row(w.x + (size_t)t * h, Ly->ln1, h, m->eps, w.xn + (size_t)t * h);
@@ -157,6 +175,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 }
             }
 
+#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
             if (split) {
                 float *sc = w.scores + (size_t)omp_get_thread_num() * G * ldsc;
 #pragma omp for schedule(dynamic, 1)
@@ -176,7 +195,9 @@ int mh_forward(const mh_model *m, mh_step *s) {
                     attn_merge(G, d, nch, w.po + slot * G * d, w.pmx + slot * G, w.psm + slot * G,
                                w.attn + (size_t)t * HD + (size_t)kvh * G * d);
                 }
-            } else {
+            } else
+#endif
+            {
                 float *sc = w.scores + (size_t)omp_get_thread_num() * (grouped ? G : 1) * ldsc;
                 if (grouped) {
 #pragma omp for schedule(dynamic, 1)
@@ -218,7 +239,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
             }
             act->T = rows;
             act->K = HD;
-            prep_act(act, w.attn, HD, act_form(Ly->o.format));
+            prep_act(act, w.attn, HD, act_form(Ly->o.format, m->int8_activations));
             {
                 mh_part o = {&Ly->o, Ly->bo, w.x, h, 1};
                 matmul(&o, 1, act);
@@ -226,7 +247,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
 #pragma omp barrier
 
             act->K = h;
-            forms = forms_of(&Ly->gate, &Ly->up, NULL);
+            forms = forms_of(m, &Ly->gate, &Ly->up, NULL);
 #pragma omp for schedule(static)
             for (int t = 0; t < rows; t++) {
                 rms_norm_row(w.x + (size_t)t * h, Ly->ln2, h, m->eps, w.xn + (size_t)t * h);
@@ -241,12 +262,12 @@ int mh_forward(const mh_model *m, mh_step *s) {
             }
 #pragma omp barrier
             act->K = I;
-            forms = act_form(Ly->down.format);
+            forms = act_form(Ly->down.format, m->int8_activations);
 #pragma omp for schedule(static)
             for (int t = 0; t < rows; t++) {
                 const float *g = w.gu + (size_t)t * 2 * I;
                 float *a = w.xn + (size_t)t * I;
-                for (int i = 0; i < I; i++) a[i] = silu(g[i]) * g[I + i];
+                silu_mul_row(g, g + I, I, a);
                 prep_row(a, I, forms, act->f + (size_t)t * I, act->h + (size_t)t * I, act->q + (size_t)t * I,
                          act->d + (size_t)t * (I / 32), act->s16 + (size_t)t * (I / 16), act->s32 + (size_t)t * (I / 32));
             }
@@ -262,7 +283,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
         /* final norm and lm_head for the logits' rows */
         act->T = L;
         act->K = h;
-        const int forms = act_form(m->lm_head.format);
+        const int forms = act_form(m->lm_head.format, m->int8_activations);
 #pragma omp for schedule(static)
         for (int i = 0; i < L; i++) {
             const int t = compacted ? i : s->logits_idx[i];
@@ -282,8 +303,9 @@ int mh_forward(const mh_model *m, mh_step *s) {
 
 /* ---- entry points for tests and for Python's reports ----------------------------------------------------- */
 
-/* out[T, W.rows] = X[T, W.cols] . W^T through this build's kernels (activations prepared as the forward does). */
-int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int num_threads) {
+/* out[T, W.rows] = X[T, W.cols] . W^T through this build's kernels (activations prepared as the forward does for a
+ * model with int8_activations = int8). */
+int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int num_threads, int int8) {
     const int K = W->cols;
     mh_act a = {T, K, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL};
     a.f = alloc64(sizeof(float) * T * K);
@@ -296,7 +318,7 @@ int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int nu
     if (rc == 0) {
 #pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
         {
-            prep_act(&a, X, K, act_form(W->format));
+            prep_act(&a, X, K, act_form(W->format, int8));
             mh_part p = {W, NULL, out, W->rows, 0};
             matmul(&p, 1, &a);
         }

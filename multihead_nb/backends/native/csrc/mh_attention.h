@@ -126,9 +126,10 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* Keys per attention task: a token's context of n keys is cut in chunks of this many (at most 64 chunks); it
- * depends on the token's own context only, so a token's result never depends on its batch-mates. */
-static inline int att_chunk(int n) { return n <= 64 * 128 ? 128 : (n + 63) / 64; }
+/* Keys per attention task: a token's context of n keys is cut in chunks of this many (64: a lone decode token's
+ * attention spreads over the threads; at most 64 chunks); it depends on the token's own context only, so a
+ * token's result never depends on its batch-mates. */
+static inline int att_chunk(int n) { return n <= 64 * 64 ? 64 : (n + 63) / 64; }
 
 /* 4 accumulators (one key each) -> their 4 sums. */
 static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -147,6 +148,22 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     const uint16_t *keys = m->cache + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
     float qs[MH_GROUP_MAX * MH_GROUP_DIM];
     for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
+    const uint16_t *kp_all[n]; /* each key's row, page by page (no division per key) */
+    {
+        const int tpp = m->tokens_per_page, KVd = m->kv_heads * d;
+        const int32_t *table = s->block_tables + (size_t)seq * s->max_pages;
+        for (int j = j0; j <= j1;) {
+            const int pi = j / tpp, end = (pi + 1) * tpp - 1 < j1 ? (pi + 1) * tpp - 1 : j1;
+            const uint16_t *base = keys + (int64_t)table[pi] * m->page_stride + (int64_t)(j - pi * tpp) * KVd;
+            for (; j <= end; j++, base += KVd) kp_all[j - j0] = base;
+        }
+    }
+    /* The pages are scattered in the arena and the weights streamed since this layer's keys were written have
+     * pushed them out of cache: fetch each key row 8 keys ahead, and its value row while its key is used (the
+     * hardware prefetchers do not follow a block table). */
+    const int row_bytes = 2 * d;
+    for (int j = 0; j < n && j < 8; j++)
+        for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)kp_all[j] + c, _MM_HINT_T0);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *qg[3];
@@ -154,7 +171,13 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         for (int k0 = 0; k0 < n; k0 += 4) {
             const int nk = n - k0 < 4 ? n - k0 : 4;
             const uint16_t *kp[4];
-            for (int i = 0; i < 4; i++) kp[i] = keys + slot_offset(m, s, seq, j0 + k0 + (i < nk ? i : nk - 1));
+            for (int i = 0; i < 4; i++) kp[i] = kp_all[k0 + (i < nk ? i : nk - 1)];
+            if (g0 == 0)
+                for (int i = 0; i < nk; i++)
+                    for (int c = 0; c < row_bytes; c += 64) {
+                        if (k0 + 8 + i < n) _mm_prefetch((const char *)kp_all[k0 + 8 + i] + c, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
+                    }
             __m256 acc[3][4];
             for (int g = 0; g < 3; g++)
                 for (int i = 0; i < 4; i++) acc[g][i] = _mm256_setzero_ps();
@@ -194,7 +217,6 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         mx[g] = best;
         sm[g] = tot;
     }
-    const uint16_t *vals = keys + m->kv_stride;
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         for (int c0 = 0; c0 < d; c0 += 32) {
@@ -203,7 +225,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
             for (int g = 0; g < 3; g++)
                 for (int c = 0; c < 4; c++) acc[g][c] = _mm256_setzero_ps();
             for (int j = 0; j < n; j++) {
-                const uint16_t *v = vals + slot_offset(m, s, seq, j0 + j) + c0;
+                const uint16_t *v = kp_all[j] + m->kv_stride + c0;
                 __m256 p[3];
                 for (int g = 0; g < ng; g++) p[g] = _mm256_broadcast_ss(sc + (size_t)(g0 + g) * ldsc + j);
                 for (int c = 0; c < nc; c++) {

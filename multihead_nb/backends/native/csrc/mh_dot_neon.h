@@ -80,7 +80,7 @@ AI void blk_acc(const int fmt, const blk32 *B, const mh_act *a, int t, int b, fl
     if (fmt == MH_Q6_K) {
         const float *s16 = a->s16 + (size_t)t * 2 * nb + 2 * b;
         *corr += B->off0 * s16[0] + B->off1 * s16[1];
-    } else if (fmt == MH_Q4_1 || fmt == MH_Q4_K) {
+    } else if (fmt != MH_Q8_0 && fmt != MH_Q4_0) {
         *corr += B->off0 * a->s32[(size_t)t * nb + b];
     }
 }
@@ -139,7 +139,7 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
                     for (int t = 0; t < MT; t++) blk_acc(fmt, &B, a, t0 + t, 8 * s + j, &acc[r][t], &corr[r][t]);
                 }
     } else {
-        const int bb = fmt == MH_Q8_0 ? 34 : fmt == MH_Q4_0 ? 18 : 20;
+        const int bb = fmt_block_bytes(fmt);
         for (int b = 0; b < nb; b++)
             for (int r = 0; r < NR; r++) {
                 const uint8_t *blk = w + (size_t)r * rb + (size_t)b * bb;
@@ -148,6 +148,14 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
                 if (fmt == MH_Q8_0) {
                     B.u0 = vld1q_s8((const int8_t *)blk + 2);
                     B.u1 = vld1q_s8((const int8_t *)blk + 18);
+                } else if (fmt == MH_Q5_0 || fmt == MH_Q5_1) { /* the fifth bits, from unpack32 */
+                    uint8_t u[32];
+                    float dw, off[2];
+                    int sc[2];
+                    unpack32(fmt, w + (size_t)r * rb, b, u, &dw, sc, off);
+                    B.u0 = vreinterpretq_s8_u8(vld1q_u8(u));
+                    B.u1 = vreinterpretq_s8_u8(vld1q_u8(u + 16));
+                    B.off0 = B.off1 = off[0];
                 } else {
                     const uint8x16_t q = vld1q_u8(blk + bb - 16);
                     B.u0 = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(15)));
@@ -192,6 +200,12 @@ static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a,
 #undef FMT
 #define FMT MH_Q4_1
     case MH_Q4_1: MH_TILE_SHAPES(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q5_0
+    case MH_Q5_0: MH_TILE_SHAPES(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q5_1
+    case MH_Q5_1: MH_TILE_SHAPES(MH_CALL_Q); break;
 #undef FMT
 #define FMT MH_Q4_K
     case MH_Q4_K: MH_TILE_SHAPES(MH_CALL_Q); break;

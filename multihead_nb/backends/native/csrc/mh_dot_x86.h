@@ -5,11 +5,10 @@
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
  * elements as 8 even then 8 odd (MH_F_CHUNK), one accumulator per (row, token) pair.
- * Quantized (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K): each 32-block of a row is dequantized into 4 registers of float32
+ * The 32-element block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) use integer products against int8 activations
+ * (mh_dot_x86_int.h). The K-quants (Q4_K, Q6_K) are dequantized 32 at a time into 4 registers of float32
  * (sign-extended bytes or nibbles, converted, times the block's scale plus its offset) and multiplied with the
- * float32 activations by FMAs: activations are not quantized (measured here against int8 activations with
- * vpmaddubsw products, llama.cpp's way: as fast in decode, which reads memory, and faster in prefill, where the
- * 4 FMAs per 32 weights and token beat 5-6 integer and conversion operations), so the only error is the weights'. */
+ * float32 activations by FMAs; in prefill their rows are dequantized once per token block into a scratch. */
 #ifndef MH_DOT_X86_H
 #define MH_DOT_X86_H
 
@@ -108,6 +107,25 @@ AI void deq32(const int fmt, const uint8_t *row, int b, __m256 w[4]) {
         w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q1, m)), d, off);
         w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q0, 4)), d, off);
         w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q1, 4)), d, off);
+    } else if (fmt == MH_Q5_0 || fmt == MH_Q5_1) { /* Q4_0's nibbles plus bit i of qh as element i's fifth bit */
+        const int bb = fmt == MH_Q5_0 ? 22 : 24;
+        const uint8_t *blk = row + (size_t)b * bb, *qs = blk + bb - 16;
+        uint32_t qh;
+        memcpy(&qh, blk + bb - 20, 4);
+        const float dv = f16_to_f32(rd16(blk));
+        const __m256 d = _mm256_set1_ps(dv);
+        const __m256 off = _mm256_set1_ps(fmt == MH_Q5_0 ? -16.0f * dv : f16_to_f32(rd16(blk + 2)));
+        const __m256i m = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1), hv = _mm256_set1_epi32((int)qh);
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qs));
+        const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8)));
+        const __m256i parts[4] = {_mm256_and_si256(q0, m), _mm256_and_si256(q1, m), _mm256_srli_epi32(q0, 4),
+                                  _mm256_srli_epi32(q1, 4)};
+        for (int i = 0; i < 4; i++) {
+            const __m256i hb = _mm256_and_si256(_mm256_srlv_epi32(hv, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * i))),
+                                                one);
+            w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(parts[i], _mm256_slli_epi32(hb, 4))), d, off);
+        }
     } else if (fmt == MH_Q4_K) {
         const uint8_t *blk = row + (size_t)(b / 8) * 144;
         const int j = b % 8;
@@ -168,6 +186,70 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
         for (int t = 0; t < MT; t++) res[r * MT + t] = hsum8(_mm256_add_ps(acc0[r][t], acc1[r][t]));
 }
 
+#include "mh_dot_x86_int.h"
+
+/* ---- prefill: K-quant rows dequantized once per token block into a float32 scratch ------------------------ */
+#define MH_DEQ_SCRATCH 1
+
+/* Rows [0, nr) of packed w, every 32-block as deq32 gives it, into dst [nr, K] float32. */
+static void deq_rows(int fmt, const uint8_t *w, int64_t rb, int nr, int K, float *dst) {
+    for (int r = 0; r < nr; r++)
+        for (int b = 0; b < K / 32; b++) {
+            __m256 wv[4];
+            switch (fmt) { /* the format as a constant in each branch */
+            case MH_Q8_0: deq32(MH_Q8_0, w + (size_t)r * rb, b, wv); break;
+            case MH_Q4_0: deq32(MH_Q4_0, w + (size_t)r * rb, b, wv); break;
+            case MH_Q4_1: deq32(MH_Q4_1, w + (size_t)r * rb, b, wv); break;
+            case MH_Q5_0: deq32(MH_Q5_0, w + (size_t)r * rb, b, wv); break;
+            case MH_Q5_1: deq32(MH_Q5_1, w + (size_t)r * rb, b, wv); break;
+            case MH_Q4_K: deq32(MH_Q4_K, w + (size_t)r * rb, b, wv); break;
+            default: deq32(MH_Q6_K, w + (size_t)r * rb, b, wv); break;
+            }
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(dst + (size_t)r * K + 32 * b + 8 * i, wv[i]);
+        }
+}
+
+/* tile_q on a row already dequantized (wf [K]): the same accumulators, the same order, so the same results. */
+AI void tile_qf(const float *wf, const mh_act *a, int t0, const int MT, float *res) {
+    const int nb = a->K / 32;
+    __m256 acc0[4], acc1[4];
+    const float *x[4];
+    for (int t = 0; t < MT; t++) {
+        x[t] = a->x + (size_t)(t0 + t) * a->ldx;
+        acc0[t] = acc1[t] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const float *wb = wf + 32 * b;
+        const __m256 w0 = _mm256_loadu_ps(wb), w1 = _mm256_loadu_ps(wb + 8);
+        const __m256 w2 = _mm256_loadu_ps(wb + 16), w3 = _mm256_loadu_ps(wb + 24);
+        for (int t = 0; t < MT; t++) {
+            const float *xb = x[t] + 32 * b;
+            acc0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc1[t]);
+            acc0[t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc1[t]);
+        }
+    }
+    for (int t = 0; t < MT; t++) res[t] = hsum8(_mm256_add_ps(acc0[t], acc1[t]));
+}
+
+AI void qf_rows(const float *wf, int K, int nrows, const mh_act *a, int t0, const int MT, const mh_part *P, int n0) {
+    float res[4];
+    for (int n = 0; n < nrows; n++) {
+        tile_qf(wf + (size_t)n * K, a, t0, MT, res);
+        store_out(P, n0 + n, t0, MT, res);
+    }
+}
+
+static void tile_f_rows(const float *wf, int K, int nrows, const mh_act *a, int t0, int mt, const mh_part *P, int n0) {
+    switch (mt) {
+    case 1: qf_rows(wf, K, nrows, a, t0, 1, P, n0); break;
+    case 2: qf_rows(wf, K, nrows, a, t0, 2, P, n0); break;
+    case 3: qf_rows(wf, K, nrows, a, t0, 3, P, n0); break;
+    default: qf_rows(wf, K, nrows, a, t0, 4, P, n0); break;
+    }
+}
+
 /* ---- dispatch: the format and (NR, MT) as constants in each branch -------------------------------------- */
 #define MH_NR 1 /* the most rows and token rows of any tile */
 #define MH_MT 8
@@ -185,48 +267,75 @@ static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
     *mt = bf ? 6 : 4;
 }
 
-#define MH_SHAPES_BF16(CALL)                                                                                       \
-    switch (mt) {                                                                                                  \
-    case 1: CALL(1, 1); break;                                                                                     \
-    case 2: CALL(1, 2); break;                                                                                     \
-    case 3: CALL(1, 3); break;                                                                                     \
-    case 4: CALL(1, 4); break;                                                                                     \
-    case 5: CALL(1, 5); break;                                                                                     \
-    default: CALL(1, 6); break;                                                                                    \
+/* nrows consecutive rows against one token tile (MT constant): the tile inlined in the row loop, results stored. */
+AI void bf16_rows(const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT, const mh_part *P,
+                  int n0) {
+    float res[6];
+    for (int n = 0; n < nrows; n++) {
+        tile_bf16(w + (size_t)n * rb, rb, 1, a, t0, MT, res);
+        store_out(P, n0 + n, t0, MT, res);
     }
+}
 
-#define MH_SHAPES_Q(CALL)                                                                                          \
-    switch (mt) {                                                                                                  \
-    case 1: CALL(1, 1); break;                                                                                     \
-    case 2: CALL(1, 2); break;                                                                                     \
-    case 3: CALL(1, 3); break;                                                                                     \
-    default: CALL(1, 4); break;                                                                                    \
+AI void q_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT,
+               const mh_part *P, int n0) {
+    float res[4];
+    for (int n = 0; n < nrows; n++) {
+        tile_q(fmt, w + (size_t)n * rb, rb, 1, a, t0, MT, res);
+        store_out(P, n0 + n, t0, MT, res);
     }
+}
 
-#define MH_CALL_BF16(R, M) tile_bf16(w, rb, R, a, t0, M, res)
-#define MH_CALL_Q(R, M) tile_q(FMT, w, rb, R, a, t0, M, res)
+#define MH_TILE_ROWS 1
+#define MH_MT_BF16(CALL)                                                                                           \
+    switch (mt) {                                                                                                  \
+    case 1: CALL(1); break;                                                                                        \
+    case 2: CALL(2); break;                                                                                        \
+    case 3: CALL(3); break;                                                                                        \
+    case 4: CALL(4); break;                                                                                        \
+    case 5: CALL(5); break;                                                                                        \
+    default: CALL(6); break;                                                                                       \
+    }
+#define MH_MT_Q(CALL)                                                                                              \
+    switch (mt) {                                                                                                  \
+    case 1: CALL(1); break;                                                                                        \
+    case 2: CALL(2); break;                                                                                        \
+    case 3: CALL(3); break;                                                                                        \
+    default: CALL(4); break;                                                                                       \
+    }
+#define MH_ROWS_BF16(M) bf16_rows(w, rb, nrows, a, t0, M, P, n0)
+#define MH_ROWS_Q(M) q_rows(FMT, w, rb, nrows, a, t0, M, P, n0)
+#define MH_ROWS_QI(M) qi_rows(FMT, w, rb, nrows, a, t0, M, P, n0)
 
-static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a, int t0, int mt, float *res) {
+/* Rows n0 .. n0 + nrows - 1 of a part (w: the first one) against token rows t0 .. t0 + mt - 1. */
+static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, int mt,
+                      const mh_part *P, int n0) {
     switch (fmt) {
 #ifdef MH_BF16_DOT
-    case MH_BF16: MH_SHAPES_Q(MH_CALL_BF16); break;
+    case MH_BF16: MH_MT_Q(MH_ROWS_BF16); break;
 #else
-    case MH_BF16: MH_SHAPES_BF16(MH_CALL_BF16); break;
+    case MH_BF16: MH_MT_BF16(MH_ROWS_BF16); break;
 #endif
 #define FMT MH_Q8_0
-    case MH_Q8_0: MH_SHAPES_Q(MH_CALL_Q); break;
+    case MH_Q8_0: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q4_0
-    case MH_Q4_0: MH_SHAPES_Q(MH_CALL_Q); break;
+    case MH_Q4_0: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q4_1
-    case MH_Q4_1: MH_SHAPES_Q(MH_CALL_Q); break;
+    case MH_Q4_1: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
+#undef FMT
+#define FMT MH_Q5_0
+    case MH_Q5_0: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
+#undef FMT
+#define FMT MH_Q5_1
+    case MH_Q5_1: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q4_K
-    case MH_Q4_K: MH_SHAPES_Q(MH_CALL_Q); break;
+    case MH_Q4_K: MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q6_K
-    case MH_Q6_K: MH_SHAPES_Q(MH_CALL_Q); break;
+    case MH_Q6_K: MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
     default: break;
     }

@@ -1,4 +1,4 @@
-/* The weight formats' blocks, element by element: GGUF's Q8_0, Q4_0, Q4_1, Q4_K and Q6_K (layouts as llama.cpp's
+/* The weight formats' blocks, element by element: GGUF's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K (layouts as llama.cpp's
  * ggml-common.h defines them; the code is written here from those layouts) and plain bfloat16.
  *
  * Every quantized format is seen through one shape, 32 elements at a time ("a 32-block"): unsigned integers u
@@ -20,6 +20,8 @@ static inline int fmt_block_bytes(int fmt) {
     case MH_Q8_0: return 34;  /* d f16, qs int8[32] */
     case MH_Q4_0: return 18;  /* d f16, qs[16]: element i < 16 is qs[i] & 15, else qs[i - 16] >> 4; minus 8 */
     case MH_Q4_1: return 20;  /* d f16, m f16, qs[16] as Q4_0's; d q + m */
+    case MH_Q5_0: return 22;  /* d f16, qh[4] (bit i: element i's fifth bit), qs[16] as Q4_0's; minus 16 */
+    case MH_Q5_1: return 24;  /* d f16, m f16, qh[4], qs[16]; d q + m */
     case MH_Q4_K: return 144; /* d f16, dmin f16, scales[12] (6-bit scale and min of 8 sub-blocks), qs[128] */
     case MH_Q6_K: return 210; /* ql[128] low 4 bits, qh[64] high 2 bits, scales int8[16], d f16 */
     default: return 0;
@@ -58,6 +60,19 @@ static inline void unpack32(int fmt, const uint8_t *row, int b, uint8_t *u, floa
             u[i + 16] = qs[i] >> 4;
         }
         off[0] = off[1] = fmt == MH_Q4_0 ? -8.0f * *dw : f16_to_f32(rd16(blk + 2));
+        break;
+    }
+    case MH_Q5_0: case MH_Q5_1: {
+        const int bytes = fmt == MH_Q5_0 ? 22 : 24;
+        const uint8_t *blk = row + (size_t)b * bytes, *qs = blk + bytes - 16;
+        uint32_t qh;
+        memcpy(&qh, blk + bytes - 20, 4);
+        *dw = f16_to_f32(rd16(blk));
+        for (int i = 0; i < 16; i++) {
+            u[i] = (uint8_t)((qs[i] & 15) | (((qh >> i) & 1) << 4));
+            u[i + 16] = (uint8_t)((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
+        }
+        off[0] = off[1] = fmt == MH_Q5_0 ? -16.0f * *dw : f16_to_f32(rd16(blk + 2));
         break;
     }
     case MH_Q4_K: {

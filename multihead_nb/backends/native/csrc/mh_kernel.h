@@ -32,7 +32,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #endif
 
 /* ---- weight formats (GGUF's block layouts, as llama.cpp's ggml-common.h defines them) --------------------- */
-enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K = 6 };
+enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K = 6, MH_Q5_0 = 7, MH_Q5_1 = 8 };
 
 typedef struct {            /* a weight matrix [rows, cols], each row `row_bytes` of packed blocks */
     const uint8_t *data;
@@ -59,6 +59,8 @@ typedef struct {
     const float *final_norm;           /* [h] */
     uint16_t *cache;                   /* the arena, as bfloat16 elements */
     int64_t page_stride, kv_stride, layer_stride; /* elements: page to page, keys to values, layer to layer */
+    int32_t int8_activations;          /* x86: products of the 32-element block formats against int8 activations
+                                          (else float32); NEON always int8, the scalar build float32 */
 } mh_model;
 
 typedef struct {

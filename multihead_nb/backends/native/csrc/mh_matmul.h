@@ -2,10 +2,12 @@
  * inside the forward's OpenMP region.
  *
  * Owns: preparing a product's input rows once per product ("activations": float32 reordered for the bfloat16
- * kernels, bfloat16 for vdpbf16ps, the float32 rows as they are for quantized weights, or on NEON int8 per 32-block
- * with its scale and sums, as llama.cpp quantizes activations to Q8), splitting the output rows of a group of matrices that share one input
- * between threads, and tiling (NR weight rows x MT token rows per call of the ISA's tile kernel, token rows in
- * blocks that stay in cache). Knows nothing of layers; the per-ISA tile kernels are mh_dot_*.h.
+ * kernels, bfloat16 for vdpbf16ps, the float32 rows as they are for the K-quants on x86 and every quantized format
+ * in the scalar build, or int8 per 32-block with its scale and sums, as llama.cpp quantizes activations to Q8_0,
+ * for every quantized format on NEON and the 32-element block formats on x86), splitting the output rows of a
+ * group of matrices that share one input between threads, and tiling (NR weight rows x MT token rows per call of
+ * the ISA's tile kernel, token rows in blocks that stay in cache). Knows nothing of layers; the per-ISA tile
+ * kernels are mh_dot_*.h.
  *
  * Batch invariance: each (weight row, token row) result is summed by one accumulator sequence that does not depend
  * on the tile shape or on the other token rows, so a token's result is the same alone or in any batch. */
@@ -27,6 +29,23 @@ typedef struct {
 
 enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4, ACT_X = 8 };
 
+typedef struct {
+    const mh_matrix *W;
+    const float *bias; /* [rows] or NULL */
+    float *out;        /* out[t * ldo + n] */
+    int ldo, accumulate;
+} mh_part;
+
+/* Results res[m] of row n for token rows t0 .. t0 + mt - 1 into the part's output (+ bias, or added to it). */
+static inline void store_out(const mh_part *P, int n, int t0, int mt, const float *res) {
+    const float b = P->bias ? P->bias[n] : 0.0f;
+    for (int m = 0; m < mt; m++) {
+        float *o = P->out + (size_t)(t0 + m) * P->ldo + n;
+        const float v = res[m] + b;
+        *o = P->accumulate ? *o + v : v;
+    }
+}
+
 #if defined(MH_ISA_X86)
 #include "mh_dot_x86.h"
 #elif defined(MH_ISA_NEON)
@@ -36,14 +55,19 @@ enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4, ACT_X = 8 };
 #endif
 
 /* What a format's products read: bfloat16 weights reordered float32 (bfloat16 with vdpbf16ps); quantized weights
- * the float32 rows as they are, or on NEON int8 blocks (sdot products). */
-static inline int act_form(int fmt) {
+ * int8 blocks (NEON's sdot, always; x86's vpmaddubsw for the 32-element block formats when `int8`, the model's
+ * choice) or the float32 rows as they are. */
+static inline int act_form(int fmt, int int8) {
 #ifdef MH_BF16_DOT
     if (fmt == MH_BF16) return ACT_H;
 #endif
-#ifdef MH_ISA_NEON
+#if defined(MH_ISA_NEON)
+    (void)int8;
     return fmt == MH_BF16 ? ACT_F : ACT_Q;
+#elif defined(MH_ISA_X86)
+    return fmt == MH_BF16 ? ACT_F : int8 && int_dot_format(fmt) ? ACT_Q : ACT_X;
 #else
+    (void)int8;
     return fmt == MH_BF16 ? ACT_F : ACT_X;
 #endif
 }
@@ -62,6 +86,9 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
     }
     if (forms & ACT_H)
         for (int k = 0; k < K; k++) h[k] = f32_to_bf16(x[k]);
+#ifdef MH_ISA_X86
+    if (forms & ACT_Q) quantize_row_avx2(x, K, q, d, s16, s32);
+#else
     if (forms & ACT_Q)
         for (int b = 0; b < K / 32; b++) {
             const float *xb = x + 32 * b;
@@ -79,6 +106,7 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
             s16[2 * b + 1] = db * (float)sums[1];
             s32[b] = db * (float)(sums[0] + sums[1]);
         }
+#endif
 }
 
 /* The a->T rows of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
@@ -93,12 +121,6 @@ static void prep_act(mh_act *a, const float *X, int ldx, int forms) {
                  a->d + (size_t)t * nb, a->s16 + (size_t)t * 2 * nb, a->s32 + (size_t)t * nb);
 }
 
-typedef struct {
-    const mh_matrix *W;
-    const float *bias; /* [rows] or NULL */
-    float *out;        /* out[t * ldo + n] */
-    int ldo, accumulate;
-} mh_part;
 
 /* This thread's share [*n0, *n1) of N rows, in blocks of 4 rows, contiguous per thread. */
 static void share(int N, int *n0, int *n1) {
@@ -112,15 +134,19 @@ static void share(int N, int *n0, int *n1) {
 #ifndef MH_TB
 #define MH_TB 48 /* token rows per block: their activations stay in L2 while a thread's weight rows stream */
 #endif
+#define MH_ROW_BLOCK_BYTES (160 * 1024) /* weight rows per block: they stay in L2 while each token tile passes */
 
 /* The parts' products for all a->T token rows; this thread's share of the parts' rows (call from every thread;
- * no barrier at the end). */
+ * no barrier at the end). Loops: token blocks, row blocks (in L2), token tiles (in L1), rows (NR at a time):
+ * each weight row is read from memory once per token block, and from L2 once per token tile. */
 static void matmul(const mh_part *parts, int np, const mh_act *a) {
     int total = 0;
     for (int p = 0; p < np; p++) total += parts[p].W->rows;
     int r0, r1;
     share(total, &r0, &r1);
+#ifndef MH_TILE_ROWS
     float res[MH_NR * MH_MT];
+#endif
     const int T = a->T;
     for (int tb = 0; tb < T; tb += MH_TB) {
         const int te = tb + MH_TB < T ? tb + MH_TB : T;
@@ -132,20 +158,48 @@ static void matmul(const mh_part *parts, int np, const mh_act *a) {
             base += N;
             int NR, MT;
             tile_shape(P->W->format, te - tb, &NR, &MT);
-            for (int n = lo; n < hi; n += NR) {
-                const int nr = hi - n < NR ? hi - n : NR;
-                const uint8_t *w = P->W->data + (size_t)n * P->W->row_bytes;
+            const int64_t rb = P->W->row_bytes;
+            int NB = (int)(MH_ROW_BLOCK_BYTES / rb) / NR * NR;
+            NB = NB < NR ? NR : NB;
+#ifdef MH_DEQ_SCRATCH
+            /* quantized rows in prefill: dequantized once per token block into float32 (same values, same sums) */
+            const int deq = P->W->format != MH_BF16 && !(int_dot_format(P->W->format) && (a->forms & ACT_Q))
+                            && te - tb >= 8 && P->W->cols % 32 == 0;
+            float *wf = NULL;
+            if (deq) {
+                NB = (int)(MH_ROW_BLOCK_BYTES / (4 * (int64_t)P->W->cols));
+                NB = NB < 1 ? 1 : NB;
+                wf = aligned_alloc(64, ((size_t)NB * P->W->cols * 4 + 63) / 64 * 64);
+            }
+#endif
+            for (int b0 = lo; b0 < hi; b0 += NB) {
+                const int b1 = b0 + NB < hi ? b0 + NB : hi;
+#ifdef MH_DEQ_SCRATCH
+                if (wf) {
+                    deq_rows(P->W->format, P->W->data + (size_t)b0 * rb, rb, b1 - b0, P->W->cols, wf);
+                    for (int t = tb; t < te; t += MT) {
+                        const int mt = te - t < MT ? te - t : MT;
+                        tile_f_rows(wf, P->W->cols, b1 - b0, a, t, mt, P, b0);
+                    }
+                    continue;
+                }
+#endif
                 for (int t = tb; t < te; t += MT) {
                     const int mt = te - t < MT ? te - t : MT;
-                    tile(P->W->format, w, P->W->row_bytes, nr, a, t, mt, res);
-                    for (int r = 0; r < nr; r++)
-                        for (int m = 0; m < mt; m++) {
-                            float *o = P->out + (size_t)(t + m) * P->ldo + n + r;
-                            const float v = res[r * mt + m] + (P->bias ? P->bias[n + r] : 0.0f);
-                            *o = P->accumulate ? *o + v : v;
-                        }
+#ifdef MH_TILE_ROWS
+                    tile_rows(P->W->format, P->W->data + (size_t)b0 * rb, rb, b1 - b0, a, t, mt, P, b0);
+#else
+                    for (int n = b0; n < b1; n += NR) {
+                        const int nr = b1 - n < NR ? b1 - n : NR;
+                        tile(P->W->format, P->W->data + (size_t)n * rb, rb, nr, a, t, mt, res);
+                        for (int r = 0; r < nr; r++) store_out(P, n + r, t, mt, res + r * mt);
+                    }
+#endif
                 }
             }
+#ifdef MH_DEQ_SCRATCH
+            free(wf);
+#endif
         }
     }
 }

@@ -1,0 +1,145 @@
+"""What each weight format costs in accuracy, on the real SmolLM2-135M-Instruct: MultiHead's fused kernel (bfloat16
+K/V; activations int8 per 32-block for the quantized formats, as llama.cpp's, except the K-quants on x86 and the
+scalar build, float32) against the float32 reference on the same dequantized weights,
+and llama.cpp's own greedy tokens on the same weights in the same format.
+
+    python -m bench.accuracy [--formats bf16 q8_0 q5_0 q4_0 q4_1] [--tokens 64] [--no-llama]
+                             [--activations int8 float32]
+
+Per format: the reference is the PyTorch path in float32 on the checkpoint quantized to that format and dequantized
+(for bf16, the checkpoint's bfloat16 values), so the numbers measure the kernel's own error, not the format's;
+the format's own cost is the reference of that format against the bf16 reference (greedy agreement). For each
+real chat prompt: the reference's greedy continuation of `--tokens` tokens; the kernel's logits at every position
+of prompt + that continuation (teacher forced, one forward) against the reference's (relative L2 distance, largest
+absolute difference, share of positions with the same argmax); the kernel's own free-running greedy tokens
+against the reference's (share of positions equal); llama-server's greedy tokens (same prompt ids, `bench.llama_cpp`
+files of the same weights) against the same reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Explain in three sentences why the sky is blue.",
+    "List five tips for writing clear commit messages.",
+    "What is the difference between a list and a tuple in Python?",
+]
+
+
+class Seq:
+    """One sequence on its own pages of a runner's arena, fed in forwards of any length."""
+
+    def __init__(self, runner, pages: int):
+        self.runner, self.tpp = runner, runner.tokens_per_page
+        self.table = list(range(pages))
+        self.n = 0
+
+    def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        from multihead_nb.backends.native import ForwardBatch
+
+        t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        pos = list(range(self.n, self.n + len(ids)))
+        slots = [self.table[p // self.tpp] * self.tpp + p % self.tpp for p in pos]
+        self.n += len(ids)
+        li = list(range(len(ids))) if all_logits else [len(ids) - 1]
+        return self.runner.forward(ForwardBatch(t(ids), t(pos), t(slots), [len(ids)], [self.n], [self.table], t(li)))
+
+
+def greedy(runner, pages: int, prompt: list[int], n: int) -> list[int]:
+    s = Seq(runner, pages)
+    out = [int(s.forward(prompt)[0].argmax())]
+    while len(out) < n:
+        out.append(int(s.forward([out[-1]])[0].argmax()))
+    return out
+
+
+def runner_for(spec, dtype, kernel: bool, fmt: str, tokens: int, activations: str | None = None):
+    from multihead_nb.memory import Arena
+    from multihead_nb.backends.native import ModelRunner
+
+    page_bytes = 64 * 1024
+    pages = spec.kv_layout(dtype, page_bytes).pages_for(tokens) + 1
+    runner = ModelRunner(spec, Arena(pages, page_bytes), dtype=dtype, device="cpu", kernel=kernel,
+                         quantize=None if fmt == "bf16" else fmt, activations=activations)
+    return runner, pages
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q5_0", "q4_0", "q4_1"])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--activations", nargs="+", default=["int8", "float32"], choices=["int8", "float32"],
+                    help="the kernel's inputs to quantized products (a row each; bf16 has none)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoTokenizer
+
+    from multihead_nb.backends.native import read_spec
+
+    from . import llama_cpp
+    from .real_model import real_checkpoint
+
+    folder = real_checkpoint()
+    spec = read_spec(folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"] for p in PROMPTS]
+    total = max(len(p) for p in prompts) + args.tokens + 1
+    tools = None if args.no_llama else llama_cpp.build()
+    rows, base_tokens = [], None
+    for fmt in args.formats:
+        ref, ref_pages = runner_for(spec, torch.float32, False, fmt, total)
+        server = None if tools is None else llama_cpp.LlamaServer(
+            tools, llama_cpp.checkpoint_gguf(folder, fmt, tools), parallel=1, threads=args.threads)
+        llama_same, fmt_same, ref_tokens_all = 0, 0, []
+        try:
+            for i, p in enumerate(prompts):
+                ref_tokens_all.append(greedy(ref, ref_pages, p, args.tokens))
+                if server is not None:
+                    llama_same += sum(x == y for x, y in zip(server.complete(p, args.tokens), ref_tokens_all[i]))
+                if base_tokens is not None:
+                    fmt_same += sum(x == y for x, y in zip(ref_tokens_all[i], base_tokens[i]))
+        finally:
+            if server is not None:
+                server.close()
+        n_pos = args.tokens * len(prompts)
+        for acts in args.activations[:1] if fmt == "bf16" else args.activations:
+            ker, ker_pages = runner_for(spec, torch.bfloat16, True, fmt, total, acts)
+            dist, maxabs, argmax_same, free_same = 0.0, 0.0, 0, 0
+            for p, ref_tokens in zip(prompts, ref_tokens_all):
+                seq = p + ref_tokens[:-1]
+                a = Seq(ref, ref_pages).forward(seq, all_logits=True)[len(p) - 1:]  # [tokens, V]
+                b = Seq(ker, ker_pages).forward(seq, all_logits=True)[len(p) - 1:]
+                dist += float(((b - a).norm(dim=-1) / a.norm(dim=-1)).sum())
+                maxabs = max(maxabs, float((b - a).abs().max()))
+                argmax_same += int((b.argmax(-1) == a.argmax(-1)).sum())
+                free_same += sum(x == y for x, y in zip(greedy(ker, ker_pages, p, args.tokens), ref_tokens))
+            rows.append((fmt, "-" if fmt == "bf16" else acts, ker.fused.kernel.isa if ker.fused else "-",
+                         dist / n_pos, maxabs, argmax_same / n_pos, free_same / n_pos,
+                         None if server is None else llama_same / n_pos,
+                         None if fmt == "bf16" or base_tokens is None else fmt_same / n_pos))
+        if fmt == "bf16":
+            base_tokens = ref_tokens_all
+        print(f"{fmt}: done", flush=True)
+    print()
+    print(f"SmolLM2-135M-Instruct (the embedded Q4_1 weights in bfloat16), {len(prompts)} chat prompts x "
+          f"{args.tokens} greedy tokens, {args.threads} threads")
+    print()
+    print("| format | activations | kernel build | logits: relative L2 distance to the float32 reference (mean) | largest "
+          "absolute logit difference | same argmax (teacher forced) | greedy tokens equal: MultiHead kernel "
+          "| greedy tokens equal: llama.cpp | the format's reference vs bf16's |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    for fmt, acts, isa, d, m, am, fr, ll, fs in rows:
+        print(f"| {fmt} | {acts} | {isa} | {d:.2e} | {m:.3f} | {pct(am)} | {pct(fr)} | {pct(ll)} | {pct(fs)} |")
+
+
+if __name__ == "__main__":
+    main()
