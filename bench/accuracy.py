@@ -83,7 +83,7 @@ def main(argv=None) -> None:
 
     from multihead_nb.backends.native import read_spec
 
-    from . import llama_cpp
+    from . import llama_cpp, llama_gguf
     from .real_model import real_checkpoint
 
     folder = real_checkpoint()
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     for fmt in args.formats:
         ref, ref_pages = runner_for(spec, torch.float32, False, fmt, total)
         server = None if tools is None else llama_cpp.LlamaServer(
-            tools, llama_cpp.checkpoint_gguf(folder, fmt, tools), parallel=1, threads=args.threads)
+            tools, llama_gguf.checkpoint_gguf(folder, fmt, tools), parallel=1, threads=args.threads)
         llama_same, fmt_same, ref_tokens_all = 0, 0, []
         try:
             for i, p in enumerate(prompts):

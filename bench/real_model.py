@@ -16,7 +16,8 @@ from pathlib import Path
 
 
 def real_checkpoint() -> Path:
-    from .llama_cpp import cache_dir, embedded_gguf
+    from .llama_cpp import cache_dir
+    from .llama_gguf import embedded_gguf
 
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct-hf"
     if (out / "model.safetensors").exists():

@@ -137,10 +137,10 @@ def main(argv=None) -> int:
     runners = {"sequential": bench.sequential_row, "transformers_cb": bench.cb_row, "multihead": bench.multihead_row}
     server = None
     if args.llama_server:
-        from . import llama_cpp, llama_server_peer
+        from . import llama_cpp, llama_gguf, llama_server_peer
 
         tools = llama_cpp.build()
-        gguf = llama_cpp.checkpoint_gguf(bench.ckpt, args.quantize or "bf16", tools)
+        gguf = llama_gguf.checkpoint_gguf(bench.ckpt, args.quantize or "bf16", tools)
         ctx = max(len(p) for plan in plans for p in plan.prompts.values()) + args.new_tokens + 64
         server = llama_cpp.LlamaServer(tools, gguf, parallel=args.llama_parallel, threads=args.threads,
                                        ctx_per_slot=ctx)

@@ -1,0 +1,168 @@
+/* AVX2 + FMA attention (x86 builds without AVX-512 BF16): a token's context cut in chunks of keys, one task per
+ * (token, KV head, chunk) so a lone decode token's attention spreads over the threads, merged by log-sum-exp
+ * (attn_merge). Included by mh_attention.h, whose scalar attention it replaces where it applies; knows nothing of
+ * layers or of the threads' split. */
+#ifndef MH_ATTENTION_AVX2_H
+#define MH_ATTENTION_AVX2_H
+#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+static inline float hsum8a(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 widen8(const uint16_t *p) { /* 8 bfloat16 -> float32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* exp(x) for softmax arguments (x <= 0), 8 at a time: 2^n * poly(r), |r| <= ln2 / 2, relative error ~1e-7. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Keys per attention task: a token's context of n keys is cut in chunks of this many (64: a lone decode token's
+ * attention spreads over the threads; at most 64 chunks); it depends on the token's own context only, so a
+ * token's result never depends on its batch-mates. */
+static inline int att_chunk(int n) { return n <= 64 * 64 ? 64 : (n + 63) / 64; }
+
+/* 4 accumulators (one key each) -> their 4 sums. */
+static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* One chunk [j0, j1] of token t's keys, the G (<= 8) query heads of KV head kvh (d % 8 == 0, d <= 256), in AVX2 +
+ * FMA: scores of 4 keys x 3 heads at a time (each key row widened once for 3 heads), a vectorized exp, values
+ * summed 32 columns x 3 heads at a time. Writes the unnormalized output o [G, d], the scores' max mx [G] and the
+ * sum of exp(score - max) sm [G]; `attn_merge` combines a token's chunks. sc: scratch [G, ldsc >= n]. */
+static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q, int j0,
+                             int j1, float *sc, int ldsc, float *o, float *mx, float *sm) {
+    const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
+    const float scale = 1.0f / sqrtf((float)d);
+    const uint16_t *keys = m->cache + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
+    float qs[MH_GROUP_MAX * MH_GROUP_DIM];
+    for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
+    const uint16_t *kp_all[n]; /* each key's row, page by page (no division per key) */
+    {
+        const int tpp = m->tokens_per_page, KVd = m->kv_heads * d;
+        const int32_t *table = s->block_tables + (size_t)seq * s->max_pages;
+        for (int j = j0; j <= j1;) {
+            const int pi = j / tpp, end = (pi + 1) * tpp - 1 < j1 ? (pi + 1) * tpp - 1 : j1;
+            const uint16_t *base = keys + (int64_t)table[pi] * m->page_stride + (int64_t)(j - pi * tpp) * KVd;
+            for (; j <= end; j++, base += KVd) kp_all[j - j0] = base;
+        }
+    }
+    /* The pages are scattered in the arena and the weights streamed since this layer's keys were written have
+     * pushed them out of cache: fetch each key row 8 keys ahead, and its value row while its key is used (the
+     * hardware prefetchers do not follow a block table). */
+    const int row_bytes = 2 * d;
+    for (int j = 0; j < n && j < 8; j++)
+        for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)kp_all[j] + c, _MM_HINT_T0);
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        const float *qg[3];
+        for (int g = 0; g < 3; g++) qg[g] = qs + (size_t)(g0 + (g < ng ? g : ng - 1)) * d;
+        for (int k0 = 0; k0 < n; k0 += 4) {
+            const int nk = n - k0 < 4 ? n - k0 : 4;
+            const uint16_t *kp[4];
+            for (int i = 0; i < 4; i++) kp[i] = kp_all[k0 + (i < nk ? i : nk - 1)];
+            if (g0 == 0)
+                for (int i = 0; i < nk; i++)
+                    for (int c = 0; c < row_bytes; c += 64) {
+                        if (k0 + 8 + i < n) _mm_prefetch((const char *)kp_all[k0 + 8 + i] + c, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
+                    }
+            __m256 acc[3][4];
+            for (int g = 0; g < 3; g++)
+                for (int i = 0; i < 4; i++) acc[g][i] = _mm256_setzero_ps();
+            for (int c = 0; c < d; c += 8) {
+                const __m256 q0 = _mm256_loadu_ps(qg[0] + c), q1 = _mm256_loadu_ps(qg[1] + c);
+                const __m256 q2 = _mm256_loadu_ps(qg[2] + c);
+                for (int i = 0; i < 4; i++) {
+                    const __m256 kv = widen8(kp[i] + c);
+                    acc[0][i] = _mm256_fmadd_ps(q0, kv, acc[0][i]);
+                    acc[1][i] = _mm256_fmadd_ps(q1, kv, acc[1][i]);
+                    acc[2][i] = _mm256_fmadd_ps(q2, kv, acc[2][i]);
+                }
+            }
+            for (int g = 0; g < ng; g++) {
+                float r[4];
+                _mm_storeu_ps(r, hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+                for (int i = 0; i < nk; i++) sc[(size_t)(g0 + g) * ldsc + k0 + i] = r[i];
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) { /* exp(score - max) in place, and the sums */
+        float *row = sc + (size_t)g * ldsc, best = -INFINITY;
+        for (int j = 0; j < n; j++) best = row[j] > best ? row[j] : best;
+        const __m256 mv = _mm256_set1_ps(best);
+        __m256 acc = _mm256_setzero_ps();
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), mv));
+            _mm256_storeu_ps(row + j, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        float tot = hsum8a(acc);
+        for (; j < n; j++) {
+            row[j] = expf(row[j] - best);
+            tot += row[j];
+        }
+        mx[g] = best;
+        sm[g] = tot;
+    }
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        for (int c0 = 0; c0 < d; c0 += 32) {
+            const int nc = d - c0 < 32 ? (d - c0) / 8 : 4;
+            __m256 acc[3][4];
+            for (int g = 0; g < 3; g++)
+                for (int c = 0; c < 4; c++) acc[g][c] = _mm256_setzero_ps();
+            for (int j = 0; j < n; j++) {
+                const uint16_t *v = kp_all[j] + m->kv_stride + c0;
+                __m256 p[3];
+                for (int g = 0; g < ng; g++) p[g] = _mm256_broadcast_ss(sc + (size_t)(g0 + g) * ldsc + j);
+                for (int c = 0; c < nc; c++) {
+                    const __m256 vv = widen8(v + 8 * c);
+                    for (int g = 0; g < ng; g++) acc[g][c] = _mm256_fmadd_ps(p[g], vv, acc[g][c]);
+                }
+            }
+            for (int g = 0; g < ng; g++)
+                for (int c = 0; c < nc; c++) _mm256_storeu_ps(o + (size_t)(g0 + g) * d + c0 + 8 * c, acc[g][c]);
+        }
+    }
+}
+
+/* A token's `nch` chunk results (o [nch, G, d], mx and sm [nch, G]) -> its attention output out [G, d]. */
+static void attn_merge(int G, int d, int nch, const float *o, const float *mx, const float *sm, float *out) {
+    for (int g = 0; g < G; g++) {
+        float best = -INFINITY;
+        for (int c = 0; c < nch; c++) best = mx[c * G + g] > best ? mx[c * G + g] : best;
+        float tot = 0.0f, wgt[64];
+        for (int c = 0; c < nch; c++) {
+            wgt[c] = nch == 1 ? 1.0f : expf(mx[c * G + g] - best);
+            tot += wgt[c] * sm[c * G + g];
+        }
+        for (int i = 0; i < d; i++) {
+            float acc = 0.0f;
+            for (int c = 0; c < nch; c++) acc += wgt[c] * o[((size_t)c * G + g) * d + i];
+            out[g * d + i] = acc / tot;
+        }
+    }
+}
+#endif
+#endif
