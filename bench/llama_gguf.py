@@ -14,6 +14,16 @@ from pathlib import Path
 
 from .llama_cpp import LLAMA_FTYPES, build, cache_dir
 
+def _finish(writer, tmp: Path, out: Path) -> Path:
+    """Write a `GGUFWriter`'s file to `tmp`, then move it to `out` in one step (no half-written file is cached)."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    return out
+
+
 def embedded_gguf() -> Path:
     import importlib.util
 
@@ -50,14 +60,9 @@ def write_bf16(src: Path, out: Path) -> Path:
             w.add_tensor(t.name, np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
         else:
             dense = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-            w.add_tensor(t.name, quantize(dense, Q.BF16), raw_shape=quantize(dense, Q.BF16).shape,
-                         raw_dtype=Q.BF16)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out)
-    return out
+            packed = quantize(dense, Q.BF16)
+            w.add_tensor(t.name, packed, raw_shape=packed.shape, raw_dtype=Q.BF16)
+    return _finish(w, tmp, out)
 
 
 HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -131,12 +136,7 @@ def gguf_from_checkpoint(folder: Path, out: Path) -> Path:
             elif hf.startswith("self_attn.k_proj"):
                 t = _permute_rows(t, spec.num_kv_heads)
             put(f"blk.{i}.{gg}", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, out)
-    return out
+    return _finish(w, tmp, out)
 
 
 def checkpoint_gguf(folder: Path, fmt: str, tools: dict[str, Path] | None = None) -> Path:
