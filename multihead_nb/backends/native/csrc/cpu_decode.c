@@ -142,10 +142,10 @@ int mh_forward(const mh_model *m, mh_step *s) {
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) {
                 rms_norm_row(w.x + (size_t)t * h, Ly->ln1, h, m->eps, w.xn + (size_t)t * h);
-                prep_row(w.xn + (size_t)t * h, h, forms, act->f + (size_t)t * h, act->h + (size_t)t * h,
-                         act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16), act->s32 + (size_t)t * (h / 32));
+                prep_token(act, t, w.xn + (size_t)t * h, h, forms);
             }
             act->x = w.xn;
+        act->forms = forms;
             act->ldx = h;
             {
                 const float *b = Ly->bqkv;
@@ -251,10 +251,10 @@ int mh_forward(const mh_model *m, mh_step *s) {
 #pragma omp for schedule(static)
             for (int t = 0; t < rows; t++) {
                 rms_norm_row(w.x + (size_t)t * h, Ly->ln2, h, m->eps, w.xn + (size_t)t * h);
-                prep_row(w.xn + (size_t)t * h, h, forms, act->f + (size_t)t * h, act->h + (size_t)t * h,
-                         act->q + (size_t)t * h, act->d + (size_t)t * (h / 32), act->s16 + (size_t)t * (h / 16), act->s32 + (size_t)t * (h / 32));
+                prep_token(act, t, w.xn + (size_t)t * h, h, forms);
             }
             act->x = w.xn;
+        act->forms = forms;
             act->ldx = h;
             {
                 mh_part gu[2] = {{&Ly->gate, NULL, w.gu, 2 * I, 0}, {&Ly->up, NULL, w.gu + I, 2 * I, 0}};
@@ -268,10 +268,10 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 const float *g = w.gu + (size_t)t * 2 * I;
                 float *a = w.xn + (size_t)t * I;
                 silu_mul_row(g, g + I, I, a);
-                prep_row(a, I, forms, act->f + (size_t)t * I, act->h + (size_t)t * I, act->q + (size_t)t * I,
-                         act->d + (size_t)t * (I / 32), act->s16 + (size_t)t * (I / 16), act->s32 + (size_t)t * (I / 32));
+                prep_token(act, t, a, I, forms);
             }
             act->x = w.xn;
+        act->forms = forms;
             act->ldx = I;
             {
                 mh_part down = {&Ly->down, NULL, w.x, h, 1};
@@ -288,10 +288,10 @@ int mh_forward(const mh_model *m, mh_step *s) {
         for (int i = 0; i < L; i++) {
             const int t = compacted ? i : s->logits_idx[i];
             rms_norm_row(w.x + (size_t)t * h, m->final_norm, h, m->eps, w.xn + (size_t)i * h);
-            prep_row(w.xn + (size_t)i * h, h, forms, act->f + (size_t)i * h, act->h + (size_t)i * h,
-                     act->q + (size_t)i * h, act->d + (size_t)i * (h / 32), act->s16 + (size_t)i * (h / 16), act->s32 + (size_t)i * (h / 32));
+            prep_token(act, i, w.xn + (size_t)i * h, h, forms);
         }
         act->x = w.xn;
+        act->forms = forms;
         act->ldx = h;
         {
             mh_part head = {&m->lm_head, NULL, s->logits, V, 0};

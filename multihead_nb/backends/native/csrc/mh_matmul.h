@@ -109,16 +109,20 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
 #endif
 }
 
+/* Token row t of K elements, x [K], into a's buffers (rows K apart) in the forms asked for. */
+static void prep_token(const mh_act *a, int t, const float *x, int K, int forms) {
+    const size_t nb = (size_t)K / 32, r = (size_t)t;
+    prep_row(x, K, forms, a->f + r * K, a->h + r * K, a->q + r * K, a->d + r * nb, a->s16 + r * 2 * nb,
+             a->s32 + r * nb);
+}
+
 /* The a->T rows of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
 static void prep_act(mh_act *a, const float *X, int ldx, int forms) {
     a->forms = forms;
     a->x = X;
     a->ldx = ldx;
-    const int K = a->K, nb = K / 32;
 #pragma omp for schedule(static)
-    for (int t = 0; t < a->T; t++)
-        prep_row(X + (size_t)t * ldx, K, forms, a->f + (size_t)t * K, a->h + (size_t)t * K, a->q + (size_t)t * K,
-                 a->d + (size_t)t * nb, a->s16 + (size_t)t * 2 * nb, a->s32 + (size_t)t * nb);
+    for (int t = 0; t < a->T; t++) prep_token(a, t, X + (size_t)t * ldx, a->K, forms);
 }
 
 
