@@ -3,7 +3,8 @@
 Owns: planning a native model (its spec read and checked, its K/V layout for the arena's page size, its weight
 bytes in the workspace dtype, or packed when `quantize=` asks for a format) and building it (runner, tokenizer with
 a working chat template), and which format each model it built was quantized to and which `activations=` its
-kernel takes (a head asking another of a loaded model is an error). Knows nothing of the pool's accounting, heads or requests.
+kernel takes (a head asking another of a loaded model is an error). Knows nothing of the pool's accounting, heads
+or requests.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class NativeBackend:
     options: tuple[str, ...] = ("quantize", "activations")
 
     def __init__(self):
-        self._loaded: dict[str, dict] = {}  # key -> {"quantize": ..., "activations": ...} of the models built and not released
+        self._loaded: dict[str, dict] = {}  # key -> {"quantize", "activations"} of the models built and not released
 
     def detects(self, model: str) -> bool:
         return True  # the fallback of "auto": any reference another backend does not claim
@@ -48,20 +49,16 @@ class NativeBackend:
 
         from .kernel_weights import gguf_packed_bytes, packed_bytes
         from .kernel_weights import problem as quantize_problem
-
-        from .runner import ACTIVATIONS
+        from .runner import check_activations
 
         options = check_options(self, model, options)
-        quantize, activations = options.get("quantize"), options.get("activations")
-        if activations not in ACTIVATIONS:
-            raise ConfigError(f"activations={activations!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+        quantize, activations = options.get("quantize"), check_activations(options.get("activations"))
         key = self.key(model)
-        norm = {"quantize": lambda v: v, "activations": lambda v: v or "int8"}
-        for name in ("quantize", "activations"):
-            if key in self._loaded and name in options \
-                    and norm[name](options[name]) != norm[name](self._loaded[key][name]):
-                raise ConfigError(f"{model!r} is loaded with {name}={norm[name](self._loaded[key][name])!r}; {name}="
-                                  f"{options[name]!r} asks for another (remove its heads to change it)")
+        loaded = self._loaded.get(key)
+        for name, value in (("quantize", quantize), ("activations", activations)):
+            if loaded is not None and name in options and value != loaded[name]:
+                raise ConfigError(f"{model!r} is loaded with {name}={loaded[name]!r}; {name}={value!r} asks for "
+                                  "another (remove its heads to change it)")
         spec = read_spec(model)
         if spec.max_position_embeddings < 1:
             raise CheckpointError(f"{spec.path}: max_position_embeddings must be positive, "

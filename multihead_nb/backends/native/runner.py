@@ -22,8 +22,17 @@ from .llama import LlamaModel
 from .loader import ModelSpec
 from .weight_files import load_weights
 
-ACTIVATIONS = (None, "int8", "float32")  # the kernel's inputs to products with quantized weights (None: "int8")
+ACTIVATIONS = ("int8", "float32")  # the kernel's inputs to products with quantized weights; the first is the default
 DEFAULT_ISAS = ("avx2", "avx512")  # builds used by default: measured faster than PyTorch (bench/README.md)
+
+
+def check_activations(value: str | None) -> str:
+    """`activations=` as the kernel takes it ("int8" when None); an error names a value it does not know."""
+    if value is None:
+        return ACTIVATIONS[0]
+    if value not in ACTIVATIONS:
+        raise ConfigError(f"activations={value!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
+    return value
 
 
 class ModelRunner:
@@ -63,9 +72,7 @@ class ModelRunner:
             if why:
                 raise ConfigError(f"cannot quantize {spec.name}: {why}")
         self.quantize = quantize
-        if activations not in ACTIVATIONS:
-            raise ConfigError(f"activations={activations!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
-        self.activations = activations or "int8"
+        self.activations = check_activations(activations)
         self.layout = spec.kv_layout(self.dtype, arena.page_bytes)  # ConfigError when a page cannot hold a token
         full = self.layout.view(arena)  # [P, 2, layers, tpp, KV, d]
         # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
