@@ -273,11 +273,14 @@ def test_32_concurrent_streams_from_4_threads(served):
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    while not results and not errors:  # the HTTP streams have begun: a notebook-side request joins them
-        time.sleep(0.01)
-    notebook = ws.submit("plain", "From the notebook.", max_tokens=30, ignore_eos=True)
+    with ws.engine.lock:  # no step runs until all 32 HTTP requests and the notebook's one have arrived
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 120
+        while sum(r.head == "poet" for r in ws.engine.live_requests()) < 32 and not errors:
+            assert time.monotonic() < deadline, "the 32 HTTP requests did not all reach the engine"
+            time.sleep(0.01)
+        notebook = ws.submit("plain", "From the notebook.", max_tokens=30, ignore_eos=True)
     for th in threads:
         th.join(timeout=300)
     assert not errors, errors
