@@ -49,6 +49,23 @@ static void silu_mul_row(const float *g, const float *u, int n, float *a) {
     for (; i < n; i++) a[i] = silu(g[i]) * u[i];
 }
 
+/* Token rows of x normed by ln into xn and prepared as the input of a product (`forms`): row i of xn is row src[i]
+ * of x (src NULL: row i). Call from every thread; sets the thread's view of the product's input. */
+static void norm_into_act(mh_act *act, const mh_model *m, const float *x, const float *ln, int rows,
+                          const int32_t *src, float *xn, int forms) {
+    const int h = m->hidden;
+#pragma omp for schedule(static)
+    for (int i = 0; i < rows; i++) {
+        rms_norm_row(x + (size_t)(src ? src[i] : i) * h, ln, h, m->eps, xn + (size_t)i * h);
+        prep_token(act, i, xn + (size_t)i * h, h, forms);
+    }
+    act->T = rows;
+    act->K = h;
+    act->x = xn;
+    act->ldx = h;
+    act->forms = forms;
+}
+
 static int forms_of(const mh_model *m, const mh_matrix *a, const mh_matrix *b, const mh_matrix *c) {
     const int i8 = m->int8_activations;
     return act_form(a->format, i8) | (b ? act_form(b->format, i8) : 0) | (c ? act_form(c->format, i8) : 0);
@@ -136,17 +153,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
         for (int l = 0; l < m->num_layers; l++) {
             const mh_layer *Ly = &m->layers[l];
             const int last = l == m->num_layers - 1;
-            act->T = T;
-            act->K = h;
-            int forms = forms_of(m, &Ly->q, &Ly->k, &Ly->v);
-#pragma omp for schedule(static)
-            for (int t = 0; t < T; t++) {
-                rms_norm_row(w.x + (size_t)t * h, Ly->ln1, h, m->eps, w.xn + (size_t)t * h);
-                prep_token(act, t, w.xn + (size_t)t * h, h, forms);
-            }
-            act->x = w.xn;
-        act->forms = forms;
-            act->ldx = h;
+            norm_into_act(act, m, w.x, Ly->ln1, T, NULL, w.xn, forms_of(m, &Ly->q, &Ly->k, &Ly->v));
             {
                 const float *b = Ly->bqkv;
                 mh_part qkv[3] = {{&Ly->q, b, w.qkv, QKV, 0}, {&Ly->k, b ? b + HD : NULL, w.qkv + HD, QKV, 0},
@@ -246,32 +253,23 @@ int mh_forward(const mh_model *m, mh_step *s) {
             }
 #pragma omp barrier
 
-            act->K = h;
-            forms = forms_of(m, &Ly->gate, &Ly->up, NULL);
-#pragma omp for schedule(static)
-            for (int t = 0; t < rows; t++) {
-                rms_norm_row(w.x + (size_t)t * h, Ly->ln2, h, m->eps, w.xn + (size_t)t * h);
-                prep_token(act, t, w.xn + (size_t)t * h, h, forms);
-            }
-            act->x = w.xn;
-        act->forms = forms;
-            act->ldx = h;
+            norm_into_act(act, m, w.x, Ly->ln2, rows, NULL, w.xn, forms_of(m, &Ly->gate, &Ly->up, NULL));
             {
                 mh_part gu[2] = {{&Ly->gate, NULL, w.gu, 2 * I, 0}, {&Ly->up, NULL, w.gu + I, 2 * I, 0}};
                 matmul(gu, 2, act);
             }
 #pragma omp barrier
             act->K = I;
-            forms = act_form(Ly->down.format, m->int8_activations);
+            const int down_forms = act_form(Ly->down.format, m->int8_activations);
 #pragma omp for schedule(static)
             for (int t = 0; t < rows; t++) {
                 const float *g = w.gu + (size_t)t * 2 * I;
                 float *a = w.xn + (size_t)t * I;
                 silu_mul_row(g, g + I, I, a);
-                prep_token(act, t, a, I, forms);
+                prep_token(act, t, a, I, down_forms);
             }
             act->x = w.xn;
-        act->forms = forms;
+            act->forms = down_forms;
             act->ldx = I;
             {
                 mh_part down = {&Ly->down, NULL, w.x, h, 1};
@@ -281,18 +279,8 @@ int mh_forward(const mh_model *m, mh_step *s) {
         }
 
         /* final norm and lm_head for the logits' rows */
-        act->T = L;
-        act->K = h;
-        const int forms = act_form(m->lm_head.format, m->int8_activations);
-#pragma omp for schedule(static)
-        for (int i = 0; i < L; i++) {
-            const int t = compacted ? i : s->logits_idx[i];
-            rms_norm_row(w.x + (size_t)t * h, m->final_norm, h, m->eps, w.xn + (size_t)i * h);
-            prep_token(act, i, w.xn + (size_t)i * h, h, forms);
-        }
-        act->x = w.xn;
-        act->forms = forms;
-        act->ldx = h;
+        norm_into_act(act, m, w.x, m->final_norm, L, compacted ? NULL : s->logits_idx, w.xn,
+                      act_form(m->lm_head.format, m->int8_activations));
         {
             mh_part head = {&m->lm_head, NULL, s->logits, V, 0};
             matmul(&head, 1, act);
