@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, ISAS, MatrixStruct, _compiler, compile_c,
                                                      cpu_features, cpu_isas, isa_flags, load_kernel)
-from multihead_nb.backends.native.quant import FORMATS, PackedMatrix, ggml_type, quantize
+from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, PackedMatrix, ggml_type, interleave, quantize
 
 pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
                                 reason="no C compiler here: the fused CPU kernel cannot be built")
@@ -36,6 +35,8 @@ DRIVER = Path(__file__).with_name("c") / "kernel_driver.c"
 COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q5_0": 96, "q5_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
 ROWS = 37
 X86_INT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # x86 builds: int8 activations (mh_dot_x86_int.h)
+BLOCK_FORMATS = [f for f in FORMATS if f not in INTERLEAVED.values()]  # what every build reads
+X86_ISAS = [i for i in cpu_isas() if i.startswith("avx")]
 
 
 def random_matrix(fmt: str, rows: int, cols: int, seed: int) -> PackedMatrix:
@@ -71,8 +72,8 @@ def quantized_acts(X: np.ndarray) -> np.ndarray:
 
 def reference(pm: PackedMatrix, X: np.ndarray, isa: str, int8: bool = True) -> np.ndarray:
     """[T, rows] float64: what the build computes (`int8`: the model's int8_activations), up to float32 rounding."""
-    W = gguf_dequantize(pm.data.numpy(), ggml_type(pm.format)).reshape(pm.rows, pm.cols).astype(np.float64)
-    x86_int8 = int8 and isa.startswith("avx") and pm.format in X86_INT_FORMATS
+    W = pm.dequantize().double().numpy()
+    x86_int8 = isa.startswith("avx") and (int8 and pm.format in X86_INT_FORMATS or pm.format in INTERLEAVED.values())
     if pm.format != "bf16" and (isa.startswith("neon") or x86_int8):
         Xr = quantized_acts(X)
     elif pm.format == "bf16" and "bf16" in isa:  # vdpbf16ps: activations in bfloat16
@@ -116,7 +117,7 @@ def kernel(request):
 
 
 @pytest.mark.parametrize("int8", [True, False], ids=["int8-activations", "float32-activations"])
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
 def test_product_per_format(kernel, fmt, int8):
     pm = random_matrix(fmt, ROWS, COLS[fmt], seed=1)
     X = inputs(pm.cols, 53, seed=2)  # 53 token rows: two token blocks, partial tiles
@@ -134,6 +135,39 @@ def test_product_per_format(kernel, fmt, int8):
         assert np.array_equal(row, ref[r])
 
 
+
+
+@pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("fmt", sorted(INTERLEAVED))
+def test_interleaved_product(isa, fmt):
+    """x86's layouts with 8 rows interleaved: the plain blocks' products up to float32 rounding, a token row's
+    result the same alone or in any batch, the thread split and the embedding lookup as exact as the plain rows'."""
+    kernel = load_kernel(isa)
+    plain = random_matrix(fmt, 40, 96, seed=1)
+    pm = interleave(plain)
+    assert pm.format == INTERLEAVED[fmt] and pm.nbytes == plain.nbytes
+    X = inputs(pm.cols, 53, seed=2)  # 53 token rows: two token blocks, partial tiles
+    full = product(kernel, pm, X)
+    check_product(full.astype(np.float64), pm, X, isa)
+    rows = product(kernel, plain, X)
+    assert np.abs(full - rows).max() <= 1e-5 * np.abs(rows).max()  # the same sums, in another order
+    for t in (0, 1, 50):
+        assert np.array_equal(product(kernel, pm, X[t:t + 1])[0], full[t])
+    assert np.array_equal(product(kernel, pm, X[48:51])[1], full[49])
+    assert np.array_equal(product(kernel, pm, X, threads=1), full)
+    row = np.empty(pm.cols, dtype=np.float32)
+    ref = plain.dequantize().numpy()
+    for r in (0, 13, 39):
+        kernel.lib.mh_dequant_row(ctypes.byref(_matrix(pm)), r, row.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        assert np.array_equal(row, ref[r])
+
+
+def test_who_reads_interleaved_rows():
+    """Only x86 builds with int8 activations are handed interleaved rows (the others have no kernel for them)."""
+    for isa in cpu_isas():
+        kernel = load_kernel(isa)
+        assert kernel.reads_interleaved(True) == isa.startswith("avx")
+        assert not kernel.reads_interleaved(False)
 
 
 @pytest.mark.parametrize("isa", [i for i in cpu_isas() if i != "scalar"])  # the scalar build: float32 only
@@ -182,7 +216,7 @@ def run_neon(driver, mode: int, pm: PackedMatrix, X: np.ndarray | None = None) -
     return out.reshape(T, pm.rows) if mode == 0 else out.reshape(pm.rows, pm.cols)
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
 def test_neon_product_per_format(neon_driver, fmt):
     pm = random_matrix(fmt, ROWS, COLS[fmt], seed=1)
     X = inputs(pm.cols, 53, seed=2)

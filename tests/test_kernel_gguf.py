@@ -1,5 +1,5 @@
 """GGUF weights in the fused kernel: the file's blocks run as they are (no dequantized copy, llama-arch q/k rows
-re-ordered as whole rows), charged to the pool at their packed size, against the float32 reference on the same
+re-ordered as whole rows; on x86 with int8 activations a copy with rows interleaved 8 at a time), charged to the pool at their packed size, against the float32 reference on the same
 file (the PyTorch path, dequantized)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from multihead_nb.memory import Arena  # noqa: E402
 from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec  # noqa: E402
 from multihead_nb.backends.native.cpu_kernel import _compiler  # noqa: E402
 from multihead_nb.backends.native.kernel_weights import gguf_packed_bytes  # noqa: E402
+from multihead_nb.backends.native.quant import INTERLEAVED, deinterleave  # noqa: E402
 from multihead_nb.testing.gguf_checkpoints import write_gguf  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
@@ -53,9 +54,14 @@ def test_gguf_blocks_run_packed(tiny_ckpt, tmp_path, family, weight_type):
         assert "bf16" in weights.formats
     else:
         assert fmt in weights.formats
-        # a matrix that needs no re-ordering is the file's own bytes, not a copy
         t = spec.gguf.tensors["blk.0.ffn_down.weight"]
         m = weights.layers[0].mats["down"]
+        if kernel.fused.kernel.reads_interleaved(True):  # x86, int8 activations: a copy with 8 rows side by side
+            assert m.format == INTERLEAVED[fmt] and np.array_equal(deinterleave(m).data.numpy().reshape(-1), t.raw)
+        # with float32 activations, a matrix that needs no re-ordering is the file's own bytes, not a copy
+        f32 = ModelRunner(spec, Arena(8, 1 << 16, device="cpu"), dtype=torch.bfloat16, device="cpu", kernel=True,
+                          activations="float32")
+        m = f32.fused.weights.layers[0].mats["down"]
         assert m.data.data_ptr() == t.raw.ctypes.data and np.array_equal(m.data.numpy().reshape(-1), t.raw)
     assert kernel.weight_nbytes() == gguf_packed_bytes(spec)
     ref = ModelRunner(spec, Arena(8, 1 << 17, device="cpu"), dtype=torch.float32, device="cpu", kernel=False)

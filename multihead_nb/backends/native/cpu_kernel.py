@@ -91,11 +91,17 @@ class CpuKernel:
         self.lib.mh_matmul_test.restype = ctypes.c_int
         self.lib.mh_dequant_row.argtypes = [ctypes.POINTER(MatrixStruct), ctypes.c_int, _f32p]
         self.lib.mh_isa.restype = ctypes.c_char_p
+        self.lib.mh_reads_interleaved.argtypes = [ctypes.c_int]
+        self.lib.mh_reads_interleaved.restype = ctypes.c_int
 
     @property
     def isa(self) -> str:
         """e.g. "avx2+fma", "avx512+bf16", "neon+dotprod", "scalar"."""
         return self.lib.mh_isa().decode()
+
+    def reads_interleaved(self, int8_activations: bool) -> bool:
+        """Whether this build multiplies rows interleaved 8 at a time (`quant.interleave`) with these activations."""
+        return bool(self.lib.mh_reads_interleaved(int(int8_activations)))
 
     def forward(self, model: ModelStruct, step: StepStruct) -> int:
         return self.lib.mh_forward(ctypes.byref(model), ctypes.byref(step))

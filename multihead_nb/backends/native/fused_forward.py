@@ -1,9 +1,9 @@
 """The fused CPU forward: one Llama-family forward over a `ForwardBatch` of any length as one call into
 `cpu_decode.c`, logits included.
 
-Owns: describing a model's packed weights (`KernelWeights`) and its arena pages to the kernel (built once per
-model), and turning a `ForwardBatch` into the kernel's per-step arguments (built once per forward), with the checks
-the C code relies on (token ids, positions, page ids). Knows nothing of requests or scheduling; whether a model runs
+Owns: describing a model's packed weights (`KernelWeights`, rows interleaved where the build reads them so) and its
+arena pages to the kernel (built once per model), and turning a `ForwardBatch` into the kernel's per-step arguments
+(built once per forward), with the checks the C code relies on (token ids, positions, page ids). Knows nothing of requests or scheduling; whether a model runs
 here is the runner's choice (`unsupported` says which shapes cannot).
 """
 
@@ -52,6 +52,8 @@ class FusedForward:
                  layout: KVLayout, page_bytes: int, int8_activations: bool = True):
         assert arena_data.dtype == torch.uint8 and arena_data.is_contiguous() and page_bytes % 2 == 0
         assert layout.dtype == torch.bfloat16, "the kernel keeps K/V in bfloat16"
+        if kernel.reads_interleaved(int8_activations):
+            weights.interleave_rows()  # 8 rows side by side, as this build's integer products read them
         self.kernel, self.spec, self.weights = kernel, spec, weights
         self.rope = RotaryTable(spec, torch.float32, torch.device("cpu"))
         self._cos = self._sin = None

@@ -4,7 +4,8 @@ each in its own format), norms and biases float32.
 Owns: turning a dense weight dict (Hugging Face names, from `weight_files.load_weights`) into that set, quantizing
 at load when asked (`quantize="q8_0"` etc.: the layers' matrices in that format, the embedding / lm_head in Q8_0
 for the 4-bit formats, as llama.cpp keeps its output matrix above 4 bits), taking packed matrices as they are
-(GGUF tensors, no dequantized copy), why a model cannot be packed (`problem`), and the bytes held. Knows nothing
+(GGUF tensors, no dequantized copy), interleaving rows where the kernel asks (`interleave_rows`), why a model
+cannot be packed (`problem`), and the bytes held. Knows nothing
 of the kernel's structs (`fused_forward.py`) nor of files.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .loader import ModelSpec
-from .quant import QUANTIZABLE, PackedMatrix, quantize, shape_problem
+from .quant import INTERLEAVED, QUANTIZABLE, PackedMatrix, interleave, quantize, shape_problem
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 HF_NAMES = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
@@ -173,6 +174,23 @@ class KernelWeights:
         weights.clear()
         formats = {m.format for L in layers for m in L.mats.values()} | {embed.format, lm_head.format}
         return cls(layers, embed, lm_head, norm, formats)
+
+    def interleave_rows(self) -> bool:
+        """Replace each Q8_0 / Q4_0 / Q4_1 matrix by its copy with rows interleaved 8 at a time (`quant.interleave`;
+        the embedding only where it is the lm_head, else it stays as it is for the lookup). Only where every matrix
+        has rows in multiples of 8 (the kernel splits a group of matrices between threads in 8-row blocks);
+        whether it did. The same bytes, so `nbytes` does not change; a GGUF file's matrices become copies."""
+        mats = [m for L in self.layers for m in L.mats.values()] + [self.lm_head]
+        if any(m.rows % 8 for m in mats) or not any(m.format in INTERLEAVED for m in mats):
+            return False
+        swap = lambda m: interleave(m) if m.format in INTERLEAVED else m  # noqa: E731
+        for L in self.layers:
+            L.mats = {k: swap(m) for k, m in L.mats.items()}
+        tied = self.lm_head is self.embed
+        self.lm_head = swap(self.lm_head)
+        if tied:
+            self.embed = self.lm_head
+        return True
 
     def dense(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The same weights dequantized into `dtype`, by Hugging Face name (for the PyTorch path)."""

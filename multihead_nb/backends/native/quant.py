@@ -1,10 +1,11 @@
 """Weight matrices kept packed as the fused CPU kernel reads them: bfloat16 rows, or GGUF blocks (Q8_0, Q5_0, Q5_1,
-Q4_0, Q4_1, Q4_K, Q6_K) row after row, exactly as a GGUF file stores them.
+Q4_0, Q4_1, Q4_K, Q6_K) row after row, exactly as a GGUF file stores them, or Q8_0 / Q4_0 / Q4_1 blocks with each 8
+rows interleaved (`interleave`: x86's integer products read 8 rows at once).
 
 Owns: the formats' names, block sizes and the kernel's ids for them; `PackedMatrix` (format, shape, the bytes);
 quantizing a dense matrix at load (`quantize`, llama.cpp's reference rounding as the `gguf` package implements it:
 Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, and bfloat16); wrapping a GGUF tensor's raw bytes (`from_ggml`, no copy); dequantizing (for the
-PyTorch path and for tests). Knows nothing of models, files or the kernel's code.
+PyTorch path and for tests); interleaving rows and undoing it. Knows nothing of models, files or the kernel's code.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ FORMATS = {
     "q5_1": (8, 32, 24),
     "q4_k": (5, 256, 144),
     "q6_k": (6, 256, 210),
+    # the same blocks with each 8 rows interleaved (`interleave`): what x86's integer products read fastest
+    "q8_0x8": (9, 32, 34),
+    "q4_0x8": (10, 32, 18),
+    "q4_1x8": (11, 32, 20),
 }
+INTERLEAVED = {"q8_0": "q8_0x8", "q4_0": "q4_0x8", "q4_1": "q4_1x8"}  # block format -> its interleaved layout
+_BASE = {v: k for k, v in INTERLEAVED.items()}
+_HEAD_BYTES = {"q8_0": 2, "q4_0": 2, "q4_1": 4}  # the half-precision fields before a block's quants
 QUANTIZABLE = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "bf16")  # what `quantize=` can make from a dense model
 
 
@@ -64,6 +72,8 @@ class PackedMatrix:
 
     def __post_init__(self):
         problem = shape_problem(self.format, self.cols)
+        if not problem and self.format in _BASE and self.rows % 8:
+            problem = f"{self.rows} rows are not whole groups of 8 rows ({self.format})"
         if problem:
             raise ValueError(problem)
         assert self.data.dtype == torch.uint8 and self.data.is_contiguous()
@@ -84,10 +94,14 @@ class PackedMatrix:
 
     def select_rows(self, index: torch.Tensor) -> PackedMatrix:
         """Rows `index` (a row permutation of packed rows is a gather of whole rows)."""
+        if self.format in _BASE:
+            return deinterleave(self).select_rows(index)
         return PackedMatrix(self.format, int(index.numel()), self.cols, self.data.index_select(0, index).contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`[rows, cols]` in `dtype`, by the `gguf` package's reference dequantization."""
+        if self.format in _BASE:
+            return deinterleave(self).dequantize(dtype)
         if self.format == "bf16":
             return self.data.view(torch.bfloat16).to(dtype)
         from gguf.quants import dequantize
@@ -128,3 +142,36 @@ def from_ggml(raw, qtype, shape: tuple[int, int]) -> PackedMatrix:
     data = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.asarray(raw))
     data = data.view(torch.uint8).reshape(rows, -1)
     return PackedMatrix(fmt, rows, cols, data.contiguous())
+
+
+def _split(pm: PackedMatrix, base: str) -> tuple[int, int, int, int]:
+    """(groups of 8 rows, blocks per row, block bytes, bytes before the quants) of `pm` in `base`'s blocks."""
+    return pm.rows // 8, pm.cols // 32, FORMATS[base][2], _HEAD_BYTES[base]
+
+
+def interleave(pm: PackedMatrix) -> PackedMatrix:
+    """`pm` (Q8_0, Q4_0 or Q4_1, rows a multiple of 8) with each 8 rows interleaved, a copy: per group of 8 rows and
+    block b, each half-precision field of the 8 blocks (d, then m for Q4_1) as 8 values side by side, then their
+    quants in 4-byte pieces, piece c of row i at 32 c + 4 i (mh_kernel.h; x86's mh_dot_x86_x8.h reads it)."""
+    if pm.format not in INTERLEAVED:
+        raise ValueError(f"{pm.format} has no interleaved layout (those have: {', '.join(INTERLEAVED)})")
+    if pm.rows % 8:
+        raise ValueError(f"{pm.rows} rows are not whole groups of 8 rows")
+    G, nb, bb, hb = _split(pm, pm.format)
+    blocks = pm.data.numpy().reshape(G, 8, nb, bb)  # [group, row, block, byte]
+    head = blocks[..., :hb].reshape(G, 8, nb, hb // 2, 2).transpose(0, 2, 3, 1, 4)  # [G, nb, field, row, 2]
+    quants = blocks[..., hb:].reshape(G, 8, nb, (bb - hb) // 4, 4).transpose(0, 2, 3, 1, 4)  # [G, nb, piece, row, 4]
+    out = np.concatenate([head.reshape(G, nb, 8 * hb), quants.reshape(G, nb, 8 * (bb - hb))], axis=2)
+    return PackedMatrix(INTERLEAVED[pm.format], pm.rows, pm.cols,
+                        torch.from_numpy(np.ascontiguousarray(out).reshape(pm.rows, nb * bb)))
+
+
+def deinterleave(pm: PackedMatrix) -> PackedMatrix:
+    """The block format's plain rows of an interleaved matrix (`interleave`'s inverse), a copy."""
+    base = _BASE[pm.format]
+    G, nb, bb, hb = _split(pm, base)
+    groups = pm.data.numpy().reshape(G, nb, 8 * bb)
+    head = groups[..., :8 * hb].reshape(G, nb, hb // 2, 8, 2).transpose(0, 3, 1, 2, 4)  # [G, row, nb, field, 2]
+    quants = groups[..., 8 * hb:].reshape(G, nb, (bb - hb) // 4, 8, 4).transpose(0, 3, 1, 2, 4)
+    out = np.concatenate([head.reshape(G, 8, nb, hb), quants.reshape(G, 8, nb, bb - hb)], axis=3)
+    return PackedMatrix(base, pm.rows, pm.cols, torch.from_numpy(np.ascontiguousarray(out).reshape(pm.rows, nb * bb)))

@@ -7,10 +7,11 @@
  * the lm_head for the rows whose logits are wanted (the last layer's o_proj and MLP run for those rows only).
  * Knows nothing of requests or which pages are whose (the block tables say), nor of Python.
  *
- * Weights are bfloat16 or GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), each matrix in its own format, read in place
- * (no dequantized copy); products are mh_matmul.h's, per instruction set mh_dot_*.h. The residual stream and every
- * product's input are float32 (bfloat16 for bfloat16 weights with AVX-512 BF16; int8 per 32 elements for quantized
- * weights on NEON, as llama.cpp does there).
+ * Weights are bfloat16 or GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), each matrix in its own format,
+ * read in place (no dequantized copy), or on x86 with int8 activations Q8_0 / Q4_0 / Q4_1 with rows interleaved 8
+ * at a time (a copy made at load); products are mh_matmul.h's, per instruction set mh_dot_*.h. The residual stream
+ * and every product's input are float32 (bfloat16 for bfloat16 weights with AVX-512 BF16; int8 per 32 elements
+ * for quantized weights on NEON and, by default, for the 32-element block formats on x86, as llama.cpp does).
  * Built at run time by cpu_kernel.py once per instruction set (-O3 plus that set's flags, -fopenmp), loaded with
  * ctypes; the OpenMP runtime is the one torch already loaded (same soname), so torch's threads and these are one
  * pool. Scratch memory is allocated per call.
@@ -317,6 +318,16 @@ int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int nu
 
 /* Row r of W as float32. */
 void mh_dequant_row(const mh_matrix *W, int r, float *out) { dequant_row(W, r, out); }
+
+/* Whether this build multiplies the interleaved layouts (MH_Q8_0X8, ...): x86 with int8 activations. */
+int mh_reads_interleaved(int int8) {
+#if defined(MH_ISA_X86)
+    return int8 != 0;
+#else
+    (void)int8;
+    return 0;
+#endif
+}
 
 /* The instruction set this build uses, as %mh status reports it. */
 const char *mh_isa(void) {

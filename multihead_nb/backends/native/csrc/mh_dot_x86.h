@@ -82,6 +82,7 @@ AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, i
 
 #include "mh_dot_x86_float.h"
 #include "mh_dot_x86_int.h"
+#include "mh_dot_x86_x8.h"
 
 /* ---- dispatch: the format and (NR, MT) as constants in each branch -------------------------------------- */
 #define MH_NR 1 /* the most rows and token rows of any tile */
@@ -96,7 +97,7 @@ static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
     const int bf = fmt == MH_BF16;
 #endif
     (void)T;
-    *nr = 1;
+    *nr = x8_base(fmt) ? 8 : 1; /* the interleaved layouts: row blocks of whole groups of 8 */
     *mt = bf ? 6 : 4;
 }
 
@@ -139,6 +140,7 @@ AI void q_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_
 #define MH_ROWS_BF16(M) bf16_rows(w, rb, nrows, a, t0, M, P, n0)
 #define MH_ROWS_Q(M) q_rows(FMT, w, rb, nrows, a, t0, M, P, n0)
 #define MH_ROWS_QI(M) qi_rows(FMT, w, rb, nrows, a, t0, M, P, n0)
+#define MH_ROWS_X8(M) x8_rows(FMT, w, rb, nrows, a, t0, M, P, n0)
 
 /* Rows n0 .. n0 + nrows - 1 of a part (w: the first one) against token rows t0 .. t0 + mt - 1. */
 static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, int mt,
@@ -163,6 +165,15 @@ static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
 #undef FMT
 #define FMT MH_Q5_1
     case MH_Q5_1: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
+#undef FMT
+#define FMT MH_Q8_0X8
+    case MH_Q8_0X8: MH_MT_Q(MH_ROWS_X8); break;
+#undef FMT
+#define FMT MH_Q4_0X8
+    case MH_Q4_0X8: MH_MT_Q(MH_ROWS_X8); break;
+#undef FMT
+#define FMT MH_Q4_1X8
+    case MH_Q4_1X8: MH_MT_Q(MH_ROWS_X8); break;
 #undef FMT
 #define FMT MH_Q4_K
     case MH_Q4_K: MH_MT_Q(MH_ROWS_Q); break;

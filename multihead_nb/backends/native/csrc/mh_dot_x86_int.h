@@ -13,9 +13,10 @@
 #ifndef MH_DOT_X86_INT_H
 #define MH_DOT_X86_INT_H
 
-/* The formats these kernels take (the others are dequantized to float32: mh_dot_x86.h). */
+/* The formats with integer products: these kernels', and the interleaved layouts' (mh_dot_x86_x8.h); the others
+ * are dequantized to float32 (mh_dot_x86.h). */
 static inline int int_dot_format(int fmt) {
-    return fmt == MH_Q8_0 || fmt == MH_Q4_0 || fmt == MH_Q4_1 || fmt == MH_Q5_0 || fmt == MH_Q5_1;
+    return fmt == MH_Q8_0 || fmt == MH_Q4_0 || fmt == MH_Q4_1 || fmt == MH_Q5_0 || fmt == MH_Q5_1 || x8_base(fmt);
 }
 
 /* One token row x [K] (K % 32 == 0) to int8 per 32-block: q = rint(x * 127 / amax), d = amax / 127, and d times

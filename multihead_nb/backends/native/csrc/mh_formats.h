@@ -17,15 +17,31 @@ static inline int fmt_block_elems(int fmt) { return fmt == MH_BF16 ? 1 : (fmt ==
 static inline int fmt_block_bytes(int fmt) {
     switch (fmt) {
     case MH_BF16: return 2;
-    case MH_Q8_0: return 34;  /* d f16, qs int8[32] */
-    case MH_Q4_0: return 18;  /* d f16, qs[16]: element i < 16 is qs[i] & 15, else qs[i - 16] >> 4; minus 8 */
-    case MH_Q4_1: return 20;  /* d f16, m f16, qs[16] as Q4_0's; d q + m */
+    case MH_Q8_0: case MH_Q8_0X8: return 34;  /* d f16, qs int8[32] */
+    case MH_Q4_0: case MH_Q4_0X8: return 18;  /* d f16, qs[16]: element i < 16 is qs[i] & 15, else qs[i - 16] >> 4; minus 8 */
+    case MH_Q4_1: case MH_Q4_1X8: return 20;  /* d f16, m f16, qs[16] as Q4_0's; d q + m */
     case MH_Q5_0: return 22;  /* d f16, qh[4] (bit i: element i's fifth bit), qs[16] as Q4_0's; minus 16 */
     case MH_Q5_1: return 24;  /* d f16, m f16, qh[4], qs[16]; d q + m */
     case MH_Q4_K: return 144; /* d f16, dmin f16, scales[12] (6-bit scale and min of 8 sub-blocks), qs[128] */
     case MH_Q6_K: return 210; /* ql[128] low 4 bits, qh[64] high 2 bits, scales int8[16], d f16 */
     default: return 0;
     }
+}
+
+/* The block format of an interleaved format (MH_Q8_0X8 -> MH_Q8_0, ...), 0 for the others. */
+static inline int x8_base(int fmt) {
+    return fmt == MH_Q8_0X8 ? MH_Q8_0 : fmt == MH_Q4_0X8 ? MH_Q4_0 : fmt == MH_Q4_1X8 ? MH_Q4_1 : 0;
+}
+
+/* Bytes before the quants in a block of an interleaved format's base: d (and m for Q4_1), 2 bytes each. */
+static inline int x8_head_bytes(int base) { return base == MH_Q4_1 ? 4 : 2; }
+
+/* Block b of row r of an interleaved matrix (data, row_bytes rb) put back as its base format's block. */
+static inline void x8_block(int fmt, const uint8_t *data, int64_t rb, int r, int b, uint8_t *out) {
+    const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = x8_head_bytes(base), i = r % 8;
+    const uint8_t *blk = data + (size_t)(r / 8) * 8 * rb + (size_t)b * 8 * bb;
+    for (int f = 0; f < hb / 2; f++) memcpy(out + 2 * f, blk + 16 * f + 2 * i, 2);
+    for (int c = 0; c < (bb - hb) / 4; c++) memcpy(out + hb + 4 * c, blk + 8 * hb + 32 * c + 4 * i, 4);
 }
 
 /* Q4_K's 6-bit scale and min of sub-block j (0..7) from its 12 scale bytes. */
@@ -113,13 +129,19 @@ static void dequant_row(const mh_matrix *W, int r, float *out) {
         for (int k = 0; k < W->cols; k++) out[k] = bf16_to_f32(rd16(row + 2 * (size_t)k));
         return;
     }
-    uint8_t u[32];
+    uint8_t u[32], blk[34];
     float dw, off[2];
     int sc[2];
+    const int base = x8_base(W->format), fmt = base ? base : W->format;
     for (int b = 0; b < W->cols / 32; b++) {
-        unpack32(W->format, row, b, u, &dw, sc, off);
+        if (base) {
+            x8_block(W->format, W->data, W->row_bytes, r, b, blk);
+            unpack32(fmt, blk, 0, u, &dw, sc, off);
+        } else {
+            unpack32(fmt, row, b, u, &dw, sc, off);
+        }
         for (int i = 0; i < 32; i++) {
-            const float v = W->format == MH_Q8_0 ? (float)(int8_t)u[i] : (float)u[i];
+            const float v = fmt == MH_Q8_0 ? (float)(int8_t)u[i] : (float)u[i];
             out[b * 32 + i] = dw * (float)sc[i / 16] * v + off[i / 16];
         }
     }

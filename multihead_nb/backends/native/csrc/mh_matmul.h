@@ -65,7 +65,8 @@ static inline int act_form(int fmt, int int8) {
     (void)int8;
     return fmt == MH_BF16 ? ACT_F : ACT_Q;
 #elif defined(MH_ISA_X86)
-    return fmt == MH_BF16 ? ACT_F : int8 && int_dot_format(fmt) ? ACT_Q : ACT_X;
+    /* the interleaved layouts have integer products only */
+    return fmt == MH_BF16 ? ACT_F : (int8 || x8_base(fmt)) && int_dot_format(fmt) ? ACT_Q : ACT_X;
 #else
     (void)int8;
     return fmt == MH_BF16 ? ACT_F : ACT_X;
@@ -126,11 +127,12 @@ static void prep_act(mh_act *a, const float *X, int ldx, int forms) {
 }
 
 
-/* This thread's share [*n0, *n1) of N rows, in blocks of 4 rows, contiguous per thread. */
+/* This thread's share [*n0, *n1) of N rows, in blocks of 8 rows (an interleaved layout's groups: its matrices,
+ * and those before it in a group of parts, have rows in multiples of 8), contiguous per thread. */
 static void share(int N, int *n0, int *n1) {
     int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    int blocks = (N + 3) / 4, per = (blocks + nt - 1) / nt;
-    int a = tid * per * 4, b = (tid + 1) * per * 4;
+    int blocks = (N + 7) / 8, per = (blocks + nt - 1) / nt;
+    int a = tid * per * 8, b = (tid + 1) * per * 8;
     *n0 = a < N ? a : N;
     *n1 = b < N ? b : N;
 }

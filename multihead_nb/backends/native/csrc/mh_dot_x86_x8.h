@@ -1,0 +1,90 @@
+/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8; mh_kernel.h describes the bytes):
+ * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2. llama.cpp repacks Q4_0 for
+ * AVX2 to the same end (rows side by side); this layout and its code are written here from that idea.
+ *
+ * A 32-byte load holds 4 quants of each of the 8 rows (lane i: row i); the token row's 4 matching int8 activations
+ * are broadcast to all lanes, so vpmaddubsw + vpmaddwd give each row's partial sum in its own lane: no horizontal
+ * sums, and each block's scales are one vector for the 8 rows (vcvtph2ps). Per block of 8 rows and token: 8
+ * broadcasts and 8 vpmaddubsw, one conversion and two FMAs (against, per row, a load, 2-5 integer operations, a
+ * horizontal sum's share and a scalar scale in mh_dot_x86_int.h).
+ * - Q4_0 / Q4_1: the nibbles stay unsigned (0..15); the offset (-8 d, or m) is added through the activations'
+ *   block sums, in a second accumulator. Low nibbles are elements 4c .. 4c + 3 of piece c, high nibbles 16 + 4c ..;
+ *   eight vpmaddubsw of 4-bit by 7-bit values sum in 16 bits without overflow (8 x 2 x 15 x 127 < 2^15).
+ * - Q8_0: signed quants, as |q| times the activations with q's signs (vpsignb), summed in 32 bits per piece.
+ * Each (row, token) result is one accumulator sequence over the blocks, the same alone or in any batch.
+ * Knows nothing of the tiling (mh_matmul.h). */
+#ifndef MH_DOT_X86_X8_H
+#define MH_DOT_X86_X8_H
+
+AI __m256i bcast4(const int8_t *p) { /* 4 int8 activations into every 32-bit lane */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* The 8 rows from w (their first byte; nb blocks) against token rows t0 .. t0 + MT - 1: res[t], lane i = row i. */
+AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
+    const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+    __m256 acc[4], corr[4];
+    for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * 8 * bb, *qs = blk + hb;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)); /* [8] the rows' scales */
+        if (base == MH_Q8_0) {
+            __m256i q[8];
+            for (int c = 0; c < 8; c++) q[c] = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            for (int t = 0; t < MT; t++) {
+                const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+                __m256i s = _mm256_setzero_si256(); /* [8] int32 */
+                for (int c = 0; c < 8; c++) {
+                    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q[c], q[c]),
+                                                           _mm256_sign_epi8(bcast4(x + 4 * c), q[c]));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                }
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[(size_t)(t0 + t) * (K / 32) + b]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
+            }
+        } else {
+            const __m256 off = base == MH_Q4_0 ? _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f))
+                                               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+            __m256i lo[4], hi[4];
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+                lo[c] = _mm256_and_si256(v, low4);
+                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            }
+            for (int t = 0; t < MT; t++) {
+                const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+                __m256i s = _mm256_setzero_si256(); /* [16] int16 */
+                for (int c = 0; c < 4; c++) {
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[c], bcast4(x + 4 * c)));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[c], bcast4(x + 16 + 4 * c)));
+                }
+                const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), scale, acc[t]);
+                corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
+            }
+        }
+    }
+    for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
+}
+
+/* nrows (a multiple of 8) rows from w, the first n0, against token rows t0 .. t0 + MT - 1, stored 8 at a time. */
+AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT,
+                const mh_part *P, int n0) {
+    __m256 res[4];
+    for (int g = 0; g < nrows; g += 8) {
+        tile_x8(fmt, w + (size_t)g * rb, a->K / 32, a, t0, MT, res);
+        const int n = n0 + g;
+        const __m256 bias = P->bias ? _mm256_loadu_ps(P->bias + n) : _mm256_setzero_ps();
+        for (int t = 0; t < MT; t++) {
+            float *o = P->out + (size_t)(t0 + t) * P->ldo + n;
+            const __m256 v = _mm256_add_ps(res[t], bias);
+            _mm256_storeu_ps(o, P->accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), v) : v);
+        }
+    }
+}
+
+#endif
