@@ -22,6 +22,7 @@ from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
 from multihead_nb.backends.native.cpu_kernel import _compiler, cpu_isas, load_kernel
 from multihead_nb.backends.native.fused_forward import FusedForward
 from multihead_nb.backends.native.kernel_weights import KernelWeights
+from multihead_nb.backends.native.quant import INTERLEAVED
 from multihead_nb.backends.native.weight_files import load_weights
 
 # Without a C compiler the kernel cannot exist and MultiHead uses its PyTorch path: skip, unless CI says a compiler
@@ -160,8 +161,26 @@ def test_quantized_kernel_matches_float32(tiny_ckpt, kernel, fmt):
     """Weights quantized at load, kept packed in the kernel; the reference runs the same quantized values dequantized
     in float32, so what remains is the kernel's own error (int8 activations per 32 elements, bfloat16 K/V)."""
     pair = Pair(tiny_ckpt("qwen2"), kernel, num_seqs=3, quantize=fmt)
-    assert pair.runners["kernel"].fused.weights.formats == {fmt} | {"q8_0"}
+    weights = pair.runners["kernel"].fused.weights
+    assert weights.formats == {fmt} | {"q8_0"}
+    if kernel.reads_interleaved(True) and fmt in INTERLEAVED:  # x86: its rows run interleaved 8 at a time
+        assert {m.format for L in weights.layers for m in L.mats.values()} == {INTERLEAVED[fmt]}
+        assert weights.lm_head.format == "q8_0x8" and weights.embed is weights.lm_head  # tied: one copy
     assert run_greedy(pair, tol=0.05) > 0.85
+
+
+def test_interleaving_needs_rows_in_eights(tiny_ckpt):
+    """Rows are interleaved only where every matrix has them in multiples of 8 (the kernel splits a group of
+    matrices between threads 8 rows at a time); the embedding of an untied model stays as it is for the lookup."""
+    for vocab, tied, expect in ((389, True, False), (392, False, True)):
+        spec = read_spec(tiny_ckpt("llama", vocab_size=vocab, tie_word_embeddings=tied))
+        weights = KernelWeights.build(spec, load_weights(spec, torch.float32), "q4_0")
+        before = weights.nbytes()
+        assert weights.interleave_rows() is expect
+        assert weights.nbytes() == before
+        formats = {m.format for L in weights.layers for m in L.mats.values()} | {weights.lm_head.format}
+        assert formats == ({"q4_0x8", "q8_0x8"} if expect else {"q4_0", "q8_0"})
+        assert weights.embed.format == "q8_0"
 
 
 def test_long_prefill_matches_float32(tiny_ckpt, kernel):
