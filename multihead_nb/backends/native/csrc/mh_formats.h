@@ -1,5 +1,6 @@
 /* The weight formats' blocks, element by element: GGUF's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K (layouts as llama.cpp's
- * ggml-common.h defines them; the code is written here from those layouts) and plain bfloat16.
+ * ggml-common.h defines them; the code is written here from those layouts), plain bfloat16, and Q8_0 / Q4_0 / Q4_1
+ * with rows interleaved 8 at a time (mh_kernel.h; read back block by block here, for the embedding lookup).
  *
  * Every quantized format is seen through one shape, 32 elements at a time ("a 32-block"): unsigned integers u
  * (signed for Q8_0), a float scale dw, an integer scale per 16 elements sc[2], and a float offset per 16 elements
