@@ -162,6 +162,27 @@ def test_interleaved_product(isa, fmt):
         assert np.array_equal(row, ref[r])
 
 
+def test_interleaved_layout_round_trip_and_errors():
+    """`interleave` is undone exactly by `deinterleave` (dequantize and select_rows go through it); the layouts refuse
+    what they cannot hold, naming it."""
+    from multihead_nb.backends.native.quant import deinterleave
+
+    for fmt in sorted(INTERLEAVED):
+        plain = random_matrix(fmt, 24, 64, seed=5)
+        pm = interleave(plain)
+        assert not np.array_equal(pm.data.numpy(), plain.data.numpy())
+        assert np.array_equal(deinterleave(pm).data.numpy(), plain.data.numpy())
+        assert torch.equal(pm.dequantize(), plain.dequantize())
+        index = torch.tensor([5, 0, 17])
+        assert np.array_equal(pm.select_rows(index).data.numpy(), plain.select_rows(index).data.numpy())
+    with pytest.raises(ValueError, match="q5_0 has no interleaved layout"):
+        interleave(random_matrix("q5_0", 8, 32, seed=6))
+    with pytest.raises(ValueError, match="12 rows are not whole groups of 8"):
+        interleave(random_matrix("q4_0", 12, 32, seed=6))
+    with pytest.raises(ValueError, match="12 rows are not whole groups of 8 rows \\(q8_0x8\\)"):
+        PackedMatrix("q8_0x8", 12, 32, torch.zeros(12, 34, dtype=torch.uint8))
+
+
 def test_who_reads_interleaved_rows():
     """Only x86 builds with int8 activations are handed interleaved rows (the others have no kernel for them)."""
     for isa in cpu_isas():
