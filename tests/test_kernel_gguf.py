@@ -1,6 +1,6 @@
 """GGUF weights in the fused kernel: the file's blocks run as they are (no dequantized copy, llama-arch q/k rows
-re-ordered as whole rows; on x86 with int8 activations a copy with rows interleaved 8 at a time), charged to the pool at their packed size, against the float32 reference on the same
-file (the PyTorch path, dequantized)."""
+re-ordered as whole rows; on x86 with int8 activations a copy with rows interleaved 8 at a time), charged to the
+pool at their packed size, against the float32 reference on the same file (the PyTorch path, dequantized)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 
 Owns: describing a model's packed weights (`KernelWeights`, rows interleaved where the build reads them so) and its
 arena pages to the kernel (built once per model), and turning a `ForwardBatch` into the kernel's per-step arguments
-(built once per forward), with the checks the C code relies on (token ids, positions, page ids). Knows nothing of requests or scheduling; whether a model runs
-here is the runner's choice (`unsupported` says which shapes cannot).
+(built once per forward), with the checks the C code relies on (token ids, positions, page ids). Knows nothing of
+requests or scheduling; whether a model runs here is the runner's choice (`unsupported` says which shapes cannot).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Owns: turning a dense weight dict (Hugging Face names, from `weight_files.load_w
 at load when asked (`quantize="q8_0"` etc.: the layers' matrices in that format, the embedding / lm_head in Q8_0
 for the 4-bit formats, as llama.cpp keeps its output matrix above 4 bits), taking packed matrices as they are
 (GGUF tensors, no dequantized copy), interleaving rows where the kernel asks (`interleave_rows`), why a model
-cannot be packed (`problem`), and the bytes held. Knows nothing
-of the kernel's structs (`fused_forward.py`) nor of files.
+cannot be packed (`problem`), and the bytes held. Knows nothing of the kernel's structs (`fused_forward.py`) nor of
+files.
 """
 
 from __future__ import annotations

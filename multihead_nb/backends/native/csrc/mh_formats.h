@@ -19,7 +19,8 @@ static inline int fmt_block_bytes(int fmt) {
     switch (fmt) {
     case MH_BF16: return 2;
     case MH_Q8_0: case MH_Q8_0X8: return 34;  /* d f16, qs int8[32] */
-    case MH_Q4_0: case MH_Q4_0X8: return 18;  /* d f16, qs[16]: element i < 16 is qs[i] & 15, else qs[i - 16] >> 4; minus 8 */
+    case MH_Q4_0: case MH_Q4_0X8: return 18; /* d f16, qs[16]: element i < 16 is qs[i] & 15, else qs[i - 16] >> 4;
+                                                 minus 8 */
     case MH_Q4_1: case MH_Q4_1X8: return 20;  /* d f16, m f16, qs[16] as Q4_0's; d q + m */
     case MH_Q5_0: return 22;  /* d f16, qh[4] (bit i: element i's fifth bit), qs[16] as Q4_0's; minus 16 */
     case MH_Q5_1: return 24;  /* d f16, m f16, qh[4], qs[16]; d q + m */
