@@ -51,6 +51,45 @@ AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, i
             res[r * MT + t] = s;
         }
 }
+/* Prefill: two rows x MT (<= 3) token rows, each (row, token) pair summed exactly as tile_bf16 sums it (the same two
+ * accumulators, the same order), the even elements of both rows first, then the odd ones: each token load serves
+ * both rows (10 loads for 12 FMAs, against 13 for one row x 6 token rows; loads bound that tile on Zen 3), and 16
+ * registers suffice: 12 accumulators, two rows' halves, one token's. Only for rows already in L2: from memory, two
+ * streams per thread read slower than one (decode keeps tile_bf16). */
+AI void tile_bf16x2(const uint8_t *w, int64_t rb, const mh_act *a, int t0, const int MT, float *res) {
+    const int K = a->K, K16 = K & ~15;
+    __m256 ae[2][3], ao[2][3];
+    for (int t = 0; t < MT; t++) ae[0][t] = ao[0][t] = ae[1][t] = ao[1][t] = _mm256_setzero_ps();
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    const float *x[3];
+    for (int t = 0; t < MT; t++) x[t] = a->f + (size_t)(t0 + t) * K;
+    const uint8_t *w1 = w + rb;
+    for (int k = 0; k < K16; k += 16) {
+        const __m256i *p0 = (const __m256i *)(w + 2 * (size_t)k), *p1 = (const __m256i *)(w1 + 2 * (size_t)k);
+        const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(p0), 16));
+        const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(p1), 16));
+        for (int t = 0; t < MT; t++) {
+            __m256 xe = _mm256_loadu_ps(x[t] + k);
+            __asm__("" : "+x"(xe)); /* one load for both rows: keeps the compiler from folding it into each FMA */
+            ae[0][t] = _mm256_fmadd_ps(e0, xe, ae[0][t]);
+            ae[1][t] = _mm256_fmadd_ps(e1, xe, ae[1][t]);
+        }
+        const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(p0), hi)); /* L1: loaded again */
+        const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(_mm256_loadu_si256(p1), hi));
+        for (int t = 0; t < MT; t++) {
+            __m256 xo = _mm256_loadu_ps(x[t] + k + 8);
+            __asm__("" : "+x"(xo));
+            ao[0][t] = _mm256_fmadd_ps(o0, xo, ao[0][t]);
+            ao[1][t] = _mm256_fmadd_ps(o1, xo, ao[1][t]);
+        }
+    }
+    for (int r = 0; r < 2; r++)
+        for (int t = 0; t < MT; t++) {
+            float s = hsum8(_mm256_add_ps(ae[r][t], ao[r][t]));
+            for (int k = K16; k < K; k++) s += bf16_to_f32(rd16(w + (size_t)r * rb + 2 * (size_t)k)) * x[t][k];
+            res[r * MT + t] = s;
+        }
+}
 #else
 /* One weight row against MT token rows in bfloat16, 64 elements a step, two accumulators per token row. */
 AI void tile_bf16_row(const uint16_t *w, int K, const mh_act *a, int t0, const int MT, float *res) {
@@ -86,25 +125,41 @@ AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, i
 
 /* ---- dispatch: the format and (NR, MT) as constants in each branch -------------------------------------- */
 #define MH_NR 1 /* the most rows and token rows of any tile */
+#define MH_BF16_PAIRS 8 /* token rows from which bfloat16 rows go two at a time */
 #define MH_MT 8
 
 /* The tile shape the driver asks for: one weight row (read as one stream) against up to 6 token rows for
- * bfloat16 (12 accumulators), 4 for quantized weights (8 accumulators and 4 registers of dequantized weights). */
+ * bfloat16 (12 accumulators) in decode, two rows against 3 in prefill (8+ token rows: tile_bf16x2), 4 token rows for
+ * quantized weights (8 accumulators and 4 registers of dequantized weights). */
 static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
 #ifdef MH_BF16_DOT
     const int bf = 0;
 #else
     const int bf = fmt == MH_BF16;
 #endif
-    (void)T;
     *nr = x8_base(fmt) ? 8 : 1; /* the interleaved layouts: row blocks of whole groups of 8 */
-    *mt = bf ? 6 : 4;
+    *mt = bf ? (T >= MH_BF16_PAIRS ? 3 : 6) : 4;
 }
 
 /* nrows consecutive rows against one token tile (MT constant): the tile inlined in the row loop, results stored. */
 AI void bf16_rows(const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT, const mh_part *P,
                   int n0) {
     float res[6];
+#ifndef MH_BF16_DOT
+    if (a->T >= MH_BF16_PAIRS && MT <= 3) { /* prefill: rows from L2, two at a time (tile_shape) */
+        int n = 0;
+        for (; n + 2 <= nrows; n += 2) {
+            tile_bf16x2(w + (size_t)n * rb, rb, a, t0, MT, res);
+            store_out(P, n0 + n, t0, MT, res);
+            store_out(P, n0 + n + 1, t0, MT, res + MT);
+        }
+        if (n < nrows) {
+            tile_bf16(w + (size_t)n * rb, rb, 1, a, t0, MT, res);
+            store_out(P, n0 + n, t0, MT, res);
+        }
+        return;
+    }
+#endif
     for (int n = 0; n < nrows; n++) {
         tile_bf16(w + (size_t)n * rb, rb, 1, a, t0, MT, res);
         store_out(P, n0 + n, t0, MT, res);
