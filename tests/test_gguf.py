@@ -26,7 +26,7 @@ from multihead_nb.testing import tiny_checkpoint
 from multihead_nb.testing.gguf_checkpoints import llama_cpp_permute, write_gguf
 
 FAMILIES = ("llama", "qwen2", "qwen3")
-TYPES = ("F32", "BF16", "Q8_0", "Q4_0")
+TYPES = ("F32", "BF16", "Q8_0", "Q4_0", "Q5_1")
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,9 @@ def _random_blocks(t: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     n = rows * cols // elems
     raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
     halves = lambda k: rng.uniform(-2, 2, size=(n, k)).astype(np.float16).view(np.uint8)  # noqa: E731
-    if t in (T.Q8_0, T.Q4_0):
+    if t in (T.Q8_0, T.Q4_0, T.Q5_0):
         raw[:, 0:2] = halves(1)
-    elif t in (T.Q4_1, T.Q4_K, T.Q5_K):
+    elif t in (T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K):
         raw[:, 0:4] = halves(2)
     elif t == T.Q6_K:
         raw[:, 208:210] = halves(1)
@@ -90,8 +90,8 @@ def test_dequantize_in_chunks(monkeypatch):
 
 def test_dequantize_rejects_unknown_types_and_sizes():
     raw = _random_blocks(T.Q8_0, 2, 64)
-    with pytest.raises(ValueError, match="Q5_0 is not supported"):
-        dequantize(raw.reshape(-1), T.Q5_0, (2, 64), torch.float32)
+    with pytest.raises(ValueError, match="MXFP4 is not supported"):
+        dequantize(raw.reshape(-1), T.MXFP4, (2, 64), torch.float32)
     with pytest.raises(ValueError, match="needs 136 bytes"):
         dequantize(raw.reshape(-1)[:-1], T.Q8_0, (2, 64), torch.float32)
     with pytest.raises(ValueError, match="not whole Q8_0 blocks"):
@@ -153,7 +153,7 @@ def test_weights_match_the_dequantized_reference(files, family, weight_type):
         n = next((h for key, h in heads.items() if key in name), None) if family == "llama" else None
         ours = llama_cpp_permute(w.numpy(), n) if n else w.numpy()  # back into llama.cpp's row order
         np.testing.assert_array_equal(ours, stored, err_msg=name)
-        tol = {"F32": 0, "BF16": 0.01, "Q8_0": 0.01, "Q4_0": 0.2}[weight_type]  # and near the original weights
+        tol = {"F32": 0, "BF16": 0.01, "Q8_0": 0.01, "Q4_0": 0.2, "Q5_1": 0.1}[weight_type]  # and near the original weights
         assert float((w - hf[name]).abs().max()) <= tol * max(1.0, float(hf[name].abs().max())), name
 
 
@@ -325,8 +325,8 @@ def _bad_files(files, tmp_path) -> dict:
     bad[off:off + 4] = (999).to_bytes(4, "little")
     (tmp_path / "qtype.gguf").write_bytes(bytes(bad))
     out["unknown-type"] = (tmp_path / "qtype.gguf", "tensor 'blk.1.ffn_up.weight' has GGML type 999")
-    out["unsupported-type"] = (write_gguf(folder, tmp_path / "q5.gguf", "Q5_0"),
-                               "type the native runner cannot load .*is Q5_0.*supported: F32")
+    out["unsupported-type"] = (write_gguf(folder, tmp_path / "mxfp4.gguf", "MXFP4"),
+                               "type the native runner cannot load .*is MXFP4.*supported: F32")
     out["missing-tensor"] = (write_gguf(folder, tmp_path / "drop.gguf", drop=("blk.1.ffn_down.weight",)),
                              "lacks tensors blk.1.ffn_down.weight")
     out["no-tokenizer"] = (write_gguf(folder, tmp_path / "notok.gguf", tokenizer=False), "holds no tokenizer")

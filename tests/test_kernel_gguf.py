@@ -42,7 +42,7 @@ def run(runner, ids, pages, follow=None):
 
 
 @pytest.mark.parametrize("family,weight_type", [("llama", "Q4_1"), ("llama", "Q8_0"), ("qwen2", "Q4_0"),
-                                                ("llama", "F16")])
+                                                ("qwen2", "Q5_0"), ("llama", "Q5_1"), ("llama", "F16")])
 def test_gguf_blocks_run_packed(tiny_ckpt, tmp_path, family, weight_type):
     file = tmp_path / f"{family}-{weight_type}.gguf"
     write_gguf(tiny_ckpt(family), file, weight_type)
@@ -56,8 +56,10 @@ def test_gguf_blocks_run_packed(tiny_ckpt, tmp_path, family, weight_type):
         assert fmt in weights.formats
         t = spec.gguf.tensors["blk.0.ffn_down.weight"]
         m = weights.layers[0].mats["down"]
-        if kernel.fused.kernel.reads_interleaved(True):  # x86, int8 activations: a copy with 8 rows side by side
+        if kernel.fused.kernel.reads_interleaved(True) and fmt in INTERLEAVED:  # x86, int8: 8 rows side by side
             assert m.format == INTERLEAVED[fmt] and np.array_equal(deinterleave(m).data.numpy().reshape(-1), t.raw)
+        else:  # Q5_0 / Q5_1 (no interleaved layout), NEON, scalar: the file's own bytes
+            assert m.format == fmt and m.data.data_ptr() == t.raw.ctypes.data
         # with float32 activations, a matrix that needs no re-ordering is the file's own bytes, not a copy
         f32 = ModelRunner(spec, Arena(8, 1 << 16, device="cpu"), dtype=torch.bfloat16, device="cpu", kernel=True,
                           activations="float32")

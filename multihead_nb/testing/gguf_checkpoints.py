@@ -71,7 +71,8 @@ def write_gguf(folder: str | Path, file: str | Path, weight_type: str = "F32", *
 
     w = gguf.GGUFWriter(str(file), arch)
     w.add_name(folder.name)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if weight_type == "F32" else gguf.LlamaFileType[f"MOSTLY_{weight_type}"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if weight_type == "F32"
+                    else getattr(gguf.LlamaFileType, f"MOSTLY_{weight_type}", gguf.LlamaFileType.GUESSED))
     w.add_block_count(n_layers)
     w.add_context_length(cfg.get("max_position_embeddings", 2048))
     w.add_embedding_length(hidden)

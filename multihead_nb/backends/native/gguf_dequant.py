@@ -1,4 +1,5 @@
-"""GGUF weight blocks to dense tensors: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K, vectorized in torch.
+"""GGUF weight blocks to dense tensors: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K, vectorized
+in torch.
 
 Owns: each block format's layout (bytes per block, elements per block, where the scales and quants sit) and
 `dequantize(raw, ggml_type, shape, dtype, device)`, which turns a tensor's raw bytes (row-major blocks, as GGUF
@@ -55,6 +56,25 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:  # d, m: f16, qs: 16 bytes; w = d q 
     return torch.addcmul(_f16(b[:, 2:4]), q, _f16(b[:, 0:2]))
 
 
+_BIT_OF = torch.arange(32, dtype=torch.int64)  # element i's fifth bit is bit i of a Q5 block's qh
+
+
+def _q5(b: torch.Tensor, head: int) -> torch.Tensor:
+    """The 32 unsigned 5-bit quants of Q5_0 / Q5_1 blocks (`head` bytes of half-precision fields before qh) as
+    float32 [n, 32]: Q4_0's nibble order, and bit i of the little-endian 32-bit qh above element i's nibble."""
+    qh = b[:, head:head + 4].contiguous().view(torch.int32).long() & 0xFFFFFFFF  # [n, 1]
+    high = ((qh >> _BIT_OF) & 1) << 4  # [n, 32]
+    return (_nibbles(b[:, head + 4:head + 20]).flatten(1).long() | high).float()
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:  # d: f16, qh: 4 bytes, qs: 16 bytes; w = d (q - 16)
+    return _q5(b, 2).sub_(16.0).mul_(_f16(b[:, 0:2]))
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:  # d, m: f16, qh: 4 bytes, qs: 16 bytes; w = d q + m
+    return torch.addcmul(_f16(b[:, 2:4]), _q5(b, 4), _f16(b[:, 0:2]))
+
+
 def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 12 scale bytes of Q4_K/Q5_K → (scales, mins) float32 [n, 8], each 6 bits.
 
@@ -97,7 +117,8 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:  # ql: 128, qh: 64, scales: int8[16]
     return y.reshape(n, 256)
 
 
-_BLOCK_DECODERS = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k}
+_BLOCK_DECODERS = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q4_K: _q4_k,
+                   T.Q5_K: _q5_k, T.Q6_K: _q6_k}
 _FLOATS = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 SUPPORTED = tuple(_FLOATS) + tuple(_BLOCK_DECODERS)
 
