@@ -1,13 +1,14 @@
 """What each weight format costs in accuracy, on the real SmolLM2-135M-Instruct: MultiHead's fused kernel (bfloat16
-K/V; activations int8 per 32-block for the quantized formats, as llama.cpp's, except the K-quants on x86 and the
-scalar build, float32) against the float32 reference on the same dequantized weights,
-and llama.cpp's own greedy tokens on the same weights in the same format.
+K/V; activations int8 per 32-block for the quantized formats, as llama.cpp's, except in the scalar build, float32)
+against the float32 reference on the same dequantized weights, and llama.cpp's own greedy tokens on the same
+weights in the same format.
 
-    python -m bench.accuracy [--formats bf16 q8_0 q5_0 q4_0 q4_1] [--tokens 64] [--no-llama]
+    python -m bench.accuracy [--formats bf16 q8_0 q5_0 q4_0 q4_1 q4_k_m] [--tokens 64] [--no-llama]
                              [--activations int8 float32]
 
 Per format: the reference is the PyTorch path in float32 on the checkpoint quantized to that format and dequantized
-(for bf16, the checkpoint's bfloat16 values), so the numbers measure the kernel's own error, not the format's;
+(for bf16, the checkpoint's bfloat16 values; for formats only llama.cpp makes, Q4_K_M, the GGUF file
+`llama-quantize` writes, which both then load), so the numbers measure the kernel's own error, not the format's;
 the format's own cost is the reference of that format against the bf16 reference (greedy agreement). For each
 real chat prompt: the reference's greedy continuation of `--tokens` tokens; the kernel's logits at every position
 of prompt + that continuation (teacher forced, one forward) against the reference's (relative L2 distance, largest
@@ -58,13 +59,15 @@ def greedy(runner, pages: int, prompt: list[int], n: int) -> list[int]:
 
 
 def runner_for(spec, dtype, kernel: bool, fmt: str, tokens: int, activations: str | None = None):
+    """A runner of `spec` in `fmt` (quantized at load; a GGUF spec as its file holds it)."""
     from multihead_nb.memory import Arena
     from multihead_nb.backends.native import ModelRunner
 
     page_bytes = 64 * 1024
     pages = spec.kv_layout(dtype, page_bytes).pages_for(tokens) + 1
+    packed = fmt == "bf16" or spec.gguf is not None
     runner = ModelRunner(spec, Arena(pages, page_bytes), dtype=dtype, device="cpu", kernel=kernel,
-                         quantize=None if fmt == "bf16" else fmt, activations=activations)
+                         quantize=None if packed else fmt, activations=activations)
     return runner, pages
 
 
@@ -82,6 +85,7 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from multihead_nb.backends.native import read_spec
+    from multihead_nb.backends.native.quant import QUANTIZABLE
 
     from . import llama_cpp, llama_gguf
     from .real_model import real_checkpoint
@@ -95,7 +99,12 @@ def main(argv=None) -> None:
     tools = None if args.no_llama else llama_cpp.build()
     rows, base_tokens = [], None
     for fmt in args.formats:
-        ref, ref_pages = runner_for(spec, torch.float32, False, fmt, total)
+        fspec = spec
+        if fmt not in QUANTIZABLE:  # a format only llama.cpp makes: its GGUF file, for the reference and the kernel
+            if tools is None:
+                raise SystemExit(f"{fmt}: made by llama-quantize, so it needs llama.cpp (drop --no-llama)")
+            fspec = read_spec(str(llama_gguf.checkpoint_gguf(folder, fmt, tools)))
+        ref, ref_pages = runner_for(fspec, torch.float32, False, fmt, total)
         server = None if tools is None else llama_cpp.LlamaServer(
             tools, llama_gguf.checkpoint_gguf(folder, fmt, tools), parallel=1, threads=args.threads)
         llama_same, fmt_same, ref_tokens_all = 0, 0, []
@@ -111,7 +120,7 @@ def main(argv=None) -> None:
                 server.close()
         n_pos = args.tokens * len(prompts)
         for acts in args.activations[:1] if fmt == "bf16" else args.activations:
-            ker, ker_pages = runner_for(spec, torch.bfloat16, True, fmt, total, acts)
+            ker, ker_pages = runner_for(fspec, torch.bfloat16, True, fmt, total, acts)
             dist, maxabs, argmax_same, free_same = 0.0, 0.0, 0, 0
             for p, ref_tokens in zip(prompts, ref_tokens_all):
                 seq = p + ref_tokens[:-1]

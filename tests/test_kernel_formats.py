@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULT
 DRIVER = Path(__file__).with_name("c") / "kernel_driver.c"
 COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q5_0": 96, "q5_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
 ROWS = 37
-X86_INT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # x86 builds: int8 activations (mh_dot_x86_int.h)
+X86_INT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")  # x86: int8 activations (mh_dot_x86_int.h)
 BLOCK_FORMATS = [f for f in FORMATS if f not in INTERLEAVED.values()]  # what every build reads
 X86_ISAS = [i for i in cpu_isas() if i.startswith("avx")]
 

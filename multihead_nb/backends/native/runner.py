@@ -49,8 +49,7 @@ class ModelRunner:
     `activations`: how the kernel multiplies quantized weights: "int8" (the default) quantizes each 32-element block
     of a product's input to int8, as llama.cpp does, for integer products (faster; logits ~4e-2 from the float32
     reference instead of ~4e-3, see bench/README.md); "float32" multiplies the dequantized weights with float32
-    inputs. x86 builds do either for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (the K-quants always float32); NEON is always int8,
-    the scalar build always float32.
+    inputs. x86 builds do either for every quantized format; NEON is always int8, the scalar build always float32.
     """
 
     def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,

@@ -5,9 +5,10 @@
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
  * elements as 8 even then 8 odd (MH_F_CHUNK), one accumulator per (row, token) pair.
- * The 32-element block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) use integer products against int8 activations
- * (mh_dot_x86_int.h) unless the model asks for float32 activations; the K-quants (Q4_K, Q6_K), and those formats
- * then, are dequantized to float32 (mh_dot_x86_float.h). This file: the bfloat16 kernels and the dispatch. */
+ * The quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) use integer products against int8 activations
+ * (mh_dot_x86_int.h; Q8_0, Q4_0 and Q4_1 interleaved 8 rows at a time, mh_dot_x86_x8.h) unless the model asks for
+ * float32 activations; then they are dequantized to float32 (mh_dot_x86_float.h). This file: the bfloat16 kernels
+ * and the dispatch. */
 #ifndef MH_DOT_X86_H
 #define MH_DOT_X86_H
 
@@ -231,10 +232,10 @@ static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
     case MH_Q4_1X8: MH_MT_Q(MH_ROWS_X8); break;
 #undef FMT
 #define FMT MH_Q4_K
-    case MH_Q4_K: MH_MT_Q(MH_ROWS_Q); break;
+    case MH_Q4_K: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
 #define FMT MH_Q6_K
-    case MH_Q6_K: MH_MT_Q(MH_ROWS_Q); break;
+    case MH_Q6_K: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT
     default: break;
     }

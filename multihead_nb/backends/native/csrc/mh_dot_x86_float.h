@@ -1,6 +1,6 @@
 /* x86 products of quantized weights in float32 (AVX2 + FMA): each 32-block of a row dequantized into 4 registers
  * and multiplied with float32 activations; in prefill, rows dequantized once per token block into a scratch. What
- * the K-quants always use, and the 32-element block formats with activations="float32". Included by
+ * every quantized format uses with activations="float32". Included by
  * mh_dot_x86.h; knows nothing of the tiling (mh_matmul.h). */
 #ifndef MH_DOT_X86_FLOAT_H
 #define MH_DOT_X86_FLOAT_H

@@ -2,9 +2,9 @@
  * inside the forward's OpenMP region.
  *
  * Owns: preparing a product's input rows once per product ("activations": float32 reordered for the bfloat16
- * kernels, bfloat16 for vdpbf16ps, the float32 rows as they are for the K-quants on x86 and every quantized format
- * in the scalar build, or int8 per 32-block with its scale and sums, as llama.cpp quantizes activations to Q8_0,
- * for every quantized format on NEON and the 32-element block formats on x86), splitting the output rows of a
+ * kernels, bfloat16 for vdpbf16ps, the float32 rows as they are for every quantized format in the scalar build and
+ * on x86 with activations="float32", or int8 per 32-block with its scale and sums, as llama.cpp quantizes
+ * activations to Q8_0, for every quantized format on NEON and on x86 by default), splitting the output rows of a
  * group of matrices that share one input between threads, and tiling (NR weight rows x MT token rows per call of
  * the ISA's tile kernel, token rows in blocks that stay in cache). Knows nothing of layers; the per-ISA tile
  * kernels are mh_dot_*.h.
@@ -55,8 +55,8 @@ static inline void store_out(const mh_part *P, int n, int t0, int mt, const floa
 #endif
 
 /* What a format's products read: bfloat16 weights reordered float32 (bfloat16 with vdpbf16ps); quantized weights
- * int8 blocks (NEON's sdot, always; x86's vpmaddubsw for the 32-element block formats when `int8`, the model's
- * choice) or the float32 rows as they are. */
+ * int8 blocks (NEON's sdot, always; x86's vpmaddubsw when `int8`, the model's choice) or the float32 rows as they
+ * are. */
 static inline int act_form(int fmt, int int8) {
 #ifdef MH_BF16_DOT
     if (fmt == MH_BF16) return ACT_H;
