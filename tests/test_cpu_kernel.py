@@ -156,7 +156,7 @@ def test_kernel_matches_float32(tiny_ckpt, kernel, case):
     assert run_greedy(Pair(tiny_ckpt(family, **overrides), kernel, num_seqs=3)) > 0.9
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1"])
 def test_quantized_kernel_matches_float32(tiny_ckpt, kernel, fmt):
     """Weights quantized at load, kept packed in the kernel; the reference runs the same quantized values dequantized
     in float32, so what remains is the kernel's own error (int8 activations per 32 elements, bfloat16 K/V)."""

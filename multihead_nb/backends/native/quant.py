@@ -29,10 +29,13 @@ FORMATS = {
     "q8_0x8": (9, 32, 34),
     "q4_0x8": (10, 32, 18),
     "q4_1x8": (11, 32, 20),
+    "q5_0x8": (12, 32, 22),
+    "q5_1x8": (13, 32, 24),
 }
-INTERLEAVED = {"q8_0": "q8_0x8", "q4_0": "q4_0x8", "q4_1": "q4_1x8"}  # block format -> its interleaved layout
-_BASE = {v: k for k, v in INTERLEAVED.items()}
-_HEAD_BYTES = {"q8_0": 2, "q4_0": 2, "q4_1": 4}  # the half-precision fields before a block's quants
+INTERLEAVED = {"q8_0": "q8_0x8", "q4_0": "q4_0x8", "q4_1": "q4_1x8", "q5_0": "q5_0x8", "q5_1": "q5_1x8"}
+_BASE = {v: k for k, v in INTERLEAVED.items()}  # interleaved layout -> its block format
+_HEAD_BYTES = {"q8_0": 2, "q4_0": 2, "q4_1": 4, "q5_0": 2, "q5_1": 4}  # the half-precision fields before the quants
+_FIFTH_BITS = ("q5_0", "q5_1")  # a 4-byte qh after those fields
 QUANTIZABLE = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "bf16")  # what `quantize=` can make from a dense model
 
 
@@ -149,16 +152,37 @@ def _split(pm: PackedMatrix, base: str) -> tuple[int, int, int, int]:
     return pm.rows // 8, pm.cols // 32, FORMATS[base][2], _HEAD_BYTES[base]
 
 
+_SHIFTS = (4 * np.arange(8)[None, :] + np.arange(4)[:, None]).astype(np.uint32)  # [byte k, bit c]: qh bit 4 c + k
+
+
+def _fifth_bit_bytes(qh: np.ndarray) -> np.ndarray:
+    """uint8 [..., 4] (Q5's little-endian qh) -> uint8 [..., 4]: bit c of byte k is qh's bit 4 c + k."""
+    v = qh.copy().view(np.uint32)  # [..., 1]
+    bits = (v[..., None] >> _SHIFTS) & 1  # [..., 1, 4, 8]
+    return (bits << np.arange(8, dtype=np.uint32)).sum(-1, dtype=np.uint32).astype(np.uint8).reshape(qh.shape)
+
+
+def _qh_of(h: np.ndarray) -> np.ndarray:
+    """`_fifth_bit_bytes`' inverse."""
+    bits = (h[..., :, None].astype(np.uint32) >> np.arange(8, dtype=np.uint32)) & 1  # [..., 4, 8]
+    qh = (bits << _SHIFTS).sum((-2, -1), dtype=np.uint32)
+    return np.ascontiguousarray(qh[..., None]).view(np.uint8)
+
+
 def interleave(pm: PackedMatrix) -> PackedMatrix:
-    """`pm` (Q8_0, Q4_0 or Q4_1, rows a multiple of 8) with each 8 rows interleaved, a copy: per group of 8 rows and
-    block b, each half-precision field of the 8 blocks (d, then m for Q4_1) as 8 values side by side, then their
-    quants in 4-byte pieces, piece c of row i at 32 c + 4 i (mh_kernel.h; x86's mh_dot_x86_x8.h reads it)."""
+    """`pm` (Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1, rows a multiple of 8) with each 8 rows interleaved, a copy: per group of
+    8 rows and block b, each half-precision field of the 8 blocks (d, then m for Q4_1 / Q5_1) as 8 values side by
+    side, for Q5 each row's qh as 4 fifth-bit bytes (bit c of byte k: element 4 c + k's fifth bit) side by side, then
+    the quants in 4-byte pieces, piece c of row i at 32 c + 4 i (mh_kernel.h; x86's mh_dot_x86_x8.h reads it)."""
     if pm.format not in INTERLEAVED:
         raise ValueError(f"{pm.format} has no interleaved layout (those have: {', '.join(INTERLEAVED)})")
     if pm.rows % 8:
         raise ValueError(f"{pm.rows} rows are not whole groups of 8 rows")
     G, nb, bb, hb = _split(pm, pm.format)
     blocks = pm.data.numpy().reshape(G, 8, nb, bb)  # [group, row, block, byte]
+    if pm.format in _FIFTH_BITS:
+        blocks = blocks.copy()
+        blocks[..., hb:hb + 4] = _fifth_bit_bytes(blocks[..., hb:hb + 4])
     head = blocks[..., :hb].reshape(G, 8, nb, hb // 2, 2).transpose(0, 2, 3, 1, 4)  # [G, nb, field, row, 2]
     quants = blocks[..., hb:].reshape(G, 8, nb, (bb - hb) // 4, 4).transpose(0, 2, 3, 1, 4)  # [G, nb, piece, row, 4]
     out = np.concatenate([head.reshape(G, nb, 8 * hb), quants.reshape(G, nb, 8 * (bb - hb))], axis=2)
@@ -174,4 +198,6 @@ def deinterleave(pm: PackedMatrix) -> PackedMatrix:
     head = groups[..., :8 * hb].reshape(G, nb, hb // 2, 8, 2).transpose(0, 3, 1, 2, 4)  # [G, row, nb, field, 2]
     quants = groups[..., 8 * hb:].reshape(G, nb, (bb - hb) // 4, 8, 4).transpose(0, 3, 1, 2, 4)
     out = np.concatenate([head.reshape(G, 8, nb, hb), quants.reshape(G, 8, nb, bb - hb)], axis=3)
+    if base in _FIFTH_BITS:
+        out[..., hb:hb + 4] = _qh_of(out[..., hb:hb + 4])
     return PackedMatrix(base, pm.rows, pm.cols, torch.from_numpy(np.ascontiguousarray(out).reshape(pm.rows, nb * bb)))

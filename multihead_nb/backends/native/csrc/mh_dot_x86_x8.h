@@ -1,4 +1,5 @@
-/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8; mh_kernel.h describes the bytes):
+/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8; mh_kernel.h
+ * describes the bytes):
  * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2. llama.cpp repacks Q4_0 for
  * AVX2 to the same end (rows side by side); this layout and its code are written here from that idea.
  *
@@ -10,11 +11,20 @@
  * - Q4_0 / Q4_1: the nibbles stay unsigned (0..15); the offset (-8 d, or m) is added through the activations'
  *   block sums, in a second accumulator. Low nibbles are elements 4c .. 4c + 3 of piece c, high nibbles 16 + 4c ..;
  *   eight vpmaddubsw of 4-bit by 7-bit values sum in 16 bits without overflow (8 x 2 x 15 x 127 < 2^15).
+ * - Q5_0 / Q5_1: Q4's nibbles, each piece's fifth bits or-ed in from the block's fifth-bit bytes (one mask and one
+ *   shift per piece: bit c of byte k is element 4 c + k's); offsets -16 d or m; 5-bit values sum in 16 bits over
+ *   four pieces (4 x 2 x 31 x 127 < 2^15), so the low and the high nibbles' pieces each have their own sum.
  * - Q8_0: signed quants, as |q| times the activations with q's signs (vpsignb), summed in 32 bits per piece.
  * Each (row, token) result is one accumulator sequence over the blocks, the same alone or in any batch.
  * Knows nothing of the tiling (mh_matmul.h). */
 #ifndef MH_DOT_X86_X8_H
 #define MH_DOT_X86_X8_H
+
+/* Fifth-bit bytes H: bit b of each byte moved to 16 (b is a constant once inlined), the rest cleared. */
+AI __m256i fifth_x8(__m256i H, const int b) {
+    const __m256i x = _mm256_and_si256(H, _mm256_set1_epi8((char)(1 << b)));
+    return b < 4 ? _mm256_slli_epi16(x, 4 - b) : b > 4 ? _mm256_srli_epi16(x, b - 4) : x; /* within each byte */
+}
 
 AI __m256i bcast4(const int8_t *p) { /* 4 int8 activations into every 32-bit lane */
     int32_t v;
@@ -46,24 +56,39 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
             }
         } else {
-            const __m256 off = base == MH_Q4_0 ? _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f))
-                                               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+            const int q5 = base == MH_Q5_0 || base == MH_Q5_1, with_m = base == MH_Q4_1 || base == MH_Q5_1;
+            const __m256 off = with_m ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
+                                      : _mm256_mul_ps(dw, _mm256_set1_ps(q5 ? -16.0f : -8.0f));
+            const uint8_t *nib = qs + (q5 ? 32 : 0); /* Q5: the fifth-bit bytes come first */
             __m256i lo[4], hi[4];
             for (int c = 0; c < 4; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(nib + 32 * c));
                 lo[c] = _mm256_and_si256(v, low4);
                 hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             }
+            if (q5) {
+                const __m256i H = _mm256_loadu_si256((const __m256i *)qs);
+                lo[0] = _mm256_or_si256(lo[0], fifth_x8(H, 0));
+                lo[1] = _mm256_or_si256(lo[1], fifth_x8(H, 1));
+                lo[2] = _mm256_or_si256(lo[2], fifth_x8(H, 2));
+                lo[3] = _mm256_or_si256(lo[3], fifth_x8(H, 3));
+                hi[0] = _mm256_or_si256(hi[0], fifth_x8(H, 4));
+                hi[1] = _mm256_or_si256(hi[1], fifth_x8(H, 5));
+                hi[2] = _mm256_or_si256(hi[2], fifth_x8(H, 6));
+                hi[3] = _mm256_or_si256(hi[3], fifth_x8(H, 7));
+            }
             for (int t = 0; t < MT; t++) {
                 const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
-                __m256i s = _mm256_setzero_si256(); /* [16] int16 */
+                __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256(); /* [16] int16 each */
                 for (int c = 0; c < 4; c++) {
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[c], bcast4(x + 4 * c)));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[c], bcast4(x + 16 + 4 * c)));
+                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(lo[c], bcast4(x + 4 * c)));
+                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(hi[c], bcast4(x + 16 + 4 * c)));
                 }
+                const __m256i p = q5 ? _mm256_add_epi32(_mm256_madd_epi16(sl, ones), _mm256_madd_epi16(sh, ones))
+                                     : _mm256_madd_epi16(_mm256_add_epi16(sl, sh), ones); /* [8] int32 */
                 const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
                 const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb]));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), scale, acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
                 corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
             }
         }

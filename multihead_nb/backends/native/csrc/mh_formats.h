@@ -1,6 +1,6 @@
 /* The weight formats' blocks, element by element: GGUF's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K (layouts as llama.cpp's
- * ggml-common.h defines them; the code is written here from those layouts), plain bfloat16, and Q8_0 / Q4_0 / Q4_1
- * with rows interleaved 8 at a time (mh_kernel.h; read back block by block here, for the embedding lookup).
+ * ggml-common.h defines them; the code is written here from those layouts), plain bfloat16, and the 32-element
+ * formats with rows interleaved 8 at a time (mh_kernel.h; read back block by block here, for the embedding lookup).
  *
  * Every quantized format is seen through one shape, 32 elements at a time ("a 32-block"): unsigned integers u
  * (signed for Q8_0), a float scale dw, an integer scale per 16 elements sc[2], and a float offset per 16 elements
@@ -22,8 +22,9 @@ static inline int fmt_block_bytes(int fmt) {
     case MH_Q4_0: case MH_Q4_0X8: return 18; /* d f16, qs[16]: element i < 16 is qs[i] & 15, else qs[i - 16] >> 4;
                                                  minus 8 */
     case MH_Q4_1: case MH_Q4_1X8: return 20;  /* d f16, m f16, qs[16] as Q4_0's; d q + m */
-    case MH_Q5_0: return 22;  /* d f16, qh[4] (bit i: element i's fifth bit), qs[16] as Q4_0's; minus 16 */
-    case MH_Q5_1: return 24;  /* d f16, m f16, qh[4], qs[16]; d q + m */
+    case MH_Q5_0: case MH_Q5_0X8: return 22; /* d f16, qh[4] (bit i: element i's fifth bit), qs[16] as Q4_0's;
+                                                 minus 16 */
+    case MH_Q5_1: case MH_Q5_1X8: return 24; /* d f16, m f16, qh[4], qs[16]; d q + m */
     case MH_Q4_K: return 144; /* d f16, dmin f16, scales[12] (6-bit scale and min of 8 sub-blocks), qs[128] */
     case MH_Q6_K: return 210; /* ql[128] low 4 bits, qh[64] high 2 bits, scales int8[16], d f16 */
     default: return 0;
@@ -32,19 +33,35 @@ static inline int fmt_block_bytes(int fmt) {
 
 /* The block format of an interleaved format (MH_Q8_0X8 -> MH_Q8_0, ...), 0 for the others. */
 static inline int x8_base(int fmt) {
-    return fmt == MH_Q8_0X8 ? MH_Q8_0 : fmt == MH_Q4_0X8 ? MH_Q4_0 : fmt == MH_Q4_1X8 ? MH_Q4_1 : 0;
+    switch (fmt) {
+    case MH_Q8_0X8: return MH_Q8_0;
+    case MH_Q4_0X8: return MH_Q4_0;
+    case MH_Q4_1X8: return MH_Q4_1;
+    case MH_Q5_0X8: return MH_Q5_0;
+    case MH_Q5_1X8: return MH_Q5_1;
+    default: return 0;
+    }
 }
 
-/* Bytes before the quants in a block of an interleaved format's base: d (and m for Q4_1), 2 bytes each. */
-static inline int x8_head_bytes(int base) { return base == MH_Q4_1 ? 4 : 2; }
+/* Bytes before the quants in a block of an interleaved format's base: d (and m for Q4_1 / Q5_1), 2 bytes each. */
+static inline int x8_head_bytes(int base) { return base == MH_Q4_1 || base == MH_Q5_1 ? 4 : 2; }
 
 /* Block b of row r of an interleaved matrix (data, row_bytes rb) put back as its base format's block. */
 static inline void x8_block(int fmt, const uint8_t *data, int64_t rb, int r, int b, uint8_t *out) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = x8_head_bytes(base), i = r % 8;
-    if (bb - hb > 32) return; /* never (at most 32 bytes of quants); tells the compiler so */
+    const int q5 = base == MH_Q5_0 || base == MH_Q5_1, qb = bb - hb - 4 * q5; /* bytes of qs */
+    if (qb > 32) return; /* never (at most 32 bytes of quants); tells the compiler so */
     const uint8_t *blk = data + (size_t)(r / 8) * 8 * rb + (size_t)b * 8 * bb;
     for (int f = 0; f < hb / 2; f++) memcpy(out + 2 * f, blk + 16 * f + 2 * i, 2);
-    for (int c = 0; c < (bb - hb) / 4; c++) memcpy(out + hb + 4 * c, blk + 8 * hb + 32 * c + 4 * i, 4);
+    if (q5) { /* qh bit 4 c + k from bit c of fifth-bit byte k */
+        const uint8_t *h = blk + 8 * hb + 4 * i;
+        uint32_t qh = 0;
+        for (int k = 0; k < 4; k++)
+            for (int c = 0; c < 8; c++) qh |= (uint32_t)((h[k] >> c) & 1) << (4 * c + k);
+        memcpy(out + hb, &qh, 4);
+    }
+    const uint8_t *qs = blk + 8 * (bb - qb);
+    for (int c = 0; c < qb / 4; c++) memcpy(out + bb - qb + 4 * c, qs + 32 * c + 4 * i, 4);
 }
 
 /* Q4_K's 6-bit scale and min of sub-block j (0..7) from its 12 scale bytes. */

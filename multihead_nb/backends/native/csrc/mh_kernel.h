@@ -35,8 +35,10 @@ static inline int omp_get_thread_num(void) { return 0; }
 enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K = 6, MH_Q5_0 = 7, MH_Q5_1 = 8 };
 /* The same blocks with each 8 rows interleaved (quant.py's `interleave`, read by mh_dot_x86_x8.h): rows 8r .. 8r + 7
  * take 8 row_bytes together; block b of the 8 rows is 8 blocks' bytes: each half-precision field of the 8 (d, and
- * m for Q4_1) as 8 values side by side, then the quants in 4-byte pieces, piece c of row i at 32 c + 4 i. */
-enum { MH_Q8_0X8 = 9, MH_Q4_0X8 = 10, MH_Q4_1X8 = 11 };
+ * m for Q4_1 / Q5_1) as 8 values side by side, for Q5_0 / Q5_1 then 4 bytes per row of fifth bits (row i at 4 i;
+ * bit c of its byte k: the fifth bit of element 4 c + k, so that one mask per piece finds them), then the quants
+ * (qs) in 4-byte pieces, piece c of row i at 32 c + 4 i. */
+enum { MH_Q8_0X8 = 9, MH_Q4_0X8 = 10, MH_Q4_1X8 = 11, MH_Q5_0X8 = 12, MH_Q5_1X8 = 13 };
 
 typedef struct {            /* a weight matrix [rows, cols], each row `row_bytes` of packed blocks */
     const uint8_t *data;
