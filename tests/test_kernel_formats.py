@@ -143,7 +143,7 @@ def test_interleaved_product(isa, fmt):
     """x86's layouts with 8 rows interleaved: the plain blocks' products up to float32 rounding, a token row's
     result the same alone or in any batch, the thread split and the embedding lookup as exact as the plain rows'."""
     kernel = load_kernel(isa)
-    plain = random_matrix(fmt, 40, 96, seed=1)
+    plain = random_matrix(fmt, 40, COLS[fmt], seed=1)
     pm = interleave(plain)
     assert pm.format == INTERLEAVED[fmt] and pm.nbytes == plain.nbytes
     X = inputs(pm.cols, 53, seed=2)  # 53 token rows: two token blocks, partial tiles
@@ -168,15 +168,15 @@ def test_interleaved_layout_round_trip_and_errors():
     from multihead_nb.backends.native.quant import deinterleave
 
     for fmt in sorted(INTERLEAVED):
-        plain = random_matrix(fmt, 24, 64, seed=5)
+        plain = random_matrix(fmt, 24, COLS[fmt], seed=5)
         pm = interleave(plain)
         assert not np.array_equal(pm.data.numpy(), plain.data.numpy())
         assert np.array_equal(deinterleave(pm).data.numpy(), plain.data.numpy())
         assert torch.equal(pm.dequantize(), plain.dequantize())
         index = torch.tensor([5, 0, 17])
         assert np.array_equal(pm.select_rows(index).data.numpy(), plain.select_rows(index).data.numpy())
-    with pytest.raises(ValueError, match="q4_k has no interleaved layout"):
-        interleave(random_matrix("q4_k", 8, 256, seed=6))
+    with pytest.raises(ValueError, match="q6_k has no interleaved layout"):
+        interleave(random_matrix("q6_k", 8, 256, seed=6))
     with pytest.raises(ValueError, match="12 rows are not whole groups of 8"):
         interleave(random_matrix("q4_0", 12, 32, seed=6))
     with pytest.raises(ValueError, match="12 rows are not whole groups of 8 rows \\(q8_0x8\\)"):

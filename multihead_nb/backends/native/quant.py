@@ -31,11 +31,16 @@ FORMATS = {
     "q4_1x8": (11, 32, 20),
     "q5_0x8": (12, 32, 22),
     "q5_1x8": (13, 32, 24),
+    "q4_kx8": (14, 256, 144),
 }
-INTERLEAVED = {"q8_0": "q8_0x8", "q4_0": "q4_0x8", "q4_1": "q4_1x8", "q5_0": "q5_0x8", "q5_1": "q5_1x8"}
+INTERLEAVED = {"q8_0": "q8_0x8", "q4_0": "q4_0x8", "q4_1": "q4_1x8", "q5_0": "q5_0x8", "q5_1": "q5_1x8",
+               "q4_k": "q4_kx8"}
 _BASE = {v: k for k, v in INTERLEAVED.items()}  # interleaved layout -> its block format
-_HEAD_BYTES = {"q8_0": 2, "q4_0": 2, "q4_1": 4, "q5_0": 2, "q5_1": 4}  # the half-precision fields before the quants
-_FIFTH_BITS = ("q5_0", "q5_1")  # a 4-byte qh after those fields
+# A block's bytes as runs of fields (field bytes, fields), each field of the 8 rows put side by side when interleaved:
+# half-precision d (and m / dmin), Q5's qh (as fifth-bit bytes), Q4_K's 12 scale bytes, the quants in 4-byte pieces.
+_FIELDS = {"q8_0": ((2, 1), (4, 8)), "q4_0": ((2, 1), (4, 4)), "q4_1": ((2, 2), (4, 4)), "q5_0": ((2, 1), (4, 5)),
+           "q5_1": ((2, 2), (4, 5)), "q4_k": ((2, 2), (1, 12), (4, 32))}
+_FIFTH_BITS = {"q5_0": 2, "q5_1": 4}  # where a Q5 block's qh starts
 QUANTIZABLE = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "bf16")  # what `quantize=` can make from a dense model
 
 
@@ -147,9 +152,10 @@ def from_ggml(raw, qtype, shape: tuple[int, int]) -> PackedMatrix:
     return PackedMatrix(fmt, rows, cols, data.contiguous())
 
 
-def _split(pm: PackedMatrix, base: str) -> tuple[int, int, int, int]:
-    """(groups of 8 rows, blocks per row, block bytes, bytes before the quants) of `pm` in `base`'s blocks."""
-    return pm.rows // 8, pm.cols // 32, FORMATS[base][2], _HEAD_BYTES[base]
+def _split(pm: PackedMatrix, base: str) -> tuple[int, int, int]:
+    """(groups of 8 rows, blocks per row, block bytes) of `pm` in `base`'s blocks."""
+    _, elems, nbytes = FORMATS[base]
+    return pm.rows // 8, pm.cols // elems, nbytes
 
 
 _SHIFTS = (4 * np.arange(8)[None, :] + np.arange(4)[:, None]).astype(np.uint32)  # [byte k, bit c]: qh bit 4 c + k
@@ -170,22 +176,26 @@ def _qh_of(h: np.ndarray) -> np.ndarray:
 
 
 def interleave(pm: PackedMatrix) -> PackedMatrix:
-    """`pm` (Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1, rows a multiple of 8) with each 8 rows interleaved, a copy: per group of
-    8 rows and block b, each half-precision field of the 8 blocks (d, then m for Q4_1 / Q5_1) as 8 values side by
-    side, for Q5 each row's qh as 4 fifth-bit bytes (bit c of byte k: element 4 c + k's fifth bit) side by side, then
-    the quants in 4-byte pieces, piece c of row i at 32 c + 4 i (mh_kernel.h; x86's mh_dot_x86_x8.h reads it)."""
+    """`pm` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q4_K, rows a multiple of 8) with each 8 rows interleaved, a copy: per
+    group of 8 rows and block b, each field of the 8 blocks side by side: the half-precision d (then m, or Q4_K's
+    dmin), for Q5 each row's qh as 4 fifth-bit bytes (bit c of byte k: element 4 c + k's fifth bit), Q4_K's 12 scale
+    bytes one by one, then the quants in 4-byte pieces, piece c of row i at 32 c + 4 i (mh_kernel.h; x86's
+    mh_dot_x86_x8.h reads it). The same bytes, reordered."""
     if pm.format not in INTERLEAVED:
         raise ValueError(f"{pm.format} has no interleaved layout (those have: {', '.join(INTERLEAVED)})")
     if pm.rows % 8:
         raise ValueError(f"{pm.rows} rows are not whole groups of 8 rows")
-    G, nb, bb, hb = _split(pm, pm.format)
+    G, nb, bb = _split(pm, pm.format)
     blocks = pm.data.numpy().reshape(G, 8, nb, bb)  # [group, row, block, byte]
     if pm.format in _FIFTH_BITS:
-        blocks = blocks.copy()
-        blocks[..., hb:hb + 4] = _fifth_bit_bytes(blocks[..., hb:hb + 4])
-    head = blocks[..., :hb].reshape(G, 8, nb, hb // 2, 2).transpose(0, 2, 3, 1, 4)  # [G, nb, field, row, 2]
-    quants = blocks[..., hb:].reshape(G, 8, nb, (bb - hb) // 4, 4).transpose(0, 2, 3, 1, 4)  # [G, nb, piece, row, 4]
-    out = np.concatenate([head.reshape(G, nb, 8 * hb), quants.reshape(G, nb, 8 * (bb - hb))], axis=2)
+        at, blocks = _FIFTH_BITS[pm.format], blocks.copy()
+        blocks[..., at:at + 4] = _fifth_bit_bytes(blocks[..., at:at + 4])
+    runs, start = [], 0
+    for width, count in _FIELDS[pm.format]:
+        run = blocks[..., start:start + width * count].reshape(G, 8, nb, count, width)
+        runs.append(run.transpose(0, 2, 3, 1, 4).reshape(G, nb, 8 * width * count))  # [G, nb, field, row, bytes]
+        start += width * count
+    out = np.concatenate(runs, axis=2)
     return PackedMatrix(INTERLEAVED[pm.format], pm.rows, pm.cols,
                         torch.from_numpy(np.ascontiguousarray(out).reshape(pm.rows, nb * bb)))
 
@@ -193,11 +203,15 @@ def interleave(pm: PackedMatrix) -> PackedMatrix:
 def deinterleave(pm: PackedMatrix) -> PackedMatrix:
     """The block format's plain rows of an interleaved matrix (`interleave`'s inverse), a copy."""
     base = _BASE[pm.format]
-    G, nb, bb, hb = _split(pm, base)
+    G, nb, bb = _split(pm, base)
     groups = pm.data.numpy().reshape(G, nb, 8 * bb)
-    head = groups[..., :8 * hb].reshape(G, nb, hb // 2, 8, 2).transpose(0, 3, 1, 2, 4)  # [G, row, nb, field, 2]
-    quants = groups[..., 8 * hb:].reshape(G, nb, (bb - hb) // 4, 8, 4).transpose(0, 3, 1, 2, 4)
-    out = np.concatenate([head.reshape(G, 8, nb, hb), quants.reshape(G, 8, nb, bb - hb)], axis=3)
+    runs, start = [], 0
+    for width, count in _FIELDS[base]:
+        run = groups[..., start:start + 8 * width * count].reshape(G, nb, count, 8, width)
+        runs.append(run.transpose(0, 3, 1, 2, 4).reshape(G, 8, nb, width * count))  # [G, row, nb, field, bytes]
+        start += 8 * width * count
+    out = np.concatenate(runs, axis=3)
     if base in _FIFTH_BITS:
-        out[..., hb:hb + 4] = _qh_of(out[..., hb:hb + 4])
+        at = _FIFTH_BITS[base]
+        out[..., at:at + 4] = _qh_of(out[..., at:at + 4])
     return PackedMatrix(base, pm.rows, pm.cols, torch.from_numpy(np.ascontiguousarray(out).reshape(pm.rows, nb * bb)))

@@ -1,4 +1,4 @@
-/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8; mh_kernel.h
+/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q4_Kx8; mh_kernel.h
  * describes the bytes):
  * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2. llama.cpp repacks Q4_0 for
  * AVX2 to the same end (rows side by side); this layout and its code are written here from that idea.
@@ -96,12 +96,74 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
     for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
 }
 
+/* Sub-block j's 6-bit scales and mins of the 8 rows (sc, mn: 8 bytes each, row i in byte i) from a Q4_Kx8
+ * super-block's scale bytes s (byte k of row i at 8 k + i): q4k_scale_min for 8 rows at once. */
+AI void q4kx8_scale_min(const uint8_t *s, int j, __m128i *sc, __m128i *mn) {
+#define MH_B8(k) _mm_loadl_epi64((const __m128i *)(s + 8 * (k)))
+    const __m128i m6 = _mm_set1_epi8(63), m4 = _mm_set1_epi8(15), m2 = _mm_set1_epi8(3);
+    if (j < 4) {
+        *sc = _mm_and_si128(MH_B8(j), m6);
+        *mn = _mm_and_si128(MH_B8(j + 4), m6);
+    } else { /* low nibble / high nibble of byte j + 4, the top 2 bits of byte j - 4 / j above them */
+        const __m128i b = MH_B8(j + 4);
+        const __m128i top_s = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(MH_B8(j - 4), 6), m2), 4);
+        const __m128i top_m = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(MH_B8(j), 6), m2), 4);
+        *sc = _mm_or_si128(_mm_and_si128(b, m4), top_s);
+        *mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m4), top_m);
+    }
+#undef MH_B8
+}
+
+/* 8 unsigned bytes as 8 floats. */
+AI __m256 bytes8_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+
+/* Q4_Kx8: the 8 rows from w (nsb super-blocks of 1152 bytes) against token rows t0 .. t0 + MT - 1: each 32-element
+ * sub-block j as a Q4_1x8 block, its 8 pieces' low (even j) or high (odd j) nibbles, the rows' d sc_j and
+ * dmin m_j as vectors (the 6-bit fields unpacked for the 8 rows at once); res[t], lane i = row i. */
+AI void tile_q4kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int MT, __m256 *res) {
+    const int K = a->K;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+    __m256 acc[4], corr[4];
+    for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
+    for (int s = 0; s < nsb; s++) {
+        const uint8_t *g = w + (size_t)s * 1152;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)));
+        for (int j = 0; j < 8; j++) {
+            const int b = 8 * s + j;
+            __m128i sc, mn;
+            q4kx8_scale_min(g + 32, j, &sc, &mn);
+            const __m256 dw = _mm256_mul_ps(d, bytes8_ps(sc));     /* [8] d sc_j */
+            const __m256 off = _mm256_mul_ps(dmin, bytes8_ps(mn)); /* [8] dmin m_j */
+            const uint8_t *qs = g + 128 + 256 * (j / 2);
+            __m256i u[8];
+            for (int c = 0; c < 8; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+                u[c] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, low4);
+            }
+            for (int t = 0; t < MT; t++) {
+                const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+                __m256i si = _mm256_setzero_si256(); /* [16] int16: 8 x 2 x 15 x 127 < 2^15 */
+                for (int c = 0; c < 8; c++) si = _mm256_add_epi16(si, _mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)));
+                const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
+                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(si, ones)), scale, acc[t]);
+                corr[t] = _mm256_fnmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
+            }
+        }
+    }
+    for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
+}
+
 /* nrows (a multiple of 8) rows from w, the first n0, against token rows t0 .. t0 + MT - 1, stored 8 at a time. */
 AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT,
                 const mh_part *P, int n0) {
     __m256 res[4];
     for (int g = 0; g < nrows; g += 8) {
-        tile_x8(fmt, w + (size_t)g * rb, a->K / 32, a, t0, MT, res);
+        if (fmt == MH_Q4_KX8)
+            tile_q4kx8(w + (size_t)g * rb, a->K / 256, a, t0, MT, res);
+        else
+            tile_x8(fmt, w + (size_t)g * rb, a->K / 32, a, t0, MT, res);
         const int n = n0 + g;
         const __m256 bias = P->bias ? _mm256_loadu_ps(P->bias + n) : _mm256_setzero_ps();
         for (int t = 0; t < MT; t++) {
