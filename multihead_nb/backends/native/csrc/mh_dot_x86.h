@@ -240,6 +240,9 @@ static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
 #define FMT MH_Q4_KX8
     case MH_Q4_KX8: MH_MT_Q(MH_ROWS_X8); break;
 #undef FMT
+#define FMT MH_Q6_KX8
+    case MH_Q6_KX8: MH_MT_Q(MH_ROWS_X8); break;
+#undef FMT
 #define FMT MH_Q4_K
     case MH_Q4_K: if (a->forms & ACT_Q) MH_MT_Q(MH_ROWS_QI) else MH_MT_Q(MH_ROWS_Q); break;
 #undef FMT

@@ -1,5 +1,5 @@
-/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q4_Kx8; mh_kernel.h
- * describes the bytes):
+/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q4_Kx8, Q6_Kx8;
+ * mh_kernel.h describes the bytes):
  * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2. llama.cpp repacks Q4_0 for
  * AVX2 to the same end (rows side by side); this layout and its code are written here from that idea.
  *
@@ -155,6 +155,56 @@ AI void tile_q4kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int
     for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
 }
 
+/* Q6_Kx8: the 8 rows from w (nsb super-blocks of 1680 bytes) against token rows t0 .. t0 + MT - 1: each 32-element
+ * sub-block j from 8 ql and 8 qh pieces (6-bit unsigned quants), its two halves' int8 scales of the 8 rows as the
+ * vpmaddwd multipliers (pairs of pieces summed in 16 bits: 2 x 2 x 63 x 127 < 2^15), d per row, and -32 d sc per
+ * half through the activations' 16-element sums; res[t], lane i = row i. */
+AI void tile_q6kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int MT, __m256 *res) {
+    const int K = a->K;
+    const __m256i low4 = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3), lo16 = _mm256_set1_epi32(0xffff);
+    __m256 acc[4], corr[4];
+    for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
+    for (int s = 0; s < nsb; s++) {
+        const uint8_t *g = w + (size_t)s * 1680, *scales = g + 1536;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 1664)));
+        for (int j = 0; j < 8; j++) {
+            const int half = j / 4, k = j % 4, b = 8 * s + j;
+            const uint8_t *pl = g + 32 * (16 * half + 8 * (k & 1)), *ph = g + 1024 + 32 * 8 * half;
+            const __m128i shift = _mm_cvtsi32_si128(2 * k);
+            __m256i u[8];
+            for (int c = 0; c < 8; c++) {
+                __m256i l = _mm256_loadu_si256((const __m256i *)(pl + 32 * c));
+                l = _mm256_and_si256(k >= 2 ? _mm256_srli_epi16(l, 4) : l, low4);
+                const __m256i h = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(ph + 32 * c)),
+                                                                    shift), three);
+                u[c] = _mm256_or_si256(l, _mm256_slli_epi16(h, 4)); /* h <= 3: stays in its byte */
+            }
+            __m256i pair[2];
+            __m256 off[2];
+            for (int hh = 0; hh < 2; hh++) { /* the halves' scales: int16 twice per 32-bit lane, and -32 d sc */
+                const uint8_t *sc8 = scales + 8 * (8 * half + 2 * k + hh); /* scale 8 half + 2 k + hh of each row */
+                const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)sc8));
+                pair[hh] = _mm256_or_si256(_mm256_and_si256(v, lo16), _mm256_slli_epi32(v, 16));
+                off[hh] = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(v)), _mm256_set1_ps(-32.0f));
+            }
+            for (int t = 0; t < MT; t++) {
+                const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+                __m256i p = _mm256_setzero_si256(); /* [8] int32 */
+                for (int c = 0; c < 8; c += 2) {
+                    const __m256i s2 = _mm256_add_epi16(_mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)),
+                                                        _mm256_maddubs_epi16(u[c + 1], bcast4(x + 4 * c + 4)));
+                    p = _mm256_add_epi32(p, _mm256_madd_epi16(s2, pair[c / 4]));
+                }
+                const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, _mm256_set1_ps(a->d[xb])), acc[t]);
+                corr[t] = _mm256_fmadd_ps(off[0], _mm256_set1_ps(a->s16[2 * xb]), corr[t]);
+                corr[t] = _mm256_fmadd_ps(off[1], _mm256_set1_ps(a->s16[2 * xb + 1]), corr[t]);
+            }
+        }
+    }
+    for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
+}
+
 /* nrows (a multiple of 8) rows from w, the first n0, against token rows t0 .. t0 + MT - 1, stored 8 at a time. */
 AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT,
                 const mh_part *P, int n0) {
@@ -162,6 +212,8 @@ AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
     for (int g = 0; g < nrows; g += 8) {
         if (fmt == MH_Q4_KX8)
             tile_q4kx8(w + (size_t)g * rb, a->K / 256, a, t0, MT, res);
+        else if (fmt == MH_Q6_KX8)
+            tile_q6kx8(w + (size_t)g * rb, a->K / 256, a, t0, MT, res);
         else
             tile_x8(fmt, w + (size_t)g * rb, a->K / 32, a, t0, MT, res);
         const int n = n0 + g;

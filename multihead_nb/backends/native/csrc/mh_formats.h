@@ -14,7 +14,7 @@
 #include "mh_kernel.h"
 
 static inline int fmt_block_elems(int fmt) {
-    return fmt == MH_BF16 ? 1 : (fmt == MH_Q4_K || fmt == MH_Q6_K || fmt == MH_Q4_KX8) ? 256 : 32;
+    return fmt == MH_BF16 ? 1 : (fmt == MH_Q4_K || fmt == MH_Q6_K || fmt == MH_Q4_KX8 || fmt == MH_Q6_KX8) ? 256 : 32;
 }
 
 static inline int fmt_block_bytes(int fmt) {
@@ -29,7 +29,7 @@ static inline int fmt_block_bytes(int fmt) {
     case MH_Q5_1: case MH_Q5_1X8: return 24; /* d f16, m f16, qh[4], qs[16]; d q + m */
     case MH_Q4_K: case MH_Q4_KX8: return 144; /* d f16, dmin f16, scales[12] (6-bit scale and min of 8 sub-blocks),
                                                  qs[128] */
-    case MH_Q6_K: return 210; /* ql[128] low 4 bits, qh[64] high 2 bits, scales int8[16], d f16 */
+    case MH_Q6_K: case MH_Q6_KX8: return 210; /* ql[128] low 4 bits, qh[64] high 2 bits, scales int8[16], d f16 */
     default: return 0;
     }
 }
@@ -43,6 +43,7 @@ static inline int x8_base(int fmt) {
     case MH_Q5_0X8: return MH_Q5_0;
     case MH_Q5_1X8: return MH_Q5_1;
     case MH_Q4_KX8: return MH_Q4_K;
+    case MH_Q6_KX8: return MH_Q6_K;
     default: return 0;
     }
 }
@@ -157,18 +158,23 @@ static void dequant_row(const mh_matrix *W, int r, float *out) {
     float dw, off[2];
     int sc[2];
     const int base = x8_base(W->format), fmt = base ? base : W->format;
-    if (W->format == MH_Q4_KX8) { /* its super-blocks put back together, then read as Q4_K's */
-        const int i = r % 8;
-        uint8_t sb[144];
+    if (W->format == MH_Q4_KX8 || W->format == MH_Q6_KX8) { /* super-blocks put back together, read as base's */
+        /* runs of (field bytes, fields) in block order, each field of the 8 rows side by side (quant.py's _FIELDS) */
+        static const int runs[2][4][2] = {{{2, 2}, {1, 12}, {4, 32}, {0, 0}}, {{4, 32}, {4, 16}, {1, 16}, {2, 1}}};
+        const int q6 = W->format == MH_Q6_KX8, bb = q6 ? 210 : 144, i = r % 8;
+        uint8_t sb[210];
         for (int s = 0; s < W->cols / 256; s++) {
-            const uint8_t *g = W->data + (size_t)(r / 8) * 8 * W->row_bytes + (size_t)s * 1152;
-            memcpy(sb, g + 2 * i, 2);
-            memcpy(sb + 2, g + 16 + 2 * i, 2);
-            for (int k = 0; k < 12; k++) sb[4 + k] = g[32 + 8 * k + i];
-            for (int p = 0; p < 32; p++) memcpy(sb + 16 + 4 * p, g + 128 + 32 * p + 4 * i, 4);
+            const uint8_t *g = W->data + (size_t)(r / 8) * 8 * W->row_bytes + (size_t)s * 8 * bb;
+            int at = 0, from = 0;
+            for (int q = 0; q < 4 && runs[q6][q][0]; q++) {
+                const int wd = runs[q6][q][0], n = runs[q6][q][1];
+                for (int f = 0; f < n; f++, at += wd) memcpy(sb + at, g + from + (8 * f + i) * wd, (size_t)wd);
+                from += 8 * wd * n;
+            }
             for (int j = 0; j < 8; j++) {
-                unpack32(MH_Q4_K, sb, j, u, &dw, sc, off);
-                for (int e = 0; e < 32; e++) out[256 * s + 32 * j + e] = dw * (float)sc[e / 16] * (float)u[e] + off[e / 16];
+                unpack32(base, sb, j, u, &dw, sc, off);
+                for (int e = 0; e < 32; e++)
+                    out[256 * s + 32 * j + e] = dw * (float)sc[e / 16] * (float)u[e] + off[e / 16];
             }
         }
         return;

@@ -40,8 +40,10 @@ enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K 
  * (qs) in 4-byte pieces, piece c of row i at 32 c + 4 i. Q4_K's, per 256-element super-block of the 8 rows (1152
  * bytes, 144 a row): d x 8, dmin x 8, each of the 12 scale bytes x 8 (byte k of row i at 32 + 8 k + i), then qs in
  * 4-byte pieces (piece p of row i at 128 + 32 p + 4 i; pieces 8 q .. 8 q + 7 hold sub-block 2 q in their low
- * nibbles, 2 q + 1 in their high ones). */
-enum { MH_Q8_0X8 = 9, MH_Q4_0X8 = 10, MH_Q4_1X8 = 11, MH_Q5_0X8 = 12, MH_Q5_1X8 = 13, MH_Q4_KX8 = 14 };
+ * nibbles, 2 q + 1 in their high ones). Q6_K's (1680 bytes, 210 a row): ql in 4-byte pieces (piece p of row i at
+ * 32 p + 4 i), qh in 4-byte pieces (at 1024 + 32 p + 4 i), each of the 16 scales x 8 (1536 + 8 k + i), d x 8. */
+enum { MH_Q8_0X8 = 9, MH_Q4_0X8 = 10, MH_Q4_1X8 = 11, MH_Q5_0X8 = 12, MH_Q5_1X8 = 13, MH_Q4_KX8 = 14,
+       MH_Q6_KX8 = 15 };
 
 typedef struct {            /* a weight matrix [rows, cols], each row `row_bytes` of packed blocks */
     const uint8_t *data;
