@@ -73,7 +73,7 @@ def runner_for(spec, dtype, kernel: bool, fmt: str, tokens: int, activations: st
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q5_0", "q4_0", "q4_1"])
+    ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q5_0", "q4_0", "q4_1", "q4_k_m"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llama", action="store_true")
@@ -97,12 +97,14 @@ def main(argv=None) -> None:
                                        return_dict=True)["input_ids"] for p in PROMPTS]
     total = max(len(p) for p in prompts) + args.tokens + 1
     tools = None if args.no_llama else llama_cpp.build()
+    if tools is None and any(f not in QUANTIZABLE for f in args.formats):
+        print("without llama.cpp (--no-llama), leaving out what only llama-quantize makes:",
+              ", ".join(f for f in args.formats if f not in QUANTIZABLE))
+        args.formats = [f for f in args.formats if f in QUANTIZABLE]
     rows, base_tokens = [], None
     for fmt in args.formats:
         fspec = spec
         if fmt not in QUANTIZABLE:  # a format only llama.cpp makes: its GGUF file, for the reference and the kernel
-            if tools is None:
-                raise SystemExit(f"{fmt}: made by llama-quantize, so it needs llama.cpp (drop --no-llama)")
             fspec = read_spec(str(llama_gguf.checkpoint_gguf(folder, fmt, tools)))
         ref, ref_pages = runner_for(fspec, torch.float32, False, fmt, total)
         server = None if tools is None else llama_cpp.LlamaServer(

@@ -176,7 +176,7 @@ class KernelWeights:
         return cls(layers, embed, lm_head, norm, formats)
 
     def interleave_rows(self) -> bool:
-        """Replace each Q8_0 / Q4_0 / Q4_1 matrix by its copy with rows interleaved 8 at a time (`quant.interleave`;
+        """Replace each quantized matrix by its copy with rows interleaved 8 at a time (`quant.interleave`;
         the embedding only where it is the lm_head, else it stays as it is for the lookup). Only where every matrix
         has rows in multiples of 8 (the kernel splits a group of matrices between threads in 8-row blocks);
         whether it did. The same bytes, so `nbytes` does not change; a GGUF file's matrices become copies."""

@@ -1,6 +1,6 @@
 """Weight matrices kept packed as the fused CPU kernel reads them: bfloat16 rows, or GGUF blocks (Q8_0, Q5_0, Q5_1,
-Q4_0, Q4_1, Q4_K, Q6_K) row after row, exactly as a GGUF file stores them, or Q8_0 / Q4_0 / Q4_1 blocks with each 8
-rows interleaved (`interleave`: x86's integer products read 8 rows at once).
+Q4_0, Q4_1, Q4_K, Q6_K) row after row, exactly as a GGUF file stores them, or the same blocks with each 8 rows
+interleaved (`interleave`: x86's integer products read 8 rows at once).
 
 Owns: the formats' names, block sizes and the kernel's ids for them; `PackedMatrix` (format, shape, the bytes);
 quantizing a dense matrix at load (`quantize`, llama.cpp's reference rounding as the `gguf` package implements it:

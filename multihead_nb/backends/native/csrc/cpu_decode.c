@@ -8,8 +8,8 @@
  * Knows nothing of requests or which pages are whose (the block tables say), nor of Python.
  *
  * Weights are bfloat16 or GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), each matrix in its own format,
- * read in place (no dequantized copy), or on x86 with int8 activations Q8_0 / Q4_0 / Q4_1 with rows interleaved 8
- * at a time (a copy made at load); products are mh_matmul.h's, per instruction set mh_dot_*.h. The residual stream
+ * read in place (no dequantized copy), or on x86 with int8 activations with rows interleaved 8 at a time (a copy
+ * made at load); products are mh_matmul.h's, per instruction set mh_dot_*.h. The residual stream
  * and every product's input are float32 (bfloat16 for bfloat16 weights with AVX-512 BF16; int8 per 32 elements
  * for quantized weights on NEON and, by default, for the 32-element block formats on x86, as llama.cpp does).
  * Built at run time by cpu_kernel.py once per instruction set (-O3 plus that set's flags, -fopenmp), loaded with

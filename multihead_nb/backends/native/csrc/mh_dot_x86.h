@@ -6,7 +6,7 @@
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
  * elements as 8 even then 8 odd (MH_F_CHUNK), one accumulator per (row, token) pair.
  * The quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) use integer products against int8 activations
- * (mh_dot_x86_int.h; Q8_0, Q4_0 and Q4_1 interleaved 8 rows at a time, mh_dot_x86_x8.h) unless the model asks for
+ * (mh_dot_x86_int.h; rows interleaved 8 at a time, mh_dot_x86_x8.h, the usual case) unless the model asks for
  * float32 activations; then they are dequantized to float32 (mh_dot_x86_float.h). This file: the bfloat16 kernels
  * and the dispatch. */
 #ifndef MH_DOT_X86_H
