@@ -79,6 +79,16 @@ def test_dequantize_matches_gguf_reference_on_random_blocks(t):
     assert torch.equal(dequantize(raw.reshape(-1), t, (rows, cols), torch.bfloat16), got.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("t", SUPPORTED, ids=lambda t: t.name)
+def test_dequantize_decodes_on_the_target_device(t):
+    """Blocks are decoded on the device they go to (a GPU for the PyTorch path): no tensor of a decoder may sit on
+    the CPU, which the meta device shows without a GPU."""
+    rows, cols = 2, 256
+    raw = _random_blocks(t, rows, cols, seed=1).reshape(-1)
+    out = dequantize(raw, t, (rows, cols), torch.float32, "meta")
+    assert out.device.type == "meta" and out.shape == (rows, cols)
+
+
 def test_dequantize_in_chunks(monkeypatch):
     import multihead_nb.backends.native.gguf_dequant as dq
 

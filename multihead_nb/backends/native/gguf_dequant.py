@@ -56,14 +56,11 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:  # d, m: f16, qs: 16 bytes; w = d q 
     return torch.addcmul(_f16(b[:, 2:4]), q, _f16(b[:, 0:2]))
 
 
-_BIT_OF = torch.arange(32, dtype=torch.int64)  # element i's fifth bit is bit i of a Q5 block's qh
-
-
 def _q5(b: torch.Tensor, head: int) -> torch.Tensor:
     """The 32 unsigned 5-bit quants of Q5_0 / Q5_1 blocks (`head` bytes of half-precision fields before qh) as
     float32 [n, 32]: Q4_0's nibble order, and bit i of the little-endian 32-bit qh above element i's nibble."""
     qh = b[:, head:head + 4].contiguous().view(torch.int32).long() & 0xFFFFFFFF  # [n, 1]
-    high = ((qh >> _BIT_OF) & 1) << 4  # [n, 32]
+    high = ((qh >> torch.arange(32, device=b.device)) & 1) << 4  # [n, 32]: element i's fifth bit is qh's bit i
     return (_nibbles(b[:, head + 4:head + 20]).flatten(1).long() | high).float()
 
 
