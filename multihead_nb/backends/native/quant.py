@@ -177,11 +177,11 @@ def _qh_of(h: np.ndarray) -> np.ndarray:
 
 
 def interleave(pm: PackedMatrix) -> PackedMatrix:
-    """`pm` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q4_K, rows a multiple of 8) with each 8 rows interleaved, a copy: per
-    group of 8 rows and block b, each field of the 8 blocks side by side: the half-precision d (then m, or Q4_K's
-    dmin), for Q5 each row's qh as 4 fifth-bit bytes (bit c of byte k: element 4 c + k's fifth bit), Q4_K's 12 scale
-    bytes one by one, then the quants in 4-byte pieces, piece c of row i at 32 c + 4 i (mh_kernel.h; x86's
-    mh_dot_x86_x8.h reads it). The same bytes, reordered."""
+    """`pm` (any quantized format, rows a multiple of 8) with each 8 rows interleaved, a copy: per group of 8 rows and
+    block b, each field of the 8 blocks side by side, in the block's order (`_FIELDS`): the half-precision d (then
+    m, or Q4_K's dmin), for Q5 each row's qh as 4 fifth-bit bytes (bit c of byte k: element 4 c + k's fifth bit),
+    the K-quants' scale bytes one by one, the quants (Q6_K: ql, then qh) in 4-byte pieces, piece c of row i at
+    32 c + 4 i (mh_kernel.h; x86's mh_dot_x86_x8.h reads it). The same bytes, reordered."""
     if pm.format not in INTERLEAVED:
         raise ValueError(f"{pm.format} has no interleaved layout (those have: {', '.join(INTERLEAVED)})")
     if pm.rows % 8:
