@@ -31,7 +31,7 @@ from pathlib import Path
 
 TARGETS = ("llama-server", "llama-bench", "llama-quantize")
 LLAMA_FTYPES = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k_m": "Q4_K_M",
-                "q6_k": "Q6_K"}
+                "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 
 
 def cache_dir() -> Path:

@@ -32,9 +32,11 @@ pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULT
                                 reason="no C compiler here: the fused CPU kernel cannot be built")
 
 DRIVER = Path(__file__).with_name("c") / "kernel_driver.c"
-COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q5_0": 96, "q5_1": 96, "q4_k": 512, "q6_k": 512}  # bf16: vector tails too
+COLS = {"bf16": 107, "q8_0": 96, "q4_0": 96, "q4_1": 96, "q5_0": 96, "q5_1": 96, "q4_k": 512, "q5_k": 512,
+        "q6_k": 512}  # bf16: vector tails too
 ROWS = 37
-X86_INT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")  # x86: int8 activations (mh_dot_x86_int.h)
+# x86: int8 activations (mh_dot_x86_int.h)
+X86_INT_FORMATS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 BLOCK_FORMATS = [f for f in FORMATS if f not in INTERLEAVED.values()]  # what every build reads
 X86_ISAS = [i for i in cpu_isas() if i.startswith("avx")]
 
@@ -52,7 +54,7 @@ def random_matrix(fmt: str, rows: int, cols: int, seed: int) -> PackedMatrix:
     nb, bb = rows * cols // 256, FORMATS[fmt][2]
     raw = torch.randint(0, 256, (nb, bb), generator=g, dtype=torch.uint8)
     scale = lambda: (torch.rand(nb, generator=g) * 0.02 + 0.001).half().view(torch.uint8).reshape(nb, 2)  # noqa
-    if fmt == "q4_k":
+    if fmt in ("q4_k", "q5_k"):
         raw[:, 0:2], raw[:, 2:4] = scale(), scale()
     else:
         raw[:, 208:210] = scale()

@@ -1,5 +1,5 @@
 """Weight matrices kept packed as the fused CPU kernel reads them: bfloat16 rows, or GGUF blocks (Q8_0, Q5_0, Q5_1,
-Q4_0, Q4_1, Q4_K, Q6_K) row after row, exactly as a GGUF file stores them, or the same blocks with each 8 rows
+Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) row after row, exactly as a GGUF file stores them, or the same blocks with each 8 rows
 interleaved (`interleave`: x86's integer products read 8 rows at once).
 
 Owns: the formats' names, block sizes and the kernel's ids for them; `PackedMatrix` (format, shape, the bytes);
@@ -24,6 +24,7 @@ FORMATS = {
     "q5_0": (7, 32, 22),
     "q5_1": (8, 32, 24),
     "q4_k": (5, 256, 144),
+    "q5_k": (16, 256, 176),
     "q6_k": (6, 256, 210),
     # the same blocks with each 8 rows interleaved (`interleave`): what x86's integer products read fastest
     "q8_0x8": (9, 32, 34),
@@ -33,14 +34,16 @@ FORMATS = {
     "q5_1x8": (13, 32, 24),
     "q4_kx8": (14, 256, 144),
     "q6_kx8": (15, 256, 210),
+    "q5_kx8": (17, 256, 176),
 }
 INTERLEAVED = {"q8_0": "q8_0x8", "q4_0": "q4_0x8", "q4_1": "q4_1x8", "q5_0": "q5_0x8", "q5_1": "q5_1x8",
-               "q4_k": "q4_kx8", "q6_k": "q6_kx8"}
+               "q4_k": "q4_kx8", "q5_k": "q5_kx8", "q6_k": "q6_kx8"}
 _BASE = {v: k for k, v in INTERLEAVED.items()}  # interleaved layout -> its block format
 # A block's bytes as runs of fields (field bytes, fields), each field of the 8 rows put side by side when interleaved:
 # half-precision d (and m / dmin), Q5's qh (as fifth-bit bytes), Q4_K's 12 scale bytes, the quants in 4-byte pieces.
 _FIELDS = {"q8_0": ((2, 1), (4, 8)), "q4_0": ((2, 1), (4, 4)), "q4_1": ((2, 2), (4, 4)), "q5_0": ((2, 1), (4, 5)),
-           "q5_1": ((2, 2), (4, 5)), "q4_k": ((2, 2), (1, 12), (4, 32)), "q6_k": ((4, 32), (4, 16), (1, 16), (2, 1))}
+           "q5_1": ((2, 2), (4, 5)), "q4_k": ((2, 2), (1, 12), (4, 32)), "q5_k": ((2, 2), (1, 12), (4, 8), (4, 32)),
+           "q6_k": ((4, 32), (4, 16), (1, 16), (2, 1))}
 _FIFTH_BITS = {"q5_0": 2, "q5_1": 4}  # where a Q5 block's qh starts
 QUANTIZABLE = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "bf16")  # what `quantize=` can make from a dense model
 

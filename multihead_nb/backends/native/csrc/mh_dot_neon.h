@@ -87,11 +87,19 @@ AI void blk_acc(const int fmt, const blk32 *B, const mh_act *a, int t, int b, fl
 
 AI void unpack_k(const int fmt, const uint8_t *blk, int j, blk32 *B) {
     const uint8x16_t m4 = vdupq_n_u8(15);
-    if (fmt == MH_Q4_K) {
-        const uint8_t *qs = blk + 16 + (j / 2) * 32;
+    if (fmt == MH_Q4_K || fmt == MH_Q5_K) { /* Q5_K: bit j of qh[i] above element i's nibble */
+        const int q5 = fmt == MH_Q5_K;
+        const uint8_t *qs = blk + (q5 ? 48 : 16) + (j / 2) * 32;
         const uint8x16_t q0 = vld1q_u8(qs), q1 = vld1q_u8(qs + 16);
-        B->u0 = vreinterpretq_s8_u8(j & 1 ? vshrq_n_u8(q0, 4) : vandq_u8(q0, m4));
-        B->u1 = vreinterpretq_s8_u8(j & 1 ? vshrq_n_u8(q1, 4) : vandq_u8(q1, m4));
+        uint8x16_t n0 = j & 1 ? vshrq_n_u8(q0, 4) : vandq_u8(q0, m4), n1 = j & 1 ? vshrq_n_u8(q1, 4) : vandq_u8(q1, m4);
+        if (q5) {
+            const int8x16_t sh = vdupq_n_s8((int8_t)-j); /* a right shift by j */
+            const uint8x16_t one = vdupq_n_u8(1);
+            n0 = vorrq_u8(n0, vshlq_n_u8(vandq_u8(vshlq_u8(vld1q_u8(blk + 16), sh), one), 4));
+            n1 = vorrq_u8(n1, vshlq_n_u8(vandq_u8(vshlq_u8(vld1q_u8(blk + 32), sh), one), 4));
+        }
+        B->u0 = vreinterpretq_s8_u8(n0);
+        B->u1 = vreinterpretq_s8_u8(n1);
         int s, m;
         q4k_scale_min(j, blk + 4, &s, &m);
         B->dw = f16_to_f32(rd16(blk)) * (float)s;
@@ -129,8 +137,8 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
             acc[r][t] = vdupq_n_f32(0.0f);
             corr[r][t] = 0.0f;
         }
-    if (fmt == MH_Q4_K || fmt == MH_Q6_K) {
-        const int bb = fmt == MH_Q4_K ? 144 : 210;
+    if (fmt == MH_Q4_K || fmt == MH_Q5_K || fmt == MH_Q6_K) {
+        const int bb = fmt_block_bytes(fmt);
         for (int s = 0; s < nb / 8; s++)
             for (int j = 0; j < 8; j++)
                 for (int r = 0; r < NR; r++) {
@@ -209,6 +217,9 @@ static void tile(int fmt, const uint8_t *w, int64_t rb, int nr, const mh_act *a,
 #undef FMT
 #define FMT MH_Q4_K
     case MH_Q4_K: MH_TILE_SHAPES(MH_CALL_Q); break;
+#undef FMT
+#define FMT MH_Q5_K
+    case MH_Q5_K: MH_TILE_SHAPES(MH_CALL_Q); break;
 #undef FMT
 #define FMT MH_Q6_K
     case MH_Q6_K: MH_TILE_SHAPES(MH_CALL_Q); break;

@@ -5,7 +5,7 @@
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
  * elements as 8 even then 8 odd (MH_F_CHUNK), one accumulator per (row, token) pair.
- * The quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) use integer products against int8 activations
+ * The quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) use integer products against int8 activations
  * (mh_dot_x86_int.h; rows interleaved 8 at a time, mh_dot_x86_x8.h, the usual case) unless the model asks for
  * float32 activations; then they are dequantized to float32 (mh_dot_x86_float.h). This file: the bfloat16 kernels
  * and the dispatch. */
@@ -244,6 +244,7 @@ MH_ROWS_FN(rows_q4_1_int, qi_rows, MH_Q4_1)
 MH_ROWS_FN(rows_q5_0_int, qi_rows, MH_Q5_0)
 MH_ROWS_FN(rows_q5_1_int, qi_rows, MH_Q5_1)
 MH_ROWS_FN(rows_q4_k_int, qi_rows, MH_Q4_K)
+MH_ROWS_FN(rows_q5_k_int, qi_rows, MH_Q5_K)
 MH_ROWS_FN(rows_q6_k_int, qi_rows, MH_Q6_K)
 MH_ROWS_FN(rows_q8_0_f32, q_rows, MH_Q8_0)
 MH_ROWS_FN(rows_q4_0_f32, q_rows, MH_Q4_0)
@@ -251,6 +252,7 @@ MH_ROWS_FN(rows_q4_1_f32, q_rows, MH_Q4_1)
 MH_ROWS_FN(rows_q5_0_f32, q_rows, MH_Q5_0)
 MH_ROWS_FN(rows_q5_1_f32, q_rows, MH_Q5_1)
 MH_ROWS_FN(rows_q4_k_f32, q_rows, MH_Q4_K)
+MH_ROWS_FN(rows_q5_k_f32, q_rows, MH_Q5_K)
 MH_ROWS_FN(rows_q6_k_f32, q_rows, MH_Q6_K)
 MH_ROWS_FN(rows_q8_0x8, x8_rows, MH_Q8_0X8)
 MH_ROWS_FN(rows_q4_0x8, x8_rows, MH_Q4_0X8)
@@ -258,6 +260,7 @@ MH_ROWS_FN(rows_q4_1x8, x8_rows, MH_Q4_1X8)
 MH_ROWS_FN(rows_q5_0x8, x8_rows, MH_Q5_0X8)
 MH_ROWS_FN(rows_q5_1x8, x8_rows, MH_Q5_1X8)
 MH_ROWS_FN(rows_q4_kx8, x8_rows, MH_Q4_KX8)
+MH_ROWS_FN(rows_q5_kx8, x8_rows, MH_Q5_KX8)
 MH_ROWS_FN(rows_q6_kx8, x8_rows, MH_Q6_KX8)
 #undef MH_ROWS_FN
 
@@ -276,6 +279,7 @@ static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
     case MH_Q5_0: f = q ? rows_q5_0_int : rows_q5_0_f32; break;
     case MH_Q5_1: f = q ? rows_q5_1_int : rows_q5_1_f32; break;
     case MH_Q4_K: f = q ? rows_q4_k_int : rows_q4_k_f32; break;
+    case MH_Q5_K: f = q ? rows_q5_k_int : rows_q5_k_f32; break;
     case MH_Q6_K: f = q ? rows_q6_k_int : rows_q6_k_f32; break;
     case MH_Q8_0X8: f = rows_q8_0x8; break;
     case MH_Q4_0X8: f = rows_q4_0x8; break;
@@ -283,6 +287,7 @@ static void tile_rows(int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
     case MH_Q5_0X8: f = rows_q5_0x8; break;
     case MH_Q5_1X8: f = rows_q5_1x8; break;
     case MH_Q4_KX8: f = rows_q4_kx8; break;
+    case MH_Q5_KX8: f = rows_q5_kx8; break;
     case MH_Q6_KX8: f = rows_q6_kx8; break;
     default: return;
     }

@@ -50,19 +50,24 @@ AI void deq32(const int fmt, const uint8_t *row, int b, __m256 w[4]) {
                                                 one);
             w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(parts[i], _mm256_slli_epi32(hb, 4))), d, off);
         }
-    } else if (fmt == MH_Q4_K) {
-        const uint8_t *blk = row + (size_t)(b / 8) * 144;
+    } else if (fmt == MH_Q4_K || fmt == MH_Q5_K) { /* Q5_K: bit j of qh[i] above element i's nibble */
+        const int q5 = fmt == MH_Q5_K;
+        const uint8_t *blk = row + (size_t)(b / 8) * (q5 ? 176 : 144);
         const int j = b % 8;
         int sc, mn;
         q4k_scale_min(j, blk + 4, &sc, &mn);
         const __m256 d = _mm256_set1_ps(f16_to_f32(rd16(blk)) * (float)sc);
         const __m256 off = _mm256_set1_ps(-f16_to_f32(rd16(blk + 2)) * (float)mn);
-        const uint8_t *qs = blk + 16 + (j / 2) * 32; /* sub-block j: low (even j) or high (odd j) nibbles */
-        const __m256i m = _mm256_set1_epi32(15);
+        const uint8_t *qs = blk + (q5 ? 48 : 16) + (j / 2) * 32; /* sub-block j: low (even j) or high nibbles */
+        const __m256i m = _mm256_set1_epi32(15), one = _mm256_set1_epi32(1);
         for (int i = 0; i < 4; i++) {
             const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * i)));
-            w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(j & 1 ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, m)), d,
-                                   off);
+            __m256i u = j & 1 ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, m);
+            if (q5) {
+                const __m256i h = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 16 + 8 * i)));
+                u = _mm256_or_si256(u, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, j), one), 4));
+            }
+            w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(u), d, off);
         }
     } else { /* Q6_K */
         const uint8_t *blk = row + (size_t)(b / 8) * 210;
@@ -126,6 +131,7 @@ static void deq_rows(int fmt, const uint8_t *w, int64_t rb, int nr, int K, float
             case MH_Q5_0: deq32(MH_Q5_0, w + (size_t)r * rb, b, wv); break;
             case MH_Q5_1: deq32(MH_Q5_1, w + (size_t)r * rb, b, wv); break;
             case MH_Q4_K: deq32(MH_Q4_K, w + (size_t)r * rb, b, wv); break;
+            case MH_Q5_K: deq32(MH_Q5_K, w + (size_t)r * rb, b, wv); break;
             default: deq32(MH_Q6_K, w + (size_t)r * rb, b, wv); break;
             }
             for (int i = 0; i < 4; i++) _mm256_storeu_ps(dst + (size_t)r * K + 32 * b + 8 * i, wv[i]);

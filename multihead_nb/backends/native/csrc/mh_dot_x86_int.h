@@ -1,4 +1,4 @@
-/* x86 integer products for the quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q4_K, Q6_K): one
+/* x86 integer products for the quantized formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants Q4_K, Q5_K, Q6_K): one
  * weight row against up to 4 token rows whose activations were quantized to int8 per 32-block (scale d, and d times
  * the sums of each 16 and each 32 elements, as llama.cpp quantizes activations to Q8_0 / Q8_K), AVX2.
  *
@@ -72,14 +72,18 @@ typedef struct {
     __m256i pairs;
 } int_scales;
 
-/* Q4_K 32-block j of a 256-element super-block blk: its nibbles, d sc_j and -dmin m_j. */
-AI __m256i q4k_block(const uint8_t *blk, int j, int_scales *S) {
-    const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + (j / 2) * 32));
+/* Q4_K (q5 = 0) or Q5_K 32-block j of a 256-element super-block blk: its nibbles (Q5_K: bit j of qh[i] above
+ * element i's), d sc_j and -dmin m_j. */
+AI __m256i q4k_block(const uint8_t *blk, int j, const int q5, int_scales *S) {
+    const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + (q5 ? 48 : 16) + (j / 2) * 32));
     int sc, mn;
     q4k_scale_min(j, blk + 4, &sc, &mn);
     S->dw = f16_to_f32(rd16(blk)) * (float)sc;
     S->off = -f16_to_f32(rd16(blk + 2)) * (float)mn;
-    return _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(15));
+    const __m256i u = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(q, 4) : q, _mm256_set1_epi8(15));
+    if (!q5) return u;
+    const __m256i h = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(blk + 16)), _mm_cvtsi32_si128(j));
+    return _mm256_or_si256(u, _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4)); /* within bytes */
 }
 
 /* Q6_K 32-block j of a super-block: the unsigned 6-bit quants (ql's nibble | qh's 2 bits << 4), d, and the two
@@ -104,7 +108,8 @@ AI __m256i q6k_block(const uint8_t *blk, int j, int_scales *S) {
 /* Block b of a row: its 32 weights as bytes (signed for Q8_0 / Q4_0, else unsigned), scale and offsets. */
 AI __m256i int_block(const int fmt, const uint8_t *row, int b, int_scales *S) {
     S->pairs = _mm256_set1_epi16(1);
-    if (fmt == MH_Q4_K) return q4k_block(row + (size_t)(b / 8) * 144, b % 8, S);
+    if (fmt == MH_Q4_K) return q4k_block(row + (size_t)(b / 8) * 144, b % 8, 0, S);
+    if (fmt == MH_Q5_K) return q4k_block(row + (size_t)(b / 8) * 176, b % 8, 1, S);
     if (fmt == MH_Q6_K) return q6k_block(row + (size_t)(b / 8) * 210, b % 8, S);
     const uint8_t *blk = row + (size_t)b * fmt_block_bytes(fmt);
     S->dw = f16_to_f32(rd16(blk));

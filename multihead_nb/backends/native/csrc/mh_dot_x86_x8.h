@@ -117,16 +117,17 @@ AI void q4kx8_scale_min(const uint8_t *s, int j, __m128i *sc, __m128i *mn) {
 /* 8 unsigned bytes as 8 floats. */
 AI __m256 bytes8_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
 
-/* Q4_Kx8: the 8 rows from w (nsb super-blocks of 1152 bytes) against token rows t0 .. t0 + MT - 1: each 32-element
- * sub-block j as a Q4_1x8 block, its 8 pieces' low (even j) or high (odd j) nibbles, the rows' d sc_j and
- * dmin m_j as vectors (the 6-bit fields unpacked for the 8 rows at once); res[t], lane i = row i. */
-AI void tile_q4kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int MT, __m256 *res) {
+/* Q4_Kx8 (q5 = 0) or Q5_Kx8: the 8 rows from w (nsb super-blocks of 1152 or 1408 bytes) against token rows t0 ..
+ * t0 + MT - 1: each 32-element sub-block j as a Q4_1x8 block, its 8 pieces' low (even j) or high (odd j) nibbles
+ * (Q5_K: bit j of the matching qh piece's bytes above them, 5-bit values summed in 16 bits over 4 pieces), the
+ * rows' d sc_j and dmin m_j as vectors (the 6-bit fields unpacked for the 8 rows at once); res[t], lane i = row i. */
+AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int K = a->K;
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
     __m256 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int s = 0; s < nsb; s++) {
-        const uint8_t *g = w + (size_t)s * 1152;
+        const uint8_t *g = w + (size_t)s * (q5 ? 1408 : 1152);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)));
         for (int j = 0; j < 8; j++) {
@@ -135,19 +136,29 @@ AI void tile_q4kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int
             q4kx8_scale_min(g + 32, j, &sc, &mn);
             const __m256 dw = _mm256_mul_ps(d, bytes8_ps(sc));     /* [8] d sc_j */
             const __m256 off = _mm256_mul_ps(dmin, bytes8_ps(mn)); /* [8] dmin m_j */
-            const uint8_t *qs = g + 128 + 256 * (j / 2);
+            const uint8_t *qs = g + (q5 ? 384 : 128) + 256 * (j / 2), *qh = g + 128;
+            const __m128i jj = _mm_cvtsi32_si128(j);
             __m256i u[8];
             for (int c = 0; c < 8; c++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
                 u[c] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, low4);
+                if (q5) { /* bit j of each qh byte, to 16 (16-bit shifts: the byte's own bit lands in bit 0) */
+                    const __m256i h = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qh + 32 * c)), jj);
+                    u[c] = _mm256_or_si256(u[c], _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4));
+                }
             }
             for (int t = 0; t < MT; t++) {
                 const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
-                __m256i si = _mm256_setzero_si256(); /* [16] int16: 8 x 2 x 15 x 127 < 2^15 */
-                for (int c = 0; c < 8; c++) si = _mm256_add_epi16(si, _mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)));
+                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* [16] int16 each */
+                for (int c = 0; c < 4; c++) { /* 4 x 2 x 31 x 127 < 2^15 */
+                    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)));
+                    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(u[c + 4], bcast4(x + 16 + 4 * c)));
+                }
+                const __m256i p = q5 ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
+                                     : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones); /* [8] int32 */
                 const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
                 const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb]));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(si, ones)), scale, acc[t]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
                 corr[t] = _mm256_fnmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
             }
         }
@@ -210,8 +221,8 @@ AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
                 const mh_part *P, int n0) {
     __m256 res[4];
     for (int g = 0; g < nrows; g += 8) {
-        if (fmt == MH_Q4_KX8)
-            tile_q4kx8(w + (size_t)g * rb, a->K / 256, a, t0, MT, res);
+        if (fmt == MH_Q4_KX8 || fmt == MH_Q5_KX8)
+            tile_q4kx8(w + (size_t)g * rb, a->K / 256, fmt == MH_Q5_KX8, a, t0, MT, res);
         else if (fmt == MH_Q6_KX8)
             tile_q6kx8(w + (size_t)g * rb, a->K / 256, a, t0, MT, res);
         else

@@ -1,6 +1,6 @@
-/* The weight formats' blocks, element by element: GGUF's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K and Q6_K (layouts as llama.cpp's
- * ggml-common.h defines them; the code is written here from those layouts), plain bfloat16, and the 32-element
- * formats with rows interleaved 8 at a time (mh_kernel.h; read back block by block here, for the embedding lookup).
+/* The weight formats' blocks, element by element: GGUF's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K (layouts
+ * as llama.cpp's ggml-common.h defines them; the code is written here from those layouts), plain bfloat16, and the
+ * same blocks with rows interleaved 8 at a time (mh_kernel.h; read back here, for the embedding lookup).
  *
  * Every quantized format is seen through one shape, 32 elements at a time ("a 32-block"): unsigned integers u
  * (signed for Q8_0), a float scale dw, an integer scale per 16 elements sc[2], and a float offset per 16 elements
@@ -14,7 +14,11 @@
 #include "mh_kernel.h"
 
 static inline int fmt_block_elems(int fmt) {
-    return fmt == MH_BF16 ? 1 : (fmt == MH_Q4_K || fmt == MH_Q6_K || fmt == MH_Q4_KX8 || fmt == MH_Q6_KX8) ? 256 : 32;
+    switch (fmt) {
+    case MH_BF16: return 1;
+    case MH_Q4_K: case MH_Q5_K: case MH_Q6_K: case MH_Q4_KX8: case MH_Q5_KX8: case MH_Q6_KX8: return 256;
+    default: return 32;
+    }
 }
 
 static inline int fmt_block_bytes(int fmt) {
@@ -29,6 +33,8 @@ static inline int fmt_block_bytes(int fmt) {
     case MH_Q5_1: case MH_Q5_1X8: return 24; /* d f16, m f16, qh[4], qs[16]; d q + m */
     case MH_Q4_K: case MH_Q4_KX8: return 144; /* d f16, dmin f16, scales[12] (6-bit scale and min of 8 sub-blocks),
                                                  qs[128] */
+    case MH_Q5_K: case MH_Q5_KX8: return 176; /* Q4_K's fields with qh[32] (bit j of byte l: the fifth bit of
+                                                 element l of sub-block j) before qs[128] */
     case MH_Q6_K: case MH_Q6_KX8: return 210; /* ql[128] low 4 bits, qh[64] high 2 bits, scales int8[16], d f16 */
     default: return 0;
     }
@@ -43,6 +49,7 @@ static inline int x8_base(int fmt) {
     case MH_Q5_0X8: return MH_Q5_0;
     case MH_Q5_1X8: return MH_Q5_1;
     case MH_Q4_KX8: return MH_Q4_K;
+    case MH_Q5_KX8: return MH_Q5_K;
     case MH_Q6_KX8: return MH_Q6_K;
     default: return 0;
     }
@@ -116,14 +123,17 @@ static inline void unpack32(int fmt, const uint8_t *row, int b, uint8_t *u, floa
         off[0] = off[1] = fmt == MH_Q5_0 ? -16.0f * *dw : f16_to_f32(rd16(blk + 2));
         break;
     }
-    case MH_Q4_K: {
-        const uint8_t *blk = row + (size_t)(b / 8) * 144;
+    case MH_Q4_K:
+    case MH_Q5_K: { /* Q5_K: Q4_K's with bit j of qh[i] as element i's fifth bit */
+        const int q5 = fmt == MH_Q5_K;
+        const uint8_t *blk = row + (size_t)(b / 8) * (q5 ? 176 : 144);
         const int j = b % 8;
-        const uint8_t *qs = blk + 16 + (j / 2) * 32;
+        const uint8_t *qs = blk + (q5 ? 48 : 16) + (j / 2) * 32;
         int s, m;
         q4k_scale_min(j, blk + 4, &s, &m);
         *dw = f16_to_f32(rd16(blk)) * (float)s;
-        for (int i = 0; i < 32; i++) u[i] = j & 1 ? qs[i] >> 4 : qs[i] & 15;
+        for (int i = 0; i < 32; i++)
+            u[i] = (uint8_t)((j & 1 ? qs[i] >> 4 : qs[i] & 15) | (q5 ? ((blk[16 + i] >> j) & 1) << 4 : 0));
         off[0] = off[1] = -f16_to_f32(rd16(blk + 2)) * (float)m;
         break;
     }
@@ -158,16 +168,18 @@ static void dequant_row(const mh_matrix *W, int r, float *out) {
     float dw, off[2];
     int sc[2];
     const int base = x8_base(W->format), fmt = base ? base : W->format;
-    if (W->format == MH_Q4_KX8 || W->format == MH_Q6_KX8) { /* super-blocks put back together, read as base's */
-        /* runs of (field bytes, fields) in block order, each field of the 8 rows side by side (quant.py's _FIELDS) */
-        static const int runs[2][4][2] = {{{2, 2}, {1, 12}, {4, 32}, {0, 0}}, {{4, 32}, {4, 16}, {1, 16}, {2, 1}}};
-        const int q6 = W->format == MH_Q6_KX8, bb = q6 ? 210 : 144, i = r % 8;
+    if (fmt_block_elems(W->format) == 256 && base) { /* super-blocks put back together, read as base's */
+        /* runs of (field bytes, fields) in block order, each field of the 8 rows side by side (quant.py's _FIELDS):
+         * Q4_K, Q5_K, Q6_K */
+        static const int runs[3][4][2] = {{{2, 2}, {1, 12}, {4, 32}, {0, 0}}, {{2, 2}, {1, 12}, {4, 8}, {4, 32}},
+                                          {{4, 32}, {4, 16}, {1, 16}, {2, 1}}};
+        const int q = base == MH_Q4_K ? 0 : base == MH_Q5_K ? 1 : 2, bb = fmt_block_bytes(base), i = r % 8;
         uint8_t sb[210];
         for (int s = 0; s < W->cols / 256; s++) {
             const uint8_t *g = W->data + (size_t)(r / 8) * 8 * W->row_bytes + (size_t)s * 8 * bb;
             int at = 0, from = 0;
-            for (int q = 0; q < 4 && runs[q6][q][0]; q++) {
-                const int wd = runs[q6][q][0], n = runs[q6][q][1];
+            for (int k = 0; k < 4 && runs[q][k][0]; k++) {
+                const int wd = runs[q][k][0], n = runs[q][k][1];
                 for (int f = 0; f < n; f++, at += wd) memcpy(sb + at, g + from + (8 * f + i) * wd, (size_t)wd);
                 from += 8 * wd * n;
             }

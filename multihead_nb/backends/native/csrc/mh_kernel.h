@@ -32,7 +32,8 @@ static inline int omp_get_thread_num(void) { return 0; }
 #endif
 
 /* ---- weight formats (GGUF's block layouts, as llama.cpp's ggml-common.h defines them) --------------------- */
-enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K = 6, MH_Q5_0 = 7, MH_Q5_1 = 8 };
+enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K = 6, MH_Q5_0 = 7, MH_Q5_1 = 8,
+       MH_Q5_K = 16 };
 /* The same blocks with each 8 rows interleaved (quant.py's `interleave`, read by mh_dot_x86_x8.h): rows 8r .. 8r + 7
  * take 8 row_bytes together; block b of the 8 rows is 8 blocks' bytes: each half-precision field of the 8 (d, and
  * m for Q4_1 / Q5_1) as 8 values side by side, for Q5_0 / Q5_1 then 4 bytes per row of fifth bits (row i at 4 i;
@@ -40,10 +41,11 @@ enum { MH_BF16 = 1, MH_Q8_0 = 2, MH_Q4_0 = 3, MH_Q4_1 = 4, MH_Q4_K = 5, MH_Q6_K 
  * (qs) in 4-byte pieces, piece c of row i at 32 c + 4 i. Q4_K's, per 256-element super-block of the 8 rows (1152
  * bytes, 144 a row): d x 8, dmin x 8, each of the 12 scale bytes x 8 (byte k of row i at 32 + 8 k + i), then qs in
  * 4-byte pieces (piece p of row i at 128 + 32 p + 4 i; pieces 8 q .. 8 q + 7 hold sub-block 2 q in their low
- * nibbles, 2 q + 1 in their high ones). Q6_K's (1680 bytes, 210 a row): ql in 4-byte pieces (piece p of row i at
- * 32 p + 4 i), qh in 4-byte pieces (at 1024 + 32 p + 4 i), each of the 16 scales x 8 (1536 + 8 k + i), d x 8. */
+ * nibbles, 2 q + 1 in their high ones); Q5_K's the same with its qh in 4-byte pieces between the scales and qs
+ * (piece c of row i at 128 + 32 c + 4 i; qs from 384). Q6_K's (1680 bytes, 210 a row): ql in 4-byte pieces (piece
+ * p of row i at 32 p + 4 i), qh in 4-byte pieces (at 1024 + 32 p + 4 i), each of the 16 scales x 8 (1536 + 8 k + i), d x 8. */
 enum { MH_Q8_0X8 = 9, MH_Q4_0X8 = 10, MH_Q4_1X8 = 11, MH_Q5_0X8 = 12, MH_Q5_1X8 = 13, MH_Q4_KX8 = 14,
-       MH_Q6_KX8 = 15 };
+       MH_Q6_KX8 = 15, MH_Q5_KX8 = 17 };
 
 typedef struct {            /* a weight matrix [rows, cols], each row `row_bytes` of packed blocks */
     const uint8_t *data;
