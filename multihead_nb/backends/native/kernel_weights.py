@@ -28,7 +28,7 @@ def gguf_weights(spec: ModelSpec) -> dict:
     """A GGUF spec's tensors for `KernelWeights.build`, by Hugging Face name: every matrix in a format the kernel
     reads as a `PackedMatrix` over the file's own bytes (memory-mapped, no copy; llama-arch q/k rows put back in
     Hugging Face order by a gather of whole rows), everything else dequantized: vectors to float32, matrices of
-    other GGML types (F16, Q5_K, ...) to float32 here and bfloat16 in the kernel (a converted copy of those only)."""
+    other GGML types (F16, F32) to float32 here and bfloat16 in the kernel (a converted copy of those only)."""
     import warnings
 
     from .gguf_config import gguf_name, unpermute_rows
