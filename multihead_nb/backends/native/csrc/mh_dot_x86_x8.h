@@ -1,5 +1,5 @@
-/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q4_Kx8, Q6_Kx8;
- * mh_kernel.h describes the bytes):
+/* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q4_Kx8, Q5_Kx8,
+ * Q6_Kx8; mh_kernel.h describes the bytes):
  * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2. llama.cpp repacks Q4_0 for
  * AVX2 to the same end (rows side by side); this layout and its code are written here from that idea.
  *
@@ -15,6 +15,7 @@
  *   shift per piece: bit c of byte k is element 4 c + k's); offsets -16 d or m; 5-bit values sum in 16 bits over
  *   four pieces (4 x 2 x 31 x 127 < 2^15), so the low and the high nibbles' pieces each have their own sum.
  * - Q8_0: signed quants, as |q| times the activations with q's signs (vpsignb), summed in 32 bits per piece.
+ * - K-quants: each 32-element sub-block as one such block (tile_q4kx8, tile_q6kx8), its scales per row as vectors.
  * Each (row, token) result is one accumulator sequence over the blocks, the same alone or in any batch.
  * Knows nothing of the tiling (mh_matmul.h). */
 #ifndef MH_DOT_X86_X8_H
