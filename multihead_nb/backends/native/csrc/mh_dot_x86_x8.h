@@ -33,6 +33,28 @@ AI __m256i bcast4(const int8_t *p) { /* 4 int8 activations into every 32-bit lan
     return _mm256_set1_epi32(v);
 }
 
+/* One 32-element block of 8 rows against token rows t0 .. t0 + MT - 1, added to acc[t] (d_w d_x times the integer
+ * sums) and corr[t] (off times the activations' block sums): u[c] holds elements 4 c .. 4 c + 3 of each row, u[4 + c]
+ * 16 + 4 c .., unsigned; 4-bit values (wide = 0) sum in 16 bits over the 8 pieces, 5-bit ones over 4. */
+AI void x8_block_tokens(const __m256i *u, const int wide, __m256 dw, __m256 off, const mh_act *a, int t0,
+                        const int MT, int b, __m256 *acc, __m256 *corr) {
+    const int K = a->K;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < MT; t++) {
+        const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* [16] int16 each */
+        for (int c = 0; c < 4; c++) {
+            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)));
+            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(u[c + 4], bcast4(x + 16 + 4 * c)));
+        }
+        const __m256i p = wide ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
+                               : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones); /* [8] int32 */
+        const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb])), acc[t]);
+        corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
+    }
+}
+
 /* The 8 rows from w (their first byte; nb blocks) against token rows t0 .. t0 + MT - 1: res[t], lane i = row i. */
 AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
@@ -61,37 +83,24 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
             const __m256 off = with_m ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
                                       : _mm256_mul_ps(dw, _mm256_set1_ps(q5 ? -16.0f : -8.0f));
             const uint8_t *nib = qs + (q5 ? 32 : 0); /* Q5: the fifth-bit bytes come first */
-            __m256i lo[4], hi[4];
+            __m256i u[8]; /* low nibbles: elements 0-15, high nibbles: 16-31 */
             for (int c = 0; c < 4; c++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(nib + 32 * c));
-                lo[c] = _mm256_and_si256(v, low4);
-                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                u[c] = _mm256_and_si256(v, low4);
+                u[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             }
             if (q5) {
                 const __m256i H = _mm256_loadu_si256((const __m256i *)qs);
-                lo[0] = _mm256_or_si256(lo[0], fifth_x8(H, 0));
-                lo[1] = _mm256_or_si256(lo[1], fifth_x8(H, 1));
-                lo[2] = _mm256_or_si256(lo[2], fifth_x8(H, 2));
-                lo[3] = _mm256_or_si256(lo[3], fifth_x8(H, 3));
-                hi[0] = _mm256_or_si256(hi[0], fifth_x8(H, 4));
-                hi[1] = _mm256_or_si256(hi[1], fifth_x8(H, 5));
-                hi[2] = _mm256_or_si256(hi[2], fifth_x8(H, 6));
-                hi[3] = _mm256_or_si256(hi[3], fifth_x8(H, 7));
+                u[0] = _mm256_or_si256(u[0], fifth_x8(H, 0));
+                u[1] = _mm256_or_si256(u[1], fifth_x8(H, 1));
+                u[2] = _mm256_or_si256(u[2], fifth_x8(H, 2));
+                u[3] = _mm256_or_si256(u[3], fifth_x8(H, 3));
+                u[4] = _mm256_or_si256(u[4], fifth_x8(H, 4));
+                u[5] = _mm256_or_si256(u[5], fifth_x8(H, 5));
+                u[6] = _mm256_or_si256(u[6], fifth_x8(H, 6));
+                u[7] = _mm256_or_si256(u[7], fifth_x8(H, 7));
             }
-            for (int t = 0; t < MT; t++) {
-                const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
-                __m256i sl = _mm256_setzero_si256(), sh = _mm256_setzero_si256(); /* [16] int16 each */
-                for (int c = 0; c < 4; c++) {
-                    sl = _mm256_add_epi16(sl, _mm256_maddubs_epi16(lo[c], bcast4(x + 4 * c)));
-                    sh = _mm256_add_epi16(sh, _mm256_maddubs_epi16(hi[c], bcast4(x + 16 + 4 * c)));
-                }
-                const __m256i p = q5 ? _mm256_add_epi32(_mm256_madd_epi16(sl, ones), _mm256_madd_epi16(sh, ones))
-                                     : _mm256_madd_epi16(_mm256_add_epi16(sl, sh), ones); /* [8] int32 */
-                const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
-                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb]));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
-                corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
-            }
+            x8_block_tokens(u, q5, dw, off, a, t0, MT, b, acc, corr);
         }
     }
     for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
@@ -123,8 +132,7 @@ AI __m256 bytes8_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
  * (Q5_K: bit j of the matching qh piece's bytes above them, 5-bit values summed in 16 bits over 4 pieces), the
  * rows' d sc_j and dmin m_j as vectors (the 6-bit fields unpacked for the 8 rows at once); res[t], lane i = row i. */
 AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int t0, const int MT, __m256 *res) {
-    const int K = a->K;
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+    const __m256i low4 = _mm256_set1_epi8(15);
     __m256 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int s = 0; s < nsb; s++) {
@@ -136,7 +144,7 @@ AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int
             __m128i sc, mn;
             q4kx8_scale_min(g + 32, j, &sc, &mn);
             const __m256 dw = _mm256_mul_ps(d, bytes8_ps(sc));     /* [8] d sc_j */
-            const __m256 off = _mm256_mul_ps(dmin, bytes8_ps(mn)); /* [8] dmin m_j */
+            const __m256 off = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), bytes8_ps(mn)); /* -dmin m_j */
             const uint8_t *qs = g + (q5 ? 384 : 128) + 256 * (j / 2), *qh = g + 128;
             const __m128i jj = _mm_cvtsi32_si128(j);
             __m256i u[8];
@@ -148,20 +156,7 @@ AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int
                     u[c] = _mm256_or_si256(u[c], _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4));
                 }
             }
-            for (int t = 0; t < MT; t++) {
-                const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
-                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* [16] int16 each */
-                for (int c = 0; c < 4; c++) { /* 4 x 2 x 31 x 127 < 2^15 */
-                    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)));
-                    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(u[c + 4], bcast4(x + 16 + 4 * c)));
-                }
-                const __m256i p = q5 ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
-                                     : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones); /* [8] int32 */
-                const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
-                const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb]));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[t]);
-                corr[t] = _mm256_fnmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
-            }
+            x8_block_tokens(u, q5, dw, off, a, t0, MT, b, acc, corr);
         }
     }
     for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
