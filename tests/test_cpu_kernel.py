@@ -119,6 +119,8 @@ CASES = {
     "odd-sizes": ("llama", {"hidden_size": 72, "intermediate_size": 136, "num_attention_heads": 4,
                             "num_key_value_heads": 1}),  # head_dim 18: the ungrouped attention, masked tails
     "wide-group": ("llama", {"hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads": 1}),  # G = 12
+    "head-dim-48": ("llama", {"hidden_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1}),  # x86: values
+    # 32 columns at a time, then a 16-column tail; 2 heads of a group of 3
 }
 
 

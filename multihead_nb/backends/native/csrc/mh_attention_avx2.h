@@ -45,10 +45,34 @@ static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+/* 32 columns of n value rows (kp[j] + off) weighted by 3 heads' pr[g][j], summed in key order -> o rows g < ng (d
+ * apart). Named accumulators: kept in an array, GCC stored all twelve to the stack on every key. */
+static inline void values_32x3(const uint16_t *const *kp, int64_t off, int n, const float *const *pr, int ng, int d,
+                               float *o) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    for (int j = 0; j < n; j++) {
+        const uint16_t *v = kp[j] + off;
+        const __m256 p0 = _mm256_broadcast_ss(pr[0] + j), p1 = _mm256_broadcast_ss(pr[1] + j);
+        const __m256 p2 = _mm256_broadcast_ss(pr[2] + j);
+        __m256 x = widen8(v);
+        a00 = _mm256_fmadd_ps(p0, x, a00), a10 = _mm256_fmadd_ps(p1, x, a10), a20 = _mm256_fmadd_ps(p2, x, a20);
+        x = widen8(v + 8);
+        a01 = _mm256_fmadd_ps(p0, x, a01), a11 = _mm256_fmadd_ps(p1, x, a11), a21 = _mm256_fmadd_ps(p2, x, a21);
+        x = widen8(v + 16);
+        a02 = _mm256_fmadd_ps(p0, x, a02), a12 = _mm256_fmadd_ps(p1, x, a12), a22 = _mm256_fmadd_ps(p2, x, a22);
+        x = widen8(v + 24);
+        a03 = _mm256_fmadd_ps(p0, x, a03), a13 = _mm256_fmadd_ps(p1, x, a13), a23 = _mm256_fmadd_ps(p2, x, a23);
+    }
+    const __m256 res[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};
+    for (int g = 0; g < ng; g++)
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(o + (size_t)g * d + 8 * c, res[g][c]);
+}
+
 /* One chunk [j0, j1] of token t's keys, the G (<= 8) query heads of KV head kvh (d % 8 == 0, d <= 256), in AVX2 +
  * FMA: scores of 4 keys x 3 heads at a time (each key row widened once for 3 heads), a vectorized exp, values
- * summed 32 columns x 3 heads at a time. Writes the unnormalized output o [G, d], the scores' max mx [G] and the
- * sum of exp(score - max) sm [G]; `attn_merge` combines a token's chunks. sc: scratch [G, ldsc >= n]. */
+ * summed 32 columns x 3 heads at a time (values_32x3). Writes the unnormalized output o [G, d], the scores' max
+ * mx [G] and the sum of exp(score - max) sm [G]; `attn_merge` combines a token's chunks. sc: scratch [G, ldsc >= n]. */
 static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q, int j0,
                              int j1, float *sc, int ldsc, float *o, float *mx, float *sm) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
@@ -127,22 +151,28 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     }
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
+        const float *pr[3]; /* the heads' weights (heads past G repeat the last) */
+        for (int g = 0; g < 3; g++) pr[g] = sc + (size_t)(g0 + (g < ng ? g : ng - 1)) * ldsc;
         for (int c0 = 0; c0 < d; c0 += 32) {
-            const int nc = d - c0 < 32 ? (d - c0) / 8 : 4;
-            __m256 acc[3][4];
+            float *og = o + (size_t)g0 * d + c0;
+            if (d - c0 >= 32) {
+                values_32x3(kp_all, m->kv_stride + c0, n, pr, ng, d, og);
+                continue;
+            }
+            const int nc = (d - c0) / 8;
+            __m256 acc[3][3];
             for (int g = 0; g < 3; g++)
-                for (int c = 0; c < 4; c++) acc[g][c] = _mm256_setzero_ps();
+                for (int c = 0; c < 3; c++) acc[g][c] = _mm256_setzero_ps();
             for (int j = 0; j < n; j++) {
                 const uint16_t *v = kp_all[j] + m->kv_stride + c0;
-                __m256 p[3];
-                for (int g = 0; g < ng; g++) p[g] = _mm256_broadcast_ss(sc + (size_t)(g0 + g) * ldsc + j);
                 for (int c = 0; c < nc; c++) {
                     const __m256 vv = widen8(v + 8 * c);
-                    for (int g = 0; g < ng; g++) acc[g][c] = _mm256_fmadd_ps(p[g], vv, acc[g][c]);
+                    for (int g = 0; g < 3; g++)
+                        acc[g][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr[g] + j), vv, acc[g][c]);
                 }
             }
             for (int g = 0; g < ng; g++)
-                for (int c = 0; c < nc; c++) _mm256_storeu_ps(o + (size_t)(g0 + g) * d + c0 + 8 * c, acc[g][c]);
+                for (int c = 0; c < nc; c++) _mm256_storeu_ps(og + (size_t)g * d + 8 * c, acc[g][c]);
         }
     }
 }
