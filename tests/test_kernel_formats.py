@@ -3,7 +3,8 @@ from the `gguf` package's reference (de)quantization, on random blocks.
 
 - Each build this CPU runs (AVX-512, AVX2 + FMA, scalar) through ctypes; the NEON build (with and without dotprod)
   cross-compiled with Debian's gcc-aarch64-linux-gnu and run under qemu-user (skipped only where those are missing;
-  .ci/run installs them); the AVX-512 build at least compiled here when this CPU cannot run it.
+  .ci/run installs them); the AVX-512 and VNNI builds at least compiled here when this CPU cannot run them, and
+  the VNNI products run through an exact emulation of vpdpbusd.
 - The reference takes the activations as the build does (float32; bfloat16 with AVX-512 BF16; int8 per 32
   elements, scale amax / 127, on NEON and for the 32-element block formats on x86), so what remains is float32
   rounding; the cost of the activation quantization against float32 inputs is checked separately. Row dequantization (the embedding lookup) is bit-exact against `gguf.quants.dequantize`.
@@ -24,8 +25,9 @@ import pytest
 import torch
 from gguf.quants import quantize as gguf_quantize
 
-from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, ISAS, MatrixStruct, _compiler, compile_c,
-                                                     cpu_features, cpu_isas, isa_flags, load_kernel)
+from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, ISAS, VNNI_FLAGS, CpuKernel, MatrixStruct,
+                                                     _compiler, compile_c, cpu_features, cpu_isas, isa_flags,
+                                                     load_kernel)
 from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, PackedMatrix, ggml_type, interleave, quantize
 
 pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
@@ -258,14 +260,57 @@ def test_neon_activation_quantization_cost(neon_driver):
     assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.01
 
 
+# ---- VNNI (vpdpbusd) where this CPU has none: its products through an exact AVX2 emulation ------------------------
+@pytest.mark.skipif("avx2" not in X86_ISAS, reason="needs an AVX2 CPU")
+@pytest.mark.parametrize("fmt", X86_INT_FORMATS)
+def test_vnni_products(fmt):
+    """The VNNI build's integer products (one vpdpbusd per 4-byte piece instead of vpmaddubsw + vpmaddwd) form the same
+    integers, so its results are bit-identical to the AVX2 build's, in the row layout and interleaved. QEMU has no
+    VNNI (10.0 neither), so here the instruction is emulated (MH_VNNI_EMULATE): what is tested is everything the
+    VNNI path computes around it; on a CPU with AVX-VNNI or AVX-512 VNNI, the builds above run the real one."""
+    machine, feats = cpu_features()
+    flags = COMMON_FLAGS + ("-fopenmp", "-shared", "-fPIC") + isa_flags("avx2", machine, feats) + ("-DMH_VNNI_EMULATE",)
+    path = compile_c(flags, "cpu_decode-vnni-emulated.so")
+    vnni, avx2 = CpuKernel(path, ctypes.CDLL(str(path))), load_kernel("avx2")
+    assert vnni.isa == "avx2+fma+vnni-emulated"
+    plain = random_matrix(fmt, 40, COLS[fmt], seed=1)
+    X = inputs(plain.cols, 11, seed=2)
+    for pm in (plain, interleave(plain)):
+        got = product(vnni, pm, X)
+        assert np.array_equal(got, product(avx2, pm, X)), pm.format
+        check_product(got.astype(np.float64), pm, X, vnni.isa)
+        assert np.array_equal(product(vnni, pm, X[7:8])[0], got[7])
+
+
+@pytest.mark.skipif("avx2" not in X86_ISAS, reason="needs an AVX2 CPU")
+def test_vnni_flag_unknown_to_the_compiler(tmp_path, monkeypatch):
+    """On a CPU with AVX-VNNI, a compiler that does not know -mavxvnni (GCC < 11) still gives the AVX2 build."""
+    import multihead_nb.backends.native.cpu_kernel as ck
+
+    machine, feats = cpu_features()
+    monkeypatch.setattr(ck, "cpu_features", lambda: (machine, feats | {"avx_vnni"}))
+    log, cc = tmp_path / "calls", tmp_path / "old-cc"
+    cc.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase " $* " in *" -mavxvnni "*) '
+                  f'echo "cc: error: unrecognized command-line option \'-mavxvnni\'" >&2; exit 1;; esac\n'
+                  f'exec {_compiler()} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    kernel = load_kernel("avx2", cache_dir=tmp_path)
+    assert kernel.isa == "avx2+fma"
+    builds = [line for line in log.read_text().splitlines() if "--version" not in line]
+    assert len(builds) == 2 and "-mavxvnni" in builds[0] and "-mavxvnni" not in builds[1]
+
+
 # ---- AVX-512 where this CPU cannot run it: it must at least compile --------------------------------------------
 def test_every_x86_build_compiles():
     machine, _ = cpu_features()
     if machine not in ("x86_64", "amd64"):
         pytest.skip("not an x86 machine")
-    all_feats = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
-    for isa in ("avx512", "avx2"):
-        flags = isa_flags(isa, machine, all_feats)
-        lib = compile_c(COMMON_FLAGS + ("-fopenmp", "-shared", "-fPIC") + flags, f"cpu_decode-check-{isa}.so")
-        assert lib.exists()
+    plain = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
+    for feats in (plain, plain | {"avx_vnni", "avx512_vnni"}):
+        for isa in ("avx512", "avx2"):
+            flags = isa_flags(isa, machine, feats)
+            assert ("avx_vnni" in feats) == any(f in VNNI_FLAGS for f in flags)
+            lib = compile_c(COMMON_FLAGS + ("-fopenmp", "-shared", "-fPIC") + flags, f"cpu_decode-check-{isa}.so")
+            assert lib.exists()
     assert set(cpu_isas()) <= set(ISAS) and cpu_isas()[-1] == "scalar"

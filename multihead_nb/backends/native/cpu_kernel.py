@@ -1,8 +1,8 @@
 """Build and load the fused CPU forward (`csrc/cpu_decode.c`) at run time, once per instruction set, with the C
 compiler the machine has.
 
-Owns: which instruction sets this CPU runs (`cpu_isas`: AVX-512 with BF16 where present, AVX2 + FMA, ARM NEON with
-dotprod where present, and scalar C for the rest, best first), the compiler
+Owns: which instruction sets this CPU runs (`cpu_isas`: AVX-512 with BF16 and VNNI where present, AVX2 + FMA with
+AVX-VNNI where present, ARM NEON with dotprod where present, and scalar C for the rest, best first), the compiler
 flags of each, compiling the C source into a shared library cached on disk (keyed by the source, the flags, the
 compiler and the CPU), loading it with ctypes, and the ctypes mirrors of its structs. Knows nothing of models or
 batches (`fused_forward.py` fills the structs).
@@ -30,6 +30,7 @@ SOURCE = CSRC / "cpu_decode.c"  # includes the headers beside it
 COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-Werror=implicit-function-declaration")  # no implicit FMA: one rounding order in every tile shape
 LIB_FLAGS = ("-fopenmp", "-shared", "-fPIC")
 ISAS = ("avx512", "avx2", "neon", "scalar")  # best first
+VNNI_FLAGS = ("-mavxvnni", "-mavx512vnni")  # integer products in one instruction where the CPU has it
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 _i32p = ctypes.POINTER(ctypes.c_int32)
@@ -96,7 +97,7 @@ class CpuKernel:
 
     @property
     def isa(self) -> str:
-        """e.g. "avx2+fma", "avx512+bf16", "neon+dotprod", "scalar"."""
+        """e.g. "avx2+fma", "avx2+fma+vnni", "avx512+bf16+vnni", "neon+dotprod", "scalar"."""
         return self.lib.mh_isa().decode()
 
     def reads_interleaved(self, int8_activations: bool) -> bool:
@@ -138,9 +139,10 @@ def isa_flags(isa: str, machine: str, feats: frozenset[str]) -> tuple[str, ...] 
     avx2 = ("-mavx2", "-mfma", "-mf16c")
     if isa == "avx512" and x86 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= feats:
         return (*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mtune=native",
-                *(("-mavx512bf16",) if "avx512_bf16" in feats else ()))
+                *(("-mavx512bf16",) if "avx512_bf16" in feats else ()),
+                *(("-mavx512vnni",) if "avx512_vnni" in feats else ()))
     if isa == "avx2" and x86 and {"avx2", "fma", "f16c"} <= feats:
-        return (*avx2, "-mtune=native")
+        return (*avx2, "-mtune=native", *(("-mavxvnni",) if "avx_vnni" in feats else ()))
     if isa == "neon" and arm:
         return ("-march=armv8.2-a+dotprod",) if "asimddp" in feats else ("-march=armv8-a",)
     if isa == "scalar":
@@ -225,11 +227,14 @@ def load_kernel(isa: str | None = None, cache_dir: Path | None = None) -> CpuKer
         if flags is None:
             reasons.append(f"this CPU ({machine}) cannot run {name}")
             continue
-        try:
-            path = compile_c(COMMON_FLAGS + LIB_FLAGS + flags, f"cpu_decode-{name}.so", cache_dir=cache_dir)
-            return CpuKernel(path, ctypes.CDLL(str(path)))
-        except KernelUnavailable as e:
-            reasons.append(e.reason)
-        except OSError as e:
-            reasons.append(f"loading the fused CPU kernel {name} failed: {e}")
+        # a compiler without VNNI's flag (GCC < 11, clang < 12) still builds the set without it
+        plain = tuple(f for f in flags if f not in VNNI_FLAGS)
+        for attempt in dict.fromkeys((flags, plain)):
+            try:
+                path = compile_c(COMMON_FLAGS + LIB_FLAGS + attempt, f"cpu_decode-{name}.so", cache_dir=cache_dir)
+                return CpuKernel(path, ctypes.CDLL(str(path)))
+            except KernelUnavailable as e:
+                reasons.append(e.reason)
+            except OSError as e:
+                reasons.append(f"loading the fused CPU kernel {name} failed: {e}")
     raise KernelUnavailable("; ".join(dict.fromkeys(reasons)))

@@ -285,14 +285,21 @@ int mh_reads_interleaved(int int8) {
 /* The instruction set this build uses, as %mh status reports it. */
 const char *mh_isa(void) {
 #if defined(MH_ISA_X86)
+#if defined(MH_VNNI_EMULATE)
+#define MH_VNNI_NAME "+vnni-emulated"
+#elif defined(MH_VNNI)
+#define MH_VNNI_NAME "+vnni"
+#else
+#define MH_VNNI_NAME ""
+#endif
 #if defined(__AVX512F__)
 #ifdef MH_BF16_DOT
-    return "avx512+bf16";
+    return "avx512+bf16" MH_VNNI_NAME;
 #else
-    return "avx512";
+    return "avx512" MH_VNNI_NAME;
 #endif
 #else
-    return "avx2+fma";
+    return "avx2+fma" MH_VNNI_NAME;
 #endif
 #elif defined(MH_ISA_NEON)
 #ifdef __ARM_FEATURE_DOTPROD

@@ -15,6 +15,26 @@
 #ifndef MH_DOT_X86_INT_H
 #define MH_DOT_X86_INT_H
 
+/* vpdpbusd where the CPU has it (AVX-VNNI; AVX-512 VNNI with VL): acc + in each 32-bit lane the sum of the 4 products
+ * of unsigned bytes u and signed bytes s, with no 16-bit stage (one instruction for vpmaddubsw + vpmaddwd + vpaddd).
+ * Every sum the integer products form fits 16 bits in the vpmaddubsw path too, so both give the same integers and
+ * the same results. MH_VNNI_EMULATE (the tests, on CPUs without VNNI) computes them with AVX2 instead. */
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(MH_VNNI_EMULATE)
+#define MH_VNNI 1
+AI __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(MH_VNNI_EMULATE) /* bytes to 16 bits (u zero-, s sign-extended), pairs to 32 bits, adjacent pairs added */
+    const __m256i z = _mm256_setzero_si256();
+    const __m256i lo = _mm256_madd_epi16(_mm256_unpacklo_epi8(u, z), _mm256_srai_epi16(_mm256_unpacklo_epi8(s, s), 8));
+    const __m256i hi = _mm256_madd_epi16(_mm256_unpackhi_epi8(u, z), _mm256_srai_epi16(_mm256_unpackhi_epi8(s, s), 8));
+    return _mm256_add_epi32(acc, _mm256_hadd_epi32(lo, hi));
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+}
+#endif
+
 /* The formats with integer products: every quantized one (these kernels', and the interleaved layouts' in
  * mh_dot_x86_x8.h); with activations="float32" they are dequantized to float32 instead (mh_dot_x86_float.h). */
 static inline int int_dot_format(int fmt) { return fmt != MH_BF16; }
@@ -138,7 +158,12 @@ AI void qi_block(const int fmt, const int sgn, const uint8_t *w, int b, const in
     for (int t = 0; t < MT; t++) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(xq[t] + 32 * b));
         if (sgn) x = _mm256_sign_epi8(x, u);
+#ifdef MH_VNNI
+        const __m256i p = fmt == MH_Q6_K ? _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), S.pairs)
+                                         : dpbusd(_mm256_setzero_si256(), au, x); /* [8] int32 */
+#else
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(au, x), S.pairs); /* [8] int32 */
+#endif
         acc[t] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(S.dw * xd[t][b])), acc[t]);
         if (fmt == MH_Q6_K)
             corr[t] += S.off16[0] * xs16[t][2 * b] + S.off16[1] * xs16[t][2 * b + 1];

@@ -42,6 +42,15 @@ AI void x8_block_tokens(const __m256i *u, const int wide, __m256 dw, __m256 off,
     const __m256i ones = _mm256_set1_epi16(1);
     for (int t = 0; t < MT; t++) {
         const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+#ifdef MH_VNNI
+        (void)wide, (void)ones;
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* [8] int32 each */
+        for (int c = 0; c < 4; c++) {
+            s0 = dpbusd(s0, u[c], bcast4(x + 4 * c));
+            s1 = dpbusd(s1, u[c + 4], bcast4(x + 16 + 4 * c));
+        }
+        const __m256i p = _mm256_add_epi32(s0, s1);
+#else
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* [16] int16 each */
         for (int c = 0; c < 4; c++) {
             s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)));
@@ -49,6 +58,7 @@ AI void x8_block_tokens(const __m256i *u, const int wide, __m256 dw, __m256 off,
         }
         const __m256i p = wide ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
                                : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones); /* [8] int32 */
+#endif
         const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb])), acc[t]);
         corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
@@ -65,16 +75,27 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
         const uint8_t *blk = w + (size_t)b * 8 * bb, *qs = blk + hb;
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)); /* [8] the rows' scales */
         if (base == MH_Q8_0) {
+            (void)ones; /* VNNI: not needed */
             __m256i q[8];
             for (int c = 0; c < 8; c++) q[c] = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
             for (int t = 0; t < MT; t++) {
                 const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+#ifdef MH_VNNI
+                __m256i s0 = _mm256_setzero_si256(), s1 = s0; /* [8] int32 each */
+                for (int c = 0; c < 8; c += 2) {
+                    s0 = dpbusd(s0, _mm256_sign_epi8(q[c], q[c]), _mm256_sign_epi8(bcast4(x + 4 * c), q[c]));
+                    s1 = dpbusd(s1, _mm256_sign_epi8(q[c + 1], q[c + 1]),
+                                _mm256_sign_epi8(bcast4(x + 4 * c + 4), q[c + 1]));
+                }
+                const __m256i s = _mm256_add_epi32(s0, s1);
+#else
                 __m256i s = _mm256_setzero_si256(); /* [8] int32 */
                 for (int c = 0; c < 8; c++) {
                     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q[c], q[c]),
                                                            _mm256_sign_epi8(bcast4(x + 4 * c), q[c]));
                     s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
                 }
+#endif
                 const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[(size_t)(t0 + t) * (K / 32) + b]));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
             }
@@ -186,22 +207,36 @@ AI void tile_q6kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int
                                                                     shift), three);
                 u[c] = _mm256_or_si256(l, _mm256_slli_epi16(h, 4)); /* h <= 3: stays in its byte */
             }
-            __m256i pair[2];
+            __m256i pair[2]; /* the halves' scales: int32 (VNNI), or int16 twice per 32-bit lane */
             __m256 off[2];
-            for (int hh = 0; hh < 2; hh++) { /* the halves' scales: int16 twice per 32-bit lane, and -32 d sc */
+            for (int hh = 0; hh < 2; hh++) { /* and -32 d sc */
                 const uint8_t *sc8 = scales + 8 * (8 * half + 2 * k + hh); /* scale 8 half + 2 k + hh of each row */
                 const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)sc8));
+#ifdef MH_VNNI
+                (void)lo16;
+                pair[hh] = v;
+#else
                 pair[hh] = _mm256_or_si256(_mm256_and_si256(v, lo16), _mm256_slli_epi32(v, 16));
+#endif
                 off[hh] = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(v)), _mm256_set1_ps(-32.0f));
             }
             for (int t = 0; t < MT; t++) {
                 const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+#ifdef MH_VNNI
+                __m256i h[2]; /* [8] int32 each: the halves' sums, times their scales */
+                for (int hh = 0; hh < 2; hh++) {
+                    h[hh] = _mm256_setzero_si256();
+                    for (int c = 4 * hh; c < 4 * hh + 4; c++) h[hh] = dpbusd(h[hh], u[c], bcast4(x + 4 * c));
+                }
+                const __m256i p = _mm256_add_epi32(_mm256_mullo_epi32(h[0], pair[0]), _mm256_mullo_epi32(h[1], pair[1]));
+#else
                 __m256i p = _mm256_setzero_si256(); /* [8] int32 */
                 for (int c = 0; c < 8; c += 2) {
                     const __m256i s2 = _mm256_add_epi16(_mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)),
                                                         _mm256_maddubs_epi16(u[c + 1], bcast4(x + 4 * c + 4)));
                     p = _mm256_add_epi32(p, _mm256_madd_epi16(s2, pair[c / 4]));
                 }
+#endif
                 const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, _mm256_set1_ps(a->d[xb])), acc[t]);
                 corr[t] = _mm256_fmadd_ps(off[0], _mm256_set1_ps(a->s16[2 * xb]), corr[t]);
