@@ -73,6 +73,7 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w + (size_t)b * 8 * bb, *qs = blk + hb;
+        if (t0 == 0) prefetch_ahead(blk, 8 * bb);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)); /* [8] the rows' scales */
         if (base == MH_Q8_0) {
             (void)ones; /* VNNI: not needed */
@@ -158,6 +159,7 @@ AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int s = 0; s < nsb; s++) {
         const uint8_t *g = w + (size_t)s * (q5 ? 1408 : 1152);
+        if (t0 == 0) prefetch_ahead(g, q5 ? 1408 : 1152);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)));
         for (int j = 0; j < 8; j++) {
@@ -194,6 +196,7 @@ AI void tile_q6kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int s = 0; s < nsb; s++) {
         const uint8_t *g = w + (size_t)s * 1680, *scales = g + 1536;
+        if (t0 == 0) prefetch_ahead(g, 1680);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 1664)));
         for (int j = 0; j < 8; j++) {
             const int half = j / 4, k = j % 4, b = 8 * s + j;
@@ -228,7 +231,8 @@ AI void tile_q6kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int
                     h[hh] = _mm256_setzero_si256();
                     for (int c = 4 * hh; c < 4 * hh + 4; c++) h[hh] = dpbusd(h[hh], u[c], bcast4(x + 4 * c));
                 }
-                const __m256i p = _mm256_add_epi32(_mm256_mullo_epi32(h[0], pair[0]), _mm256_mullo_epi32(h[1], pair[1]));
+                const __m256i p = _mm256_add_epi32(_mm256_mullo_epi32(h[0], pair[0]),
+                                                   _mm256_mullo_epi32(h[1], pair[1]));
 #else
                 __m256i p = _mm256_setzero_si256(); /* [8] int32 */
                 for (int c = 0; c < 8; c += 2) {
