@@ -1,6 +1,7 @@
 /* x86 tile kernels: NR weight rows x MT token rows of one format, AVX2 + FMA (+ F16C), 256-bit. AVX-512 builds
  * use these too, with vdpbf16ps over 512 bits for bfloat16 weights where AVX-512 BF16 is present (activations then
- * in bfloat16).
+ * in bfloat16); builds with AVX-VNNI or AVX-512 VNNI sum the integer products with vpdpbusd (MH_VNNI,
+ * mh_dot_x86_int.h). Every tile prefetches its weights MH_PF_AHEAD bytes ahead.
  *
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16

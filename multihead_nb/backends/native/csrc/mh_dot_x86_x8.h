@@ -6,8 +6,8 @@
  * A 32-byte load holds 4 quants of each of the 8 rows (lane i: row i); the token row's 4 matching int8 activations
  * are broadcast to all lanes, so vpmaddubsw + vpmaddwd give each row's partial sum in its own lane: no horizontal
  * sums, and each block's scales are one vector for the 8 rows (vcvtph2ps). Per block of 8 rows and token: 8
- * broadcasts and 8 vpmaddubsw, one conversion and two FMAs (against, per row, a load, 2-5 integer operations, a
- * horizontal sum's share and a scalar scale in mh_dot_x86_int.h).
+ * broadcasts and 8 vpmaddubsw (with VNNI: 8 vpdpbusd and no vpmaddwd), one conversion and two FMAs (against, per
+ * row, a load, 2-5 integer operations, a horizontal sum's share and a scalar scale in mh_dot_x86_int.h).
  * - Q4_0 / Q4_1: the nibbles stay unsigned (0..15); the offset (-8 d, or m) is added through the activations'
  *   block sums, in a second accumulator. Low nibbles are elements 4c .. 4c + 3 of piece c, high nibbles 16 + 4c ..;
  *   eight vpmaddubsw of 4-bit by 7-bit values sum in 16 bits without overflow (8 x 2 x 15 x 127 < 2^15).
