@@ -20,7 +20,7 @@
  * the rows from memory; later tiles find them in cache). A decode step reads every weight once, a contiguous stream
  * per thread; the hardware prefetchers alone keep too few lines in flight once the products between the loads get
  * heavier (several token rows): 4 KiB ahead took a batch-3 Q4_0 step from ~7.5 to ~6.1 ms on Zen 3
- * (bench/README.md). */
+ * (bench/README.md); the row-layout and float32-activation tiles prefetch each row ahead too. */
 #ifndef MH_PF_AHEAD
 #define MH_PF_AHEAD 4096
 #endif

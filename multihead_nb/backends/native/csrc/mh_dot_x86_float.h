@@ -97,8 +97,10 @@ AI void tile_q(const int fmt, const uint8_t *w, int64_t rb, const int NR, const 
     __m256 acc0[1][4], acc1[1][4];
     const float *x[4];
     for (int t = 0; t < MT; t++) x[t] = a->x + (size_t)(t0 + t) * a->ldx;
-    for (int r = 0; r < NR; r++)
+    for (int r = 0; r < NR; r++) {
+        if (t0 == 0) prefetch_ahead(w + (size_t)r * rb, (int)rb);
         for (int t = 0; t < MT; t++) acc0[r][t] = acc1[r][t] = _mm256_setzero_ps();
+    }
     for (int b = 0; b < nb; b++)
         for (int r = 0; r < NR; r++) {
             __m256 wv[4];

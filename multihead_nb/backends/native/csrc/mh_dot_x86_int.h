@@ -202,6 +202,7 @@ AI void qi_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
                 const mh_part *P, int n0) {
     float res[4];
     for (int n = 0; n < nrows; n++) {
+        if (t0 == 0) prefetch_ahead(w + (size_t)n * rb, (int)rb);
         tile_qi(fmt, w + (size_t)n * rb, a, t0, MT, res);
         store_out(P, n0 + n, t0, MT, res);
     }
