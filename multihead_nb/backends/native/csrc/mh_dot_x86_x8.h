@@ -33,6 +33,19 @@ AI __m256i bcast4(const int8_t *p) { /* 4 int8 activations into every 32-bit lan
     return _mm256_set1_epi32(v);
 }
 
+#ifdef MH_VNNI
+/* Pieces c0 .. c1 - 1 of 8 rows (u[c]: elements 4 c .. 4 c + 3 of each row, unsigned) against the token row's
+ * matching int8 activations x: [8] int32, each row's sum in its lane (two chains of vpdpbusd). */
+AI __m256i vnni_pieces(const __m256i *u, const int8_t *x, int c0, int c1) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    for (int c = c0; c < c1; c += 2) {
+        s0 = dpbusd(s0, u[c], bcast4(x + 4 * c));
+        s1 = dpbusd(s1, u[c + 1], bcast4(x + 4 * c + 4));
+    }
+    return _mm256_add_epi32(s0, s1);
+}
+#endif
+
 /* One 32-element block of 8 rows against token rows t0 .. t0 + MT - 1, added to acc[t] (d_w d_x times the integer
  * sums) and corr[t] (off times the activations' block sums): u[c] holds elements 4 c .. 4 c + 3 of each row, u[4 + c]
  * 16 + 4 c .., unsigned; 4-bit values (wide = 0) sum in 16 bits over the 8 pieces, 5-bit ones over 4. */
@@ -44,12 +57,7 @@ AI void x8_block_tokens(const __m256i *u, const int wide, __m256 dw, __m256 off,
         const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
 #ifdef MH_VNNI
         (void)wide, (void)ones;
-        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* [8] int32 each */
-        for (int c = 0; c < 4; c++) {
-            s0 = dpbusd(s0, u[c], bcast4(x + 4 * c));
-            s1 = dpbusd(s1, u[c + 4], bcast4(x + 16 + 4 * c));
-        }
-        const __m256i p = _mm256_add_epi32(s0, s1);
+        const __m256i p = vnni_pieces(u, x, 0, 8); /* u[4 + c] holds elements 16 + 4 c ..: piece 4 + c */
 #else
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* [16] int16 each */
         for (int c = 0; c < 4; c++) {
@@ -76,13 +84,13 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
         if (t0 == 0) prefetch_ahead(blk, 8 * bb);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)); /* [8] the rows' scales */
         if (base == MH_Q8_0) {
-            (void)ones; /* VNNI: not needed */
             __m256i q[8];
             for (int c = 0; c < 8; c++) q[c] = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
             for (int t = 0; t < MT; t++) {
                 const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
 #ifdef MH_VNNI
-                __m256i s0 = _mm256_setzero_si256(), s1 = s0; /* [8] int32 each */
+                (void)ones;
+                __m256i s0 = _mm256_setzero_si256(), s1 = s0; /* [8] int32 each (|q| against x with q's signs) */
                 for (int c = 0; c < 8; c += 2) {
                     s0 = dpbusd(s0, _mm256_sign_epi8(q[c], q[c]), _mm256_sign_epi8(bcast4(x + 4 * c), q[c]));
                     s1 = dpbusd(s1, _mm256_sign_epi8(q[c + 1], q[c + 1]),
@@ -226,13 +234,8 @@ AI void tile_q6kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int
             for (int t = 0; t < MT; t++) {
                 const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
 #ifdef MH_VNNI
-                __m256i h[2]; /* [8] int32 each: the halves' sums, times their scales */
-                for (int hh = 0; hh < 2; hh++) {
-                    h[hh] = _mm256_setzero_si256();
-                    for (int c = 4 * hh; c < 4 * hh + 4; c++) h[hh] = dpbusd(h[hh], u[c], bcast4(x + 4 * c));
-                }
-                const __m256i p = _mm256_add_epi32(_mm256_mullo_epi32(h[0], pair[0]),
-                                                   _mm256_mullo_epi32(h[1], pair[1]));
+                const __m256i p = _mm256_add_epi32(_mm256_mullo_epi32(vnni_pieces(u, x, 0, 4), pair[0]),
+                                                   _mm256_mullo_epi32(vnni_pieces(u, x, 4, 8), pair[1]));
 #else
                 __m256i p = _mm256_setzero_si256(); /* [8] int32 */
                 for (int c = 0; c < 8; c += 2) {
