@@ -9,7 +9,8 @@
  *
  * Weights are bfloat16 or GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), each matrix in its own format,
  * read in place (no dequantized copy), or on x86 with int8 activations with rows interleaved 8 at a time (a copy
- * made at load); products are mh_matmul.h's, per instruction set mh_dot_*.h. The residual stream
+ * made at load); products are mh_matmul.h's, per instruction set mh_dot_*.h; a layer's attention is
+ * mh_attend_layer.h's, the per-token steps between products mh_token_ops.h's. The residual stream
  * and every product's input are float32 (bfloat16 for bfloat16 weights with AVX-512 BF16; int8 per 32 elements
  * for quantized weights by default on NEON and x86, as llama.cpp does).
  * Built at run time by cpu_kernel.py once per instruction set (-O3 plus that set's flags, -fopenmp), loaded with
@@ -17,7 +18,7 @@
  * pool. Scratch memory is allocated per call.
  */
 #include "mh_matmul.h"
-#include "mh_attention.h"
+#include "mh_attend_layer.h"
 #include "mh_token_ops.h"
 
 static int forms_of(const mh_model *m, const mh_matrix *a, const mh_matrix *b, const mh_matrix *c) {
@@ -28,17 +29,17 @@ static int forms_of(const mh_model *m, const mh_matrix *a, const mh_matrix *b, c
 static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
 
 typedef struct { /* scratch of one call */
-    float *x, *xn, *qkv, *gu, *attn, *scores, *sel;
-    float *po, *pmx, *psm;  /* attention chunks' partial results (split attention) */
-    int32_t *tstart, *task_t; /* [T + 1] first chunk of each token; [chunks] token of each chunk */
+    float *x, *xn, *qkv, *gu, *attn, *sel;
+    mh_att_work att;
     mh_act act;
 } mh_work;
 
 /* Free everything and return rc. */
 static int release(mh_work *w, int rc) {
-    void *ps[] = {w->x, w->xn, w->qkv, w->gu, w->attn, w->scores, w->sel, w->act.f, w->act.h, w->act.q, w->act.d,
-                  w->act.s16, w->act.s32, w->po, w->pmx, w->psm, w->tstart, w->task_t};
+    void *ps[] = {w->x, w->xn, w->qkv, w->gu, w->attn, w->sel, w->act.f, w->act.h, w->act.q, w->act.d, w->act.s16,
+                  w->act.s32};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free(ps[i]);
+    att_work_free(&w->att);
     return rc;
 }
 
@@ -46,17 +47,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
     const int T = s->T, h = m->hidden, H = m->heads, KV = m->kv_heads, d = m->head_dim, I = m->inter;
     const int HD = H * d, KVd = KV * d, QKV = (H + 2 * KV) * d, L = s->num_logits, V = m->vocab;
     if (d > 512 || (d & 1) || T < 1 || KV < 1 || H % KV || L < 0 || L > T) return -1;
-    const int G = H / KV, nt = s->num_threads > 0 ? s->num_threads : 1;
-#ifdef MH_BF16_DOT
-    const int grouped = d % 16 == 0 && d <= MH_GROUP_DIM && G <= MH_GROUP_MAX ? 2 : 0;
-    const int split = 0;
-#elif defined(MH_ISA_X86)
-    const int grouped = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX && G > 1;
-    const int split = d % 8 == 0 && d <= MH_GROUP_DIM && G <= MH_GROUP_MAX; /* attend_part_avx2 + attn_merge */
-#else
-    const int grouped = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX && G > 1;
-    const int split = 0; /* the split attention is x86's (attend_part_avx2) */
-#endif
+    const int nt = s->num_threads > 0 ? s->num_threads : 1;
     const int Kmax = h > HD ? (h > I ? h : I) : (HD > I ? HD : I);
     mh_work w = {0};
     w.x = alloc64(sizeof(float) * T * h);
@@ -64,28 +55,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
     w.qkv = alloc64(sizeof(float) * T * QKV);
     w.gu = alloc64(sizeof(float) * T * 2 * I);
     w.attn = alloc64(sizeof(float) * T * HD);
-    const int ldsc = s->max_ctx > 128 ? s->max_ctx : 128; /* a split task's chunk is at most this long */
-    w.scores = alloc64(sizeof(float) * nt * (grouped || split ? G : 1) * ldsc);
-#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
-    int chunks = 0;
-    if (split) { /* each token's context in chunks of att_chunk(n) keys; one task per (token, KV head, chunk) */
-        w.tstart = malloc(sizeof(int32_t) * (T + 1));
-        if (!w.tstart) return release(&w, -2);
-        for (int t = 0; t < T; t++) {
-            const int n = s->pos[t] - window_lo(m, s->pos[t]) + 1;
-            w.tstart[t] = chunks;
-            chunks += (n + att_chunk(n) - 1) / att_chunk(n);
-        }
-        w.tstart[T] = chunks;
-        w.task_t = malloc(sizeof(int32_t) * chunks);
-        w.po = alloc64(sizeof(float) * (size_t)chunks * KV * G * d);
-        w.pmx = alloc64(sizeof(float) * (size_t)chunks * KV * G);
-        w.psm = alloc64(sizeof(float) * (size_t)chunks * KV * G);
-        if (!w.task_t || !w.po || !w.pmx || !w.psm) return release(&w, -2);
-        for (int t = 0; t < T; t++)
-            for (int c = w.tstart[t]; c < w.tstart[t + 1]; c++) w.task_t[c] = t;
-    }
-#endif
+    if (att_work_alloc(m, s, nt, &w.att)) return release(&w, -2);
     w.sel = alloc64(sizeof(float) * (L + 1) * (h + HD));
     w.act.f = alloc64(sizeof(float) * T * Kmax);
     w.act.h = alloc64(sizeof(uint16_t) * T * Kmax);
@@ -93,7 +63,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
     w.act.d = alloc64(sizeof(float) * T * (Kmax / 32 + 1));
     w.act.s16 = alloc64(sizeof(float) * T * (Kmax / 16 + 1));
     w.act.s32 = alloc64(sizeof(float) * T * (Kmax / 32 + 1));
-    if (!w.x || !w.xn || !w.qkv || !w.gu || !w.attn || !w.scores || !w.sel || !w.act.f || !w.act.h || !w.act.q ||
+    if (!w.x || !w.xn || !w.qkv || !w.gu || !w.attn || !w.sel || !w.act.f || !w.act.h || !w.act.q ||
         !w.act.d || !w.act.s16 || !w.act.s32)
         return release(&w, -2);
 
@@ -136,51 +106,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 }
             }
 
-#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
-            if (split) {
-                float *sc = w.scores + (size_t)omp_get_thread_num() * G * ldsc;
-#pragma omp for schedule(dynamic, 1)
-                for (int i = 0; i < chunks * KV; i++) { /* task i: chunk c of token t, KV head kvh */
-                    const int c = i / KV, kvh = i % KV, t = w.task_t[c];
-                    const int lo = window_lo(m, s->pos[t]), n = s->pos[t] - lo + 1, ch = att_chunk(n);
-                    const int j0 = lo + (c - w.tstart[t]) * ch, j1 = j0 + ch - 1 < s->pos[t] ? j0 + ch - 1 : s->pos[t];
-                    const size_t slot = (size_t)(w.tstart[t] * KV + kvh * (w.tstart[t + 1] - w.tstart[t])
-                                                 + (c - w.tstart[t]));
-                    attend_part_avx2(m, s, l, t, kvh, w.qkv + (size_t)t * QKV + (size_t)kvh * G * d, j0, j1, sc, ch,
-                                     w.po + slot * G * d, w.pmx + slot * G, w.psm + slot * G);
-                }
-#pragma omp for schedule(static)
-                for (int i = 0; i < T * KV; i++) {
-                    const int t = i / KV, kvh = i % KV, nch = w.tstart[t + 1] - w.tstart[t];
-                    const size_t slot = (size_t)(w.tstart[t] * KV + kvh * nch);
-                    attn_merge(G, d, nch, w.po + slot * G * d, w.pmx + slot * G, w.psm + slot * G,
-                               w.attn + (size_t)t * HD + (size_t)kvh * G * d);
-                }
-            } else
-#endif
-            {
-                float *sc = w.scores + (size_t)omp_get_thread_num() * (grouped ? G : 1) * ldsc;
-                if (grouped) {
-#pragma omp for schedule(dynamic, 1)
-                    for (int i = 0; i < T * KV; i++) {
-                        const int t = i / KV, kvh = i % KV;
-                        const float *q = w.qkv + (size_t)t * QKV + (size_t)kvh * G * d;
-                        float *o = w.attn + (size_t)t * HD + (size_t)kvh * G * d;
-#if defined(MH_BF16_DOT)
-                        attend_group(m, s, l, t, kvh, q, sc, o);
-#else
-                        attend_group_c(m, s, l, t, kvh, q, sc, o);
-#endif
-                    }
-                } else {
-#pragma omp for schedule(dynamic, 1)
-                    for (int i = 0; i < T * H; i++) {
-                        const int t = i / H, hq = i % H;
-                        attend(m, s, l, t, hq, w.qkv + (size_t)t * QKV + (size_t)hq * d, sc,
-                               w.attn + (size_t)t * HD + (size_t)hq * d);
-                    }
-                }
-            }
+            attend_layer(m, s, l, w.qkv, QKV, w.attn, &w.att);
 
             if (last && L < T) { /* only the rows whose logits are wanted go on */
 #pragma omp single
