@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +91,22 @@ def test_vllm_peer_levels_and_failure_reporting(tmp_path):
     assert res["rows"] == [] and res["startup_s"] is None
     assert "vllm" in res["error"]
     assert vllm_peer.find_python("/some/python") == "/some/python"
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
+                    reason="no C compiler here: the fused CPU kernel cannot be built")
+def test_product_floor_quick(capsys):
+    """bench.product_floor on small matrices: one table row per format, every time measured and positive, the
+    ratios consistent with them; an unknown format is refused by name."""
+    from bench import product_floor
+
+    product_floor.main(["--formats", "q4_0", "q6_k", "--tokens", "1", "3", "--streamed-mib", "2", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| q")]
+    assert [r.split("|")[1].strip().removesuffix("x8") for r in rows] == ["q4_0", "q6_k"]
+    for row in rows:
+        s1, s3, a1, a3, ratio, lowest = (float(c) for c in row.split("|")[2:8])
+        assert min(s1, s3, a3) > 0 and a1 >= 0
+        assert ratio == pytest.approx(s3 / s1, rel=0.05, abs=0.011) and 1.0 <= lowest
+    with pytest.raises(SystemExit):
+        product_floor.main(["--formats", "q9_9"])
+    assert "unknown format(s) q9_9" in capsys.readouterr().err
