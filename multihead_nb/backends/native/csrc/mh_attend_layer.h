@@ -43,7 +43,7 @@ static void att_work_free(mh_att_work *a) { /* and every pointer NULL: freeing t
 
 /* The scratch of one forward of s->T tokens on nt threads: 0, or -2 (out of memory; what was allocated freed). */
 static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_work *a) {
-    const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim, T = s->T;
+    const int G = m->heads / m->kv_heads;
     memset(a, 0, sizeof *a);
     a->mode = att_mode(m);
     a->ldsc = s->max_ctx > 128 ? s->max_ctx : 128; /* a split task's chunk is at most this long */
@@ -51,6 +51,7 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
     if (!a->scores) return -2;
     if (a->mode != ATT_SPLIT) return 0;
 #if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+    const int KV = m->kv_heads, d = m->head_dim, T = s->T;
     a->tstart = malloc(sizeof(int32_t) * (T + 1));
     if (!a->tstart) return att_work_free(a), -2;
     for (int t = 0; t < T; t++) {
