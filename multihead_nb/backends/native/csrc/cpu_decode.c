@@ -26,8 +26,6 @@ static int forms_of(const mh_model *m, const mh_matrix *a, const mh_matrix *b, c
     return act_form(a->format, i8) | (b ? act_form(b->format, i8) : 0) | (c ? act_form(c->format, i8) : 0);
 }
 
-static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
-
 typedef struct { /* scratch of one call */
     float *x, *xn, *qkv, *gu, *attn, *sel;
     mh_att_work att;

@@ -33,8 +33,6 @@ typedef struct {
     float *po, *pmx, *psm;    /* [chunks, KV, G, d], [chunks, KV, G], [chunks, KV, G]: the chunks' partial results */
 } mh_att_work;
 
-static void *att_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
-
 static void att_work_free(mh_att_work *a) { /* and every pointer NULL: freeing twice is harmless */
     free(a->scores), free(a->tstart), free(a->task_t), free(a->po), free(a->pmx), free(a->psm);
     a->scores = a->po = a->pmx = a->psm = NULL;
@@ -47,7 +45,7 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
     memset(a, 0, sizeof *a);
     a->mode = att_mode(m);
     a->ldsc = s->max_ctx > 128 ? s->max_ctx : 128; /* a split task's chunk is at most this long */
-    a->scores = att_alloc(sizeof(float) * nt * (a->mode == ATT_HEADS ? 1 : G) * a->ldsc);
+    a->scores = alloc64(sizeof(float) * nt * (a->mode == ATT_HEADS ? 1 : G) * a->ldsc);
     if (!a->scores) return -2;
     if (a->mode != ATT_SPLIT) return 0;
 #if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
@@ -61,9 +59,9 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
     }
     a->tstart[T] = a->chunks;
     a->task_t = malloc(sizeof(int32_t) * a->chunks);
-    a->po = att_alloc(sizeof(float) * (size_t)a->chunks * KV * G * d);
-    a->pmx = att_alloc(sizeof(float) * (size_t)a->chunks * KV * G);
-    a->psm = att_alloc(sizeof(float) * (size_t)a->chunks * KV * G);
+    a->po = alloc64(sizeof(float) * (size_t)a->chunks * KV * G * d);
+    a->pmx = alloc64(sizeof(float) * (size_t)a->chunks * KV * G);
+    a->psm = alloc64(sizeof(float) * (size_t)a->chunks * KV * G);
     if (!a->task_t || !a->po || !a->pmx || !a->psm) return att_work_free(a), -2;
     for (int t = 0; t < T; t++)
         for (int c = a->tstart[t]; c < a->tstart[t + 1]; c++) a->task_t[c] = t;

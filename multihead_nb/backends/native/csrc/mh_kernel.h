@@ -1,5 +1,5 @@
 /* Shared by the fused CPU forward's sources: which instruction set this build targets, the structs Python fills
- * (mirrored in cpu_kernel.py), the weight formats, and bfloat16 / half conversions.
+ * (mirrored in cpu_kernel.py), the weight formats, bfloat16 / half conversions and the scratch allocator (alloc64).
  * Owns no state; knows nothing of layers, attention or how a matrix product is tiled. */
 #ifndef MH_KERNEL_H
 #define MH_KERNEL_H
@@ -85,6 +85,9 @@ typedef struct {
     const int32_t *logits_idx;         /* [num_logits] token rows whose logits are wanted */
     float *logits;                     /* [num_logits, V] out */
 } mh_step;
+
+/* Scratch of `bytes` aligned to a cache line, rounded up (free() releases it). */
+static inline void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
 
 /* ---- conversions ------------------------------------------------------------------------------------------ */
 static inline float bf16_to_f32(uint16_t v) {
