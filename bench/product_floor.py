@@ -29,12 +29,29 @@ import numpy as np
 import torch
 
 from multihead_nb.backends.native.cpu_kernel import MatrixStruct, load_kernel
-from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, PackedMatrix, interleave
-from multihead_nb.testing.packed_matrices import random_packed
+from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, PackedMatrix, interleave, quantize
+
+RANDOM_BLOCK_FORMATS = ("q4_k", "q5_k", "q6_k")  # no quantizer at load: random blocks with small scales
+
+
+def seed_matrix(fmt: str, rows: int, cols: int) -> PackedMatrix:
+    """A `[rows, cols]` matrix in `fmt` (quantized from random values, or random K-quant blocks)."""
+    g = torch.Generator().manual_seed(0)
+    if fmt not in RANDOM_BLOCK_FORMATS:
+        return quantize(torch.randn(rows, cols, generator=g), fmt)
+    nb, bb = rows * cols // 256, FORMATS[fmt][2]
+    raw = torch.randint(0, 256, (nb, bb), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(nb, generator=g) * 0.02 + 0.001).half().view(torch.uint8).reshape(nb, 2)
+    if fmt == "q6_k":
+        raw[:, 208:210] = scale
+    else:
+        raw[:, 0:2], raw[:, 2:4] = scale, scale
+    return PackedMatrix(fmt, rows, cols, raw.reshape(rows, -1).contiguous())
+
 
 def matrix_of(fmt: str, total_bytes: int, cols: int, interleaved: bool) -> PackedMatrix:
     """About `total_bytes` of `fmt` weights (rows a multiple of 64): a 64-row seed matrix's bytes repeated."""
-    seed = random_packed(fmt, 64, cols)
+    seed = seed_matrix(fmt, 64, cols)
     if interleaved and fmt in INTERLEAVED:
         seed = interleave(seed)
     copies = max(1, total_bytes // seed.data.numel())

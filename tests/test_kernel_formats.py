@@ -28,8 +28,7 @@ from gguf.quants import quantize as gguf_quantize
 from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, ISAS, VNNI_FLAGS, CpuKernel, MatrixStruct,
                                                      _compiler, compile_c, cpu_features, cpu_isas, isa_flags,
                                                      load_kernel)
-from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, QUANTIZABLE, PackedMatrix, ggml_type, interleave
-from multihead_nb.testing.packed_matrices import random_packed
+from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, PackedMatrix, ggml_type, interleave, quantize
 
 pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
                                 reason="no C compiler here: the fused CPU kernel cannot be built")
@@ -45,13 +44,23 @@ X86_ISAS = [i for i in cpu_isas() if i.startswith("avx")]
 
 
 def random_matrix(fmt: str, rows: int, cols: int, seed: int) -> PackedMatrix:
-    """`random_packed`'s matrix; where gguf has a reference quantizer (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1), checked to be
-    the bytes it writes for the same values."""
-    pm = random_packed(fmt, rows, cols, seed)
-    if fmt in QUANTIZABLE and fmt != "bf16":
-        w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
-        assert np.array_equal(pm.data.numpy(), gguf_quantize(w.numpy(), ggml_type(fmt)))
-    return pm
+    """Quantized by gguf's reference quantizer where it has one (bf16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1); K-quants as
+    random blocks (any bits are a valid block) with small positive half-precision super-block scales."""
+    g = torch.Generator().manual_seed(seed)
+    if fmt in ("bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"):
+        w = torch.randn(rows, cols, generator=g)
+        pm = quantize(w, fmt)
+        if fmt != "bf16":  # the same bytes as gguf's reference quantizer
+            assert np.array_equal(pm.data.numpy(), gguf_quantize(w.numpy(), ggml_type(fmt)))
+        return pm
+    nb, bb = rows * cols // 256, FORMATS[fmt][2]
+    raw = torch.randint(0, 256, (nb, bb), generator=g, dtype=torch.uint8)
+    scale = lambda: (torch.rand(nb, generator=g) * 0.02 + 0.001).half().view(torch.uint8).reshape(nb, 2)  # noqa
+    if fmt in ("q4_k", "q5_k"):
+        raw[:, 0:2], raw[:, 2:4] = scale(), scale()
+    else:
+        raw[:, 208:210] = scale()
+    return PackedMatrix(fmt, rows, cols, raw.reshape(rows, -1).contiguous())
 
 
 def quantized_acts(X: np.ndarray) -> np.ndarray:
