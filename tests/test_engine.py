@@ -3,6 +3,7 @@ preemption, cancellation, bad input, and the frames."""
 
 import _thread
 import pytest
+import torch
 
 import multihead_nb as mh
 from helpers import make_ws, tight_pool
@@ -281,6 +282,27 @@ def test_frames_have_documented_columns(models):
     assert list(pages.columns) == ["page", "state", "owner", "holders", "model", "tokens", "shared"]
     assert set(pages.state) <= {"free", "cached", "kv", "weights"}
     ws.close()
+
+
+def test_workspace_options_are_checked_before_anything_is_allocated():
+    """Each bad limit is refused by name (bools are not counts); good ones resolve once, frozen."""
+    from dataclasses import FrozenInstanceError
+
+    from multihead_nb.workspace.options import WorkspaceOptions
+
+    for bad, match in (({"max_seqs": 0}, "max_seqs must be a positive integer, got 0"),
+                       ({"history": True}, "history must be a positive integer, got True"),
+                       ({"max_batched_tokens": 2.5}, "max_batched_tokens must be"),
+                       ({"cpu_kernel": "yes"}, "cpu_kernel must be None")):
+        with pytest.raises(ConfigError, match=match):
+            mh.Workspace(device="cpu", pool="1MiB", background=False, **bad)
+    o = WorkspaceOptions.parse("cpu", "1MiB", "64KiB", "float32", max_batched_tokens=8, max_seqs=2, cpu_kernel=False,
+                               history=10)
+    assert (o.num_pages, o.page_bytes, o.dtype, str(o.device)) == (16, 64 * 1024, torch.float32, "cpu")
+    with pytest.raises(FrozenInstanceError):
+        o.max_seqs = 3
+    with pytest.raises(TypeError):
+        WorkspaceOptions.parse("cpu", "1MiB", "64KiB", "float32", max_seq=2)  # an unknown option is an error
 
 
 def test_pool_and_page_size_errors(models):

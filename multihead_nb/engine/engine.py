@@ -9,7 +9,8 @@ the forward leaves every request as it was before the step. An exception in a st
 the engine keeps serving and keeps the cause in `errors`.
 
 Knows nothing of heads' prompts, chat templates, teams or notebooks; the workspace builds requests, the bus listens.
-Running a plan's forwards and sampling is `forward.py`; detokenizing and stops `output.py`; policy `scheduler.py`.
+Running a plan's forwards and sampling is `forward.py`; detokenizing and stops `output.py`; policy `scheduler.py`;
+the step log's rows `step_rows.py`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from .forward import ModelSlot, StepOutput, run_plan
 from .interrupts import interrupts_deferred
 from .output import append_token, emit
 from .plan import StepPlan
-from .recorder import Recorder, StepRow, TokenRow
+from .recorder import Recorder, TokenRow
 from .request import Request, Status
 from .scheduler import Scheduler
+from .step_rows import step_rows
 from . import sources
 
 __all__ = ["Engine", "ModelSlot"]
@@ -208,7 +210,8 @@ class Engine:
             self.postprocess(plan, out)
             t3 = self.now()
             if plan.chunks:
-                self._record_step(plan, out, t0, t1, t2, t3)
+                for row in step_rows(self.step_count, plan, out, self.scheduler, self.models, t0, t1, t2, t3):
+                    self.recorder.step(row)
                 self.step_count += 1
                 self.busy_s += t3 - t0
             arrived = sources.poll(self)  # tokens from stream sources (remote engines)
@@ -246,23 +249,6 @@ class Engine:
             self.finalize(req, Status.FINISHED, reason)
         else:
             emit(req)
-
-    def _record_step(self, plan: StepPlan, out: StepOutput, t0, t1, t2, t3) -> None:
-        pages_free = self.scheduler.pool.num_free
-        in_use = self.scheduler.pool.num_pages - pages_free
-        slots = held = 0
-        for r in self.scheduler.requests():
-            if r.block_table and r.model in self.models:
-                slots += len(r.block_table) * self.models[r.model].runner.layout.tokens_per_page
-                held += r.num_computed
-        for model, chunks in plan.by_model().items():
-            by_head: dict[str, int] = {}
-            for c in chunks:
-                by_head[c.request.head] = by_head.get(c.request.head, 0) + c.num_tokens
-            decode = out.decode_tokens.get(model, 0)
-            n = sum(c.num_tokens for c in chunks)
-            self.recorder.step(StepRow(self.step_count, model, t0, t3, t3 - t0, len(chunks), n, n - decode, decode,
-                                       by_head, in_use, pages_free, slots, held, t1 - t0, t2 - t1, t3 - t2))
 
     # ---- driving -------------------------------------------------------------------------------------------
     def run_until(self, done: Callable[[], bool], timeout: float | None = None) -> None:

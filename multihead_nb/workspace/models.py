@@ -4,7 +4,8 @@ Owns: `LoadedModel` and `ModelTable` — picking a model's backend among the reg
 first that detects the reference), charging the pool before anything is loaded (weights, and a region of
 contiguous pages for backends that ask for one; a model that does not fit is refused with the sizes named),
 building it through the backend, charging what it really holds, registering it with the scheduler and the engine,
-sharing one copy per key between heads, and giving everything back on unload (or when a load fails half-way).
+sharing one copy per key between heads (a head's quota in pages of its model's pool), and giving everything back
+on unload (or when a load fails half-way).
 
 Knows no backend by name: they are `Backend`s (`backends/base.py`). Knows nothing of heads' prompts or requests.
 Every change to the pool, scheduler or engine is made under the engine's step lock.
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..backends.base import Backend, BuiltModel, LoadTarget, ModelPlan
-from ..config import ceil_div, format_size
+from ..config import ceil_div, format_size, parse_pages
 from ..engine.engine import Engine, ModelSlot
 from ..engine.scheduler import Scheduler
 from ..errors import ConfigError, OutOfPagesError
@@ -163,6 +164,22 @@ class ModelTable(Mapping):
         raise OutOfPagesError(
             f"model {model!r} needs {format_size(plan.weight_bytes)} of weights in {self.target.dtype} plus {kv}, "
             f"but only {format_size(free * pb)} of the pool ({format_size(self.pool.num_pages * pb)}) is free; {hint}")
+
+    def quota_pages(self, quota, loaded: LoadedModel) -> int | None:
+        """A head's quota in pages of its model's pool: for a region model a share of its region's own pages, or a
+        size in whole own pages (each `region.page_bytes`); else of the pool's K/V pages, or its page size."""
+        if quota is None:
+            return None
+        region = loaded.region
+        total = self.pool.num_kv_pages if region is None else region.num_pages
+        unit = self.pool_page_bytes if region is None else region.page_bytes
+        return parse_pages(quota, total, unit, what="quota")
+
+    def release(self, loaded: LoadedModel, holder: str) -> None:
+        """`holder` (a head) no longer uses `loaded`; unload it if no one else does."""
+        loaded.heads.discard(holder)
+        if not loaded.heads:
+            self.unload(loaded)
 
     def unload(self, loaded: LoadedModel) -> None:
         """Forget a model no head uses: its runner, its scheduler entry, its weight pages, its region."""

@@ -3,7 +3,8 @@
 Owns: the public Python API (`add_head`, `generate`, `submit`, `pages`, `stats`, frames, `close`) and the wiring
 between floors: a head's definition becomes a model loaded through the registered backends (`models.py`) and a
 queue in the scheduler, a prompt becomes token ids (`prompts.py`), a request a handle (`handles.py`); the page map
-and usage numbers are `report.py`, building requests and changing open prompts `requests.py`. Every request it accepts ends (finished, cancelled or failed): removing a head
+and usage numbers are `report.py`, building requests and changing open prompts `requests.py`, checking the
+constructor's options `options.py`. Every request it accepts ends (finished, cancelled or failed): removing a head
 or closing the workspace ends that head's (or every) request wherever it is, through the engine's one `finalize`.
 Knows nothing of notebooks, teams or HTTP (`team()`, `dashboard()` and `serve()` reach up lazily).
 """
@@ -18,7 +19,7 @@ import pandas as pd
 
 from ..backends import default_backends
 from ..backends.base import LoadTarget
-from ..config import device_memory, format_size, parse_pages, parse_size, resolve_device, resolve_dtype
+from ..config import format_size
 from ..engine.engine import Engine
 from ..engine.recorder import Recorder
 from ..engine.request import RequestIds
@@ -29,6 +30,7 @@ from .bus import Bus
 from .handles import Completion, RequestHandle
 from .heads import MODEL_OPTIONS, Head
 from .models import LoadedModel, ModelTable
+from .options import WorkspaceOptions
 from .prompts import encode_prompt, render_prompt
 from .report import page_frame, workspace_stats
 from .requests import RequestFactory
@@ -53,24 +55,12 @@ class Workspace:
         cpu_kernel: bool | None = None,
         history: int = 200_000,
     ):
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        pool_bytes = parse_size(pool, what="pool")
-        self.page_bytes = parse_size(page_bytes, what="page_bytes")
-        if pool_bytes < self.page_bytes:
-            raise ConfigError(f"pool of {format_size(pool_bytes)} is smaller than one page of {format_size(self.page_bytes)}")
-        have = device_memory(self.device)
-        if have is not None and pool_bytes > have:
-            raise ConfigError(f"pool of {format_size(pool_bytes)} is larger than the {format_size(have)} of memory "
-                              f"{self.device} has; ask for less (e.g. pool='1GiB')")
-        if cpu_kernel not in (None, True, False):
-            raise ConfigError(f"cpu_kernel must be None (use it where it builds), True or False, got {cpu_kernel!r}")
-        for name, v in (("max_batched_tokens", max_batched_tokens), ("max_seqs", max_seqs), ("history", history)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        self.options = WorkspaceOptions.parse(device, pool, page_bytes, dtype, max_batched_tokens=max_batched_tokens,
+                                              max_seqs=max_seqs, cpu_kernel=cpu_kernel, history=history)
+        self.device, self.dtype, self.page_bytes = self.options.device, self.options.dtype, self.options.page_bytes
         self.cpu_kernel = cpu_kernel  # native models' fused CPU kernel: see ModelRunner
         self.epoch = time.perf_counter()
-        self.arena = Arena(pool_bytes // self.page_bytes, self.page_bytes, self.device)
+        self.arena = Arena(self.options.num_pages, self.page_bytes, self.device)
         self.pool = PagePool(self.arena.num_pages)
         self.scheduler = Scheduler(self.pool, max_batched_tokens=max_batched_tokens, max_seqs=max_seqs)
         self.recorder = Recorder(max_steps=max(1, history // 4), max_tokens=history)
@@ -105,7 +95,7 @@ class Workspace:
             loaded.heads.add(f"\0loading {name}")  # keeps the model while a head of the same name is replaced
             try:
                 head.model = loaded.key
-                quota_pages = self._quota_pages(head, loaded)  # a bad quota fails before an old head is replaced
+                quota_pages = self.models.quota_pages(head.quota, loaded)  # fails before an old head is replaced
                 if name in self.heads:
                     self.remove_head(name)
                 with self.engine.lock:
@@ -115,9 +105,7 @@ class Workspace:
                     loaded.heads.add(name)
                     self.heads[name] = head
             finally:
-                loaded.heads.discard(f"\0loading {name}")
-                if not loaded.heads:
-                    self.models.unload(loaded)
+                self.models.release(loaded, f"\0loading {name}")
         return head
 
     def remove_head(self, name: str) -> None:
@@ -133,20 +121,7 @@ class Workspace:
                 for req in self.scheduler.remove_head(name):
                     self.engine.fail(req, f"head {name!r} was removed")
             self.engine.sync()
-            loaded = self.models[head.model]
-            loaded.heads.discard(name)
-            if not loaded.heads:
-                self.models.unload(loaded)
-
-    def _quota_pages(self, head: Head, loaded: LoadedModel) -> int | None:
-        """A quota in pages of the head's model's pool: for a region model a share of its region's own pages, or a
-        size in whole own pages (each `region.page_bytes`); else of the pool's K/V pages, or `page_bytes`."""
-        if head.quota is None:
-            return None
-        region = loaded.region
-        total = self.pool.num_kv_pages if region is None else region.num_pages
-        unit = self.page_bytes if region is None else region.page_bytes
-        return parse_pages(head.quota, total, unit, what="quota")
+            self.models.release(self.models[head.model], name)
 
     def head(self, name: str) -> Head:
         """The head named `name`; a `ConfigError` listing the heads if there is none."""
@@ -155,8 +130,6 @@ class Workspace:
                 known = ", ".join(sorted(self.heads)) or "none yet"
                 raise ConfigError(f"unknown head {name!r}; heads: {known}")
             return self.heads[name]
-
-
 
     def _model_of(self, name: str) -> tuple[Head, LoadedModel]:
         with self._lock:
