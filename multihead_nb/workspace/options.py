@@ -35,7 +35,8 @@ class WorkspaceOptions:
             raise ConfigError(f"pool of {format_size(self.pool_bytes)} is larger than the {format_size(have)} of "
                               f"memory {self.device} has; ask for less (e.g. pool='1GiB')")
         if self.cpu_kernel not in (None, True, False):
-            raise ConfigError(f"cpu_kernel must be None (use it where it builds), True or False, got {self.cpu_kernel!r}")
+            raise ConfigError("cpu_kernel must be None (use it where it builds), True or False, "
+                              f"got {self.cpu_kernel!r}")
         for name in ("max_batched_tokens", "max_seqs", "history"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
