@@ -134,23 +134,21 @@ class LlamaServer:
         self.close()
         raise RuntimeError("llama-server did not become healthy in 120 s")
 
-    def complete(self, prompt_ids: list[int], n_predict: int) -> list[int]:
+    def _complete(self, prompt_ids: list[int], n_predict: int) -> dict:
+        """One greedy `/completion` of `n_predict` tokens (no prompt cache, no early end): the server's reply."""
         body = {"prompt": prompt_ids, "n_predict": n_predict, "ignore_eos": True, "cache_prompt": False,
                 "temperature": 0.0, "top_k": 1, "samplers": ["top_k"], "return_tokens": True, "stream": False}
         req = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
-            out = json.loads(r.read())
-        return list(out.get("tokens") or [])
+            return json.loads(r.read())
+
+    def complete(self, prompt_ids: list[int], n_predict: int) -> list[int]:
+        return list(self._complete(prompt_ids, n_predict).get("tokens") or [])
 
     def timed(self, prompt_ids: list[int], n_predict: int) -> dict:
         """One completion's `timings` as llama-server reports them (`predicted_per_token_ms`, `prompt_ms`, ...)."""
-        body = {"prompt": prompt_ids, "n_predict": n_predict, "ignore_eos": True, "cache_prompt": False,
-                "temperature": 0.0, "top_k": 1, "samplers": ["top_k"], "stream": False}
-        req = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            timings = json.loads(r.read()).get("timings") or {}
+        timings = self._complete(prompt_ids, n_predict).get("timings") or {}
         if timings.get("predicted_n") != n_predict:
             raise RuntimeError(f"llama-server predicted {timings.get('predicted_n')} tokens, not {n_predict}")
         return timings
