@@ -1,9 +1,11 @@
 """Engine overhead at batch 3, and 3 concurrent heads vs the same 3 requests one after another with `generate`.
 
-    python -m bench.engine_overhead [--model-shape smollm2-135m] [--dtype bfloat16] [--prompt-tokens 128]
-                                    [--new-tokens 128] [--reps 3] [--threads 2] [--device auto] [--quick]
+    python -m bench.engine_overhead [--model-shape smollm2-135m] [--dtype bfloat16] [--quantize q4_0]
+                                    [--prompt-tokens 128] [--new-tokens 128] [--reps 3] [--threads 2]
+                                    [--device auto] [--quick]
 
-One process, one random-weight checkpoint of the given shape. Three heads on the same model each get a
+One process, one random-weight checkpoint of the given shape (MultiHead's weights quantized at load with
+`--quantize`; transformers runs the checkpoint as it is). Three heads on the same model each get a
 `--prompt-tokens` prompt (random token ids, different per head) and produce exactly `--new-tokens` tokens
 (`ignore_eos`). Interleaved per rep after a warm-up: (1) transformers `generate` on the three requests one after
 another (greedy, `min_new_tokens = max_new_tokens`); (2) the three requests submitted to MultiHead at once and run
@@ -31,6 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.engine_overhead", description=__doc__.split("\n")[0])
     p.add_argument("--model-shape", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantize", default=None, help="MultiHead's weights quantized at load (e.g. q4_0, q8_0)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--heads", type=int, default=3)
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
     key = str(ckpt)
     names = [f"h{i}" for i in range(args.heads)]
     for n in names:
-        ws.add_head(n, key, max_tokens=args.new_tokens, ignore_eos=True)
+        ws.add_head(n, key, max_tokens=args.new_tokens, ignore_eos=True,
+                    **({"quantize": args.quantize} if args.quantize else {}))
     tok = ws.tokenizer(names[0])
     g = torch.Generator().manual_seed(0)
     lo, hi = 3, len(tok)  # past the special tokens, inside the trained vocabulary
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
     ratio = mh_tps / hf_tps
 
     print()
-    print(f"Model {shape} ({args.dtype}), device {device}, {args.threads} threads, {args.heads} heads, "
+    fmt = args.dtype + (f", MultiHead in {args.quantize}" if args.quantize else "")
+    print(f"Model {shape} ({fmt}), device {device}, {args.threads} threads, {args.heads} heads, "
           f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens each, median of {args.reps} reps.")
     print()
     print(f"(a) engine overhead at batch {args.heads} ({len(parts['duration'])} decode steps): "
