@@ -57,8 +57,6 @@ class Workspace:
     ):
         self.options = WorkspaceOptions.parse(device, pool, page_bytes, dtype, max_batched_tokens=max_batched_tokens,
                                               max_seqs=max_seqs, cpu_kernel=cpu_kernel, history=history)
-        self.device, self.dtype, self.page_bytes = self.options.device, self.options.dtype, self.options.page_bytes
-        self.cpu_kernel = cpu_kernel  # native models' fused CPU kernel: see ModelRunner
         self.epoch = time.perf_counter()
         self.arena = Arena(self.options.num_pages, self.page_bytes, self.device)
         self.pool = PagePool(self.arena.num_pages)
@@ -81,6 +79,12 @@ class Workspace:
             background = "ipykernel" in sys.modules
         if background:
             self.engine.start_thread()
+
+    # read from the checked options (frozen): the arena, pool and models were built from them
+    device = property(lambda self: self.options.device)
+    dtype = property(lambda self: self.options.dtype)
+    page_bytes = property(lambda self: self.options.page_bytes)
+    cpu_kernel = property(lambda self: self.options.cpu_kernel)  # native models' fused CPU kernel: see ModelRunner
 
     # ---- models and heads ----------------------------------------------------------------------------------
     def add_head(self, name: str, model: str, system: str | None = None, *, replace: bool = False, **defaults) -> Head:
