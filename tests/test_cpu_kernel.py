@@ -218,6 +218,27 @@ def test_token_result_independent_of_batch(tiny_ckpt, kernel, fmt):
         assert torch.equal(a[0], c[0])
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_prefill_equals_decode_bit_for_bit(tiny_ckpt, kernel, family):
+    """A prompt's last token has the same logits, bit for bit, whether the prompt runs in one forward (its tokens
+    share attention tasks, a chunk of keys widened once for several of them), in uneven chunks, or up to its last
+    token which then runs alone as a decode step: how tokens are grouped changes no sum."""
+    path = tiny_ckpt(family)
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, 300, (150,), generator=g).tolist()
+    last = []
+    for cuts in ((150,), (149, 1), (37, 80, 33), (64, 1, 85)):
+        pair = Pair(path, kernel, num_seqs=1, tokens_per_page=16, pages_per_seq=12)
+        start = 0
+        for n in cuts:
+            out = pair.step([prompt[start:start + n]])
+            start += n
+        assert_close(out["kernel"], out["ref"])
+        last.append(out["kernel"][0])
+    for other in last[1:]:
+        assert torch.equal(last[0], other)
+
+
 def test_engine_heads_together_equal_alone_bf16(tiny_ckpt):
     """Through the workspace in bfloat16 (the kernel runs every step: all batches are short), greedy tokens of
     heads run together equal the heads run one by one."""

@@ -45,6 +45,69 @@ static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+/* The rows of keys [j0, j0 + n) of sequence seq, KV head kvh, layer `layer`: kp[j - j0], page by page (no division
+ * per key). A key's value row is kv_stride further. */
+static void key_rows(const mh_model *m, const mh_step *s, int layer, int seq, int kvh, int j0, int n,
+                     const uint16_t **kp) {
+    const int tpp = m->tokens_per_page, KVd = m->kv_heads * m->head_dim, j1 = j0 + n - 1;
+    const uint16_t *keys = m->cache + (int64_t)layer * m->layer_stride + (int64_t)kvh * m->head_dim;
+    const int32_t *table = s->block_tables + (size_t)seq * s->max_pages;
+    for (int j = j0; j <= j1;) {
+        const int pi = j / tpp, end = (pi + 1) * tpp - 1 < j1 ? (pi + 1) * tpp - 1 : j1;
+        const uint16_t *base = keys + (int64_t)table[pi] * m->page_stride + (int64_t)(j - pi * tpp) * KVd;
+        for (; j <= end; j++, base += KVd) kp[j - j0] = base;
+    }
+}
+
+/* n rows (kp[j] + off) of d bfloat16 -> float32 f [n, d] (exact). The pages are scattered in the arena and the
+ * weights streamed since this layer's K/V were written have pushed them out of cache: each row is fetched 8 rows
+ * ahead, and the row `ahead` elements further (the value row, while its key is widened) too, when ahead != 0 (the
+ * hardware prefetchers do not follow a block table). */
+static void widen_rows(const uint16_t *const *kp, int64_t off, int n, int d, int64_t ahead, float *f) {
+    const int row_bytes = 2 * d;
+    for (int j = 0; j < n && j < 8; j++)
+        for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)(kp[j] + off) + c, _MM_HINT_T0);
+    for (int j = 0; j < n; j++, f += d) {
+        const uint16_t *r = kp[j] + off;
+        for (int c = 0; c < row_bytes; c += 64) {
+            if (j + 8 < n) _mm_prefetch((const char *)(kp[j + 8] + off) + c, _MM_HINT_T0);
+            if (ahead) _mm_prefetch((const char *)(r + ahead) + c, _MM_HINT_T0);
+        }
+        for (int c = 0; c < d; c += 8) _mm256_storeu_ps(f + c, widen8(r + c));
+    }
+}
+
+/* Each of the G rows of n scores (sc [G, ldsc]) -> exp(score - its max) in place; the max mx [G] and the sum of the
+ * exps sm [G]. */
+static void softmax_rows(float *sc, int ldsc, int G, int n, float *mx, float *sm) {
+    for (int g = 0; g < G; g++) {
+        float *row = sc + (size_t)g * ldsc, best = -INFINITY;
+        int j = 0;
+        if (n >= 8) { /* the maximum, 8 lanes then across them (exact in any order) */
+            __m256 m8 = _mm256_loadu_ps(row);
+            for (j = 8; j + 8 <= n; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(row + j));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            best = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        }
+        for (; j < n; j++) best = row[j] > best ? row[j] : best;
+        const __m256 mv = _mm256_set1_ps(best);
+        __m256 acc = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= n; j += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), mv));
+            _mm256_storeu_ps(row + j, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        float tot = hsum8a(acc);
+        for (; j < n; j++) {
+            row[j] = expf(row[j] - best);
+            tot += row[j];
+        }
+        mx[g] = best;
+        sm[g] = tot;
+    }
+}
+
 /* 32 columns of n value rows (kp[j] + off) weighted by 3 heads' pr[g][j], summed in key order -> o rows g < ng (d
  * apart). Named accumulators: kept in an array, GCC stored all twelve to the stack on every key. */
 static inline void values_32x3(const uint16_t *const *kp, int64_t off, int n, const float *const *pr, int ng, int d,
@@ -77,19 +140,10 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                              int j1, float *sc, int ldsc, float *o, float *mx, float *sm) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
     const float scale = 1.0f / sqrtf((float)d);
-    const uint16_t *keys = m->cache + (int64_t)layer * m->layer_stride + (int64_t)kvh * d;
     float qs[MH_GROUP_MAX * MH_GROUP_DIM];
     for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
-    const uint16_t *kp_all[n]; /* each key's row, page by page (no division per key) */
-    {
-        const int tpp = m->tokens_per_page, KVd = m->kv_heads * d;
-        const int32_t *table = s->block_tables + (size_t)seq * s->max_pages;
-        for (int j = j0; j <= j1;) {
-            const int pi = j / tpp, end = (pi + 1) * tpp - 1 < j1 ? (pi + 1) * tpp - 1 : j1;
-            const uint16_t *base = keys + (int64_t)table[pi] * m->page_stride + (int64_t)(j - pi * tpp) * KVd;
-            for (; j <= end; j++, base += KVd) kp_all[j - j0] = base;
-        }
-    }
+    const uint16_t *kp_all[n];
+    key_rows(m, s, layer, seq, kvh, j0, n, kp_all);
     /* The pages are scattered in the arena and the weights streamed since this layer's keys were written have
      * pushed them out of cache: fetch each key row 8 keys ahead, and its value row while its key is used (the
      * hardware prefetchers do not follow a block table). */
@@ -130,25 +184,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
             }
         }
     }
-    for (int g = 0; g < G; g++) { /* exp(score - max) in place, and the sums */
-        float *row = sc + (size_t)g * ldsc, best = -INFINITY;
-        for (int j = 0; j < n; j++) best = row[j] > best ? row[j] : best;
-        const __m256 mv = _mm256_set1_ps(best);
-        __m256 acc = _mm256_setzero_ps();
-        int j = 0;
-        for (; j + 8 <= n; j += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(row + j), mv));
-            _mm256_storeu_ps(row + j, e);
-            acc = _mm256_add_ps(acc, e);
-        }
-        float tot = hsum8a(acc);
-        for (; j < n; j++) {
-            row[j] = expf(row[j] - best);
-            tot += row[j];
-        }
-        mx[g] = best;
-        sm[g] = tot;
-    }
+    softmax_rows(sc, ldsc, G, n, mx, sm);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *pr[3]; /* the heads' weights (heads past G repeat the last) */
@@ -177,7 +213,15 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     }
 }
 
-/* A token's `nch` chunk results (o [nch, G, d], mx and sm [nch, G]) -> its attention output out [G, d]. */
+/* Where one attention task puts a token's partial result: o [G, d], mx [G], sm [G]. */
+typedef struct {
+    float *o, *mx, *sm;
+} mh_part_out;
+
+#include "mh_attention_block.h"
+
+/* A token's `nch` chunk results (o [nch, G, d], mx and sm [nch, G]) -> its attention output out [G, d]: each chunk
+ * weighted by exp(its max - the overall max), summed in chunk order 8 columns at a time, over the weighted sums. */
 static void attn_merge(int G, int d, int nch, const float *o, const float *mx, const float *sm, float *out) {
     for (int g = 0; g < G; g++) {
         float best = -INFINITY;
@@ -187,10 +231,12 @@ static void attn_merge(int G, int d, int nch, const float *o, const float *mx, c
             wgt[c] = nch == 1 ? 1.0f : expf(mx[c * G + g] - best);
             tot += wgt[c] * sm[c * G + g];
         }
-        for (int i = 0; i < d; i++) {
-            float acc = 0.0f;
-            for (int c = 0; c < nch; c++) acc += wgt[c] * o[((size_t)c * G + g) * d + i];
-            out[g * d + i] = acc / tot;
+        const __m256 tv = _mm256_set1_ps(tot);
+        for (int i = 0; i < d; i += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int c = 0; c < nch; c++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(wgt[c]), _mm256_loadu_ps(o + ((size_t)c * G + g) * d + i), acc);
+            _mm256_storeu_ps(out + (size_t)g * d + i, _mm256_div_ps(acc, tv));
         }
     }
 }
