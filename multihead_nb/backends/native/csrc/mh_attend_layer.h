@@ -27,17 +27,18 @@ static int att_mode(const mh_model *m) {
 
 /* Tokens of one sequence that share an attention task (prefill): at most this many consecutive ones, whose chunk
  * plans agree (no sliding window in reach, contexts of at most 64 x 64 keys: chunks of 64 from key 0). */
-#define MH_ATT_BLOCK 16
+#define MH_ATT_BLOCK 32
 
-typedef struct { /* ATT_SPLIT: tokens t0 .. t0 + nb - 1 (one sequence), their chunk c */
+typedef struct { /* ATT_SPLIT: a token alone (nb = 1) and its chunk c, or nb tokens from t0 (c = -1) */
     int32_t t0, nb, c;
 } mh_att_task;
 
 typedef struct {
     int mode, ldsc;
     float *scores; /* [threads, G (ATT_HEADS: 1), ldsc] each thread's scores; ATT_SPLIT: each thread's scratch */
-    int chunks, tasks;     /* ATT_SPLIT: chunks over all tokens; tasks (one per KV head each) */
-    int32_t *tstart;       /* [T + 1] first chunk of each token */
+    int chunks, tasks;     /* ATT_SPLIT: chunks of the tokens alone; tasks (one per KV head each) */
+    int block_chunks;      /* the most chunks of a block's task */
+    int32_t *tstart;       /* [T + 1] first chunk slot of each token (a block's tokens: none) */
     mh_att_task *task;     /* [tasks] */
     float *po, *pmx, *psm; /* [chunks, KV, G, d], [chunks, KV, G], [chunks, KV, G]: the chunks' partial results */
 } mh_att_work;
@@ -58,23 +59,49 @@ static int att_blockable(const mh_model *m, const mh_step *s, int t) {
 /* Rows of a block's attention (MH_ATT_BLOCK tokens x G heads) padded to whole tiles of 3 vectors of 8. */
 static int att_block_rows(const mh_model *m) { return (MH_ATT_BLOCK * (m->heads / m->kv_heads) + 23) / 24 * 24; }
 
-/* Floats of one thread's attention scratch: a lone token's scores [G, ldsc]; a block's widened keys [64, d], queries
- * and outputs [d, rows] each, scores [64, rows] and one score tile's partials [8, 12, 8]. */
-static size_t att_thread_floats(const mh_model *m, int ldsc) {
+/* Floats of one thread's attention scratch: a lone token's scores [G, ldsc] and widened keys [64, d] (a block's
+ * too); a block's queries [d, rows], scores [64, rows], one score tile's partials [8, 12, 8], a merge's [d, 8], and
+ * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each. */
+static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
     const size_t G = m->heads / m->kv_heads, d = m->head_dim, rows = att_block_rows(m);
-    return (G * ldsc + 64 * d + 2 * d * rows + 64 * rows + 768 + 15) / 16 * 16;
+    return (G * ldsc + 64 * d + d * rows + 64 * rows + 768 + 8 * d + bch * (d + 2) * rows + 15) / 16 * 16;
 }
 
 typedef struct { /* one thread's share of a->scores */
-    float *sc, *f;
+    float *sc, *f, *ot, *mx, *sm;
     mh_block_scratch blk;
 } mh_thread_att;
 
 static mh_thread_att thread_att(const mh_model *m, const mh_att_work *a, int thread) {
     const size_t G = m->heads / m->kv_heads, d = m->head_dim, rows = att_block_rows(m);
-    float *p = a->scores + (size_t)thread * att_thread_floats(m, a->ldsc), *f = p + G * a->ldsc;
-    float *qt = f + 64 * d, *ot = qt + d * rows, *sb = ot + d * rows, *part = sb + 64 * rows;
-    return (mh_thread_att){p, f, {qt, sb, ot, part}};
+    float *p = a->scores + (size_t)thread * att_thread_floats(m, a->ldsc, a->block_chunks), *f = p + G * a->ldsc;
+    float *qt = f + 64 * d, *sb = qt + d * rows, *part = sb + 64 * rows, *tmp = part + 768, *ot = tmp + 8 * d;
+    float *mx = ot + (size_t)a->block_chunks * d * rows, *sm = mx + (size_t)a->block_chunks * rows;
+    return (mh_thread_att){p, f, ot, mx, sm, {qt, sb, part, tmp}};
+}
+
+/* Task k (nb >= 2 tokens from t0, their whole context) for KV head kvh: chunk by chunk (block_chunk), merged
+ * (block_merge) straight into attn [T, H d]. */
+static void attend_block(const mh_model *m, const mh_step *s, int l, mh_att_task k, int kvh, const float *qkv,
+                         int ldq, float *attn, const mh_thread_att *w) {
+    const int G = m->heads / m->kv_heads, d = m->head_dim, R = k.nb * G, ldr = (R + 23) / 24 * 24;
+    const int last = s->pos[k.t0 + k.nb - 1], nch = last / 64 + 1;
+    block_queries(qkv + (size_t)k.t0 * ldq + (size_t)kvh * G * d, ldq, G, d, R, ldr, 1.0f / sqrtf((float)d),
+                  w->blk.qt);
+    int nrow[ldr]; /* keys of each row in the chunk (padding rows: the last token's) */
+    for (int c = 0; c < nch; c++) {
+        const int j0 = 64 * c, n = last - j0 + 1 < 64 ? last - j0 + 1 : 64;
+        for (int r = 0; r < ldr; r++) {
+            const int p = r < R ? s->pos[k.t0 + r / G] : last;
+            nrow[r] = p - j0 + 1 < 64 ? p - j0 + 1 : 64;
+        }
+        const uint16_t *kp[n];
+        key_rows(m, s, l, s->seq_of[k.t0], kvh, j0, n, kp);
+        block_chunk(m, kp, w->f, n, nrow, ldr, &w->blk, w->ot + (size_t)c * d * ldr, w->mx + (size_t)c * ldr,
+                    w->sm + (size_t)c * ldr);
+    }
+    block_merge(G, d, R, ldr, nch, w->ot, w->mx, w->sm, w->blk.tmp,
+                attn + (size_t)k.t0 * m->heads * d + (size_t)kvh * G * d, m->heads * d);
 }
 #endif
 
@@ -91,31 +118,35 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
 #if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
     const int KV = m->kv_heads, d = m->head_dim, T = s->T;
     a->ldsc = att_chunk(s->max_ctx); /* the longest chunk */
-    a->scores = alloc64(sizeof(float) * nt * att_thread_floats(m, a->ldsc));
     a->tstart = malloc(sizeof(int32_t) * (T + 1));
-    if (!a->scores || !a->tstart) return att_work_free(a), -2;
-    for (int t = 0; t < T; t++) {
-        const int n = s->pos[t] - window_lo(m, s->pos[t]) + 1;
-        a->tstart[t] = a->chunks;
-        a->chunks += (n + att_chunk(n) - 1) / att_chunk(n);
-    }
-    a->tstart[T] = a->chunks;
-    a->task = malloc(sizeof(mh_att_task) * a->chunks); /* at most one per chunk */
-    if (!a->task) return att_work_free(a), -2;
-    for (int t0 = 0, nb; t0 < T; t0 += nb) { /* blocks of tokens, each one task per chunk of its last token */
+    a->task = malloc(sizeof(mh_att_task) * (T * 64 + 1)); /* at most one per chunk of each token */
+    if (!a->tstart || !a->task) return att_work_free(a), -2;
+    for (int t0 = 0, nb; t0 < T; t0 += nb) {
+        /* a block of consecutive tokens of one sequence, aligned to MH_ATT_BLOCK positions (so in one chunk of 64):
+         * one task for their whole context; a token alone: one task per chunk, merged after (attn_merge) */
         nb = 1;
         if (att_blockable(m, s, t0))
             while (nb < MH_ATT_BLOCK && t0 + nb < T && s->seq_of[t0 + nb] == s->seq_of[t0] &&
                    s->pos[t0 + nb] == s->pos[t0] + nb && s->pos[t0 + nb] % MH_ATT_BLOCK && att_blockable(m, s, t0 + nb))
                 nb++;
-        const int last = t0 + nb - 1;
-        for (int c = 0; c < a->tstart[last + 1] - a->tstart[last]; c++)
-            a->task[a->tasks++] = (mh_att_task){t0, nb, c};
+        a->tstart[t0] = a->chunks;
+        if (nb > 1) {
+            for (int b = 1; b < nb; b++) a->tstart[t0 + b] = a->chunks;
+            const int bch = s->pos[t0 + nb - 1] / 64 + 1;
+            a->block_chunks = bch > a->block_chunks ? bch : a->block_chunks;
+            a->task[a->tasks++] = (mh_att_task){t0, nb, -1};
+            continue;
+        }
+        const int n = s->pos[t0] - window_lo(m, s->pos[t0]) + 1, nch = (n + att_chunk(n) - 1) / att_chunk(n);
+        for (int c = 0; c < nch; c++) a->task[a->tasks++] = (mh_att_task){t0, 1, c};
+        a->chunks += nch;
     }
-    a->po = alloc64(sizeof(float) * (size_t)a->chunks * KV * G * d);
-    a->pmx = alloc64(sizeof(float) * (size_t)a->chunks * KV * G);
-    a->psm = alloc64(sizeof(float) * (size_t)a->chunks * KV * G);
-    if (!a->po || !a->pmx || !a->psm) return att_work_free(a), -2;
+    a->tstart[T] = a->chunks;
+    a->scores = alloc64(sizeof(float) * nt * att_thread_floats(m, a->ldsc, a->block_chunks));
+    a->po = alloc64(sizeof(float) * ((size_t)a->chunks * KV * G * d + 1));
+    a->pmx = alloc64(sizeof(float) * ((size_t)a->chunks * KV * G + 1));
+    a->psm = alloc64(sizeof(float) * ((size_t)a->chunks * KV * G + 1));
+    if (!a->scores || !a->po || !a->pmx || !a->psm) return att_work_free(a), -2;
 #endif
     return 0;
 }
@@ -129,31 +160,23 @@ static void attend_layer(const mh_model *m, const mh_step *s, int l, const float
     if (a->mode == ATT_SPLIT) {
         const mh_thread_att w = thread_att(m, a, omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < a->tasks * KV; i++) { /* task i: chunk c of tokens t0 .., KV head kvh */
-            const mh_att_task k = a->task[i / KV];
-            const int kvh = i % KV, last = s->pos[k.t0 + k.nb - 1], lo = window_lo(m, s->pos[k.t0]);
-            const int ch = att_chunk(last - lo + 1), j0 = lo + k.c * ch, n = last - j0 + 1 < ch ? last - j0 + 1 : ch;
-            const float *q = qkv + (size_t)k.t0 * ldq + (size_t)kvh * G * d;
-            mh_part_out out[MH_ATT_BLOCK];
-            int nk[MH_ATT_BLOCK];
-            for (int b = 0; b < k.nb; b++) { /* token t's chunk c, if it has one (nk[b] keys of it) */
-                const int t = k.t0 + b, first = a->tstart[t], nch = a->tstart[t + 1] - first;
-                const size_t slot = (size_t)(first * KV + kvh * nch + (k.c < nch ? k.c : 0));
-                out[b] = (mh_part_out){a->po + slot * G * d, a->pmx + slot * G, a->psm + slot * G};
-                nk[b] = s->pos[t] < j0 ? 0 : s->pos[t] - j0 + 1 < ch ? s->pos[t] - j0 + 1 : ch;
-            }
-            if (k.nb == 1) {
-                attend_part_avx2(m, s, l, k.t0, kvh, q, j0, j0 + n - 1, w.sc, ch, out[0].o, out[0].mx, out[0].sm);
+        for (int i = 0; i < a->tasks * KV; i++) { /* the last tasks (the longest contexts) first */
+            const mh_att_task k = a->task[a->tasks - 1 - i / KV];
+            const int kvh = i % KV;
+            if (k.nb > 1) {
+                attend_block(m, s, l, k, kvh, qkv, ldq, attn, &w);
                 continue;
             }
-            const uint16_t *kp[n];
-            key_rows(m, s, l, s->seq_of[k.t0], kvh, j0, n, kp);
-            widen_rows(kp, 0, n, d, m->kv_stride, w.f);
-            attend_block_avx2(m, kp, w.f, q, ldq, k.nb, nk, &w.blk, out);
+            const int t = k.t0, lo = window_lo(m, s->pos[t]), ch = att_chunk(s->pos[t] - lo + 1), j0 = lo + k.c * ch;
+            const int j1 = j0 + ch - 1 < s->pos[t] ? j0 + ch - 1 : s->pos[t], nch = a->tstart[t + 1] - a->tstart[t];
+            const size_t slot = (size_t)(a->tstart[t] * KV + kvh * nch + k.c);
+            attend_part_avx2(m, s, l, t, kvh, qkv + (size_t)t * ldq + (size_t)kvh * G * d, j0, j1, w.sc, ch,
+                             a->po + slot * G * d, a->pmx + slot * G, a->psm + slot * G);
         }
 #pragma omp for schedule(static)
-        for (int i = 0; i < T * KV; i++) {
+        for (int i = 0; i < T * KV; i++) { /* tokens alone (a block's tokens have no chunk slots) */
             const int t = i / KV, kvh = i % KV, nch = a->tstart[t + 1] - a->tstart[t];
+            if (!nch) continue;
             const size_t slot = (size_t)(a->tstart[t] * KV + kvh * nch);
             attn_merge(G, d, nch, a->po + slot * G * d, a->pmx + slot * G, a->psm + slot * G,
                        attn + (size_t)t * HD + (size_t)kvh * G * d);

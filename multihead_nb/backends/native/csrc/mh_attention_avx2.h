@@ -213,11 +213,6 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     }
 }
 
-/* Where one attention task puts a token's partial result: o [G, d], mx [G], sm [G]. */
-typedef struct {
-    float *o, *mx, *sm;
-} mh_part_out;
-
 #include "mh_attention_block.h"
 
 /* A token's `nch` chunk results (o [nch, G, d], mx and sm [nch, G]) -> its attention output out [G, d]: each chunk
@@ -227,9 +222,9 @@ static void attn_merge(int G, int d, int nch, const float *o, const float *mx, c
         float best = -INFINITY;
         for (int c = 0; c < nch; c++) best = mx[c * G + g] > best ? mx[c * G + g] : best;
         float tot = 0.0f, wgt[64];
-        for (int c = 0; c < nch; c++) {
-            wgt[c] = nch == 1 ? 1.0f : expf(mx[c * G + g] - best);
-            tot += wgt[c] * sm[c * G + g];
+        for (int c = 0; c < nch; c++) { /* exp256 and explicit FMAs: block_merge's operations, one lane of them */
+            wgt[c] = nch == 1 ? 1.0f : _mm256_cvtss_f32(exp256(_mm256_set1_ps(mx[c * G + g] - best)));
+            tot = fmaf(wgt[c], sm[c * G + g], tot);
         }
         const __m256 tv = _mm256_set1_ps(tot);
         for (int i = 0; i < d; i += 8) {

@@ -1,19 +1,19 @@
-/* AVX2 + FMA attention of a block of consecutive prompt tokens (prefill) over one chunk of their keys, with the
+/* AVX2 + FMA attention of a block of consecutive prompt tokens (prefill) over their keys, chunk by chunk, with the
  * block's (token, query head) rows in the lanes of the vectors and each key element broadcast: every multiply-add
- * does useful work in all 8 lanes and a key row is widened once for the whole block. Each score, exp, sum and output
- * is formed in exactly the order attend_chunk_avx2 (mh_attention_avx2.h) forms it for a token alone, so a token's
+ * does useful work in all 8 lanes and a key row is widened once for the whole block; the chunks' results are merged
+ * in the task and written straight into the layer's output. Each score, exp, sum, output and merge is formed in
+ * exactly the order attend_part_avx2 and attn_merge (mh_attention_avx2.h) form them for a token alone, so a token's
  * result is the same, bit for bit, whether it ran in a block or by itself (prefill or decode).
  * Included by mh_attention_avx2.h; knows nothing of layers or of the threads' split. */
 #ifndef MH_ATTENTION_BLOCK_H
 #define MH_ATTENTION_BLOCK_H
 #if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
 
-/* Per-thread scratch of attend_block_avx2 for blocks of at most rmax rows (a multiple of 8) and chunks of at most
- * 64 keys: qt [d, rmax] (the queries, scaled, rows in columns), s [64, rmax] (scores, then exps), ot [d, rmax] (the
- * outputs, rows in columns), part [8, 12, 8] (one score tile's lane partials). f (the widened keys, then values)
- * is attend_chunk_avx2's scratch. */
+/* Per-thread scratch of a block's attention, for blocks of at most rmax rows (a multiple of 24) and chunks of at
+ * most 64 keys: qt [d, rmax] (the queries, scaled, rows in columns), s [64, rmax] (scores, then exps), part
+ * [8, 12, 8] (one score tile's lane partials), tmp [d, 8] (merged outputs before their transpose). */
 typedef struct {
-    float *qt, *s, *ot, *part;
+    float *qt, *s, *part, *tmp;
 } mh_block_scratch;
 
 /* r[0..7] (8 rows of 8) -> their transpose, in place. */
@@ -109,20 +109,11 @@ static void block_values_3x4(const float *p, int lds, const float *v, int d, int
         for (int r = 0; r < 3; r++) _mm256_storeu_ps(ot + (size_t)i * ldo + 8 * r, res[i][r]);
 }
 
-/* Chunk [j0, j0 + 64) of keys for the nb (2 .. MH_ATT_BLOCK) consecutive tokens t0.. of one sequence whose chunk
- * plans agree (64 keys a chunk from key 0): token b has nk[b] (0 .. 64) of the chunk's keys, nondecreasing in b; kp
- * its key rows, kf their widened rows [n, d] (n = the last token's nk, the keys then values, scratch). Its G query
- * heads are q + b ldq. Writes token b's unnormalized output, scores' max and exp sum into out[b] as
- * attend_chunk_avx2 would for it alone. */
-static void attend_block_avx2(const mh_model *m, const uint16_t *const *kp, float *kf, const float *q, int ldq,
-                              int nb, const int *nk, const mh_block_scratch *w, const mh_part_out *out) {
-    const int d = m->head_dim, G = m->heads / m->kv_heads, R = nb * G, nv = (R + 7) / 8, ldr = (nv + 2) / 3 * 24;
-    const int n = nk[nb - 1];
-    const float scale = 1.0f / sqrtf((float)d);
-    int nrow[ldr]; /* keys of each row (padding rows: the last token's) */
-    for (int r = 0; r < ldr; r++) nrow[r] = r < R ? nk[r / G] : n;
+/* The block's R query rows (row r: query head r % G of token r / G, at q + (r / G) ldq + (r % G) d), scaled ->
+ * qt [d, ldr] (row r at column r; columns past R zero), 8 x 8 at a time. */
+static void block_queries(const float *q, int ldq, int G, int d, int R, int ldr, float scale, float *qt) {
     const __m256 sv = _mm256_set1_ps(scale);
-    for (int r0 = 0; r0 < ldr; r0 += 8) /* qt [d, ldr]: row r of the block at column r, 8 x 8 at a time */
+    for (int r0 = 0; r0 < ldr; r0 += 8)
         for (int c0 = 0; c0 < d; c0 += 8) {
             __m256 x[8];
             for (int i = 0; i < 8; i++) {
@@ -131,10 +122,18 @@ static void attend_block_avx2(const mh_model *m, const uint16_t *const *kp, floa
                              : _mm256_setzero_ps();
             }
             transpose8(x);
-            for (int i = 0; i < 8; i++) _mm256_storeu_ps(w->qt + (size_t)(c0 + i) * ldr + r0, x[i]);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(qt + (size_t)(c0 + i) * ldr + r0, x[i]);
         }
-    /* scores s [n, ldr], 3 row vectors x 4 keys a tile */
-    for (int v0 = 0; v0 < ldr; v0 += 24)
+}
+
+/* One chunk of n (<= 64) keys (kp: their rows; kf: scratch [n, d]) for a block's rows (queries w->qt [d, ldr], row r
+ * using its first nrow[r] >= 1 keys): ot [d, ldr] the unnormalized outputs, mx [ldr] the scores' max and sm [ldr]
+ * the sum of exp(score - max), each as attend_part_avx2 forms them for a token alone. */
+static void block_chunk(const mh_model *m, const uint16_t *const *kp, float *kf, int n, const int *nrow, int ldr,
+                        const mh_block_scratch *w, float *ot, float *mx, float *sm) {
+    const int d = m->head_dim;
+    widen_rows(kp, 0, n, d, m->kv_stride, kf);
+    for (int v0 = 0; v0 < ldr; v0 += 24) /* scores s [n, ldr], 3 row vectors x 4 keys a tile */
         for (int k0 = 0; k0 < n; k0 += 4) {
             const int nkt = n - k0 < 4 ? n - k0 : 4;
             const float *kr[4];
@@ -143,7 +142,6 @@ static void attend_block_avx2(const mh_model *m, const uint16_t *const *kp, floa
         }
     /* per row: the max over its keys, exp(score - max) (a lone token's exp256 over whole groups of 8 keys, expf
      * over the rest), the sum of the exps (8 lane sums over the groups, added as hsum8a does, then the rest) */
-    float mx[ldr], sm[ldr];
     for (int v0 = 0; v0 < ldr; v0 += 8) {
         const __m256i nr = _mm256_loadu_si256((const __m256i *)(nrow + v0));
         const __m256i n8 = _mm256_and_si256(nr, _mm256_set1_epi32(~7));
@@ -165,7 +163,7 @@ static void attend_block_avx2(const mh_model *m, const uint16_t *const *kp, floa
                                          _mm256_add_ps(_mm256_add_ps(ps[1], ps[5]), _mm256_add_ps(ps[3], ps[7])));
         _mm256_storeu_ps(mx + v0, best);
         _mm256_storeu_ps(sm + v0, tot);
-        for (int r = v0; r < v0 + 8 && r < R; r++) /* the keys past the row's whole groups of 8 */
+        for (int r = v0; r < v0 + 8; r++) /* the keys past the row's whole groups of 8 */
             for (int j = nrow[r] & ~7; j < nrow[r]; j++) {
                 float *e = w->s + (size_t)j * ldr + r;
                 *e = expf(*e - mx[r]);
@@ -180,20 +178,42 @@ static void attend_block_avx2(const mh_model *m, const uint16_t *const *kp, floa
         for (int r = 0; r < 3; r++) nr[r] = _mm256_loadu_si256((const __m256i *)(nrow + v0 + 8 * r));
         for (int r = v0; r < v0 + 24; r++) n0 = nrow[r] < n0 ? nrow[r] : n0;
         for (int c0 = 0; c0 < d; c0 += 4)
-            block_values_3x4(w->s + v0, ldr, kf + c0, d, n0, n, nr, w->ot + (size_t)c0 * ldr + v0, ldr);
+            block_values_3x4(w->s + v0, ldr, kf + c0, d, n0, n, nr, ot + (size_t)c0 * ldr + v0, ldr);
     }
-    for (int r = 0; r < R; r++)
-        if (nk[r / G]) out[r / G].mx[r % G] = mx[r], out[r / G].sm[r % G] = sm[r];
-    for (int r0 = 0; r0 < R; r0 += 8) /* ot's columns -> each token's rows, 8 x 8 at a time */
-        for (int c0 = 0; c0 < d; c0 += 8) {
+}
+
+/* A block's nch chunk results (ot [nch, d, ldr], mx and sm [nch, ldr]) -> its rows' attention outputs, row r at
+ * out + (r / G) ldo + (r % G) d, merged as attn_merge merges a lone token's (the same operations per element, 8 rows
+ * at a time). tmp: scratch [d, 8]. */
+static void block_merge(int G, int d, int R, int ldr, int nch, const float *ot, const float *mx, const float *sm,
+                        float *tmp, float *out, int ldo) {
+    for (int v0 = 0; v0 < R; v0 += 8) {
+        __m256 best = _mm256_set1_ps(-INFINITY), tot = _mm256_setzero_ps(), wgt[64];
+        for (int c = 0; c < nch; c++) {
+            const __m256 x = _mm256_loadu_ps(mx + (size_t)c * ldr + v0);
+            best = _mm256_blendv_ps(best, x, _mm256_cmp_ps(x, best, _CMP_GT_OQ));
+        }
+        for (int c = 0; c < nch; c++) {
+            wgt[c] = nch == 1 ? _mm256_set1_ps(1.0f)
+                              : exp256(_mm256_sub_ps(_mm256_loadu_ps(mx + (size_t)c * ldr + v0), best));
+            tot = _mm256_fmadd_ps(wgt[c], _mm256_loadu_ps(sm + (size_t)c * ldr + v0), tot);
+        }
+        for (int i = 0; i < d; i++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int c = 0; c < nch; c++)
+                acc = _mm256_fmadd_ps(wgt[c], _mm256_loadu_ps(ot + ((size_t)c * d + i) * ldr + v0), acc);
+            _mm256_storeu_ps(tmp + (size_t)i * 8, _mm256_div_ps(acc, tot));
+        }
+        for (int c0 = 0; c0 < d; c0 += 8) { /* tmp's columns -> the rows, 8 x 8 */
             __m256 x[8];
-            for (int i = 0; i < 8; i++) x[i] = _mm256_loadu_ps(w->ot + (size_t)(c0 + i) * ldr + r0);
+            for (int i = 0; i < 8; i++) x[i] = _mm256_loadu_ps(tmp + (size_t)(c0 + i) * 8);
             transpose8(x);
-            for (int i = 0; i < 8 && r0 + i < R; i++) {
-                const int r = r0 + i;
-                if (nk[r / G]) _mm256_storeu_ps(out[r / G].o + (r % G) * d + c0, x[i]);
+            for (int i = 0; i < 8 && v0 + i < R; i++) {
+                const int r = v0 + i;
+                _mm256_storeu_ps(out + (size_t)(r / G) * ldo + (r % G) * d + c0, x[i]);
             }
         }
+    }
 }
 #endif
 #endif
