@@ -218,12 +218,23 @@ def test_token_result_independent_of_batch(tiny_ckpt, kernel, fmt):
         assert torch.equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_prefill_equals_decode_bit_for_bit(tiny_ckpt, kernel, family):
+# Attention shapes: query heads per KV head (G) and head size (d) decide how a block's rows fill the vectors.
+ATTENTION_SHAPES = {
+    "G2-d16": ("llama", {}),
+    "qwen3-G2-d16": ("qwen3", {}),
+    "G8-d32": ("llama", dict(hidden_size=128, num_attention_heads=16, num_key_value_heads=2, head_dim=32)),
+    "G1-d64": ("llama", dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, head_dim=64)),
+    "G3-d64": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64)),
+}
+
+
+@pytest.mark.parametrize("shape", list(ATTENTION_SHAPES))
+def test_prefill_equals_decode_bit_for_bit(tiny_ckpt, kernel, shape):
     """A prompt's last token has the same logits, bit for bit, whether the prompt runs in one forward (its tokens
     share attention tasks, a chunk of keys widened once for several of them), in uneven chunks, or up to its last
     token which then runs alone as a decode step: how tokens are grouped changes no sum."""
-    path = tiny_ckpt(family)
+    family, overrides = ATTENTION_SHAPES[shape]
+    path = tiny_ckpt(family, **overrides)
     g = torch.Generator().manual_seed(4)
     prompt = torch.randint(3, 300, (150,), generator=g).tolist()
     last = []

@@ -1,9 +1,10 @@
 /* A layer's attention for every token of a forward, shared between the threads: which of mh_attention.h's kernels
  * this build uses (att_mode), their scratch memory (allocated per forward), and the OpenMP loops that hand the
  * (token, head) or (token, KV head, chunk) tasks to the threads.
- * Owns the split attention's plan: each token's context cut in att_chunk keys, one task per (token, KV head,
- * chunk), then one merge per (token, KV head). Knows nothing of weights or of the rest of the layer; reads the
- * K/V the forward already wrote for this step. */
+ * Owns the split attention's plan: blocks of up to MH_ATT_BLOCK consecutive prompt tokens of one sequence, one task
+ * per (block, KV head) over their whole context (mh_attention_block.h); every other token's context cut in att_chunk
+ * keys, one task per (token, KV head, chunk), then one merge per (token, KV head). Both give a token the same bits.
+ * Knows nothing of weights or of the rest of the layer; reads the K/V the forward already wrote for this step. */
 #ifndef MH_ATTEND_LAYER_H
 #define MH_ATTEND_LAYER_H
 #include "mh_attention.h"

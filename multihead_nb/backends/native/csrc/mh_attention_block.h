@@ -215,5 +215,6 @@ static void block_merge(int G, int d, int R, int ldr, int nch, const float *ot, 
         }
     }
 }
+#undef MH_ACC12
 #endif
 #endif
