@@ -94,15 +94,15 @@ static void block_values_3x4(const float *p, int lds, const float *v, int d, int
         const __m256 m1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nr[1], jv));
         const __m256 m2 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nr[2], jv));
         const __m256 p0 = _mm256_loadu_ps(p), p1 = _mm256_loadu_ps(p + 8), p2 = _mm256_loadu_ps(p + 16);
-#define MH_MFMA(acc, pp, x, m) acc = _mm256_blendv_ps(acc, _mm256_fmadd_ps(pp, x, acc), m)
-        for (int i = 0; i < 4; i++) {
-            const __m256 x = _mm256_broadcast_ss(v + i);
-            __m256 *c0 = i == 0 ? &a00 : i == 1 ? &a01 : i == 2 ? &a02 : &a03;
-            __m256 *c1 = i == 0 ? &a10 : i == 1 ? &a11 : i == 2 ? &a12 : &a13;
-            __m256 *c2 = i == 0 ? &a20 : i == 1 ? &a21 : i == 2 ? &a22 : &a23;
-            MH_MFMA(*c0, p0, x, m0), MH_MFMA(*c1, p1, x, m1), MH_MFMA(*c2, p2, x, m2);
-        }
-#undef MH_MFMA
+#define MH_MCOL(i, c0, c1, c2)                                                                                     \
+    {                                                                                                              \
+        const __m256 x = _mm256_broadcast_ss(v + i);                                                               \
+        c0 = _mm256_blendv_ps(c0, _mm256_fmadd_ps(p0, x, c0), m0);                                                 \
+        c1 = _mm256_blendv_ps(c1, _mm256_fmadd_ps(p1, x, c1), m1);                                                 \
+        c2 = _mm256_blendv_ps(c2, _mm256_fmadd_ps(p2, x, c2), m2);                                                 \
+    }
+        MH_MCOL(0, a00, a10, a20) MH_MCOL(1, a01, a11, a21) MH_MCOL(2, a02, a12, a22) MH_MCOL(3, a03, a13, a23)
+#undef MH_MCOL
     }
     const __m256 res[4][3] = {{a00, a10, a20}, {a01, a11, a21}, {a02, a12, a22}, {a03, a13, a23}};
     for (int i = 0; i < 4; i++)
