@@ -110,3 +110,27 @@ def test_product_floor_quick(capsys):
     with pytest.raises(SystemExit):
         product_floor.main(["--formats", "q9_9"])
     assert "unknown format(s) q9_9" in capsys.readouterr().err
+
+
+def test_paired_summary_takes_ratios_within_pairs(capsys):
+    """bench.paired's summary: each figure's median over the pairs, and the ratios taken within each pair (their
+    median and range), which differ from the ratio of the medians when the machine's speed moves between pairs;
+    non-positive counts are refused by name."""
+    from bench import paired
+
+    pairs = [  # a fast moment for both sides, then a slow one: within pairs MultiHead is 1.5x and 1.2x
+        {"llama prefill": 400.0, "ours prefill": 600.0, "llama decode": 100.0, "ours decode": 150.0,
+         "ours b3/b1": 1.2, "llama b3/b1": 2.0},
+        {"llama prefill": 200.0, "ours prefill": 240.0, "llama decode": 50.0, "ours decode": 60.0,
+         "ours b3/b1": 1.4, "llama b3/b1": 2.4},
+        {"llama prefill": 300.0, "ours prefill": 390.0, "llama decode": 80.0, "ours decode": 104.0,
+         "ours b3/b1": 1.3, "llama b3/b1": 2.2},
+    ]
+    s = paired.summary(pairs)
+    assert s["llama prefill"] == 300.0 and s["ours prefill"] == 390.0 and s["ours b3/b1"] == 1.3
+    assert s["prefill ratio"] == pytest.approx((1.3, 1.2, 1.5))
+    assert s["decode ratio"] == pytest.approx((1.3, 1.2, 1.5))
+    assert s["b3 range"] == (1.2, 1.4)
+    with pytest.raises(SystemExit):
+        paired.main(["--pairs", "0"])
+    assert "must be positive" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""MultiHead's fused kernel against llama.cpp in back-to-back pairs: per format, the median of the pairs' ratios.
+
+    python -m bench.paired [--formats bf16 q8_0 q4_0] [--prompt 1024] [--context 128] [--gen 64] [--pairs 10]
+                           [--threads 2] [--no-server]
+
+Why pairs: on a shared VM the same code's speed moves by up to 2x within seconds (a bfloat16 product measured
+35, 50 and 70 GMAC/s in three runs a minute apart, bench/README.md), so the best of rounds taken a minute apart
+(`bench.llama_cpp compare`) can set one system's lucky moment against the other's unlucky one. Here each pair
+measures both systems within seconds of each other, in alternating order, and the ratio is taken within the pair.
+
+Per pair and format, on the GGUF file `bench.llama_cpp` writes (same weights for both):
+- `llama-bench -p P -n N -r 1` (one timed run of each after its warm-up): prefill and decode tokens/s;
+- MultiHead: the prefill of one P-token prompt in one forward, and `--gen` decode steps at batch 1 and at batch 3
+  after `--context`-token contexts (the two in alternating order);
+- unless `--no-server`, llama-server's decode step at batch 1 and at batch 3 (`-np 3`, the same contexts).
+Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+
+def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
+    """One pair's figures for one format: llama.cpp's and MultiHead's, back to back."""
+    import torch
+
+    from .decode_speed import bench_ours, bench_prefill, wait_quiet
+    from .llama_cpp import llama_bench, server_steps
+
+    page_bytes = 256 * 1024
+    wait_quiet()
+    out = {}
+
+    def theirs():
+        res = llama_bench(tools, path, args.threads, args.prompt, args.gen, reps=1)
+        out["llama prefill"], out["llama decode"] = res["prefill_tps"], res["decode_tps"]
+
+    def ours():
+        out["ours prefill"] = args.prompt / bench_prefill(spec, runner, args.prompt, 1, page_bytes)
+        steps = {}
+        for batch in (1, 3) if i % 2 == 0 else (3, 1):
+            steps[batch] = bench_ours(spec, runner, batch, args.context, args.gen, 1, page_bytes)
+        out["ours decode"], out["ours b3/b1"] = 1 / steps[1], steps[3] / steps[1]
+
+    for side in (theirs, ours) if i % 2 == 0 else (ours, theirs):
+        side()
+    if not args.no_server:
+        g = torch.Generator().manual_seed(i)
+        ids = [torch.randint(3, spec.vocab_size, (args.context,), generator=g).tolist() for _ in range(3)]
+        s1, s3 = server_steps(tools, path, args.threads, ids, args.gen)
+        out["llama b3/b1"] = s3 / s1
+    return out
+
+
+def summary(pairs: list[dict]) -> dict:
+    """Medians of every figure, and of the within-pair ratios (with their range)."""
+    med = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
+    for what in ("prefill", "decode"):
+        ratios = [p[f"ours {what}"] / p[f"llama {what}"] for p in pairs]
+        med[f"{what} ratio"] = (statistics.median(ratios), min(ratios), max(ratios))
+    b3 = [p["ours b3/b1"] for p in pairs]
+    med["b3 range"] = (min(b3), max(b3))
+    return med
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q4_0"])
+    ap.add_argument("-p", "--prompt", type=int, default=1024, help="prefill prompt length")
+    ap.add_argument("--context", type=int, default=128, help="context before the decode steps")
+    ap.add_argument("-n", "--gen", type=int, default=64, help="decode steps (each system)")
+    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-server", action="store_true", help="skip llama-server's batch-3 / batch-1 steps")
+    args = ap.parse_args(argv)
+    if args.pairs < 1 or args.prompt < 1 or args.context < 1 or args.gen < 1:
+        ap.error("--pairs, --prompt, --context and --gen must be positive")
+
+    import torch
+
+    from multihead_nb.backends.native import read_spec
+    from multihead_nb.backends.native.cpu_kernel import load_kernel
+
+    from .decode_speed import make_runner, read_bandwidth
+    from .llama_cpp import build
+    from .llama_gguf import gguf_files
+
+    tools = build()
+    files = gguf_files(args.formats, tools)
+    torch.set_num_threads(args.threads)
+    print(f"kernel build {load_kernel().isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
+          f"GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens, decode after {args.context}")
+    rows = {}
+    for fmt, path in files.items():
+        spec = read_spec(str(path))
+        pages = 3 * spec.kv_layout(torch.bfloat16, 256 * 1024).pages_for(max(args.prompt, args.context + 4 * args.gen))
+        runner = make_runner(spec, torch.bfloat16, 256 * 1024, pages + 2, "kernel", "bf16")
+        pairs = []
+        for i in range(args.pairs):
+            pairs.append(measure_pair(tools, path, spec, runner, args, i))
+            print(f"{fmt} pair {i + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in pairs[-1].items()), flush=True)
+        rows[fmt] = summary(pairs)
+        del runner
+
+    server = "" if args.no_server else " llama-server |"
+    print(f"\n| format | prefill tok/s llama.cpp (pp{args.prompt}) | MultiHead | ratio in pairs: median (range) "
+          f"| decode tok/s llama.cpp (tg{args.gen}) | MultiHead (batch 1) | ratio in pairs |"
+          f" step batch 3 / batch 1:{server} MultiHead (range) |")
+    print("|---" * (8 + (not args.no_server)) + "|")
+    for fmt, m in rows.items():
+        pr, dr, (b3lo, b3hi) = m["prefill ratio"], m["decode ratio"], m["b3 range"]
+        srv = "" if args.no_server else f" {m['llama b3/b1']:.2f} |"
+        print(f"| {fmt} | {m['llama prefill']:.1f} | {m['ours prefill']:.1f} | {pr[0]:.2f}x ({pr[1]:.2f}-{pr[2]:.2f}) "
+              f"| {m['llama decode']:.1f} | {m['ours decode']:.1f} | {dr[0]:.2f}x ({dr[1]:.2f}-{dr[2]:.2f}) |{srv} "
+              f"{m['ours b3/b1']:.2f} ({b3lo:.2f}-{b3hi:.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
