@@ -21,3 +21,22 @@ def tight_pool(model_path, kv_pages, page_bytes=4096):
 
     w = read_spec(model_path).weight_bytes(torch.float32)
     return (-(-w // page_bytes) + kv_pages) * page_bytes
+
+
+def neon_build(isa: str, driver):
+    """(qemu, executable): C `driver` (it includes cpu_decode.c) built for aarch64 with `isa`'s flags ("neon+dotprod"
+    or "neon") and OpenMP, as the library is built, by Debian's cross compiler, to run under qemu-user; skips the
+    test where those are missing (.ci/run installs them)."""
+    import shutil
+
+    import pytest
+
+    from multihead_nb.backends.native.cpu_kernel import COMMON_FLAGS, CSRC, compile_c, isa_flags
+
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+    if not cc or not qemu:
+        pytest.skip("no aarch64 cross compiler or qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user-static)")
+    feats = frozenset({"asimd", "asimddp"} if isa == "neon+dotprod" else {"asimd"})
+    flags = COMMON_FLAGS + isa_flags("neon", "aarch64", feats) + ("-fopenmp", "-static", f"-I{CSRC}")
+    return qemu, compile_c(flags, f"{driver.stem}-{isa}", cc=cc, sources=(driver,))

@@ -2,7 +2,7 @@
 float32 on the same weights (dequantized where the kernel runs them quantized).
 
 Every instruction-set build this CPU runs is checked (AVX-512, AVX2 + FMA, scalar C; NEON's products are checked
-under qemu in test_kernel_formats.py): logits of every family over scattered small pages, decode steps, short and
+under qemu in test_kernel_formats.py, its whole forward in test_kernel_neon_forward.py): logits of every family over scattered small pages, decode steps, short and
 long prefill chunks mixed, a sliding window, head dims and hidden sizes that are not multiples of the vector width,
 quantized weights; a token's result does not depend on its batch-mates; the engine gives the same tokens for heads
 together and alone; and the errors when the kernel cannot be used.

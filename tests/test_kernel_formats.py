@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -25,10 +24,12 @@ import pytest
 import torch
 from gguf.quants import quantize as gguf_quantize
 
-from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, ISAS, VNNI_FLAGS, CpuKernel, MatrixStruct,
+from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, ISAS, VNNI_FLAGS, CpuKernel, MatrixStruct,
                                                      _compiler, compile_c, cpu_features, cpu_isas, isa_flags,
                                                      load_kernel)
 from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, PackedMatrix, ggml_type, interleave, quantize
+
+from helpers import neon_build
 
 pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
                                 reason="no C compiler here: the fused CPU kernel cannot be built")
@@ -210,21 +211,9 @@ def test_activation_quantization_cost(isa, fmt):
 
 
 # ---- NEON under qemu ------------------------------------------------------------------------------------------
-def _neon_tools() -> tuple[str, str] | None:
-    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64-static") or shutil.which(
-        "qemu-aarch64")
-    return (cc, qemu) if cc and qemu else None
-
-
 @pytest.fixture(scope="module", params=["neon+dotprod", "neon"])
 def neon_driver(request):
-    tools = _neon_tools()
-    if tools is None:
-        pytest.skip("no aarch64 cross compiler or qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user-static)")
-    cc, qemu = tools
-    feats = frozenset({"asimd", "asimddp"} if request.param == "neon+dotprod" else {"asimd"})
-    flags = COMMON_FLAGS + isa_flags("neon", "aarch64", feats) + ("-static", f"-I{CSRC}")
-    exe = compile_c(flags, f"kernel_driver-{request.param}", cc=cc, sources=(DRIVER,))
+    qemu, exe = neon_build(request.param, DRIVER)
     return request.param, qemu, exe
 
 
