@@ -1,7 +1,7 @@
 """MultiHead's fused kernel against llama.cpp in back-to-back pairs: per format, the median of the pairs' ratios.
 
     python -m bench.paired [--formats bf16 q8_0 q4_0] [--prompt 1024] [--context 128] [--gen 64] [--pairs 10]
-                           [--threads 2] [--no-server]
+                           [--threads 2] [--no-server] [--csv PATH]
 
 Why pairs: on a shared VM the same code's speed moves by up to 2x within seconds (a bfloat16 product measured
 35, 50 and 70 GMAC/s in three runs a minute apart, bench/README.md), so the best of rounds taken a minute apart
@@ -13,7 +13,8 @@ Per pair and format, on the GGUF file `bench.llama_cpp` writes (same weights for
 - MultiHead: the prefill of one P-token prompt in one forward, and `--gen` decode steps at batch 1 and at batch 3
   after `--context`-token contexts (the two in alternating order);
 - unless `--no-server`, llama-server's decode step at batch 1 and at batch 3 (`-np 3`, the same contexts).
-Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max).
+Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max);
+`--csv` also writes every pair's figures, one row per format and pair (for a notebook).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-server", action="store_true", help="skip llama-server's batch-3 / batch-1 steps")
+    ap.add_argument("--csv", help="also write every pair's figures to this CSV file")
     args = ap.parse_args(argv)
     if args.pairs < 1 or args.prompt < 1 or args.context < 1 or args.gen < 1:
         ap.error("--pairs, --prompt, --context and --gen must be positive")
@@ -93,7 +95,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     print(f"kernel build {load_kernel().isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
           f"GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens, decode after {args.context}")
-    rows = {}
+    rows, every = {}, []
     for fmt, path in files.items():
         spec = read_spec(str(path))
         pages = 3 * spec.kv_layout(torch.bfloat16, 256 * 1024).pages_for(max(args.prompt, args.context + 4 * args.gen))
@@ -103,7 +105,13 @@ def main(argv=None) -> None:
             pairs.append(measure_pair(tools, path, spec, runner, args, i))
             print(f"{fmt} pair {i + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in pairs[-1].items()), flush=True)
         rows[fmt] = summary(pairs)
+        every += [{"format": fmt, "pair": i + 1, "prompt": args.prompt, "context": args.context, **p}
+                  for i, p in enumerate(pairs)]
         del runner
+    if args.csv:
+        import pandas as pd
+
+        pd.DataFrame(every).to_csv(args.csv, index=False)
 
     server = "" if args.no_server else " llama-server |"
     print(f"\n| format | prefill tok/s llama.cpp (pp{args.prompt}) | MultiHead | ratio in pairs: median (range) "
