@@ -98,7 +98,9 @@ def main(argv=None) -> None:
     rows, every = {}, []
     for fmt, path in files.items():
         spec = read_spec(str(path))
-        pages = 3 * spec.kv_layout(torch.bfloat16, 256 * 1024).pages_for(max(args.prompt, args.context + 4 * args.gen))
+        # three sequences of the longest use: a prompt, or a context and a warm-up plus --gen steps (bench_ours)
+        longest = max(args.prompt + 1, args.context + 2 * args.gen + 8)
+        pages = 3 * spec.kv_layout(torch.bfloat16, 256 * 1024).pages_for(longest)
         runner = make_runner(spec, torch.bfloat16, 256 * 1024, pages + 2, "kernel", "bf16")
         pairs = []
         for i in range(args.pairs):
