@@ -147,7 +147,9 @@ AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, i
 
 /* The tile shape the driver asks for: one weight row (read as one stream) against up to 6 token rows for
  * bfloat16 (12 accumulators) in decode, two rows against 3 in prefill (8+ token rows: tile_bf16x2), 4 token rows for
- * quantized weights (8 accumulators and 4 registers of dequantized weights). */
+ * quantized weights (8 accumulators and 4 registers of dequantized weights), 3 for interleaved Q4_0 / Q4_1 in
+ * prefill (two groups of 8 rows against 3 token rows, tile_x8_pair, took 11% less time per token than one group
+ * against 4). */
 static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
 #ifdef MH_BF16_DOT
     const int bf = 0;
@@ -155,7 +157,7 @@ static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
     const int bf = fmt == MH_BF16;
 #endif
     *nr = x8_base(fmt) ? 8 : 1; /* the interleaved layouts: row blocks of whole groups of 8 */
-    *mt = bf ? (T >= MH_BF16_PAIRS ? 3 : 6) : 4;
+    *mt = bf ? (T >= MH_BF16_PAIRS ? 3 : 6) : T >= MH_X8_PAIRS && (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8) ? 3 : 4;
 }
 
 #ifndef MH_BF16_DOT

@@ -8,6 +8,10 @@
  * sums, and each block's scales are one vector for the 8 rows (vcvtph2ps). Per block of 8 rows and token: 8
  * broadcasts and 8 vpmaddubsw (with VNNI: 8 vpdpbusd and no vpmaddwd), one conversion and two FMAs (against, per
  * row, a load, 2-5 integer operations, a horizontal sum's share and a scalar scale in mh_dot_x86_int.h).
+ * On Zen 3 these loops are bound by the FP unit's loads and stores (2 a cycle) and its 4 pipes, not by the
+ * multiplies: with several token rows, the 4- and 5-bit blocks go half by half (4 unpacked vectors live, not 8) and
+ * a token row at a time (an empty volatile asm between token rows: GCC otherwise hoists every row's products and
+ * spills them), so nothing is spilled: 14-18% less time for 3-4 token rows (bench/README.md).
  * - Q4_0 / Q4_1: the nibbles stay unsigned (0..15); the offset (-8 d, or m) is added through the activations'
  *   block sums, in a second accumulator. Low nibbles are elements 4c .. 4c + 3 of piece c, high nibbles 16 + 4c ..;
  *   eight vpmaddubsw of 4-bit by 7-bit values sum in 16 bits without overflow (8 x 2 x 15 x 127 < 2^15).
@@ -46,37 +50,101 @@ AI __m256i vnni_pieces(const __m256i *u, const int8_t *x, int c0, int c1) {
 }
 #endif
 
-/* One 32-element block of 8 rows against token rows t0 .. t0 + MT - 1, added to acc[t] (d_w d_x times the integer
- * sums) and corr[t] (off times the activations' block sums): u[c] holds elements 4 c .. 4 c + 3 of each row, u[4 + c]
- * 16 + 4 c .., unsigned; 4-bit values (wide = 0) sum in 16 bits over the 8 pieces, 5-bit ones over 4. */
-AI void x8_block_tokens(const __m256i *u, const int wide, __m256 dw, __m256 off, const mh_act *a, int t0,
-                        const int MT, int b, __m256 *acc, __m256 *corr) {
+/* Half h of a 32-element block of 8 rows (u[c]: elements 16 h + 4 c .. 16 h + 4 c + 3 of each row, unsigned)
+ * against token rows t0 .. t0 + MT - 1: the 4 pieces' products into s[t], each row's in its lane, started (h = 0)
+ * or added to (h = 1): 16-bit sums of 4-bit values (wide = 0), summed over both halves without overflow
+ * (8 x 2 x 15 x 127 < 2^15); 32-bit sums of 5-bit values (4 x 2 x 31 x 127 < 2^15 per half) and with VNNI.
+ * Integer sums: the same in any order. */
+AI void x8_half_tokens(const __m256i *u, const int h, const int wide, const mh_act *a, int t0, const int MT, int b,
+                       __m256i *s) {
     const int K = a->K;
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int t = 0; t < MT; t++) {
-        const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+        const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b + 16 * h;
 #ifdef MH_VNNI
-        (void)wide, (void)ones;
-        const __m256i p = vnni_pieces(u, x, 0, 8); /* u[4 + c] holds elements 16 + 4 c ..: piece 4 + c */
+        (void)wide;
+        const __m256i s0 = dpbusd(h ? s[t] : _mm256_setzero_si256(), u[0], bcast4(x));
+        const __m256i s1 = dpbusd(_mm256_setzero_si256(), u[1], bcast4(x + 4));
+        s[t] = _mm256_add_epi32(dpbusd(s0, u[2], bcast4(x + 8)), dpbusd(s1, u[3], bcast4(x + 12)));
 #else
-        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256(); /* [16] int16 each */
-        for (int c = 0; c < 4; c++) {
-            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)));
-            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(u[c + 4], bcast4(x + 16 + 4 * c)));
+        const __m256i q = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(u[0], bcast4(x)), _mm256_maddubs_epi16(u[1], bcast4(x + 4))),
+            _mm256_add_epi16(_mm256_maddubs_epi16(u[2], bcast4(x + 8)), _mm256_maddubs_epi16(u[3], bcast4(x + 12))));
+        if (wide) {
+            const __m256i q32 = _mm256_madd_epi16(q, _mm256_set1_epi16(1));
+            s[t] = h ? _mm256_add_epi32(s[t], q32) : q32;
+        } else {
+            s[t] = h ? _mm256_add_epi16(s[t], q) : q;
         }
-        const __m256i p = wide ? _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
-                               : _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones); /* [8] int32 */
 #endif
-        const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb])), acc[t]);
-        corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[xb]), corr[t]);
+        __asm__ volatile("" : "+x"(s[t])); /* a scheduling barrier: one token's products at a time (no spills) */
     }
 }
 
-/* The 8 rows from w (their first byte; nb blocks) against token rows t0 .. t0 + MT - 1: res[t], lane i = row i. */
+/* A block's integer sums s[t] (x8_half_tokens, both halves) times d_w d_x, added to acc[t]. */
+AI void x8_scale_tokens(const __m256i *s, const int wide, __m256 dw, const mh_act *a, int t0, const int MT, int b,
+                        __m256 *acc) {
+    const int K = a->K;
+    for (int t = 0; t < MT; t++) {
+#ifdef MH_VNNI
+        (void)wide;
+        const __m256i p = s[t];
+#else
+        const __m256i p = wide ? s[t] : _mm256_madd_epi16(s[t], _mm256_set1_epi16(1)); /* [8] int32 */
+#endif
+        const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_set1_ps(a->d[xb])), acc[t]);
+    }
+}
+
+/* corr[t] += off times token row t0 + t's block-b activation sum (d_x times the sum of its int8 values). */
+AI void x8_offset_tokens(__m256 off, const mh_act *a, int t0, const int MT, int b, __m256 *corr) {
+    for (int t = 0; t < MT; t++)
+        corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[(size_t)(t0 + t) * (a->K / 32) + b]), corr[t]);
+}
+
+/* fifth_x8 at k (0 .. 7; a constant once inlined, else each case its own constant shifts). */
+AI __m256i fifth_at(__m256i H, const int k) {
+    switch (k) {
+    case 0: return fifth_x8(H, 0);
+    case 1: return fifth_x8(H, 1);
+    case 2: return fifth_x8(H, 2);
+    case 3: return fifth_x8(H, 3);
+    case 4: return fifth_x8(H, 4);
+    case 5: return fifth_x8(H, 5);
+    case 6: return fifth_x8(H, 6);
+    default: return fifth_x8(H, 7);
+    }
+}
+
+/* Pieces c0 .. c0 + n - 1 of half h of block qs's quants (Q4_0x8 / Q4_1x8, or Q5's with the fifth bits first) as
+ * vectors of unsigned values, u[i]: elements 16 h + 4 (c0 + i) .. + 3 of each row (low nibbles for h = 0, high
+ * ones for h = 1). */
+AI void x8_unpack(const uint8_t *qs, const int q5, const int h, const int c0, const int n, __m256i *u) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const uint8_t *nib = qs + (q5 ? 32 : 0);
+    for (int i = 0; i < n; i++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(nib + 32 * (c0 + i)));
+        u[i] = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4);
+        if (q5) u[i] = _mm256_or_si256(u[i], fifth_at(_mm256_loadu_si256((const __m256i *)qs), 4 * h + c0 + i));
+    }
+}
+
+/* Block blk's offset per row: -8 d or -16 d (Q4_0 / Q5_0), or m (Q4_1 / Q5_1). */
+AI __m256 x8_offset(const int base, const uint8_t *blk) {
+    if (base == MH_Q4_1 || base == MH_Q5_1) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)),
+                         _mm256_set1_ps(base == MH_Q5_0 ? -16.0f : -8.0f));
+}
+
+/* The 8 rows from w (their first byte; nb blocks) against token rows t0 .. t0 + MT - 1: res[t], lane i = row i.
+ * One token row (decode): each block's 8 unpacked vectors and its offsets in one pass. Several (x8_half_tokens):
+ * each block's halves one after the other, so 4 unpacked vectors are live instead of 8 and, with the MT sums and
+ * accumulators, everything stays in the 16 registers; the offsets' products in a second pass over the scales
+ * (their own accumulators: the same operations and bits as in one pass). */
 AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
-    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+    const int q5 = base == MH_Q5_0 || base == MH_Q5_1;
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -108,171 +176,79 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
                 const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(a->d[(size_t)(t0 + t) * (K / 32) + b]));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[t]);
             }
+            continue;
+        }
+        __m256i s[4];
+        if (MT == 1) {
+            __m256i u[8];
+            x8_unpack(qs, q5, 0, 0, 4, u);
+            x8_unpack(qs, q5, 1, 0, 4, u + 4);
+            x8_half_tokens(u, 0, q5, a, t0, MT, b, s);
+            x8_half_tokens(u + 4, 1, q5, a, t0, MT, b, s);
+            x8_offset_tokens(x8_offset(base, blk), a, t0, MT, b, corr);
         } else {
-            const int q5 = base == MH_Q5_0 || base == MH_Q5_1, with_m = base == MH_Q4_1 || base == MH_Q5_1;
-            const __m256 off = with_m ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))
-                                      : _mm256_mul_ps(dw, _mm256_set1_ps(q5 ? -16.0f : -8.0f));
-            const uint8_t *nib = qs + (q5 ? 32 : 0); /* Q5: the fifth-bit bytes come first */
-            __m256i u[8]; /* low nibbles: elements 0-15, high nibbles: 16-31 */
-            for (int c = 0; c < 4; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(nib + 32 * c));
-                u[c] = _mm256_and_si256(v, low4);
-                u[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int h = 0; h < 2; h++) {
+                __m256i u[4];
+                x8_unpack(qs, q5, h, 0, 4, u);
+                x8_half_tokens(u, h, q5, a, t0, MT, b, s);
             }
-            if (q5) {
-                const __m256i H = _mm256_loadu_si256((const __m256i *)qs);
-                u[0] = _mm256_or_si256(u[0], fifth_x8(H, 0));
-                u[1] = _mm256_or_si256(u[1], fifth_x8(H, 1));
-                u[2] = _mm256_or_si256(u[2], fifth_x8(H, 2));
-                u[3] = _mm256_or_si256(u[3], fifth_x8(H, 3));
-                u[4] = _mm256_or_si256(u[4], fifth_x8(H, 4));
-                u[5] = _mm256_or_si256(u[5], fifth_x8(H, 5));
-                u[6] = _mm256_or_si256(u[6], fifth_x8(H, 6));
-                u[7] = _mm256_or_si256(u[7], fifth_x8(H, 7));
-            }
-            x8_block_tokens(u, q5, dw, off, a, t0, MT, b, acc, corr);
         }
+        x8_scale_tokens(s, q5, dw, a, t0, MT, b, acc);
     }
+    if (base != MH_Q8_0 && MT > 1)
+        for (int b = 0; b < nb; b++) x8_offset_tokens(x8_offset(base, w + (size_t)b * 8 * bb), a, t0, MT, b, corr);
     for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
 }
 
-/* Sub-block j's 6-bit scales and mins of the 8 rows (sc, mn: 8 bytes each, row i in byte i) from a Q4_Kx8
- * super-block's scale bytes s (byte k of row i at 8 k + i): q4k_scale_min for 8 rows at once. */
-AI void q4kx8_scale_min(const uint8_t *s, int j, __m128i *sc, __m128i *mn) {
-#define MH_B8(k) _mm_loadl_epi64((const __m128i *)(s + 8 * (k)))
-    const __m128i m6 = _mm_set1_epi8(63), m4 = _mm_set1_epi8(15), m2 = _mm_set1_epi8(3);
-    if (j < 4) {
-        *sc = _mm_and_si128(MH_B8(j), m6);
-        *mn = _mm_and_si128(MH_B8(j + 4), m6);
-    } else { /* low nibble / high nibble of byte j + 4, the top 2 bits of byte j - 4 / j above them */
-        const __m128i b = MH_B8(j + 4);
-        const __m128i top_s = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(MH_B8(j - 4), 6), m2), 4);
-        const __m128i top_m = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(MH_B8(j), 6), m2), 4);
-        *sc = _mm_or_si128(_mm_and_si128(b, m4), top_s);
-        *mn = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m4), top_m);
-    }
-#undef MH_B8
-}
-
-/* 8 unsigned bytes as 8 floats. */
-AI __m256 bytes8_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
-
-/* Q4_Kx8 (q5 = 0) or Q5_Kx8: the 8 rows from w (nsb super-blocks of 1152 or 1408 bytes) against token rows t0 ..
- * t0 + MT - 1: each 32-element sub-block j as a Q4_1x8 block, its 8 pieces' low (even j) or high (odd j) nibbles
- * (Q5_K: bit j of the matching qh piece's bytes above them, 5-bit values summed in 16 bits over 4 pieces), the
- * rows' d sc_j and dmin m_j as vectors (the 6-bit fields unpacked for the 8 rows at once); res[t], lane i = row i. */
-AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int t0, const int MT, __m256 *res) {
-    const __m256i low4 = _mm256_set1_epi8(15);
-    __m256 acc[4], corr[4];
-    for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
-    for (int s = 0; s < nsb; s++) {
-        const uint8_t *g = w + (size_t)s * (q5 ? 1408 : 1152);
-        if (t0 == 0) prefetch_ahead(g, q5 ? 1408 : 1152);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
-        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)));
-        for (int j = 0; j < 8; j++) {
-            const int b = 8 * s + j;
-            __m128i sc, mn;
-            q4kx8_scale_min(g + 32, j, &sc, &mn);
-            const __m256 dw = _mm256_mul_ps(d, bytes8_ps(sc));     /* [8] d sc_j */
-            const __m256 off = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), dmin), bytes8_ps(mn)); /* -dmin m_j */
-            const uint8_t *qs = g + (q5 ? 384 : 128) + 256 * (j / 2), *qh = g + 128;
-            const __m128i jj = _mm_cvtsi32_si128(j);
-            __m256i u[8];
-            for (int c = 0; c < 8; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-                u[c] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, low4);
-                if (q5) { /* bit j of each qh byte, to 16 (16-bit shifts: the byte's own bit lands in bit 0) */
-                    const __m256i h = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(qh + 32 * c)), jj);
-                    u[c] = _mm256_or_si256(u[c], _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(1)), 4));
+/* Two groups of 8 rows of Q4_0x8 / Q4_1x8 (the second gb bytes after the first; nb blocks each) against 2 or 3
+ * token rows t0 ..:
+ * res[g * MT + t]. Each broadcast of 4 activations serves both groups (half the broadcasts of two tile_x8 calls, the
+ * loop's most frequent operation after the multiplies): a quarter block (2 pieces) of both groups at a time, so that
+ * both groups' sums for every token row stay in registers. Each (row, token) result is the same integers and the
+ * same float operations in the same order as tile_x8's, so the same bits. */
+AI void tile_x8_pair(const int fmt, const uint8_t *w, int64_t gb, int nb, const mh_act *a, int t0, const int MT,
+                     __m256 *res) {
+    const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
+    __m256 acc[6], corr[6];
+    for (int i = 0; i < 2 * MT; i++) acc[i] = corr[i] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk0 = w + (size_t)b * 8 * bb, *blk1 = blk0 + gb;
+        if (t0 == 0) prefetch_ahead(blk0, 8 * bb), prefetch_ahead(blk1, 8 * bb);
+        __m256i s0[3], s1[3]; /* each token row's sums, group 0 and 1 (16-bit; 32-bit with VNNI) */
+        for (int h = 0; h < 2; h++)
+            for (int qq = 0; qq < 2; qq++) {
+                __m256i u0[2], u1[2];
+                x8_unpack(blk0 + hb, 0, h, 2 * qq, 2, u0);
+                x8_unpack(blk1 + hb, 0, h, 2 * qq, 2, u1);
+                for (int t = 0; t < MT; t++) {
+                    const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b + 16 * h + 8 * qq;
+                    const __m256i x0 = bcast4(x), x1 = bcast4(x + 4);
+                    const int first = h == 0 && qq == 0;
+#ifdef MH_VNNI
+                    const __m256i z = _mm256_setzero_si256();
+                    s0[t] = dpbusd(dpbusd(first ? z : s0[t], u0[0], x0), u0[1], x1);
+                    s1[t] = dpbusd(dpbusd(first ? z : s1[t], u1[0], x0), u1[1], x1);
+#else
+                    const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(u0[0], x0),
+                                                        _mm256_maddubs_epi16(u0[1], x1));
+                    const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(u1[0], x0),
+                                                        _mm256_maddubs_epi16(u1[1], x1));
+                    s0[t] = first ? p0 : _mm256_add_epi16(s0[t], p0);
+                    s1[t] = first ? p1 : _mm256_add_epi16(s1[t], p1);
+#endif
+                    __asm__ volatile("" : "+x"(s0[t]), "+x"(s1[t])); /* one token row at a time, as in tile_x8 */
                 }
             }
-            x8_block_tokens(u, q5, dw, off, a, t0, MT, b, acc, corr);
-        }
+        x8_scale_tokens(s0, 0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk0)), a, t0, MT, b, acc);
+        x8_scale_tokens(s1, 0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk1)), a, t0, MT, b, acc + MT);
     }
-    for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
+    for (int b = 0; b < nb; b++) {
+        x8_offset_tokens(x8_offset(base, w + (size_t)b * 8 * bb), a, t0, MT, b, corr);
+        x8_offset_tokens(x8_offset(base, w + gb + (size_t)b * 8 * bb), a, t0, MT, b, corr + MT);
+    }
+    for (int i = 0; i < 2 * MT; i++) res[i] = _mm256_add_ps(acc[i], corr[i]);
 }
 
-/* Q6_Kx8: the 8 rows from w (nsb super-blocks of 1680 bytes) against token rows t0 .. t0 + MT - 1: each 32-element
- * sub-block j from 8 ql and 8 qh pieces (6-bit unsigned quants), its two halves' int8 scales of the 8 rows as the
- * vpmaddwd multipliers (pairs of pieces summed in 16 bits: 2 x 2 x 63 x 127 < 2^15), d per row, and -32 d sc per
- * half through the activations' 16-element sums; res[t], lane i = row i. */
-AI void tile_q6kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int MT, __m256 *res) {
-    const int K = a->K;
-    const __m256i low4 = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3), lo16 = _mm256_set1_epi32(0xffff);
-    __m256 acc[4], corr[4];
-    for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
-    for (int s = 0; s < nsb; s++) {
-        const uint8_t *g = w + (size_t)s * 1680, *scales = g + 1536;
-        if (t0 == 0) prefetch_ahead(g, 1680);
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 1664)));
-        for (int j = 0; j < 8; j++) {
-            const int half = j / 4, k = j % 4, b = 8 * s + j;
-            const uint8_t *pl = g + 32 * (16 * half + 8 * (k & 1)), *ph = g + 1024 + 32 * 8 * half;
-            const __m128i shift = _mm_cvtsi32_si128(2 * k);
-            __m256i u[8];
-            for (int c = 0; c < 8; c++) {
-                __m256i l = _mm256_loadu_si256((const __m256i *)(pl + 32 * c));
-                l = _mm256_and_si256(k >= 2 ? _mm256_srli_epi16(l, 4) : l, low4);
-                const __m256i h = _mm256_and_si256(_mm256_srl_epi16(_mm256_loadu_si256((const __m256i *)(ph + 32 * c)),
-                                                                    shift), three);
-                u[c] = _mm256_or_si256(l, _mm256_slli_epi16(h, 4)); /* h <= 3: stays in its byte */
-            }
-            __m256i pair[2]; /* the halves' scales: int32 (VNNI), or int16 twice per 32-bit lane */
-            __m256 off[2];
-            for (int hh = 0; hh < 2; hh++) { /* and -32 d sc */
-                const uint8_t *sc8 = scales + 8 * (8 * half + 2 * k + hh); /* scale 8 half + 2 k + hh of each row */
-                const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)sc8));
-#ifdef MH_VNNI
-                (void)lo16;
-                pair[hh] = v;
-#else
-                pair[hh] = _mm256_or_si256(_mm256_and_si256(v, lo16), _mm256_slli_epi32(v, 16));
-#endif
-                off[hh] = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(v)), _mm256_set1_ps(-32.0f));
-            }
-            for (int t = 0; t < MT; t++) {
-                const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
-#ifdef MH_VNNI
-                const __m256i p = _mm256_add_epi32(_mm256_mullo_epi32(vnni_pieces(u, x, 0, 4), pair[0]),
-                                                   _mm256_mullo_epi32(vnni_pieces(u, x, 4, 8), pair[1]));
-#else
-                __m256i p = _mm256_setzero_si256(); /* [8] int32 */
-                for (int c = 0; c < 8; c += 2) {
-                    const __m256i s2 = _mm256_add_epi16(_mm256_maddubs_epi16(u[c], bcast4(x + 4 * c)),
-                                                        _mm256_maddubs_epi16(u[c + 1], bcast4(x + 4 * c + 4)));
-                    p = _mm256_add_epi32(p, _mm256_madd_epi16(s2, pair[c / 4]));
-                }
-#endif
-                const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, _mm256_set1_ps(a->d[xb])), acc[t]);
-                corr[t] = _mm256_fmadd_ps(off[0], _mm256_set1_ps(a->s16[2 * xb]), corr[t]);
-                corr[t] = _mm256_fmadd_ps(off[1], _mm256_set1_ps(a->s16[2 * xb + 1]), corr[t]);
-            }
-        }
-    }
-    for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
-}
-
-/* nrows (a multiple of 8) rows from w, the first n0, against token rows t0 .. t0 + MT - 1, stored 8 at a time. */
-AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT,
-                const mh_part *P, int n0) {
-    __m256 res[4];
-    for (int g = 0; g < nrows; g += 8) {
-        if (fmt == MH_Q4_KX8 || fmt == MH_Q5_KX8)
-            tile_q4kx8(w + (size_t)g * rb, a->K / 256, fmt == MH_Q5_KX8, a, t0, MT, res);
-        else if (fmt == MH_Q6_KX8)
-            tile_q6kx8(w + (size_t)g * rb, a->K / 256, a, t0, MT, res);
-        else
-            tile_x8(fmt, w + (size_t)g * rb, a->K / 32, a, t0, MT, res);
-        const int n = n0 + g;
-        const __m256 bias = P->bias ? _mm256_loadu_ps(P->bias + n) : _mm256_setzero_ps();
-        for (int t = 0; t < MT; t++) {
-            float *o = P->out + (size_t)(t0 + t) * P->ldo + n;
-            const __m256 v = _mm256_add_ps(res[t], bias);
-            _mm256_storeu_ps(o, P->accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), v) : v);
-        }
-    }
-}
+#include "mh_dot_x86_x8k.h"
 
 #endif
