@@ -102,30 +102,22 @@ AI void x8_offset_tokens(__m256 off, const mh_act *a, int t0, const int MT, int 
         corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[(size_t)(t0 + t) * (a->K / 32) + b]), corr[t]);
 }
 
-/* fifth_x8 at k (0 .. 7; a constant once inlined, else each case its own constant shifts). */
-AI __m256i fifth_at(__m256i H, const int k) {
-    switch (k) {
-    case 0: return fifth_x8(H, 0);
-    case 1: return fifth_x8(H, 1);
-    case 2: return fifth_x8(H, 2);
-    case 3: return fifth_x8(H, 3);
-    case 4: return fifth_x8(H, 4);
-    case 5: return fifth_x8(H, 5);
-    case 6: return fifth_x8(H, 6);
-    default: return fifth_x8(H, 7);
-    }
-}
-
-/* Pieces c0 .. c0 + n - 1 of half h of block qs's quants (Q4_0x8 / Q4_1x8, or Q5's with the fifth bits first) as
- * vectors of unsigned values, u[i]: elements 16 h + 4 (c0 + i) .. + 3 of each row (low nibbles for h = 0, high
- * ones for h = 1). */
+/* Pieces c0 .. c0 + n - 1 of half h of block qs's quants (Q4_0x8 / Q4_1x8, or with q5 Q5's, fifth bits first, and
+ * then the whole half: c0 = 0, n = 4) as vectors of unsigned values, u[i]: elements 16 h + 4 (c0 + i) .. + 3 of
+ * each row (low nibbles for h = 0, high ones for h = 1). */
 AI void x8_unpack(const uint8_t *qs, const int q5, const int h, const int c0, const int n, __m256i *u) {
     const __m256i low4 = _mm256_set1_epi8(15);
     const uint8_t *nib = qs + (q5 ? 32 : 0);
     for (int i = 0; i < n; i++) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(nib + 32 * (c0 + i)));
         u[i] = _mm256_and_si256(h ? _mm256_srli_epi16(v, 4) : v, low4);
-        if (q5) u[i] = _mm256_or_si256(u[i], fifth_at(_mm256_loadu_si256((const __m256i *)qs), 4 * h + c0 + i));
+    }
+    if (q5) {
+        const __m256i H = _mm256_loadu_si256((const __m256i *)qs);
+        u[0] = _mm256_or_si256(u[0], h ? fifth_x8(H, 4) : fifth_x8(H, 0));
+        u[1] = _mm256_or_si256(u[1], h ? fifth_x8(H, 5) : fifth_x8(H, 1));
+        u[2] = _mm256_or_si256(u[2], h ? fifth_x8(H, 6) : fifth_x8(H, 2));
+        u[3] = _mm256_or_si256(u[3], h ? fifth_x8(H, 7) : fifth_x8(H, 3));
     }
 }
 
