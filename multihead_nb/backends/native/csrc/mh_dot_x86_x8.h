@@ -11,7 +11,8 @@
  * On Zen 3 these loops are bound by the FP unit's loads and stores (2 a cycle) and its 4 pipes, not by the
  * multiplies: with several token rows, the 4- and 5-bit blocks go half by half (4 unpacked vectors live, not 8) and
  * a token row at a time (an empty volatile asm between token rows: GCC otherwise hoists every row's products and
- * spills them), so nothing is spilled: 14-18% less time for 3-4 token rows (bench/README.md).
+ * spills them), so nothing is spilled: 10-18% less time for 3-4 token rows with the rows in L2 (bench/README.md;
+ * Q8_0 and Q6_K keep one pass). In prefill, Q4_0 / Q4_1 go two groups of 8 rows per broadcast (tile_x8_pair).
  * - Q4_0 / Q4_1: the nibbles stay unsigned (0..15); the offset (-8 d, or m) is added through the activations'
  *   block sums, in a second accumulator. Low nibbles are elements 4c .. 4c + 3 of piece c, high nibbles 16 + 4c ..;
  *   eight vpmaddubsw of 4-bit by 7-bit values sum in 16 bits without overflow (8 x 2 x 15 x 127 < 2^15).
@@ -19,7 +20,7 @@
  *   shift per piece: bit c of byte k is element 4 c + k's); offsets -16 d or m; 5-bit values sum in 16 bits over
  *   four pieces (4 x 2 x 31 x 127 < 2^15), so the low and the high nibbles' pieces each have their own sum.
  * - Q8_0: signed quants, as |q| times the activations with q's signs (vpsignb), summed in 32 bits per piece.
- * - K-quants: each 32-element sub-block as one such block (tile_q4kx8, tile_q6kx8), its scales per row as vectors.
+ * - K-quants: each 32-element sub-block as one such block, its scales per row as vectors (mh_dot_x86_x8k.h).
  * Each (row, token) result is one accumulator sequence over the blocks, the same alone or in any batch.
  * Knows nothing of the tiling (mh_matmul.h). */
 #ifndef MH_DOT_X86_X8_H
