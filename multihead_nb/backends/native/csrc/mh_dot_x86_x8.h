@@ -103,9 +103,10 @@ AI void x8_offset_tokens(__m256 off, const mh_act *a, int t0, const int MT, int 
         corr[t] = _mm256_fmadd_ps(off, _mm256_set1_ps(a->s32[(size_t)(t0 + t) * (a->K / 32) + b]), corr[t]);
 }
 
-/* Pieces c0 .. c0 + n - 1 of half h of block qs's quants (Q4_0x8 / Q4_1x8, or with q5 Q5's, fifth bits first, and
- * then the whole half: c0 = 0, n = 4) as vectors of unsigned values, u[i]: elements 16 h + 4 (c0 + i) .. + 3 of
- * each row (low nibbles for h = 0, high ones for h = 1). */
+/* Pieces c0 .. c0 + n - 1 of the nibbles at qs (32 bytes a piece), low nibbles (h = 0) or high ones (h = 1), as
+ * vectors of unsigned values: for Q4_0x8 / Q4_1x8 u[i] is elements 16 h + 4 (c0 + i) .. + 3 of each row, for a
+ * Q4_Kx8 sub-block its pieces c0 .. With q5 (Q5_0x8 / Q5_1x8: the fifth-bit bytes at qs, the nibbles after them;
+ * whole halves only, c0 = 0 and n = 4), each element's fifth bit or-ed in. */
 AI void x8_unpack(const uint8_t *qs, const int q5, const int h, const int c0, const int n, __m256i *u) {
     const __m256i low4 = _mm256_set1_epi8(15);
     const uint8_t *nib = qs + (q5 ? 32 : 0);

@@ -33,7 +33,6 @@ AI __m256 bytes8_ps(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
  * (Q5_K: bit j of the matching qh piece's bytes above them, 5-bit values summed in 16 bits over 4 pieces), the
  * rows' d sc_j and dmin m_j as vectors (the 6-bit fields unpacked for the 8 rows at once); res[t], lane i = row i. */
 AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int t0, const int MT, __m256 *res) {
-    const __m256i low4 = _mm256_set1_epi8(15);
     __m256 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm256_setzero_ps();
     for (int s = 0; s < nsb; s++) {
@@ -52,15 +51,14 @@ AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int
             __m256i sum[4];
             for (int h = 0; h < 2; h++) {
                 __m256i u[4];
-                for (int c = 0; c < 4; c++) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * (4 * h + c)));
-                    u[c] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, low4);
-                    if (q5) { /* bit j of each qh byte, to 16 (16-bit shifts: the byte's own bit lands in bit 0) */
+                x8_unpack(qs, 0, j & 1, 4 * h, 4, u);
+                if (q5)
+                    for (int c = 0; c < 4; c++) { /* bit j of each qh byte, to 16 (16-bit shifts: the byte's own bit
+                                                     lands in bit 0) */
                         const __m256i hb = _mm256_srl_epi16(
                             _mm256_loadu_si256((const __m256i *)(qh + 32 * (4 * h + c))), jj);
                         u[c] = _mm256_or_si256(u[c], _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(1)), 4));
                     }
-                }
                 x8_half_tokens(u, h, q5, a, t0, MT, b, sum);
             }
             x8_scale_tokens(sum, q5, dw, a, t0, MT, b, acc);
