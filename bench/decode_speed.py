@@ -128,6 +128,19 @@ class Seqs:
     def reset(self) -> None:
         self.lens = [0] * self.batch
 
+    def split(self, sizes: list[int]) -> list["Seqs"]:
+        """These sequences as consecutive groups of `sizes` sequences, each fed on its own (this one is not used
+        after: the groups take its pages and lengths)."""
+        assert sum(sizes) == self.batch
+        groups, i = [], 0
+        for n in sizes:
+            g = Seqs.__new__(Seqs)
+            g.runner, g.layout, g.batch = self.runner, self.layout, n
+            g.tables, g.lens = self.tables[i : i + n], self.lens[i : i + n]
+            groups.append(g)
+            i += n
+        return groups
+
 
 def make_runner(spec, dtype, page_bytes: int, num_pages: int, path: str, fmt: str):
     """`path` "torch" (the PyTorch path) or "kernel" (the fused kernel, weights in `fmt`)."""
@@ -151,6 +164,34 @@ def bench_ours(spec, runner, batch: int, context: int, steps: int, trials: int, 
         state["next"] = seqs.forward([[t] for t in state["next"]])
 
     return _trials(step, steps, trials)
+
+
+def bench_interleaved(spec, runner, batches: tuple[int, ...], context: int, steps: int,
+                      page_bytes: int) -> list[float]:
+    """Seconds per decode step at each of `batches` (groups of sequences on one arena, after `context`-token
+    prompts), their steps taken in turn: one step of each group per round, the first group alternating, `steps`
+    rounds after 3 warm-up ones. On a VM whose speed moves by up to 2x within seconds, blocks of steps taken one
+    after the other (`bench_ours` per batch) set one batch's fast moment against another's slow one; steps in turn
+    see the same moments, so their ratio is what the code does (bench/README.md, "Batch 3 against batch 1")."""
+    layout = spec.kv_layout(runner.dtype, page_bytes)
+    seqs = Seqs(runner, layout, sum(batches), context + steps + 3 + 8)
+    g = torch.Generator().manual_seed(0)
+    first = seqs.forward([torch.randint(3, spec.vocab_size, (context,), generator=g).tolist()
+                          for _ in range(sum(batches))])
+    groups = seqs.split(list(batches))
+    nxt, at = [], 0
+    for b in batches:
+        nxt.append(first[at : at + b])
+        at += b
+    total = [0.0] * len(batches)
+    wait_quiet()
+    for r in range(steps + 3):
+        for k in range(len(batches)) if r % 2 == 0 else reversed(range(len(batches))):
+            t = time.perf_counter()
+            nxt[k] = groups[k].forward([[x] for x in nxt[k]])
+            if r >= 3:
+                total[k] += time.perf_counter() - t
+    return [x / steps for x in total]
 
 
 def bench_prefill(spec, runner, tokens: int, trials: int, page_bytes: int) -> float:

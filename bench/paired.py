@@ -11,7 +11,7 @@ measures both systems within seconds of each other, in alternating order, and th
 Per pair and format, on the GGUF file `bench.llama_cpp` writes (same weights for both):
 - `llama-bench -p P -n N -r 1` (one timed run of each after its warm-up): prefill and decode tokens/s;
 - MultiHead: the prefill of one P-token prompt in one forward, and `--gen` decode steps at batch 1 and at batch 3
-  after `--context`-token contexts (the two in alternating order);
+  after `--context`-token contexts, a step of each in turn (`bench_interleaved`: their ratio from the same moments);
 - unless `--no-server`, llama-server's decode step at batch 1 and at batch 3 (`-np 3`, the same contexts).
 Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max);
 `--csv` also writes every pair's figures, one row per format and pair (for a notebook).
@@ -28,7 +28,7 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     """One pair's figures for one format: llama.cpp's and MultiHead's, back to back."""
     import torch
 
-    from .decode_speed import bench_ours, bench_prefill, wait_quiet
+    from .decode_speed import bench_interleaved, bench_prefill, wait_quiet
     from .llama_cpp import llama_bench, server_steps
 
     page_bytes = 256 * 1024
@@ -41,10 +41,8 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
 
     def ours():
         out["ours prefill"] = args.prompt / bench_prefill(spec, runner, args.prompt, 1, page_bytes)
-        steps = {}
-        for batch in (1, 3) if i % 2 == 0 else (3, 1):
-            steps[batch] = bench_ours(spec, runner, batch, args.context, args.gen, 1, page_bytes)
-        out["ours decode"], out["ours b3/b1"] = 1 / steps[1], steps[3] / steps[1]
+        step1, step3 = bench_interleaved(spec, runner, (1, 3), args.context, args.gen, page_bytes)
+        out["ours decode"], out["ours b3/b1"] = 1 / step1, step3 / step1
 
     for side in (theirs, ours) if i % 2 == 0 else (ours, theirs):
         side()
@@ -98,9 +96,10 @@ def main(argv=None) -> None:
     rows, every = {}, []
     for fmt, path in files.items():
         spec = read_spec(str(path))
-        # three sequences of the longest use: a prompt, or a context and a warm-up plus --gen steps (bench_ours)
-        longest = max(args.prompt + 1, args.context + 2 * args.gen + 8)
-        pages = 3 * spec.kv_layout(torch.bfloat16, 256 * 1024).pages_for(longest)
+        # four sequences (batch 1 and batch 3 in turn) of the longest use: a prompt, or a context, 3 warm-up steps
+        # and --gen steps (bench_interleaved)
+        longest = max(args.prompt + 1, args.context + args.gen + 11)
+        pages = 4 * spec.kv_layout(torch.bfloat16, 256 * 1024).pages_for(longest)
         runner = make_runner(spec, torch.bfloat16, 256 * 1024, pages + 2, "kernel", "bf16")
         pairs = []
         for i in range(args.pairs):

@@ -134,3 +134,47 @@ def test_paired_summary_takes_ratios_within_pairs(capsys):
     with pytest.raises(SystemExit):
         paired.main(["--pairs", "0"])
     assert "must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
+                    reason="no C compiler here: the fused CPU kernel cannot be built")
+def test_interleaved_steps_feed_each_group_its_own_sequences(tiny_ckpt):
+    """bench_interleaved (bench.paired's batch 1 against batch 3): one group of sequences per batch size on one
+    arena, each group's steps write only its own sequences' pages and lengths, every step is timed; the tokens each
+    group decodes are the ones it decodes alone (the groups do not see each other)."""
+    import torch
+
+    from bench.decode_speed import Seqs, bench_interleaved, make_runner
+    from multihead_nb.backends.native import read_spec
+
+    spec = read_spec(str(tiny_ckpt("llama")))
+    runner = make_runner(spec, torch.bfloat16, 4096, 64, "kernel", "bf16")
+    layout = spec.kv_layout(runner.dtype, 4096)
+    seqs = Seqs(runner, layout, 4, 40)
+    one, three = seqs.split([1, 3])
+    assert one.tables == seqs.tables[:1] and three.tables == seqs.tables[1:]
+    assert not set(one.tables[0]) & {p for t in three.tables for p in t}
+    with pytest.raises(AssertionError):
+        seqs.split([1, 2])
+
+    step1, step3 = bench_interleaved(spec, runner, (1, 3), 8, 5, 4096)
+    assert step1 > 0 and step3 > 0
+
+    def decode(batch_groups):  # greedy tokens of sequence 0 after 6 steps, with the other groups stepping between
+        s = Seqs(runner, layout, sum(batch_groups), 40)
+        g = torch.Generator().manual_seed(0)
+        first = s.forward([torch.randint(3, spec.vocab_size, (8,), generator=g).tolist()
+                           for _ in range(sum(batch_groups))])
+        groups, at, nxt = s.split(list(batch_groups)), 0, []
+        for b in batch_groups:
+            nxt.append(first[at : at + b])
+            at += b
+        seen = []
+        for _ in range(6):
+            for k, grp in enumerate(groups):
+                nxt[k] = grp.forward([[x] for x in nxt[k]])
+            seen.append(nxt[0][0])
+        assert all(grp.lens == [14] * grp.batch for grp in groups)
+        return seen
+
+    assert decode((1,)) == decode((1, 3))

@@ -178,10 +178,16 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                     acc[2][i] = _mm256_fmadd_ps(q2, kv, acc[2][i]);
                 }
             }
-            for (int g = 0; g < ng; g++) {
+            for (int g = 0; g < ng; g++) { /* 4 scores in one store where the row has room (past n: unread) */
+                const __m128 r4 = hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+                float *dst = sc + (size_t)(g0 + g) * ldsc + k0;
+                if (k0 + 4 <= ldsc) {
+                    _mm_storeu_ps(dst, r4);
+                    continue;
+                }
                 float r[4];
-                _mm_storeu_ps(r, hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
-                for (int i = 0; i < nk; i++) sc[(size_t)(g0 + g) * ldsc + k0 + i] = r[i];
+                _mm_storeu_ps(r, r4);
+                for (int i = 0; i < nk; i++) dst[i] = r[i];
             }
         }
     }
