@@ -185,9 +185,9 @@ def server_steps(tools, model: Path, threads: int, prompts: list[list[int]], gen
 
 def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, rounds: int, log=print) -> list[dict]:
     """llama-bench (one repetition), llama-server's decode step at batch 1 and 3 (`server_steps`) and MultiHead's
-    kernel (decode at batch 1 and 3, prefill of `prompt` tokens), format by format, interleaved for `rounds` rounds,
-    each waiting for quiet CPUs first; the best of each. Both systems' batch-3 steps decode `gen // 4` tokens after
-    `prompt`-token contexts.
+    kernel (decode at batch 1 and 3, their steps in turn: `bench_interleaved`; prefill of `prompt` tokens), format
+    by format, interleaved for `rounds` rounds, each waiting for quiet CPUs first; the best of each. Both systems'
+    batch-3 steps decode `gen // 4` tokens after `prompt`-token contexts.
 
     MultiHead loads the same GGUF file (its blocks kept packed in the kernel); its decode starts after a
     `prompt`-token context."""
@@ -195,13 +195,13 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
 
     from multihead_nb.backends.native import read_spec
 
-    from .decode_speed import bench_ours, bench_prefill, make_runner, wait_quiet
+    from .decode_speed import bench_interleaved, bench_prefill, make_runner, wait_quiet
 
     torch.set_num_threads(threads)
     specs = {fmt: read_spec(str(path)) for fmt, path in files.items()}
     spec = next(iter(specs.values()))
     page_bytes = 256 * 1024
-    num_pages = 3 * spec.kv_layout(torch.bfloat16, page_bytes).pages_for(prompt + 8 * gen) + 2
+    num_pages = 4 * spec.kv_layout(torch.bfloat16, page_bytes).pages_for(prompt + 8 * gen + 11) + 2
     best: dict[tuple, float] = {}
 
     def keep(key, value, higher=True):
@@ -222,8 +222,9 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
             s1, s3 = server_steps(tools, path, threads, ids, gen // 4)
             keep((fmt, "llama b1"), s1, higher=False)
             keep((fmt, "llama b3"), s3, higher=False)
-            keep((fmt, "ours b1"), bench_ours(sp, r, 1, prompt, gen // 4, 1, page_bytes), higher=False)
-            keep((fmt, "ours b3"), bench_ours(sp, r, 3, prompt, gen // 4, 1, page_bytes), higher=False)
+            ours1, ours3 = bench_interleaved(sp, r, (1, 3), prompt, max(1, gen // 4), page_bytes)
+            keep((fmt, "ours b1"), ours1, higher=False)
+            keep((fmt, "ours b3"), ours3, higher=False)
             keep((fmt, "ours prefill"), bench_prefill(sp, r, prompt, 1, page_bytes), higher=False)
             log(f"round {rnd + 1} {fmt}: " + ", ".join(f"{k[1]} {v:.4g}" for k, v in best.items() if k[0] == fmt))
     rows = []
