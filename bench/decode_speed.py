@@ -166,6 +166,21 @@ def bench_ours(spec, runner, batch: int, context: int, steps: int, trials: int, 
     return _trials(step, steps, trials)
 
 
+def prefilled_groups(spec, runner, batches: tuple[int, ...], context: int, total: int,
+                     page_bytes: int) -> tuple[list[Seqs], list[list[int]]]:
+    """Groups of `batches` sequences (room for `total` tokens each, pages interleaved on one arena), every sequence
+    prefilled with its own random `context`-token prompt in one forward: the groups and each group's next tokens."""
+    seqs = Seqs(runner, spec.kv_layout(runner.dtype, page_bytes), sum(batches), total)
+    g = torch.Generator().manual_seed(0)
+    first = seqs.forward([torch.randint(3, spec.vocab_size, (context,), generator=g).tolist()
+                          for _ in range(sum(batches))])
+    nxt, at = [], 0
+    for b in batches:
+        nxt.append(first[at : at + b])
+        at += b
+    return seqs.split(list(batches)), nxt
+
+
 def bench_interleaved(spec, runner, batches: tuple[int, ...], context: int, steps: int,
                       page_bytes: int) -> list[float]:
     """Seconds per decode step at each of `batches` (groups of sequences on one arena, after `context`-token
@@ -173,16 +188,7 @@ def bench_interleaved(spec, runner, batches: tuple[int, ...], context: int, step
     rounds after 3 warm-up ones. On a VM whose speed moves by up to 2x within seconds, blocks of steps taken one
     after the other (`bench_ours` per batch) set one batch's fast moment against another's slow one; steps in turn
     see the same moments, so their ratio is what the code does (bench/README.md, "Batch 3 against batch 1")."""
-    layout = spec.kv_layout(runner.dtype, page_bytes)
-    seqs = Seqs(runner, layout, sum(batches), context + steps + 3 + 8)
-    g = torch.Generator().manual_seed(0)
-    first = seqs.forward([torch.randint(3, spec.vocab_size, (context,), generator=g).tolist()
-                          for _ in range(sum(batches))])
-    groups = seqs.split(list(batches))
-    nxt, at = [], 0
-    for b in batches:
-        nxt.append(first[at : at + b])
-        at += b
+    groups, nxt = prefilled_groups(spec, runner, batches, context, context + steps + 3 + 8, page_bytes)
     total = [0.0] * len(batches)
     wait_quiet()
     for r in range(steps + 3):

@@ -144,7 +144,7 @@ def test_interleaved_steps_feed_each_group_its_own_sequences(tiny_ckpt):
     group decodes are the ones it decodes alone (the groups do not see each other)."""
     import torch
 
-    from bench.decode_speed import Seqs, bench_interleaved, make_runner
+    from bench.decode_speed import Seqs, bench_interleaved, make_runner, prefilled_groups
     from multihead_nb.backends.native import read_spec
 
     spec = read_spec(str(tiny_ckpt("llama")))
@@ -161,14 +161,7 @@ def test_interleaved_steps_feed_each_group_its_own_sequences(tiny_ckpt):
     assert step1 > 0 and step3 > 0
 
     def decode(batch_groups):  # greedy tokens of sequence 0 after 6 steps, with the other groups stepping between
-        s = Seqs(runner, layout, sum(batch_groups), 40)
-        g = torch.Generator().manual_seed(0)
-        first = s.forward([torch.randint(3, spec.vocab_size, (8,), generator=g).tolist()
-                           for _ in range(sum(batch_groups))])
-        groups, at, nxt = s.split(list(batch_groups)), 0, []
-        for b in batch_groups:
-            nxt.append(first[at : at + b])
-            at += b
+        groups, nxt = prefilled_groups(spec, runner, batch_groups, 8, 40, 4096)
         seen = []
         for _ in range(6):
             for k, grp in enumerate(groups):
