@@ -71,7 +71,12 @@ def test_gguf_blocks_run_packed(tiny_ckpt, tmp_path, family, weight_type):
     b, tokens = run(ref, ids, 8)
     a, _ = run(kernel, ids, 8, follow=tokens)
     assert (a - b).norm() / b.norm() < 0.03
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    # the greedy token wherever the reference's leader is clear: the random model's near ties (margins down to
+    # 0.004 of logits whose spread is ~2) flip on any rounding, and int8 activations move logits by up to ~0.25
+    top2 = b.topk(2, -1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.25
+    assert int(clear.sum()) >= 8
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
 
 
 def test_gguf_model_in_a_workspace_is_charged_packed(tiny_ckpt, tmp_path):
