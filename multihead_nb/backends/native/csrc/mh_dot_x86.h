@@ -107,32 +107,71 @@ AI void tile_bf16x2(const uint8_t *w, int64_t rb, const mh_act *a, int t0, const
         }
 }
 #else
-/* One weight row against MT token rows in bfloat16, 64 elements a step, two accumulators per token row. */
+/* The lane sums of 16 accumulators as one vector (element i: the sum of a[i]'s 16 lanes), each summed in one order
+ * whatever the others hold: within each 128-bit lane elements 0 + 2 and 1 + 3, then those two; then lanes 0 + 2 and
+ * 1 + 3, then those two. Every bfloat16 tile ends with it, so that a (row, token) sum has the same bits in any tile. */
+AI __m512 sum16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) /* lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3] of a = a[2i], b = a[2i + 1] */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* lane: accumulators 4i .. 4i + 3 */
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++) /* lanes [L0 + L2, L1 + L3] of c[2i], then of c[2i + 1] */
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Weights and activations of 32 elements from k (the last, K - k < 32, masked). */
+AI __m512i load32_bf16(const uint16_t *p, int k, int K) {
+    if (K - k >= 32) return _mm512_loadu_si512(p + k);
+    return _mm512_maskz_loadu_epi16((__mmask32)((1u << (K - k)) - 1u), p + k);
+}
+
+/* One weight row against MT (<= 4) token rows in bfloat16: one accumulator per token row, 32 elements a step. */
 AI void tile_bf16_row(const uint16_t *w, int K, const mh_act *a, int t0, const int MT, float *res) {
-    __m512 acc[8];
-    for (int i = 0; i < 2 * MT; i++) acc[i] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 64 <= K; k += 64) {
-        if (t0 == 0) prefetch_ahead(w + k, 128);
-        __m512i w0 = _mm512_loadu_si512(w + k), w1 = _mm512_loadu_si512(w + k + 32);
-        for (int m = 0; m < MT; m++) {
-            const uint16_t *x = a->h + (size_t)(t0 + m) * K + k;
-            acc[2 * m] = _mm512_dpbf16_ps(acc[2 * m], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(x));
-            acc[2 * m + 1] = _mm512_dpbf16_ps(acc[2 * m + 1], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(x + 32));
-        }
-    }
-    for (; k < K; k += 32) {
-        __mmask32 mask = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1u);
-        __m512i w0 = _mm512_maskz_loadu_epi16(mask, w + k);
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        if (t0 == 0 && !(k & 32)) prefetch_ahead(w + k, 128);
+        const __m512i wv = load32_bf16(w, k, K);
         for (int m = 0; m < MT; m++)
-            acc[2 * m] = _mm512_dpbf16_ps(acc[2 * m], (__m512bh)w0,
-                                          (__m512bh)_mm512_maskz_loadu_epi16(mask, a->h + (size_t)(t0 + m) * K + k));
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)load32_bf16(a->h + (size_t)(t0 + m) * K, k, K));
     }
-    for (int m = 0; m < MT; m++) res[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * m], acc[2 * m + 1]));
+    float out[16];
+    _mm512_storeu_ps(out, sum16(acc));
+    for (int m = 0; m < MT; m++) res[m] = out[m];
 }
 
 AI void tile_bf16(const uint8_t *w, int64_t rb, const int NR, const mh_act *a, int t0, const int MT, float *res) {
     for (int r = 0; r < NR; r++) tile_bf16_row((const uint16_t *)(w + (size_t)r * rb), a->K, a, t0, MT, res + r * MT);
+}
+
+/* Prefill (8+ token rows): four weight rows against four token rows, each (row, token) pair summed exactly as
+ * tile_bf16_row sums it; a step's 8 loads feed 16 vdpbf16ps (tile_bf16_row's 1 + MT feed MT). res [4 rows][4]. */
+AI void tile_bf16_4x4(const uint8_t *w, int64_t rb, const mh_act *a, int t0, float *res) {
+    const int K = a->K;
+    const uint16_t *wr[4], *x[4];
+    for (int i = 0; i < 4; i++) {
+        wr[i] = (const uint16_t *)(w + (size_t)i * rb);
+        x[i] = a->h + (size_t)(t0 + i) * K;
+    }
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        __m512i wv[4];
+        for (int r = 0; r < 4; r++) {
+            if (t0 == 0) prefetch_ahead(wr[r] + k, 64);
+            wv[r] = load32_bf16(wr[r], k, K);
+        }
+        for (int m = 0; m < 4; m++) {
+            const __m512i xv = load32_bf16(x[m], k, K);
+            for (int r = 0; r < 4; r++) acc[4 * r + m] = _mm512_dpbf16_ps(acc[4 * r + m], (__m512bh)wv[r], (__m512bh)xv);
+        }
+    }
+    _mm512_storeu_ps(res, sum16(acc));
 }
 #endif
 
@@ -228,6 +267,19 @@ static __attribute__((noinline)) void bf16_rows(const uint8_t *w, int64_t rb, in
 #define MH_ROWS_BF16(M) bf16_rows_mt(w, rb, nrows, a, t0, M, P, n0)
     MH_MT_BF16(MH_ROWS_BF16)
 #else
+    if (a->T >= MH_BF16_PAIRS && mt == 4) { /* prefill: rows from L2, four at a time */
+        float res[16];
+        int n = 0;
+        for (; n + 4 <= nrows; n += 4) {
+            tile_bf16_4x4(w + (size_t)n * rb, rb, a, t0, res);
+            for (int r = 0; r < 4; r++) store_out(P, n0 + n + r, t0, 4, res + 4 * r);
+        }
+        for (; n < nrows; n++) {
+            tile_bf16(w + (size_t)n * rb, rb, 1, a, t0, 4, res);
+            store_out(P, n0 + n, t0, 4, res);
+        }
+        return;
+    }
 #define MH_ROWS_BF16(M) bf16_rows_mt(w, rb, nrows, a, t0, M, P, n0)
     MH_MT_Q(MH_ROWS_BF16)
 #endif
