@@ -243,6 +243,67 @@ AI void tile_x8_pair(const int fmt, const uint8_t *w, int64_t gb, int nb, const 
     for (int i = 0; i < 2 * MT; i++) res[i] = _mm256_add_ps(acc[i], corr[i]);
 }
 
+#if defined(MH_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define MH_X8_ZMM 1 /* AVX-512 VNNI: Q4_0x8 / Q4_1x8 two groups of 8 rows per 512-bit vector (tile_x8_zmm) */
+/* 32 bytes at p and 32 at p + gb as one vector: the first group's in the low half, the second's in the high. */
+AI __m512i load_groups(const uint8_t *p, int64_t gb) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
+                              _mm256_loadu_si256((const __m256i *)(p + gb)), 1);
+}
+
+/* 8 half-precision values at p and 8 at p + gb: [16] float32. */
+AI __m512 halves_groups(const uint8_t *p, int64_t gb) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
+                                                   _mm_loadu_si128((const __m128i *)(p + gb)), 1));
+}
+
+/* Two groups of 8 rows of Q4_0x8 / Q4_1x8 (the second gb bytes after the first; nb blocks each) against MT (<= 4)
+ * token rows t0 ..: res[g * MT + t], lane i = row i of group g. Both groups in one 512-bit vector (lane 8 g + i):
+ * per block and token row 8 vpdpbusd where tile_x8 takes 16 for the two groups, and one scale and offset FMA where
+ * it takes two; with 32 registers a block's 8 unpacked vectors and every token row's sums stay in registers. The
+ * same integers, and per lane the same float operations in the same order as tile_x8: the same bits. */
+AI void tile_x8_zmm(const int fmt, const uint8_t *w, int64_t gb, int nb, const mh_act *a, int t0, const int MT,
+                    __m256 *res) {
+    const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512 acc[4], corr[4];
+    for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * 8 * bb, *qs = blk + hb;
+        if (t0 == 0) prefetch_ahead(blk, 8 * bb), prefetch_ahead(blk + gb, 8 * bb);
+        __m512i u[8]; /* u[c]: elements 4c .. 4c + 3 of each row (low nibbles), u[4 + c]: 16 + 4c .. (high) */
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = load_groups(qs + 32 * c, gb);
+            u[c] = _mm512_and_si512(v, low4);
+            u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+        const __m512 dw = halves_groups(blk, gb);
+        const __m512 off = base == MH_Q4_1 ? halves_groups(blk + 16, gb)
+                                           : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f)); /* m, or -8 d */
+        for (int t = 0; t < MT; t++) {
+            const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+            __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+            for (int c = 0; c < 8; c += 2) {
+                int32_t x0, x1;
+                memcpy(&x0, x + 4 * (c % 4) + 16 * (c / 4), 4);
+                memcpy(&x1, x + 4 * (c % 4) + 4 + 16 * (c / 4), 4);
+                s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi32(x0));
+                s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi32(x1));
+            }
+            const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                     _mm512_mul_ps(dw, _mm512_set1_ps(a->d[xb])), acc[t]);
+            corr[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(a->s32[xb]), corr[t]);
+        }
+    }
+    for (int t = 0; t < MT; t++) {
+        const __m512 r = _mm512_add_ps(acc[t], corr[t]);
+        res[t] = _mm512_castps512_ps256(r);
+        res[MT + t] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1));
+    }
+}
+#endif
+
 #include "mh_dot_x86_x8k.h"
 
 #endif
