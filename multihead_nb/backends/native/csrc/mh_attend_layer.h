@@ -9,21 +9,17 @@
 #define MH_ATTEND_LAYER_H
 #include "mh_attention.h"
 
-/* ATT_SPLIT: x86 without AVX-512 BF16, chunks of keys merged by log-sum-exp (attend_part_avx2 + attn_merge);
- * ATT_GROUPED: the query heads of one KV head per pass (attend_group with AVX-512 BF16, else attend_group_c);
+/* ATT_SPLIT: x86 (AVX2 and AVX-512 builds alike), chunks of keys merged by log-sum-exp (attend_part_avx2 +
+ * attn_merge); ATT_GROUPED: the query heads of one KV head per pass (attend_group_c);
  * ATT_HEADS: one query head per pass (attend), any shape. */
 enum { ATT_HEADS, ATT_GROUPED, ATT_SPLIT };
 
 static int att_mode(const mh_model *m) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, fits = d <= MH_GROUP_DIM && G <= MH_GROUP_MAX;
-#ifdef MH_BF16_DOT
-    return fits && d % 16 == 0 ? ATT_GROUPED : ATT_HEADS;
-#else
 #if defined(MH_ISA_X86)
     if (fits && d % 8 == 0) return ATT_SPLIT;
 #endif
     return fits && G > 1 ? ATT_GROUPED : ATT_HEADS;
-#endif
 }
 
 /* Tokens of one sequence that share an attention task (prefill): at most this many consecutive ones, whose chunk
@@ -51,7 +47,7 @@ static void att_work_free(mh_att_work *a) { /* and every pointer NULL: freeing t
     a->task = NULL;
 }
 
-#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+#if defined(MH_ISA_X86)
 /* Whether token t can share tasks with its neighbours: its chunks are 64 keys from key 0. */
 static int att_blockable(const mh_model *m, const mh_step *s, int t) {
     return window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64;
@@ -116,7 +112,7 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
         a->scores = alloc64(sizeof(float) * nt * (a->mode == ATT_HEADS ? 1 : G) * a->ldsc);
         return a->scores ? 0 : -2;
     }
-#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+#if defined(MH_ISA_X86)
     const int KV = m->kv_heads, d = m->head_dim, T = s->T;
     a->ldsc = att_chunk(s->max_ctx); /* the longest chunk */
     a->tstart = malloc(sizeof(int32_t) * (T + 1));
@@ -157,7 +153,7 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
 static void attend_layer(const mh_model *m, const mh_step *s, int l, const float *qkv, int ldq, float *attn,
                          const mh_att_work *a) {
     const int T = s->T, H = m->heads, KV = m->kv_heads, G = H / KV, d = m->head_dim, HD = H * d;
-#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+#if defined(MH_ISA_X86)
     if (a->mode == ATT_SPLIT) {
         const mh_thread_att w = thread_att(m, a, omp_get_thread_num());
 #pragma omp for schedule(dynamic, 1)
@@ -192,11 +188,7 @@ static void attend_layer(const mh_model *m, const mh_step *s, int l, const float
             const int t = i / KV, kvh = i % KV;
             const float *q = qkv + (size_t)t * ldq + (size_t)kvh * G * d;
             float *o = attn + (size_t)t * HD + (size_t)kvh * G * d;
-#if defined(MH_BF16_DOT)
-            attend_group(m, s, l, t, kvh, q, sc, o);
-#else
             attend_group_c(m, s, l, t, kvh, q, sc, o);
-#endif
         }
     } else {
 #pragma omp for schedule(dynamic, 1)

@@ -1,11 +1,11 @@
-/* AVX2 + FMA attention (x86 builds without AVX-512 BF16): a token's context cut in chunks of keys, one task per
+/* AVX2 + FMA attention (every x86 build, AVX-512 ones too): a token's context cut in chunks of keys, one task per
  * (token, KV head, chunk) so a lone decode token's attention spreads over the threads, merged by log-sum-exp
  * (attn_merge); the helpers (key rows, widening, softmax) that mh_attention_block.h, included here, shares for blocks
  * of prompt tokens, whose results must be the same bits. Included by mh_attention.h, whose scalar attention it
  * replaces where it applies; knows nothing of layers or of the threads' split. */
 #ifndef MH_ATTENTION_AVX2_H
 #define MH_ATTENTION_AVX2_H
-#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+#if defined(MH_ISA_X86)
 static inline float hsum8a(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

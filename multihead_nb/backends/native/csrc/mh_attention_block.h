@@ -7,7 +7,7 @@
  * Included by mh_attention_avx2.h; knows nothing of layers or of the threads' split. */
 #ifndef MH_ATTENTION_BLOCK_H
 #define MH_ATTENTION_BLOCK_H
-#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+#if defined(MH_ISA_X86)
 
 /* Per-thread scratch of a block's attention, for blocks of at most rmax rows (a multiple of 24) and chunks of at
  * most 64 keys: qt [d, rmax] (the queries, scaled, rows in columns), s [64, rmax] (scores, then exps), part

@@ -27,7 +27,7 @@ static float silu(float g) { return g / (1.0f + expf(-g)); }
  * exp still fits a float; below -87 it is 0 as expf's). Each element's value depends on its index only. */
 static void silu_mul_row(const float *g, const float *u, int n, float *a) {
     int i = 0;
-#if defined(MH_ISA_X86) && !defined(MH_BF16_DOT)
+#if defined(MH_ISA_X86)
     const __m256 one = _mm256_set1_ps(1.0f), hi = _mm256_set1_ps(88.0f);
     for (; i + 8 <= n; i += 8) {
         const __m256 gv = _mm256_loadu_ps(g + i);
