@@ -244,8 +244,8 @@ AI void tile_x8_pair(const int fmt, const uint8_t *w, int64_t gb, int nb, const 
 }
 
 #if defined(MH_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define MH_X8_ZMM 1 /* AVX-512 VNNI: Q4_0x8 / Q4_1x8 two groups of 8 rows per 512-bit vector (tile_x8_zmm) */
-/* 32 bytes at p and 32 at p + gb as one vector: the first group's in the low half, the second's in the high. */
+#define MH_X8_ZMM 1 /* AVX-512 VNNI: Q4_0x8 / Q4_1x8 two blocks per 512-bit vector (tile_x8_blocks2) */
+/* 32 bytes at p and 32 at p + gb as one vector: p's in the low half, p + gb's in the high. */
 AI __m512i load_groups(const uint8_t *p, int64_t gb) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
                               _mm256_loadu_si256((const __m256i *)(p + gb)), 1);
@@ -257,47 +257,114 @@ AI __m512 halves_groups(const uint8_t *p, int64_t gb) {
                                                    _mm_loadu_si128((const __m128i *)(p + gb)), 1));
 }
 
-/* Two groups of 8 rows of Q4_0x8 / Q4_1x8 (the second gb bytes after the first; nb blocks each) against MT (<= 4)
- * token rows t0 ..: res[g * MT + t], lane i = row i of group g. Both groups in one 512-bit vector (lane 8 g + i):
- * per block and token row 8 vpdpbusd where tile_x8 takes 16 for the two groups, and one scale and offset FMA where
- * it takes two; with 32 registers a block's 8 unpacked vectors and every token row's sums stay in registers. The
- * same integers, and per lane the same float operations in the same order as tile_x8: the same bits. */
-AI void tile_x8_zmm(const int fmt, const uint8_t *w, int64_t gb, int nb, const mh_act *a, int t0, const int MT,
-                    __m256 *res) {
+/* 8 rows of Q4_0x8 / Q4_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i = row i. Two
+ * consecutive blocks per 512-bit vector (lanes 0-7: block 2j's 8 rows, lanes 8-15: block 2j + 1's), so the rows are
+ * read as one stream (the blocks are adjacent) and each broadcast, vpdpbusd and FMA serves two blocks: per two
+ * blocks and token row 8 vpdpbusd where tile_x8 takes 16. Each (row, token) sums its even blocks in one lane and its
+ * odd blocks in another, then the two: every Q4_0 / Q4_1 product of this build sums in that order (decode and
+ * prefill alike), so a token's result is the same alone or in any batch. */
+AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
+    const int64_t gbb = 8 * (int64_t)bb; /* one block of the 8 rows */
     const __m512i low4 = _mm512_set1_epi8(15);
     __m512 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (size_t)b * 8 * bb, *qs = blk + hb;
-        if (t0 == 0) prefetch_ahead(blk, 8 * bb), prefetch_ahead(blk + gb, 8 * bb);
+    for (int b = 0; b < nb; b += 2) {
+        const uint8_t *blk = w + (size_t)b * gbb, *qs = blk + hb;
+        const int two = b + 1 < nb; /* the last of an odd count alone: the high lanes stay zero */
+        if (t0 == 0) prefetch_ahead(blk, 2 * (int)gbb);
         __m512i u[8]; /* u[c]: elements 4c .. 4c + 3 of each row (low nibbles), u[4 + c]: 16 + 4c .. (high) */
         for (int c = 0; c < 4; c++) {
-            const __m512i v = load_groups(qs + 32 * c, gb);
+            const __m512i v = two ? load_groups(qs + 32 * c, gbb)
+                                  : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(qs + 32 * c)));
             u[c] = _mm512_and_si512(v, low4);
             u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         }
-        const __m512 dw = halves_groups(blk, gb);
-        const __m512 off = base == MH_Q4_1 ? halves_groups(blk + 16, gb)
-                                           : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f)); /* m, or -8 d */
+        const __m512 dw = two ? halves_groups(blk, gbb)
+                              : _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)));
+        const __m512 off = base == MH_Q4_1
+                               ? (two ? halves_groups(blk + 16, gbb)
+                                      : _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))))
+                               : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f)); /* m, or -8 d */
         for (int t = 0; t < MT; t++) {
             const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+            /* both blocks' 32 activations: dwords 0-7 block b, 8-15 block b + 1 */
+            const __m512i X = two ? _mm512_loadu_si512(x) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)x));
+            const __m512i X03 = _mm512_shuffle_i64x2(X, X, _MM_SHUFFLE(2, 2, 0, 0)); /* 128-bit lanes 0 0 2 2 */
+            const __m512i X47 = _mm512_shuffle_i64x2(X, X, _MM_SHUFFLE(3, 3, 1, 1));
             __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-            for (int c = 0; c < 8; c += 2) {
-                int32_t x0, x1;
-                memcpy(&x0, x + 4 * (c % 4) + 16 * (c / 4), 4);
-                memcpy(&x1, x + 4 * (c % 4) + 4 + 16 * (c / 4), 4);
-                s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi32(x0));
-                s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi32(x1));
-            }
+            s0 = _mm512_dpbusd_epi32(s0, u[0], _mm512_shuffle_epi32(X03, _MM_PERM_AAAA));
+            s1 = _mm512_dpbusd_epi32(s1, u[1], _mm512_shuffle_epi32(X03, _MM_PERM_BBBB));
+            s0 = _mm512_dpbusd_epi32(s0, u[2], _mm512_shuffle_epi32(X03, _MM_PERM_CCCC));
+            s1 = _mm512_dpbusd_epi32(s1, u[3], _mm512_shuffle_epi32(X03, _MM_PERM_DDDD));
+            s0 = _mm512_dpbusd_epi32(s0, u[4], _mm512_shuffle_epi32(X47, _MM_PERM_AAAA));
+            s1 = _mm512_dpbusd_epi32(s1, u[5], _mm512_shuffle_epi32(X47, _MM_PERM_BBBB));
+            s0 = _mm512_dpbusd_epi32(s0, u[6], _mm512_shuffle_epi32(X47, _MM_PERM_CCCC));
+            s1 = _mm512_dpbusd_epi32(s1, u[7], _mm512_shuffle_epi32(X47, _MM_PERM_DDDD));
             const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
-                                     _mm512_mul_ps(dw, _mm512_set1_ps(a->d[xb])), acc[t]);
-            corr[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(a->s32[xb]), corr[t]);
+            const float d1 = two ? a->d[xb + 1] : 0.0f, m1 = two ? a->s32[xb + 1] : 0.0f;
+            const __m512 dx = _mm512_insertf32x8(_mm512_set1_ps(a->d[xb]), _mm256_set1_ps(d1), 1);
+            const __m512 sx = _mm512_insertf32x8(_mm512_set1_ps(a->s32[xb]), _mm256_set1_ps(m1), 1);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(dw, dx), acc[t]);
+            corr[t] = _mm512_fmadd_ps(off, sx, corr[t]);
         }
     }
-    for (int t = 0; t < MT; t++) {
+    for (int t = 0; t < MT; t++) { /* per row: (even blocks' sum + offsets) + (odd blocks' sum + offsets) */
         const __m512 r = _mm512_add_ps(acc[t], corr[t]);
+        res[t] = _mm256_add_ps(_mm512_castps512_ps256(r),
+                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
+    }
+}
+
+/* Prefill's form of tile_x8_blocks2: two groups of 8 rows (the second gb bytes after the first) in one 512-bit
+ * vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, the rows from L2: each activation broadcast
+ * straight from memory serves both groups (tile_x8_blocks2 moves every token row's activations into place with 10
+ * shuffles per two blocks). Even and odd blocks go to accumulators of their own and meet at the end, so each (row,
+ * token) is the same float operations in the same order as in tile_x8_blocks2: the same bits. res[g * MT + t]. */
+/* Block b of two groups against MT token rows, added to acc[t] and corr[t] (tile_x8_groups2's step). */
+AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, const mh_act *a, int t0, const int MT,
+                      int b, __m512 *acc, __m512 *corr) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    const uint8_t *qs = blk + hb;
+    const int K = a->K;
+    __m512i u[8];
+    for (int c = 0; c < 4; c++) {
+        const __m512i v = load_groups(qs + 32 * c, gb);
+        u[c] = _mm512_and_si512(v, low4);
+        u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+    const __m512 dw = halves_groups(blk, gb);
+    const __m512 off = base == MH_Q4_1 ? halves_groups(blk + 16, gb) : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+    for (int t = 0; t < MT; t++) {
+        const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+        for (int c = 0; c < 8; c += 2) {
+            int32_t x0, x1;
+            memcpy(&x0, x + 4 * (c % 4) + 16 * (c / 4), 4);
+            memcpy(&x1, x + 4 * (c % 4) + 4 + 16 * (c / 4), 4);
+            s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi32(x0));
+            s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi32(x1));
+        }
+        const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
+                                 _mm512_mul_ps(dw, _mm512_set1_ps(a->d[xb])), acc[t]);
+        corr[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(a->s32[xb]), corr[t]);
+    }
+}
+
+AI void tile_x8_groups2(const int fmt, const uint8_t *w, int64_t gb, int nb, const mh_act *a, int t0, const int MT,
+                        __m256 *res) {
+    const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base);
+    __m512 acc0[4], corr0[4], acc1[4], corr1[4]; /* even blocks', odd blocks' */
+    for (int t = 0; t < MT; t++) acc0[t] = corr0[t] = acc1[t] = corr1[t] = _mm512_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        groups2_block(base, w + (size_t)b * 8 * bb, gb, hb, a, t0, MT, b, acc0, corr0);
+        groups2_block(base, w + (size_t)(b + 1) * 8 * bb, gb, hb, a, t0, MT, b + 1, acc1, corr1);
+    }
+    if (b < nb) groups2_block(base, w + (size_t)b * 8 * bb, gb, hb, a, t0, MT, b, acc0, corr0);
+    for (int t = 0; t < MT; t++) {
+        const __m512 r = _mm512_add_ps(_mm512_add_ps(acc0[t], corr0[t]), _mm512_add_ps(acc1[t], corr1[t]));
         res[t] = _mm512_castps512_ps256(r);
         res[MT + t] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1));
     }
