@@ -244,7 +244,7 @@ AI void tile_x8_pair(const int fmt, const uint8_t *w, int64_t gb, int nb, const 
 }
 
 #if defined(MH_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define MH_X8_ZMM 1 /* AVX-512 VNNI: Q4_0x8 / Q4_1x8 two blocks per 512-bit vector (tile_x8_blocks2) */
+#define MH_X8_ZMM 1 /* AVX-512 VNNI: Q4_0x8 .. Q5_1x8 two blocks per 512-bit vector (tile_x8_blocks2) */
 /* 32 bytes at p and 32 at p + gb as one vector: p's in the low half, p + gb's in the high. */
 AI __m512i load_groups(const uint8_t *p, int64_t gb) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
@@ -257,7 +257,33 @@ AI __m512 halves_groups(const uint8_t *p, int64_t gb) {
                                                    _mm_loadu_si128((const __m128i *)(p + gb)), 1));
 }
 
-/* 8 rows of Q4_0x8 / Q4_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i = row i. Two
+/* Fifth-bit bytes H (512 bits): bit b of each byte moved to 16 (b a constant once inlined), the rest cleared. */
+AI __m512i fifth_zmm(__m512i H, const int b) {
+    const __m512i x = _mm512_and_si512(H, _mm512_set1_epi8((char)(1 << b)));
+    return b < 4 ? _mm512_slli_epi16(x, 4 - b) : b > 4 ? _mm512_srli_epi16(x, b - 4) : x; /* within each byte */
+}
+
+/* The unsigned values of a block's 8 pieces for 16 lanes (two blocks, or two groups, load(p) reading 32 bytes of
+ * each): u[c] elements 4c .. 4c + 3 of each row (low nibbles), u[4 + c] 16 + 4c .. (high), Q5's fifth bits or-ed in
+ * (its fifth-bit bytes at qs, the nibbles after them). */
+#define X8_UNPACK_ZMM(u, qs, q5, LOAD)                                                                             \
+    do {                                                                                                           \
+        const __m512i low4_ = _mm512_set1_epi8(15);                                                                \
+        for (int c_ = 0; c_ < 4; c_++) {                                                                          \
+            const __m512i v_ = LOAD((qs) + ((q5) ? 32 : 0) + 32 * c_);                                             \
+            (u)[c_] = _mm512_and_si512(v_, low4_);                                                                 \
+            (u)[4 + c_] = _mm512_and_si512(_mm512_srli_epi16(v_, 4), low4_);                                      \
+        }                                                                                                          \
+        if (q5) {                                                                                                  \
+            const __m512i H_ = LOAD(qs);                                                                           \
+            (u)[0] = _mm512_or_si512((u)[0], fifth_zmm(H_, 0)), (u)[1] = _mm512_or_si512((u)[1], fifth_zmm(H_, 1)); \
+            (u)[2] = _mm512_or_si512((u)[2], fifth_zmm(H_, 2)), (u)[3] = _mm512_or_si512((u)[3], fifth_zmm(H_, 3)); \
+            (u)[4] = _mm512_or_si512((u)[4], fifth_zmm(H_, 4)), (u)[5] = _mm512_or_si512((u)[5], fifth_zmm(H_, 5)); \
+            (u)[6] = _mm512_or_si512((u)[6], fifth_zmm(H_, 6)), (u)[7] = _mm512_or_si512((u)[7], fifth_zmm(H_, 7)); \
+        }                                                                                                          \
+    } while (0)
+
+/* 8 rows of Q4_0x8 / Q4_1x8 / Q5_0x8 / Q5_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i = row i. Two
  * consecutive blocks per 512-bit vector (lanes 0-7: block 2j's 8 rows, lanes 8-15: block 2j + 1's), so the rows are
  * read as one stream (the blocks are adjacent) and each broadcast, vpdpbusd and FMA serves two blocks: per two
  * blocks and token row 8 vpdpbusd where tile_x8 takes 16. Each (row, token) sums its even blocks in one lane and its
@@ -266,26 +292,29 @@ AI __m512 halves_groups(const uint8_t *p, int64_t gb) {
 AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
     const int64_t gbb = 8 * (int64_t)bb; /* one block of the 8 rows */
-    const __m512i low4 = _mm512_set1_epi8(15);
+    const int q5 = base == MH_Q5_0 || base == MH_Q5_1, with_m = base == MH_Q4_1 || base == MH_Q5_1;
+    const float neg = base == MH_Q5_0 ? -16.0f : -8.0f;
     __m512 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b += 2) {
         const uint8_t *blk = w + (size_t)b * gbb, *qs = blk + hb;
         const int two = b + 1 < nb; /* the last of an odd count alone: the high lanes stay zero */
         if (t0 == 0) prefetch_ahead(blk, 2 * (int)gbb);
-        __m512i u[8]; /* u[c]: elements 4c .. 4c + 3 of each row (low nibbles), u[4 + c]: 16 + 4c .. (high) */
-        for (int c = 0; c < 4; c++) {
-            const __m512i v = two ? load_groups(qs + 32 * c, gbb)
-                                  : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(qs + 32 * c)));
-            u[c] = _mm512_and_si512(v, low4);
-            u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        }
+        __m512i u[8];
+#define LOAD_TWO(p) load_groups((p), gbb)
+#define LOAD_ONE(p) _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(p)))
+        if (two)
+            X8_UNPACK_ZMM(u, qs, q5, LOAD_TWO);
+        else
+            X8_UNPACK_ZMM(u, qs, q5, LOAD_ONE);
+#undef LOAD_TWO
+#undef LOAD_ONE
         const __m512 dw = two ? halves_groups(blk, gbb)
                               : _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)));
-        const __m512 off = base == MH_Q4_1
+        const __m512 off = with_m
                                ? (two ? halves_groups(blk + 16, gbb)
                                       : _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))))
-                               : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f)); /* m, or -8 d */
+                               : _mm512_mul_ps(dw, _mm512_set1_ps(neg)); /* m, or -8 d (Q5_0: -16 d) */
         for (int t = 0; t < MT; t++) {
             const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
             /* both blocks' 32 activations: dwords 0-7 block b, 8-15 block b + 1 */
@@ -316,25 +345,18 @@ AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a
     }
 }
 
-/* Prefill's form of tile_x8_blocks2: two groups of 8 rows (the second gb bytes after the first) in one 512-bit
- * vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, the rows from L2: each activation broadcast
- * straight from memory serves both groups (tile_x8_blocks2 moves every token row's activations into place with 10
- * shuffles per two blocks). Even and odd blocks go to accumulators of their own and meet at the end, so each (row,
- * token) is the same float operations in the same order as in tile_x8_blocks2: the same bits. res[g * MT + t]. */
 /* Block b of two groups against MT token rows, added to acc[t] and corr[t] (tile_x8_groups2's step). */
 AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, const mh_act *a, int t0, const int MT,
                       int b, __m512 *acc, __m512 *corr) {
-    const __m512i low4 = _mm512_set1_epi8(15);
     const uint8_t *qs = blk + hb;
-    const int K = a->K;
+    const int K = a->K, q5 = base == MH_Q5_0 || base == MH_Q5_1;
     __m512i u[8];
-    for (int c = 0; c < 4; c++) {
-        const __m512i v = load_groups(qs + 32 * c, gb);
-        u[c] = _mm512_and_si512(v, low4);
-        u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    }
+#define LOAD_GROUPS(p) load_groups((p), gb)
+    X8_UNPACK_ZMM(u, qs, q5, LOAD_GROUPS);
+#undef LOAD_GROUPS
     const __m512 dw = halves_groups(blk, gb);
-    const __m512 off = base == MH_Q4_1 ? halves_groups(blk + 16, gb) : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+    const __m512 off = base == MH_Q4_1 || base == MH_Q5_1 ? halves_groups(blk + 16, gb)
+                                                          : _mm512_mul_ps(dw, _mm512_set1_ps(base == MH_Q5_0 ? -16.0f : -8.0f));
     for (int t = 0; t < MT; t++) {
         const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
         __m512i s0 = _mm512_setzero_si512(), s1 = s0;
@@ -352,6 +374,11 @@ AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, co
     }
 }
 
+/* Prefill's form of tile_x8_blocks2: two groups of 8 rows (the second gb bytes after the first) in one 512-bit
+ * vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, the rows from L2: each activation broadcast
+ * straight from memory serves both groups (tile_x8_blocks2 moves every token row's activations into place with 10
+ * shuffles per two blocks). Even and odd blocks go to accumulators of their own and meet at the end, so each (row,
+ * token) is the same float operations in the same order as in tile_x8_blocks2: the same bits. res[g * MT + t]. */
 AI void tile_x8_groups2(const int fmt, const uint8_t *w, int64_t gb, int nb, const mh_act *a, int t0, const int MT,
                         __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base);
