@@ -1,7 +1,8 @@
 /* x86 tile kernels: NR weight rows x MT token rows of one format, AVX2 + FMA (+ F16C), 256-bit. AVX-512 builds
  * use these too, with vdpbf16ps over 512 bits for bfloat16 weights where AVX-512 BF16 is present (activations then
- * in bfloat16); builds with AVX-VNNI or AVX-512 VNNI sum the integer products with vpdpbusd (MH_VNNI,
- * mh_dot_x86_int.h). Every tile prefetches its weights MH_PF_AHEAD bytes ahead.
+ * in bfloat16; prefill 4 weight rows x 4 token rows); builds with AVX-VNNI or AVX-512 VNNI sum the integer products
+ * with vpdpbusd (MH_VNNI, mh_dot_x86_int.h), AVX-512 VNNI ones Q4_0 / Q4_1 / Q5_0 / Q5_1 512 bits wide
+ * (mh_dot_x86_x8.h). Every tile prefetches its weights MH_PF_AHEAD bytes ahead.
  *
  * bfloat16: a 256-bit load holds 16 weights; shifting each 32-bit lane left by 16 gives the even elements as
  * float32, masking off the low half gives the odd ones (no shuffles), so the activations are stored per 16
@@ -168,7 +169,8 @@ AI void tile_bf16_4x4(const uint8_t *w, int64_t rb, const mh_act *a, int t0, flo
         }
         for (int m = 0; m < 4; m++) {
             const __m512i xv = load32_bf16(x[m], k, K);
-            for (int r = 0; r < 4; r++) acc[4 * r + m] = _mm512_dpbf16_ps(acc[4 * r + m], (__m512bh)wv[r], (__m512bh)xv);
+            for (int r = 0; r < 4; r++)
+                acc[4 * r + m] = _mm512_dpbf16_ps(acc[4 * r + m], (__m512bh)wv[r], (__m512bh)xv);
         }
     }
     _mm512_storeu_ps(res, sum16(acc));

@@ -1,7 +1,8 @@
 /* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q4_Kx8, Q5_Kx8,
  * Q6_Kx8; mh_kernel.h describes the bytes):
- * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2. llama.cpp repacks Q4_0 for
- * AVX2 to the same end (rows side by side); this layout and its code are written here from that idea.
+ * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2 (with AVX-512 VNNI, Q4_0 .. Q5_1 two
+ * blocks or two groups per 512-bit vector: tile_x8_blocks2, tile_x8_groups2). llama.cpp repacks Q4_0 for AVX2 to
+ * the same end (rows side by side); this layout and its code are written here from that idea.
  *
  * A 32-byte load holds 4 quants of each of the 8 rows (lane i: row i); the token row's 4 matching int8 activations
  * are broadcast to all lanes, so vpmaddubsw + vpmaddwd give each row's partial sum in its own lane: no horizontal
@@ -263,37 +264,51 @@ AI __m512i fifth_zmm(__m512i H, const int b) {
     return b < 4 ? _mm512_slli_epi16(x, 4 - b) : b > 4 ? _mm512_srli_epi16(x, b - 4) : x; /* within each byte */
 }
 
-/* The unsigned values of a block's 8 pieces for 16 lanes (two blocks, or two groups, load(p) reading 32 bytes of
- * each): u[c] elements 4c .. 4c + 3 of each row (low nibbles), u[4 + c] 16 + 4c .. (high), Q5's fifth bits or-ed in
- * (its fifth-bit bytes at qs, the nibbles after them). */
-#define X8_UNPACK_ZMM(u, qs, q5, LOAD)                                                                             \
-    do {                                                                                                           \
-        const __m512i low4_ = _mm512_set1_epi8(15);                                                                \
-        for (int c_ = 0; c_ < 4; c_++) {                                                                          \
-            const __m512i v_ = LOAD((qs) + ((q5) ? 32 : 0) + 32 * c_);                                             \
-            (u)[c_] = _mm512_and_si512(v_, low4_);                                                                 \
-            (u)[4 + c_] = _mm512_and_si512(_mm512_srli_epi16(v_, 4), low4_);                                      \
-        }                                                                                                          \
-        if (q5) {                                                                                                  \
-            const __m512i H_ = LOAD(qs);                                                                           \
-            (u)[0] = _mm512_or_si512((u)[0], fifth_zmm(H_, 0)), (u)[1] = _mm512_or_si512((u)[1], fifth_zmm(H_, 1)); \
-            (u)[2] = _mm512_or_si512((u)[2], fifth_zmm(H_, 2)), (u)[3] = _mm512_or_si512((u)[3], fifth_zmm(H_, 3)); \
-            (u)[4] = _mm512_or_si512((u)[4], fifth_zmm(H_, 4)), (u)[5] = _mm512_or_si512((u)[5], fifth_zmm(H_, 5)); \
-            (u)[6] = _mm512_or_si512((u)[6], fifth_zmm(H_, 6)), (u)[7] = _mm512_or_si512((u)[7], fifth_zmm(H_, 7)); \
-        }                                                                                                          \
-    } while (0)
+/* 32 bytes at p and 32 at p + gb (two = 0: p's alone, the high half zero). */
+AI __m512i load_halves(const uint8_t *p, int64_t gb, int two) {
+    return two ? load_groups(p, gb) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)p));
+}
 
-/* 8 rows of Q4_0x8 / Q4_1x8 / Q5_0x8 / Q5_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i = row i. Two
- * consecutive blocks per 512-bit vector (lanes 0-7: block 2j's 8 rows, lanes 8-15: block 2j + 1's), so the rows are
- * read as one stream (the blocks are adjacent) and each broadcast, vpdpbusd and FMA serves two blocks: per two
- * blocks and token row 8 vpdpbusd where tile_x8 takes 16. Each (row, token) sums its even blocks in one lane and its
- * odd blocks in another, then the two: every Q4_0 / Q4_1 product of this build sums in that order (decode and
+/* 8 half-precision values at p and 8 at p + gb (two = 0: p's alone, the high half zero): [16] float32. */
+AI __m512 halves_pair(const uint8_t *p, int64_t gb, int two) {
+    return two ? halves_groups(p, gb) : _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* A block's offsets per lane (its scales dw): m (Q4_1 / Q5_1, after the 8 scales) or -8 d (Q4_0; Q5_0 -16 d). */
+AI __m512 offsets_pair(const int base, const uint8_t *blk, int64_t gb, int two, __m512 dw) {
+    if (base == MH_Q4_1 || base == MH_Q5_1) return halves_pair(blk + 16, gb, two);
+    return _mm512_mul_ps(dw, _mm512_set1_ps(base == MH_Q5_0 ? -16.0f : -8.0f));
+}
+
+/* The unsigned values of a block's 8 pieces for 16 lanes (the block at qs and the one gb bytes on: the next block
+ * of the same rows, or the next group's): u[c] elements 4c .. 4c + 3 of each row (low nibbles), u[4 + c] 16 + 4c ..
+ * (high); with q5 (its fifth-bit bytes at qs, the nibbles after them) each element's fifth bit or-ed in. */
+AI void x8_unpack_zmm(const uint8_t *qs, int64_t gb, int two, const int q5, __m512i *u) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    for (int c = 0; c < 4; c++) {
+        const __m512i v = load_halves(qs + (q5 ? 32 : 0) + 32 * c, gb, two);
+        u[c] = _mm512_and_si512(v, low4);
+        u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    }
+    if (q5) {
+        const __m512i H = load_halves(qs, gb, two);
+        u[0] = _mm512_or_si512(u[0], fifth_zmm(H, 0)), u[1] = _mm512_or_si512(u[1], fifth_zmm(H, 1));
+        u[2] = _mm512_or_si512(u[2], fifth_zmm(H, 2)), u[3] = _mm512_or_si512(u[3], fifth_zmm(H, 3));
+        u[4] = _mm512_or_si512(u[4], fifth_zmm(H, 4)), u[5] = _mm512_or_si512(u[5], fifth_zmm(H, 5));
+        u[6] = _mm512_or_si512(u[6], fifth_zmm(H, 6)), u[7] = _mm512_or_si512(u[7], fifth_zmm(H, 7));
+    }
+}
+
+/* 8 rows of Q4_0x8 / Q4_1x8 / Q5_0x8 / Q5_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i = row
+ * i. Two consecutive blocks per 512-bit vector (lanes 0-7: block 2j's 8 rows, lanes 8-15: block 2j + 1's), so the
+ * rows are read as one stream (the blocks are adjacent) and each vpdpbusd and FMA serves two blocks: per two blocks
+ * and token row 8 vpdpbusd where tile_x8 takes 16. Each (row, token) sums its even blocks in one lane and its odd
+ * blocks in another, then the two: every product of these formats in this build sums in that order (decode and
  * prefill alike), so a token's result is the same alone or in any batch. */
 AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
     const int64_t gbb = 8 * (int64_t)bb; /* one block of the 8 rows */
-    const int q5 = base == MH_Q5_0 || base == MH_Q5_1, with_m = base == MH_Q4_1 || base == MH_Q5_1;
-    const float neg = base == MH_Q5_0 ? -16.0f : -8.0f;
+    const int q5 = base == MH_Q5_0 || base == MH_Q5_1;
     __m512 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b += 2) {
@@ -301,24 +316,12 @@ AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a
         const int two = b + 1 < nb; /* the last of an odd count alone: the high lanes stay zero */
         if (t0 == 0) prefetch_ahead(blk, 2 * (int)gbb);
         __m512i u[8];
-#define LOAD_TWO(p) load_groups((p), gbb)
-#define LOAD_ONE(p) _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(p)))
-        if (two)
-            X8_UNPACK_ZMM(u, qs, q5, LOAD_TWO);
-        else
-            X8_UNPACK_ZMM(u, qs, q5, LOAD_ONE);
-#undef LOAD_TWO
-#undef LOAD_ONE
-        const __m512 dw = two ? halves_groups(blk, gbb)
-                              : _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk)));
-        const __m512 off = with_m
-                               ? (two ? halves_groups(blk + 16, gbb)
-                                      : _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)))))
-                               : _mm512_mul_ps(dw, _mm512_set1_ps(neg)); /* m, or -8 d (Q5_0: -16 d) */
+        x8_unpack_zmm(qs, gbb, two, q5, u);
+        const __m512 dw = halves_pair(blk, gbb, two), off = offsets_pair(base, blk, gbb, two, dw);
         for (int t = 0; t < MT; t++) {
             const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
             /* both blocks' 32 activations: dwords 0-7 block b, 8-15 block b + 1 */
-            const __m512i X = two ? _mm512_loadu_si512(x) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)x));
+            const __m512i X = load_halves((const uint8_t *)x, 32, two);
             const __m512i X03 = _mm512_shuffle_i64x2(X, X, _MM_SHUFFLE(2, 2, 0, 0)); /* 128-bit lanes 0 0 2 2 */
             const __m512i X47 = _mm512_shuffle_i64x2(X, X, _MM_SHUFFLE(3, 3, 1, 1));
             __m512i s0 = _mm512_setzero_si512(), s1 = s0;
@@ -351,12 +354,8 @@ AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, co
     const uint8_t *qs = blk + hb;
     const int K = a->K, q5 = base == MH_Q5_0 || base == MH_Q5_1;
     __m512i u[8];
-#define LOAD_GROUPS(p) load_groups((p), gb)
-    X8_UNPACK_ZMM(u, qs, q5, LOAD_GROUPS);
-#undef LOAD_GROUPS
-    const __m512 dw = halves_groups(blk, gb);
-    const __m512 off = base == MH_Q4_1 || base == MH_Q5_1 ? halves_groups(blk + 16, gb)
-                                                          : _mm512_mul_ps(dw, _mm512_set1_ps(base == MH_Q5_0 ? -16.0f : -8.0f));
+    x8_unpack_zmm(qs, gb, 1, q5, u);
+    const __m512 dw = halves_groups(blk, gb), off = offsets_pair(base, blk, gb, 1, dw);
     for (int t = 0; t < MT; t++) {
         const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
         __m512i s0 = _mm512_setzero_si512(), s1 = s0;
