@@ -152,7 +152,6 @@ AI void x8_store(const mh_part *P, int n, int t0, const int MT, const __m256 *re
 AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT,
                 const mh_part *P, int n0) {
     __m256 res[8];
-    const int pairs = a->T >= MH_X8_PAIRS && (MT == 2 || MT == 3) && (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8);
     int g = 0;
 #ifdef MH_X8_ZMM
     if (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8) { /* every product: one order */
@@ -169,7 +168,7 @@ AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
         return;
     }
 #endif
-    if (pairs)
+    if (a->T >= MH_X8_PAIRS && (MT == 2 || MT == 3) && (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8))
         for (; g + 16 <= nrows; g += 16) {
             tile_x8_pair(fmt, w + (size_t)g * rb, 8 * rb, a->K / 32, a, t0, MT, res);
             x8_store(P, n0 + g, t0, MT, res);
