@@ -35,6 +35,8 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#include "mh_attention_zmm.h"
+
 /* Keys per attention task: a token's context of n keys is cut in chunks of this many (64: a lone decode token's
  * attention spreads over the threads; at most 64 chunks); it depends on the token's own context only, so a
  * token's result never depends on its batch-mates. */
@@ -133,10 +135,36 @@ static inline void values_32x3(const uint16_t *const *kp, int64_t off, int n, co
         for (int c = 0; c < 4; c++) _mm256_storeu_ps(o + (size_t)g * d + 8 * c, res[g][c]);
 }
 
+/* Scores of 4 keys (kp[i], d bfloat16 each) x 3 query rows (qg[g], d floats each) -> the 8 lane partials of each,
+ * acc[g][i]: lane l sums q[c] k[c] over c = l, l + 8, ... by multiply-adds in that order. */
+#if !defined(MH_ATT_ZMM)
+static inline void scores_4x3(const float *const *qg, const uint16_t *const *kp, int d, __m256 acc[3][4]) {
+    for (int g = 0; g < 3; g++)
+        for (int i = 0; i < 4; i++) acc[g][i] = _mm256_setzero_ps();
+    for (int c = 0; c < d; c += 8) {
+        const __m256 q0 = _mm256_loadu_ps(qg[0] + c), q1 = _mm256_loadu_ps(qg[1] + c);
+        const __m256 q2 = _mm256_loadu_ps(qg[2] + c);
+        for (int i = 0; i < 4; i++) {
+            const __m256 kv = widen8(kp[i] + c);
+            acc[0][i] = _mm256_fmadd_ps(q0, kv, acc[0][i]);
+            acc[1][i] = _mm256_fmadd_ps(q1, kv, acc[1][i]);
+            acc[2][i] = _mm256_fmadd_ps(q2, kv, acc[2][i]);
+        }
+    }
+}
+#endif
+
+/* How far ahead a lone token's attention fetches its key rows. 8 kept 16 lines in flight per thread: ~17-20 GB/s of
+ * K/V on a Zen 5 whose stream reads 46 (the attention of a batch-3 step 1.61 M cycles at 128-190 keys); 32: 1.27 M,
+ * and batch 1 0.57 -> 0.49 M (64, the whole chunk at once, no better). */
+#define MH_KEYS_AHEAD 32
+
 /* One chunk [j0, j1] of token t's keys, the G (<= 8) query heads of KV head kvh (d % 8 == 0, d <= 256), in AVX2 +
  * FMA: scores of 4 keys x 3 heads at a time (each key row widened once for 3 heads), a vectorized exp, values
- * summed 32 columns x 3 heads at a time (values_32x3). Writes the unnormalized output o [G, d], the scores' max
- * mx [G] and the sum of exp(score - max) sm [G]; `attn_merge` combines a token's chunks. sc: scratch [G, ldsc >= n]. */
+ * summed 32 columns x 3 heads at a time (values_32x3). AVX-512 builds do the same multiply-adds in half the
+ * instructions (two keys' 8 lanes per score vector, 64 value columns: values_64x3): the same bits. Writes the
+ * unnormalized output o [G, d], the scores' max mx [G] and the sum of exp(score - max) sm [G]; `attn_merge`
+ * combines a token's chunks. sc: scratch [G, ldsc >= n]. */
 static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q, int j0,
                              int j1, float *sc, int ldsc, float *o, float *mx, float *sm) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
@@ -146,10 +174,10 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     const uint16_t *kp_all[n];
     key_rows(m, s, layer, seq, kvh, j0, n, kp_all);
     /* The pages are scattered in the arena and the weights streamed since this layer's keys were written have
-     * pushed them out of cache: fetch each key row 8 keys ahead, and its value row while its key is used (the
-     * hardware prefetchers do not follow a block table). */
+     * pushed them out of cache: fetch each key row MH_KEYS_AHEAD keys ahead, and its value row while its key is
+     * used (the hardware prefetchers do not follow a block table). */
     const int row_bytes = 2 * d;
-    for (int j = 0; j < n && j < 8; j++)
+    for (int j = 0; j < n && j < MH_KEYS_AHEAD; j++)
         for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)kp_all[j] + c, _MM_HINT_T0);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
@@ -162,22 +190,12 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
             if (g0 == 0)
                 for (int i = 0; i < nk; i++)
                     for (int c = 0; c < row_bytes; c += 64) {
-                        if (k0 + 8 + i < n) _mm_prefetch((const char *)kp_all[k0 + 8 + i] + c, _MM_HINT_T0);
+                        if (k0 + MH_KEYS_AHEAD + i < n)
+                            _mm_prefetch((const char *)kp_all[k0 + MH_KEYS_AHEAD + i] + c, _MM_HINT_T0);
                         _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
                     }
             __m256 acc[3][4];
-            for (int g = 0; g < 3; g++)
-                for (int i = 0; i < 4; i++) acc[g][i] = _mm256_setzero_ps();
-            for (int c = 0; c < d; c += 8) {
-                const __m256 q0 = _mm256_loadu_ps(qg[0] + c), q1 = _mm256_loadu_ps(qg[1] + c);
-                const __m256 q2 = _mm256_loadu_ps(qg[2] + c);
-                for (int i = 0; i < 4; i++) {
-                    const __m256 kv = widen8(kp[i] + c);
-                    acc[0][i] = _mm256_fmadd_ps(q0, kv, acc[0][i]);
-                    acc[1][i] = _mm256_fmadd_ps(q1, kv, acc[1][i]);
-                    acc[2][i] = _mm256_fmadd_ps(q2, kv, acc[2][i]);
-                }
-            }
+            scores_4x3(qg, kp, d, acc);
             for (int g = 0; g < ng; g++) { /* 4 scores in one store where the row has room (past n: unread) */
                 const __m128 r4 = hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
                 float *dst = sc + (size_t)(g0 + g) * ldsc + k0;
@@ -198,6 +216,13 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         for (int g = 0; g < 3; g++) pr[g] = sc + (size_t)(g0 + (g < ng ? g : ng - 1)) * ldsc;
         for (int c0 = 0; c0 < d; c0 += 32) {
             float *og = o + (size_t)g0 * d + c0;
+#if defined(MH_ATT_ZMM)
+            if (d - c0 >= 64) {
+                values_64x3(kp_all, m->kv_stride + c0, n, pr, ng, d, og);
+                c0 += 32;
+                continue;
+            }
+#endif
             if (d - c0 >= 32) {
                 values_32x3(kp_all, m->kv_stride + c0, n, pr, ng, d, og);
                 continue;
