@@ -264,85 +264,104 @@ AI __m512i fifth_zmm(__m512i H, const int b) {
     return b < 4 ? _mm512_slli_epi16(x, 4 - b) : b > 4 ? _mm512_srli_epi16(x, b - 4) : x; /* within each byte */
 }
 
-/* 32 bytes at p and 32 at p + gb (two = 0: p's alone, the high half zero). */
-AI __m512i load_halves(const uint8_t *p, int64_t gb, int two) {
-    return two ? load_groups(p, gb) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)p));
+/* Each piece u[c]'s fifth bits (bit c of the bytes H, byte for byte with u's) or-ed in above its nibbles. */
+AI void or_fifth_zmm(__m512i H, __m512i *u) {
+    u[0] = _mm512_or_si512(u[0], fifth_zmm(H, 0)), u[1] = _mm512_or_si512(u[1], fifth_zmm(H, 1));
+    u[2] = _mm512_or_si512(u[2], fifth_zmm(H, 2)), u[3] = _mm512_or_si512(u[3], fifth_zmm(H, 3));
+    u[4] = _mm512_or_si512(u[4], fifth_zmm(H, 4)), u[5] = _mm512_or_si512(u[5], fifth_zmm(H, 5));
+    u[6] = _mm512_or_si512(u[6], fifth_zmm(H, 6)), u[7] = _mm512_or_si512(u[7], fifth_zmm(H, 7));
 }
 
-/* 8 half-precision values at p and 8 at p + gb (two = 0: p's alone, the high half zero): [16] float32. */
-AI __m512 halves_pair(const uint8_t *p, int64_t gb, int two) {
-    return two ? halves_groups(p, gb) : _mm512_zextps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
-}
-
-/* A block's offsets per lane (its scales dw): m (Q4_1 / Q5_1, after the 8 scales) or -8 d (Q4_0; Q5_0 -16 d). */
-AI __m512 offsets_pair(const int base, const uint8_t *blk, int64_t gb, int two, __m512 dw) {
-    if (base == MH_Q4_1 || base == MH_Q5_1) return halves_pair(blk + 16, gb, two);
+/* A block's offsets per lane (its scales dw): m (Q4_1 / Q5_1, after the 8 scales; the block at blk and the one gb
+ * bytes on) or -8 d (Q4_0; Q5_0 -16 d). */
+AI __m512 offsets_groups(const int base, const uint8_t *blk, int64_t gb, __m512 dw) {
+    if (base == MH_Q4_1 || base == MH_Q5_1) return halves_groups(blk + 16, gb);
     return _mm512_mul_ps(dw, _mm512_set1_ps(base == MH_Q5_0 ? -16.0f : -8.0f));
 }
 
-/* The unsigned values of a block's 8 pieces for 16 lanes (the block at qs and the one gb bytes on: the next block
- * of the same rows, or the next group's): u[c] elements 4c .. 4c + 3 of each row (low nibbles), u[4 + c] 16 + 4c ..
- * (high); with q5 (its fifth-bit bytes at qs, the nibbles after them) each element's fifth bit or-ed in. */
-AI void x8_unpack_zmm(const uint8_t *qs, int64_t gb, int two, const int q5, __m512i *u) {
+/* The unsigned values of a block's 8 pieces for 16 lanes (the block at qs: lanes 0-7, the next group's, gb bytes
+ * on: 8-15): u[c] elements 4c .. 4c + 3 of each row (low nibbles), u[4 + c] 16 + 4c .. (high); with q5 (its
+ * fifth-bit bytes at qs, the nibbles after them) each element's fifth bit or-ed in. */
+AI void x8_unpack_zmm(const uint8_t *qs, int64_t gb, const int q5, __m512i *u) {
     const __m512i low4 = _mm512_set1_epi8(15);
     for (int c = 0; c < 4; c++) {
-        const __m512i v = load_halves(qs + (q5 ? 32 : 0) + 32 * c, gb, two);
+        const __m512i v = load_groups(qs + (q5 ? 32 : 0) + 32 * c, gb);
         u[c] = _mm512_and_si512(v, low4);
         u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     }
-    if (q5) {
-        const __m512i H = load_halves(qs, gb, two);
-        u[0] = _mm512_or_si512(u[0], fifth_zmm(H, 0)), u[1] = _mm512_or_si512(u[1], fifth_zmm(H, 1));
-        u[2] = _mm512_or_si512(u[2], fifth_zmm(H, 2)), u[3] = _mm512_or_si512(u[3], fifth_zmm(H, 3));
-        u[4] = _mm512_or_si512(u[4], fifth_zmm(H, 4)), u[5] = _mm512_or_si512(u[5], fifth_zmm(H, 5));
-        u[6] = _mm512_or_si512(u[6], fifth_zmm(H, 6)), u[7] = _mm512_or_si512(u[7], fifth_zmm(H, 7));
-    }
+    if (q5) or_fifth_zmm(load_groups(qs, gb), u);
+}
+
+/* 32 bytes at p and 32 at p + gb (two = 0: zeros in place of the second) with their dwords interleaved: dword i of
+ * p's in lane 2i, of p + gb's in lane 2i + 1. */
+AI __m512i load_interleaved(const uint8_t *p, int64_t gb, int two) {
+    const __m512i idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(p + gb)) : _mm256_setzero_si256();
+    return _mm512_permutex2var_epi32(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)), idx,
+                                     _mm512_castsi256_si512(hi));
+}
+
+/* 8 half-precision values at p and 8 at p + gb (two = 0: zeros in place of the second), interleaved as
+ * load_interleaved's lanes: [16] float32. */
+AI __m512 halves_interleaved(const uint8_t *p, int64_t gb, int two) {
+    const __m128i x = _mm_loadu_si128((const __m128i *)p);
+    const __m128i y = two ? _mm_loadu_si128((const __m128i *)(p + gb)) : _mm_setzero_si128();
+    return _mm512_cvtph_ps(_mm256_set_m128i(_mm_unpackhi_epi16(x, y), _mm_unpacklo_epi16(x, y)));
 }
 
 /* 8 rows of Q4_0x8 / Q4_1x8 / Q5_0x8 / Q5_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i = row
- * i. Two consecutive blocks per 512-bit vector (lanes 0-7: block 2j's 8 rows, lanes 8-15: block 2j + 1's), so the
- * rows are read as one stream (the blocks are adjacent) and each vpdpbusd and FMA serves two blocks: per two blocks
- * and token row 8 vpdpbusd where tile_x8 takes 16. Each (row, token) sums its even blocks in one lane and its odd
- * blocks in another, then the two: every product of these formats in this build sums in that order (decode and
- * prefill alike), so a token's result is the same alone or in any batch. */
+ * i. Two consecutive blocks per 512-bit vector (row i of block 2j in lane 2i, of block 2j + 1 in lane 2i + 1), so
+ * the rows are read as one stream (the blocks are adjacent) and each vpdpbusd and FMA serves two blocks: per two
+ * blocks and token row 8 vpdpbusd where tile_x8 takes 16. The activations come arranged for these lanes (ACT_Z,
+ * arrange_z_row: one 64-bit broadcast per vpdpbusd), so a token row costs no shuffle; the weights' 4 permutes per
+ * two blocks serve every token row. Each (row, token) sums its even blocks in one lane and its odd blocks in
+ * another, then the two: every product of these formats in this build sums in that order (decode and prefill
+ * alike), so a token's result is the same alone or in any batch. */
 AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
-    const int64_t gbb = 8 * (int64_t)bb; /* one block of the 8 rows */
+    const int64_t gbb = 8 * (int64_t)bb, zp = zpairs(K); /* one block of the 8 rows; ACT_Z pieces per row */
     const int q5 = base == MH_Q5_0 || base == MH_Q5_1;
+    const __m512i low4 = _mm512_set1_epi8(15);
     __m512 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b += 2) {
         const uint8_t *blk = w + (size_t)b * gbb, *qs = blk + hb;
-        const int two = b + 1 < nb; /* the last of an odd count alone: the high lanes stay zero */
+        const int two = b + 1 < nb; /* the last of an odd count alone: the odd lanes stay zero */
         if (t0 == 0) prefetch_ahead(blk, 2 * (int)gbb);
-        __m512i u[8];
-        x8_unpack_zmm(qs, gbb, two, q5, u);
-        const __m512 dw = halves_pair(blk, gbb, two), off = offsets_pair(base, blk, gbb, two, dw);
+        __m512i u[8]; /* u[c]: elements 4c .. 4c + 3 (low nibbles), u[4 + c]: 16 + 4c .. (high) */
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = load_interleaved(qs + (q5 ? 32 : 0) + 32 * c, gbb, two);
+            u[c] = _mm512_and_si512(v, low4);
+            u[4 + c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+        if (q5) or_fifth_zmm(load_interleaved(qs, gbb, two), u);
+        const __m512 dw = halves_interleaved(blk, gbb, two);
+        const __m512 off = base == MH_Q4_1 || base == MH_Q5_1
+                               ? halves_interleaved(blk + 16, gbb, two)
+                               : _mm512_mul_ps(dw, _mm512_set1_ps(base == MH_Q5_0 ? -16.0f : -8.0f));
         for (int t = 0; t < MT; t++) {
-            const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
-            /* both blocks' 32 activations: dwords 0-7 block b, 8-15 block b + 1 */
-            const __m512i X = load_halves((const uint8_t *)x, 32, two);
-            const __m512i X03 = _mm512_shuffle_i64x2(X, X, _MM_SHUFFLE(2, 2, 0, 0)); /* 128-bit lanes 0 0 2 2 */
-            const __m512i X47 = _mm512_shuffle_i64x2(X, X, _MM_SHUFFLE(3, 3, 1, 1));
+            const size_t z = (size_t)(t0 + t) * zp + b / 2;
+            int64_t x[8];
+            double ds[2];
+            memcpy(x, a->qz + z * 64, 64);
+            memcpy(ds, a->dz + z * 4, 16);
             __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-            s0 = _mm512_dpbusd_epi32(s0, u[0], _mm512_shuffle_epi32(X03, _MM_PERM_AAAA));
-            s1 = _mm512_dpbusd_epi32(s1, u[1], _mm512_shuffle_epi32(X03, _MM_PERM_BBBB));
-            s0 = _mm512_dpbusd_epi32(s0, u[2], _mm512_shuffle_epi32(X03, _MM_PERM_CCCC));
-            s1 = _mm512_dpbusd_epi32(s1, u[3], _mm512_shuffle_epi32(X03, _MM_PERM_DDDD));
-            s0 = _mm512_dpbusd_epi32(s0, u[4], _mm512_shuffle_epi32(X47, _MM_PERM_AAAA));
-            s1 = _mm512_dpbusd_epi32(s1, u[5], _mm512_shuffle_epi32(X47, _MM_PERM_BBBB));
-            s0 = _mm512_dpbusd_epi32(s0, u[6], _mm512_shuffle_epi32(X47, _MM_PERM_CCCC));
-            s1 = _mm512_dpbusd_epi32(s1, u[7], _mm512_shuffle_epi32(X47, _MM_PERM_DDDD));
-            const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
-            const float d1 = two ? a->d[xb + 1] : 0.0f, m1 = two ? a->s32[xb + 1] : 0.0f;
-            const __m512 dx = _mm512_insertf32x8(_mm512_set1_ps(a->d[xb]), _mm256_set1_ps(d1), 1);
-            const __m512 sx = _mm512_insertf32x8(_mm512_set1_ps(a->s32[xb]), _mm256_set1_ps(m1), 1);
+            s0 = _mm512_dpbusd_epi32(s0, u[0], _mm512_set1_epi64(x[0]));
+            s1 = _mm512_dpbusd_epi32(s1, u[1], _mm512_set1_epi64(x[1]));
+            s0 = _mm512_dpbusd_epi32(s0, u[2], _mm512_set1_epi64(x[2]));
+            s1 = _mm512_dpbusd_epi32(s1, u[3], _mm512_set1_epi64(x[3]));
+            s0 = _mm512_dpbusd_epi32(s0, u[4], _mm512_set1_epi64(x[4]));
+            s1 = _mm512_dpbusd_epi32(s1, u[5], _mm512_set1_epi64(x[5]));
+            s0 = _mm512_dpbusd_epi32(s0, u[6], _mm512_set1_epi64(x[6]));
+            s1 = _mm512_dpbusd_epi32(s1, u[7], _mm512_set1_epi64(x[7]));
+            const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(ds[0])), sx = _mm512_castpd_ps(_mm512_set1_pd(ds[1]));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(dw, dx), acc[t]);
             corr[t] = _mm512_fmadd_ps(off, sx, corr[t]);
         }
     }
+    const __m512i even_odd = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
     for (int t = 0; t < MT; t++) { /* per row: (even blocks' sum + offsets) + (odd blocks' sum + offsets) */
-        const __m512 r = _mm512_add_ps(acc[t], corr[t]);
+        const __m512 r = _mm512_permutexvar_ps(even_odd, _mm512_add_ps(acc[t], corr[t]));
         res[t] = _mm256_add_ps(_mm512_castps512_ps256(r),
                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
     }
@@ -354,8 +373,8 @@ AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, co
     const uint8_t *qs = blk + hb;
     const int K = a->K, q5 = base == MH_Q5_0 || base == MH_Q5_1;
     __m512i u[8];
-    x8_unpack_zmm(qs, gb, 1, q5, u);
-    const __m512 dw = halves_groups(blk, gb), off = offsets_pair(base, blk, gb, 1, dw);
+    x8_unpack_zmm(qs, gb, q5, u);
+    const __m512 dw = halves_groups(blk, gb), off = offsets_groups(base, blk, gb, dw);
     for (int t = 0; t < MT; t++) {
         const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
         __m512i s0 = _mm512_setzero_si512(), s1 = s0;

@@ -148,7 +148,9 @@ AI void x8_store(const mh_part *P, int n, int t0, const int MT, const __m256 *re
  * two groups side by side read 10-15% slower at one token row and 1.3-2.1x slower at three), in prefill two groups
  * per broadcast (tile_x8_groups2; 32 registers: no spills), both with even and odd blocks summed apart: on Zen 5,
  * 576 columns, a 3-row Q4_0 product of 64 MiB 1.30 -> 1.09-1.13 ms (1 row: 1.02-1.06), a 128-row product's
- * arithmetic 43 -> 27 ms. */
+ * arithmetic 43 -> 27 ms. With the activations arranged for its lanes once per product (ACT_Z) instead of 10
+ * shuffles per two blocks and token row, tile_x8_blocks2's 3-row arithmetic 1.00 -> 0.69 ms (Q5_0 0.98 -> 0.74;
+ * 1 row 0.43 -> 0.37), and a 3-row product from memory takes the 1-row time (0.96 against 0.95 ms). */
 AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT,
                 const mh_part *P, int n0) {
     __m256 res[8];
