@@ -35,7 +35,7 @@ typedef struct { /* scratch of one call */
 /* Free everything and return rc. */
 static int release(mh_work *w, int rc) {
     void *ps[] = {w->x, w->xn, w->qkv, w->gu, w->attn, w->sel, w->act.f, w->act.h, w->act.q, w->act.d, w->act.s16,
-                  w->act.s32, w->act.qz, w->act.dz};
+                  w->act.s32, w->act.qz, w->act.dz, w->act.iz};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free(ps[i]);
     att_work_free(&w->att);
     return rc;
@@ -63,8 +63,10 @@ int mh_forward(const mh_model *m, mh_step *s) {
     w.act.s32 = alloc64(sizeof(float) * T * (Kmax / 32 + 1));
     w.act.qz = alloc64((size_t)T * zpairs(Kmax) * 64);
     w.act.dz = alloc64(sizeof(float) * T * zpairs(Kmax) * 4);
+    w.act.iz = alloc64(sizeof(int32_t) * T * zpairs(Kmax) * 2);
     if (!w.x || !w.xn || !w.qkv || !w.gu || !w.attn || !w.sel || !w.act.f || !w.act.h || !w.act.q ||
-        !w.act.d || !w.act.s16 || !w.act.s32 || !w.act.qz || !w.act.dz)
+        !w.act.d || !w.act.s16 || !w.act.s32 || !w.act.qz || !w.act.dz ||
+        !w.act.iz)
         return release(&w, -2);
 
 #pragma omp parallel num_threads(nt)
@@ -175,7 +177,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
  * model with int8_activations = int8). */
 int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int num_threads, int int8) {
     const int K = W->cols;
-    mh_act a = {T, K, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    mh_act a = {T, K, 0, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     a.f = alloc64(sizeof(float) * T * K);
     a.h = alloc64(sizeof(uint16_t) * T * K);
     a.q = alloc64((size_t)T * K);
@@ -184,7 +186,8 @@ int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int nu
     a.s32 = alloc64(sizeof(float) * T * (K / 32 + 1));
     a.qz = alloc64((size_t)T * zpairs(K) * 64);
     a.dz = alloc64(sizeof(float) * T * zpairs(K) * 4);
-    int rc = a.f && a.h && a.q && a.d && a.s16 && a.s32 && a.qz && a.dz ? 0 : -2;
+    a.iz = alloc64(sizeof(int32_t) * T * zpairs(K) * 2);
+    int rc = a.f && a.h && a.q && a.d && a.s16 && a.s32 && a.qz && a.dz && a.iz ? 0 : -2;
     if (rc == 0) {
 #pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
         {
@@ -193,7 +196,7 @@ int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int nu
             matmul(&p, 1, &a);
         }
     }
-    free(a.f), free(a.h), free(a.q), free(a.d), free(a.s16), free(a.s32), free(a.qz), free(a.dz);
+    free(a.f), free(a.h), free(a.q), free(a.d), free(a.s16), free(a.s32), free(a.qz), free(a.dz), free(a.iz);
     return rc;
 }
 

@@ -139,25 +139,27 @@ AI void x8_store(const mh_part *P, int n, int t0, const int MT, const __m256 *re
     }
 }
 
-/* nrows (a multiple of 8) rows from w, the first n0, against token rows t0 .. t0 + MT - 1, stored 8 at a time.
- * In prefill (8+ token rows), Q4_0 / Q4_1 against 2 or 3 token rows two groups at a time (tile_x8_pair: 29-30% less
- * time than tile_x8 on Zen 3 with the rows in L2; for Q5_0 / Q5_1 20-25% more, their fifth bits' registers spilled).
- * Not in decode: there the rows come from memory, and two streams per thread read slower than one (a 3-row product
- * of 64 MiB of Q4_0 took 3.8-4.1 ms against 2.8, as bfloat16's pairs do, mh_dot_x86.h).
- * With AVX-512 VNNI, Q4_0 / Q4_1 / Q5_0 / Q5_1 take two blocks per 512-bit vector (tile_x8_blocks2; one stream:
- * two groups side by side read 10-15% slower at one token row and 1.3-2.1x slower at three), in prefill two groups
- * per broadcast (tile_x8_groups2; 32 registers: no spills), both with even and odd blocks summed apart: on Zen 5,
- * 576 columns, a 3-row Q4_0 product of 64 MiB 1.30 -> 1.09-1.13 ms (1 row: 1.02-1.06), a 128-row product's
- * arithmetic 43 -> 27 ms. With the activations arranged for its lanes once per product (ACT_Z) instead of 10
- * shuffles per two blocks and token row, tile_x8_blocks2's 3-row arithmetic 1.00 -> 0.69 ms (Q5_0 0.98 -> 0.74;
- * 1 row 0.43 -> 0.37), and a 3-row product from memory takes the 1-row time (0.96 against 0.95 ms). */
+/* nrows (a multiple of 8) rows from w, the first n0, against token rows t0 .. t0 + MT - 1, stored 8 at a time. In
+ * prefill (8+ token rows), Q4_0 / Q4_1 against 2 or 3 token rows two groups at a time (tile_x8_pair: 29-30% less time
+ * than tile_x8 on Zen 3 with the rows in L2; for Q5_0 / Q5_1 20-25% more, their fifth bits' registers spilled). Not in
+ * decode: there the rows come from memory, and two streams per thread read slower than one (a 3-row product of 64 MiB
+ * of Q4_0 took 3.8-4.1 ms against 2.8, as bfloat16's pairs do, mh_dot_x86.h). With AVX-512 VNNI, Q8_0 / Q4_0 / Q4_1 /
+ * Q5_0 / Q5_1 take two blocks per 512-bit vector (tile_x8_blocks2; one stream: two groups side by side read 10-15%
+ * slower at one token row and 1.3-2.1x slower at three), Q4 / Q5 in prefill two groups per broadcast (tile_x8_groups2;
+ * 32 registers: no spills), both with even and odd blocks summed apart: on Zen 5, 576 columns, a 3-row Q4_0 product of
+ * 64 MiB 1.30 -> 1.09-1.13 ms (1 row: 1.02-1.06), a 128-row product's arithmetic 43 -> 27 ms. With the activations
+ * arranged for its lanes once per product (ACT_Z) instead of 10 shuffles per two blocks and token row,
+ * tile_x8_blocks2's 3-row arithmetic 1.00 -> 0.69 ms (Q5_0 0.98 -> 0.74; 1 row 0.43 -> 0.37), and a 3-row product from
+ * memory takes the 1-row time (0.96 against 0.95 ms). Q8_0 goes the same way (decode and prefill; tile_x8's 256 bits
+ * with vpsignb before): 3-row arithmetic 0.72 -> 0.44 ms, 1 row 0.46 -> 0.27, a 128-token Q8_0 prefill 63 -> 45 ms. */
 AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0, const int MT,
                 const mh_part *P, int n0) {
     __m256 res[8];
     int g = 0;
 #ifdef MH_X8_ZMM
-    if (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8) { /* every product: one order */
-        if (a->T >= MH_X8_PAIRS) /* prefill: rows from L2, two groups per broadcast */
+    if (fmt == MH_Q8_0X8 || fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8) {
+        /* every product of a format: one order */
+        if (a->T >= MH_X8_PAIRS && fmt != MH_Q8_0X8) /* prefill: rows from L2, two groups per broadcast */
             for (; g + 16 <= nrows; g += 16) {
                 tile_x8_groups2(fmt, w + (size_t)g * rb, 8 * rb, a->K / 32, a, t0, MT, res);
                 x8_store(P, n0 + g, t0, MT, res);

@@ -28,12 +28,13 @@ typedef struct {
     float *s32;        /* [T, K / 32] scale times the sum of q over the 32-block */
     int8_t *qz;        /* [T, zpairs(K), 64] q as tile_x8_blocks2 reads it (ACT_Z: arrange_z_row) */
     float *dz;         /* [T, zpairs(K), 4] d and s32 likewise */
+    int32_t *iz;       /* [T, zpairs(K), 2] 128 times each block's sum of q (Q8_0's offset, in integers) */
 } mh_act;
 
 enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4, ACT_X = 8, ACT_Z = 16 };
 
 /* Pairs of 32-blocks of a row of K elements (the last may hold one block): ACT_Z's rows are this many 64-byte
- * (qz) and 4-float (dz) pieces. */
+ * (qz), 4-float (dz) and 2-int (iz) pieces. */
 static inline int zpairs(int K) { return (K / 32 + 1) / 2; }
 
 typedef struct {
@@ -74,7 +75,8 @@ static inline int act_form(int fmt, int int8) {
 #elif defined(MH_ISA_X86)
     /* the interleaved layouts have integer products only */
 #ifdef MH_X8_ZMM
-    if (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8) return ACT_Q | ACT_Z;
+    if (fmt == MH_Q8_0X8 || fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8)
+        return ACT_Q | ACT_Z;
 #endif
     return fmt == MH_BF16 ? ACT_F : (int8 || x8_base(fmt)) && int_dot_format(fmt) ? ACT_Q : ACT_X;
 #else
@@ -86,19 +88,23 @@ static inline int act_form(int fmt, int int8) {
 #ifdef MH_X8_ZMM
 /* A token row's int8 activations q and scales d, s32 [K / 32] (K % 32 == 0) as tile_x8_blocks2 reads them: per pair
  * of blocks (2j, 2j + 1), 8 pairs of dwords, pair c = dword c of block 2j then of block 2j + 1 (one 64-bit
- * broadcast gives every lane the dword its weights multiply), then (d, d) and (s32, s32) of the two blocks; zeros
- * in place of a last block of an odd count. */
-static void arrange_z_row(const int8_t *q, const float *d, const float *s32, int K, int8_t *qz, float *dz) {
+ * broadcast gives every lane the dword its weights multiply), then (d, d) and (s32, s32) of the two blocks, and
+ * 128 times each one's sum of q; zeros in place of a last block of an odd count. */
+static void arrange_z_row(const int8_t *q, const float *d, const float *s32, int K, int8_t *qz, float *dz,
+                          int32_t *iz) {
     const int nb = K / 32;
     for (int b = 0; b < nb; b += 2) {
         const int two = b + 1 < nb;
         int8_t *o = qz + (size_t)(b / 2) * 64;
         float *f = dz + (size_t)(b / 2) * 4;
+        int32_t *n = iz + (size_t)(b / 2) * 2;
+        n[0] = n[1] = 0;
         for (int c = 0; c < 8; c++) {
             memcpy(o + 8 * c, q + 32 * b + 4 * c, 4);
             if (two) memcpy(o + 8 * c + 4, q + 32 * (b + 1) + 4 * c, 4);
             else memset(o + 8 * c + 4, 0, 4);
         }
+        for (int i = 0; i < 32; i++) n[0] += 128 * q[32 * b + i], n[1] += two ? 128 * q[32 * (b + 1) + i] : 0;
         f[0] = d[b], f[1] = two ? d[b + 1] : 0.0f, f[2] = s32[b], f[3] = two ? s32[b + 1] : 0.0f;
     }
 }
@@ -106,7 +112,7 @@ static void arrange_z_row(const int8_t *q, const float *d, const float *s32, int
 
 /* One token row x[K] into the forms asked for. */
 static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, int8_t *q, float *d, float *s16,
-                     float *s32, int8_t *qz, float *dz) {
+                     float *s32, int8_t *qz, float *dz, int32_t *iz) {
     if (forms & ACT_F) {
         const int C = MH_F_CHUNK, full = C > 1 ? K / C * C : 0;
         for (int c = 0; c < full; c += C)
@@ -121,12 +127,12 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
 #ifdef MH_ISA_X86
     if (forms & ACT_Q) quantize_row_avx2(x, K, q, d, s16, s32);
 #ifdef MH_X8_ZMM
-    if (forms & ACT_Z) arrange_z_row(q, d, s32, K, qz, dz);
+    if (forms & ACT_Z) arrange_z_row(q, d, s32, K, qz, dz, iz);
 #else
-    (void)qz, (void)dz;
+    (void)qz, (void)dz, (void)iz;
 #endif
 #else
-    (void)qz, (void)dz;
+    (void)qz, (void)dz, (void)iz;
     if (forms & ACT_Q)
         for (int b = 0; b < K / 32; b++) {
             const float *xb = x + 32 * b;
@@ -151,7 +157,7 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
 static void prep_token(const mh_act *a, int t, const float *x, int K, int forms) {
     const size_t nb = (size_t)K / 32, r = (size_t)t, zp = (size_t)zpairs(K);
     prep_row(x, K, forms, a->f + r * K, a->h + r * K, a->q + r * K, a->d + r * nb, a->s16 + r * 2 * nb,
-             a->s32 + r * nb, a->qz + r * zp * 64, a->dz + r * zp * 4);
+             a->s32 + r * nb, a->qz + r * zp * 64, a->dz + r * zp * 4, a->iz + r * zp * 2);
 }
 
 /* The a->T rows of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
