@@ -70,6 +70,17 @@ AI __m512 halves_interleaved(const uint8_t *p, int64_t gb, int two) {
     return _mm512_cvtph_ps(_mm256_set_m128i(_mm_unpackhi_epi16(x, y), _mm_unpacklo_epi16(x, y)));
 }
 
+/* Sums with row i's even blocks in lane 2i and its odd ones in lane 2i + 1 (acc[t], corr[t]) -> res[t], lane i =
+ * row i: (even blocks' sum + offsets) + (odd blocks' sum + offsets). */
+AI void x8z_even_odd(const __m512 *acc, const __m512 *corr, const int MT, __m256 *res) {
+    const __m512i even_odd = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (int t = 0; t < MT; t++) {
+        const __m512 r = _mm512_permutexvar_ps(even_odd, _mm512_add_ps(acc[t], corr[t]));
+        res[t] = _mm256_add_ps(_mm512_castps512_ps256(r),
+                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
+    }
+}
+
 /* 8 rows of Q8_0x8 / Q4_0x8 / Q4_1x8 / Q5_0x8 / Q5_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i =
  * row i. Two consecutive blocks per 512-bit vector (row i of block 2j in lane 2i, of block 2j + 1 in lane 2i + 1), so
  * the rows are read as one stream (the blocks are adjacent) and each vpdpbusd and FMA serves two blocks: per two blocks
@@ -129,12 +140,7 @@ AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a
             if (!q8) corr[t] = _mm512_fmadd_ps(off, sx, corr[t]);
         }
     }
-    const __m512i even_odd = _mm512_set_epi32(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
-    for (int t = 0; t < MT; t++) { /* per row: (even blocks' sum + offsets) + (odd blocks' sum + offsets) */
-        const __m512 r = _mm512_permutexvar_ps(even_odd, _mm512_add_ps(acc[t], corr[t]));
-        res[t] = _mm256_add_ps(_mm512_castps512_ps256(r),
-                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
-    }
+    x8z_even_odd(acc, corr, MT, res);
 }
 
 /* Block b of two groups against MT token rows, added to acc[t] and corr[t] (tile_x8_groups2's step). */

@@ -75,7 +75,8 @@ static inline int act_form(int fmt, int int8) {
 #elif defined(MH_ISA_X86)
     /* the interleaved layouts have integer products only */
 #ifdef MH_X8_ZMM
-    if (fmt == MH_Q8_0X8 || fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8)
+    if (fmt == MH_Q8_0X8 || fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8 ||
+        fmt == MH_Q4_KX8 || fmt == MH_Q5_KX8)
         return ACT_Q | ACT_Z;
 #endif
     return fmt == MH_BF16 ? ACT_F : (int8 || x8_base(fmt)) && int_dot_format(fmt) ? ACT_Q : ACT_X;
