@@ -62,7 +62,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
     w.act.s16 = alloc64(sizeof(float) * T * (Kmax / 16 + 1));
     w.act.s32 = alloc64(sizeof(float) * T * (Kmax / 32 + 1));
     w.act.qz = alloc64((size_t)T * zpairs(Kmax) * 64);
-    w.act.dz = alloc64(sizeof(float) * T * zpairs(Kmax) * 4);
+    w.act.dz = alloc64(sizeof(float) * T * zpairs(Kmax) * MH_ZF);
     w.act.iz = alloc64(sizeof(int32_t) * T * zpairs(Kmax) * 2);
     if (!w.x || !w.xn || !w.qkv || !w.gu || !w.attn || !w.sel || !w.act.f || !w.act.h || !w.act.q ||
         !w.act.d || !w.act.s16 || !w.act.s32 || !w.act.qz || !w.act.dz ||
@@ -185,7 +185,7 @@ int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int nu
     a.s16 = alloc64(sizeof(float) * T * (K / 16 + 1));
     a.s32 = alloc64(sizeof(float) * T * (K / 32 + 1));
     a.qz = alloc64((size_t)T * zpairs(K) * 64);
-    a.dz = alloc64(sizeof(float) * T * zpairs(K) * 4);
+    a.dz = alloc64(sizeof(float) * T * zpairs(K) * MH_ZF);
     a.iz = alloc64(sizeof(int32_t) * T * zpairs(K) * 2);
     int rc = a.f && a.h && a.q && a.d && a.s16 && a.s32 && a.qz && a.dz && a.iz ? 0 : -2;
     if (rc == 0) {

@@ -68,70 +68,6 @@ AI void tile_q4kx8(const uint8_t *w, int nsb, const int q5, const mh_act *a, int
     for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
 }
 
-#ifdef MH_X8_ZMM
-/* tile_q4kx8 512 bits wide (AVX-512 VNNI): sub-blocks 2p and 2p + 1 of a super-block (the low and the high nibbles
- * of the same 8 pieces) in one vector, row i's in lanes 2i and 2i + 1, as tile_x8_blocks2 takes two blocks, against
- * the same arranged activations (ACT_Z: the sub-blocks are the activations' blocks 8s + 2p, 8s + 2p + 1); per lane
- * its sub-block's d sc and -dmin m. Even and odd sub-blocks summed apart, then the two (every Q4_K / Q5_K product
- * of this build: one order). */
-AI void tile_q4kx8_z(const uint8_t *w, int nsb, const int q5, const mh_act *a, int t0, const int MT, __m256 *res) {
-    const int64_t zp = zpairs(a->K);
-    const __m512i low4 = _mm512_set1_epi8(15), one = _mm512_set1_epi8(1);
-    const __m512i pairs = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    __m512 acc[4], corr[4];
-    for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
-    for (int s = 0; s < nsb; s++) {
-        const uint8_t *g = w + (size_t)s * (q5 ? 1408 : 1152), *qh = g + 128;
-        if (t0 == 0) prefetch_ahead(g, q5 ? 1408 : 1152);
-        const __m512 d = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(
-                                                           _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g))));
-        const __m512 dmin = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_cvtph_ps(
-                                                              _mm_loadu_si128((const __m128i *)(g + 16)))));
-        for (int p = 0; p < 4; p++) {
-            const int j = 2 * p;
-            __m128i sc0, mn0, sc1, mn1;
-            q4kx8_scale_min(g + 32, j, &sc0, &mn0);
-            q4kx8_scale_min(g + 32, j + 1, &sc1, &mn1);
-            const __m512 dw = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(sc0, sc1))));
-            const __m512 off = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), dmin),
-                                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(mn0, mn1))));
-            const uint8_t *qs = g + (q5 ? 384 : 128) + 256 * p;
-            const __m128i jj = _mm_cvtsi32_si128(j), jj1 = _mm_cvtsi32_si128(j + 1);
-            __m512i u[8]; /* u[c]: elements 4c .. 4c + 3 of sub-block j (even lanes) and j + 1 (odd) */
-            for (int c = 0; c < 8; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-                u[c] = _mm512_and_si512(_mm512_permutex2var_epi32(_mm512_castsi256_si512(v), pairs,
-                                                                  _mm512_castsi256_si512(_mm256_srli_epi16(v, 4))),
-                                        low4);
-                if (q5) { /* bit j (j + 1) of each qh byte, to 16 (16-bit shifts: the byte's own bit lands in bit 0) */
-                    const __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * c));
-                    const __m512i h = _mm512_permutex2var_epi32(_mm512_castsi256_si512(_mm256_srl_epi16(hb, jj)), pairs,
-                                                                _mm512_castsi256_si512(_mm256_srl_epi16(hb, jj1)));
-                    u[c] = _mm512_or_si512(u[c], _mm512_slli_epi16(_mm512_and_si512(h, one), 4));
-                }
-            }
-            for (int t = 0; t < MT; t++) {
-                const size_t z = (size_t)(t0 + t) * zp + 4 * (size_t)s + p;
-                int64_t x[8];
-                double ds[2];
-                memcpy(x, a->qz + z * 64, 64);
-                memcpy(ds, a->dz + z * 4, 16);
-                __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-                for (int c = 0; c < 8; c += 2) {
-                    s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi64(x[c]));
-                    s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi64(x[c + 1]));
-                }
-                const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(ds[0])), sx = _mm512_castpd_ps(_mm512_set1_pd(ds[1]));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(dw, dx), acc[t]);
-                corr[t] = _mm512_fmadd_ps(off, sx, corr[t]);
-            }
-        }
-    }
-    x8z_even_odd(acc, corr, MT, res);
-}
-#endif
-
 /* Q6_Kx8: the 8 rows from w (nsb super-blocks of 1680 bytes) against token rows t0 .. t0 + MT - 1: each 32-element
  * sub-block j from 8 ql and 8 qh pieces (6-bit unsigned quants), its two halves' int8 scales of the 8 rows as the
  * vpmaddwd multipliers (pairs of pieces summed in 16 bits: 2 x 2 x 63 x 127 < 2^15), d per row, and -32 d sc per
@@ -193,6 +129,8 @@ AI void tile_q6kx8(const uint8_t *w, int nsb, const mh_act *a, int t0, const int
     for (int t = 0; t < MT; t++) res[t] = _mm256_add_ps(acc[t], corr[t]);
 }
 
+#include "mh_dot_x86_x8kz.h"
+
 /* Results res[t] of the 8 rows n .. n + 7 for token rows t0 .. t0 + MT - 1 into the part's output (+ bias). */
 AI void x8_store(const mh_part *P, int n, int t0, const int MT, const __m256 *res) {
     const __m256 bias = P->bias ? _mm256_loadu_ps(P->bias + n) : _mm256_setzero_ps();
@@ -221,9 +159,12 @@ AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
     __m256 res[8];
     int g = 0;
 #ifdef MH_X8_ZMM
-    if (fmt == MH_Q4_KX8 || fmt == MH_Q5_KX8) {
+    if (fmt == MH_Q4_KX8 || fmt == MH_Q5_KX8 || fmt == MH_Q6_KX8) {
         for (; g < nrows; g += 8) {
-            tile_q4kx8_z(w + (size_t)g * rb, a->K / 256, fmt == MH_Q5_KX8, a, t0, MT, res);
+            if (fmt == MH_Q6_KX8)
+                tile_q6kx8_z(w + (size_t)g * rb, a->K / 256, a, t0, MT, res);
+            else
+                tile_q4kx8_z(w + (size_t)g * rb, a->K / 256, fmt == MH_Q5_KX8, a, t0, MT, res);
             x8_store(P, n0 + g, t0, MT, res);
         }
         return;

@@ -53,13 +53,23 @@ AI void x8_unpack_zmm(const uint8_t *qs, int64_t gb, const int q5, __m512i *u) {
     if (q5) or_fifth_zmm(load_groups(qs, gb), u);
 }
 
+/* The dwords of x and y interleaved: x's dword i in lane 2i, y's in lane 2i + 1 (one vpermt2d). */
+AI __m512i interleave256(__m256i x, __m256i y) {
+    const __m512i idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutex2var_epi32(_mm512_castsi256_si512(x), idx, _mm512_castsi256_si512(y));
+}
+
+/* 8 half-precision values at p (one per row), each in two lanes (2i and 2i + 1): [16] float32. */
+AI __m512 halves_twice(const uint8_t *p) {
+    const __m512i twice = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    return _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p))));
+}
+
 /* 32 bytes at p and 32 at p + gb (two = 0: zeros in place of the second) with their dwords interleaved: dword i of
  * p's in lane 2i, of p + gb's in lane 2i + 1. */
 AI __m512i load_interleaved(const uint8_t *p, int64_t gb, int two) {
-    const __m512i idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(p + gb)) : _mm256_setzero_si256();
-    return _mm512_permutex2var_epi32(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)), idx,
-                                     _mm512_castsi256_si512(hi));
+    return interleave256(_mm256_loadu_si256((const __m256i *)p), hi);
 }
 
 /* 8 half-precision values at p and 8 at p + gb (two = 0: zeros in place of the second), interleaved as
@@ -79,6 +89,32 @@ AI void x8z_even_odd(const __m512 *acc, const __m512 *corr, const int MT, __m256
         res[t] = _mm256_add_ps(_mm512_castps512_ps256(r),
                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
     }
+}
+
+/* One token row's two blocks (or sub-blocks) against their 8 unpacked pieces u (lanes 2i, 2i + 1: row i's even
+ * and odd block): the arranged activations' piece z (one 64-bit broadcast per vpdpbusd), the integer sums (Q8_0's
+ * less 128 times the activations' sums: its q + 128) times d_w d_x into acc, off times the activations' sums into
+ * corr (not Q8_0). */
+AI void z_step(const __m512i *u, const mh_act *a, size_t z, __m512 dw, __m512 off, const int q8, __m512 *acc,
+               __m512 *corr) {
+    int64_t x[8];
+    double ds[2];
+    memcpy(x, a->qz + z * 64, 64);
+    memcpy(ds, a->dz + z * MH_ZF, 16);
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+    for (int c = 0; c < 8; c += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi64(x[c]));
+        s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi64(x[c + 1]));
+    }
+    __m512i sum = _mm512_add_epi32(s0, s1);
+    if (q8) { /* the sum of q x: exactly tile_x8's integers */
+        int64_t n;
+        memcpy(&n, a->iz + z * 2, 8);
+        sum = _mm512_sub_epi32(sum, _mm512_set1_epi64(n));
+    }
+    const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(ds[0])), sx = _mm512_castpd_ps(_mm512_set1_pd(ds[1]));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, dx), *acc);
+    if (!q8) *corr = _mm512_fmadd_ps(off, sx, *corr);
 }
 
 /* 8 rows of Q8_0x8 / Q4_0x8 / Q4_1x8 / Q5_0x8 / Q5_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i =
@@ -114,31 +150,7 @@ AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a
         const __m512 off = base == MH_Q4_1 || base == MH_Q5_1
                                ? halves_interleaved(blk + 16, gbb, two)
                                : _mm512_mul_ps(dw, _mm512_set1_ps(base == MH_Q5_0 ? -16.0f : -8.0f));
-        for (int t = 0; t < MT; t++) {
-            const size_t z = (size_t)(t0 + t) * zp + b / 2;
-            int64_t x[8];
-            double ds[2];
-            memcpy(x, a->qz + z * 64, 64);
-            memcpy(ds, a->dz + z * 4, 16);
-            __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-            s0 = _mm512_dpbusd_epi32(s0, u[0], _mm512_set1_epi64(x[0]));
-            s1 = _mm512_dpbusd_epi32(s1, u[1], _mm512_set1_epi64(x[1]));
-            s0 = _mm512_dpbusd_epi32(s0, u[2], _mm512_set1_epi64(x[2]));
-            s1 = _mm512_dpbusd_epi32(s1, u[3], _mm512_set1_epi64(x[3]));
-            s0 = _mm512_dpbusd_epi32(s0, u[4], _mm512_set1_epi64(x[4]));
-            s1 = _mm512_dpbusd_epi32(s1, u[5], _mm512_set1_epi64(x[5]));
-            s0 = _mm512_dpbusd_epi32(s0, u[6], _mm512_set1_epi64(x[6]));
-            s1 = _mm512_dpbusd_epi32(s1, u[7], _mm512_set1_epi64(x[7]));
-            __m512i sum = _mm512_add_epi32(s0, s1);
-            if (q8) { /* the sum of q x: exactly tile_x8's integers */
-                int64_t n;
-                memcpy(&n, a->iz + z * 2, 8);
-                sum = _mm512_sub_epi32(sum, _mm512_set1_epi64(n));
-            }
-            const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(ds[0])), sx = _mm512_castpd_ps(_mm512_set1_pd(ds[1]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, dx), acc[t]);
-            if (!q8) corr[t] = _mm512_fmadd_ps(off, sx, corr[t]);
-        }
+        for (int t = 0; t < MT; t++) z_step(u, a, (size_t)(t0 + t) * zp + b / 2, dw, off, q8, acc + t, corr + t);
     }
     x8z_even_odd(acc, corr, MT, res);
 }

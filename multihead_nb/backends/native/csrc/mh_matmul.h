@@ -27,14 +27,15 @@ typedef struct {
     float *d, *s16;    /* [T, K / 32] scales; [T, K / 16] scale times the sum of q over 16 elements */
     float *s32;        /* [T, K / 32] scale times the sum of q over the 32-block */
     int8_t *qz;        /* [T, zpairs(K), 64] q as tile_x8_blocks2 reads it (ACT_Z: arrange_z_row) */
-    float *dz;         /* [T, zpairs(K), 4] d and s32 likewise */
+    float *dz;         /* [T, zpairs(K), MH_ZF] d, s32 and s16 likewise */
     int32_t *iz;       /* [T, zpairs(K), 2] 128 times each block's sum of q (Q8_0's offset, in integers) */
 } mh_act;
 
 enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4, ACT_X = 8, ACT_Z = 16 };
 
 /* Pairs of 32-blocks of a row of K elements (the last may hold one block): ACT_Z's rows are this many 64-byte
- * (qz), 4-float (dz) and 2-int (iz) pieces. */
+ * (qz), MH_ZF-float (dz) and 2-int (iz) pieces. */
+#define MH_ZF 8
 static inline int zpairs(int K) { return (K / 32 + 1) / 2; }
 
 typedef struct {
@@ -76,7 +77,7 @@ static inline int act_form(int fmt, int int8) {
     /* the interleaved layouts have integer products only */
 #ifdef MH_X8_ZMM
     if (fmt == MH_Q8_0X8 || fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8 ||
-        fmt == MH_Q4_KX8 || fmt == MH_Q5_KX8)
+        fmt == MH_Q4_KX8 || fmt == MH_Q5_KX8 || fmt == MH_Q6_KX8)
         return ACT_Q | ACT_Z;
 #endif
     return fmt == MH_BF16 ? ACT_F : (int8 || x8_base(fmt)) && int_dot_format(fmt) ? ACT_Q : ACT_X;
@@ -89,15 +90,16 @@ static inline int act_form(int fmt, int int8) {
 #ifdef MH_X8_ZMM
 /* A token row's int8 activations q and scales d, s32 [K / 32] (K % 32 == 0) as tile_x8_blocks2 reads them: per pair
  * of blocks (2j, 2j + 1), 8 pairs of dwords, pair c = dword c of block 2j then of block 2j + 1 (one 64-bit
- * broadcast gives every lane the dword its weights multiply), then (d, d) and (s32, s32) of the two blocks, and
- * 128 times each one's sum of q; zeros in place of a last block of an odd count. */
-static void arrange_z_row(const int8_t *q, const float *d, const float *s32, int K, int8_t *qz, float *dz,
-                          int32_t *iz) {
+ * broadcast gives every lane the dword its weights multiply), then (d, d), (s32, s32), (s16, s16) of their first
+ * halves and of their second halves of the two blocks, and 128 times each one's sum of q; zeros in place of a last
+ * block of an odd count. */
+static void arrange_z_row(const int8_t *q, const float *d, const float *s16, const float *s32, int K, int8_t *qz,
+                          float *dz, int32_t *iz) {
     const int nb = K / 32;
     for (int b = 0; b < nb; b += 2) {
         const int two = b + 1 < nb;
         int8_t *o = qz + (size_t)(b / 2) * 64;
-        float *f = dz + (size_t)(b / 2) * 4;
+        float *f = dz + (size_t)(b / 2) * MH_ZF;
         int32_t *n = iz + (size_t)(b / 2) * 2;
         n[0] = n[1] = 0;
         for (int c = 0; c < 8; c++) {
@@ -107,6 +109,8 @@ static void arrange_z_row(const int8_t *q, const float *d, const float *s32, int
         }
         for (int i = 0; i < 32; i++) n[0] += 128 * q[32 * b + i], n[1] += two ? 128 * q[32 * (b + 1) + i] : 0;
         f[0] = d[b], f[1] = two ? d[b + 1] : 0.0f, f[2] = s32[b], f[3] = two ? s32[b + 1] : 0.0f;
+        f[4] = s16[2 * b], f[5] = two ? s16[2 * b + 2] : 0.0f;
+        f[6] = s16[2 * b + 1], f[7] = two ? s16[2 * b + 3] : 0.0f;
     }
 }
 #endif
@@ -128,7 +132,7 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
 #ifdef MH_ISA_X86
     if (forms & ACT_Q) quantize_row_avx2(x, K, q, d, s16, s32);
 #ifdef MH_X8_ZMM
-    if (forms & ACT_Z) arrange_z_row(q, d, s32, K, qz, dz, iz);
+    if (forms & ACT_Z) arrange_z_row(q, d, s16, s32, K, qz, dz, iz);
 #else
     (void)qz, (void)dz, (void)iz;
 #endif
@@ -158,7 +162,7 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
 static void prep_token(const mh_act *a, int t, const float *x, int K, int forms) {
     const size_t nb = (size_t)K / 32, r = (size_t)t, zp = (size_t)zpairs(K);
     prep_row(x, K, forms, a->f + r * K, a->h + r * K, a->q + r * K, a->d + r * nb, a->s16 + r * 2 * nb,
-             a->s32 + r * nb, a->qz + r * zp * 64, a->dz + r * zp * 4, a->iz + r * zp * 2);
+             a->s32 + r * nb, a->qz + r * zp * 64, a->dz + r * zp * MH_ZF, a->iz + r * zp * 2);
 }
 
 /* The a->T rows of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
