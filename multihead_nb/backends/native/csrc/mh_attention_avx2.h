@@ -164,9 +164,11 @@ static inline void scores_4x3(const float *const *qg, const uint16_t *const *kp,
  * summed 32 columns x 3 heads at a time (values_32x3). AVX-512 builds do the same multiply-adds in half the
  * instructions (two keys' 8 lanes per score vector, 64 value columns: values_64x3): the same bits. Writes the
  * unnormalized output o [G, d], the scores' max mx [G] and the sum of exp(score - max) sm [G]; `attn_merge`
- * combines a token's chunks. sc: scratch [G, ldsc >= n]. */
+ * combines a token's chunks. sc: scratch [G, ldsc >= n]. next [nnext]: key rows to fetch for the thread's next
+ * task. */
 static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q, int j0,
-                             int j1, float *sc, int ldsc, float *o, float *mx, float *sm) {
+                             int j1, float *sc, int ldsc, float *o, float *mx, float *sm, const uint16_t *const *next,
+                             int nnext) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
     const float scale = 1.0f / sqrtf((float)d);
     float qs[MH_GROUP_MAX * MH_GROUP_DIM];
@@ -210,6 +212,8 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         }
     }
     softmax_rows(sc, ldsc, G, n, mx, sm);
+    for (int j = 0; j < nnext; j++) /* the next task's first keys, while the values are summed */
+        for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)next[j] + c, _MM_HINT_T0);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *pr[3]; /* the heads' weights (heads past G repeat the last) */
