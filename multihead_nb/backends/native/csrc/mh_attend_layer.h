@@ -126,8 +126,8 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     }
     const uint16_t *ahead[MH_KEYS_AHEAD];
     int na = 0;
-    if (next >= 0 && a->task[a->tasks - 1 - next / KV].nb == 1) {
-        const mh_att_task k2 = a->task[a->tasks - 1 - next / KV];
+    const mh_att_task k2 = a->task[a->tasks - 1 - (next >= 0 ? next : i) / KV];
+    if (next >= 0 && k2.nb == 1) {
         int j2, n2;
         att_task_keys(m, s, k2, &j2, &n2);
         na = n2 < MH_KEYS_AHEAD ? n2 : MH_KEYS_AHEAD;

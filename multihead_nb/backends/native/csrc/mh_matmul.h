@@ -7,8 +7,7 @@
  * activations to Q8_0, for every quantized format on NEON and on x86 by default; with AVX-512 VNNI that int8 also
  * arranged for tile_x8_blocks2's lanes), splitting the output rows of a group of matrices that share one input
  * between threads, and tiling (NR weight rows x MT token rows per call of the ISA's tile kernel, token rows in
- * blocks that stay in cache). Knows nothing of layers; the per-ISA tile
- * kernels are mh_dot_*.h.
+ * blocks that stay in cache). Knows nothing of layers; the per-ISA tile kernels are mh_dot_*.h.
  *
  * Batch invariance: each (weight row, token row) result is summed by one accumulator sequence that does not depend
  * on the tile shape or on the other token rows, so a token's result is the same alone or in any batch. */
