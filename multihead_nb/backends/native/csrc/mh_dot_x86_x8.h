@@ -1,9 +1,9 @@
 /* x86 integer products of the row-interleaved layouts (Q8_0x8, Q4_0x8, Q4_1x8, Q5_0x8, Q5_1x8, Q4_Kx8, Q5_Kx8,
  * Q6_Kx8; mh_kernel.h describes the bytes):
- * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2 (with AVX-512 VNNI, Q8_0 .. Q5_1 two
- * blocks per 512-bit vector, tile_x8_blocks2, and Q4_0 .. Q5_1 in prefill two groups, tile_x8_groups2). llama.cpp
- * repacks Q4_0 for AVX2 to the same end (rows side by side); this layout and its code are written here from that
- * idea.
+ * 8 weight rows at once against up to 4 token rows of int8 activations, AVX2. With AVX-512 VNNI every one of these
+ * formats runs 512 bits wide instead: two blocks (sub-blocks) per vector against activations arranged once per
+ * product (mh_dot_x86_x8z.h, the K-quants mh_dot_x86_x8kz.h). llama.cpp repacks Q4_0 for AVX2 to the same end
+ * (rows side by side); this layout and its code are written here from that idea.
  *
  * A 32-byte load holds 4 quants of each of the 8 rows (lane i: row i); the token row's 4 matching int8 activations
  * are broadcast to all lanes, so vpmaddubsw + vpmaddwd give each row's partial sum in its own lane: no horizontal
@@ -23,7 +23,8 @@
  *   four pieces (4 x 2 x 31 x 127 < 2^15), so the low and the high nibbles' pieces each have their own sum.
  * - Q8_0: signed quants, as |q| times the activations with q's signs (vpsignb), summed in 32 bits per piece;
  *   512 bits wide (no vpsignb there) as q + 128, unsigned, and 128 times the activations' sum taken off after.
- * - K-quants: each 32-element sub-block as one such block, its scales per row as vectors (mh_dot_x86_x8k.h).
+ * - K-quants: each 32-element sub-block as one such block, its scales per row as vectors (mh_dot_x86_x8k.h; 512
+ *   bits wide in mh_dot_x86_x8kz.h).
  * Each (row, token) result is one accumulator sequence over the blocks, the same alone or in any batch.
  * Knows nothing of the tiling (mh_matmul.h). */
 #ifndef MH_DOT_X86_X8_H
