@@ -253,22 +253,30 @@ def test_neon_activation_quantization_cost(neon_driver):
 @pytest.mark.skipif("avx2" not in X86_ISAS, reason="needs an AVX2 CPU")
 @pytest.mark.parametrize("fmt", X86_INT_FORMATS)
 def test_vnni_products(fmt):
-    """The VNNI build's integer products (one vpdpbusd per 4-byte piece instead of vpmaddubsw + vpmaddwd) form the same
-    integers, so its results are bit-identical to the AVX2 build's, in the row layout and interleaved. QEMU has no
-    VNNI (10.0 neither), so here the instruction is emulated (MH_VNNI_EMULATE): what is tested is everything the
-    VNNI path computes around it; on a CPU with AVX-VNNI or AVX-512 VNNI, the builds above run the real one."""
+    """The VNNI build's integer products (one vpdpbusd per 4-byte piece instead of vpmaddubsw + vpmaddwd; Q8_0 as
+    q + 128 less 128 times the activations' sum instead of |q| against sign-flipped activations) form the same
+    integers, so its results are bit-identical to the AVX2 build's without VNNI, in the row layout and interleaved.
+    QEMU has no VNNI (10.0 neither), so here the instruction is emulated (MH_VNNI_EMULATE): what is tested is
+    everything the VNNI path computes around it; on a CPU with AVX-VNNI the real AVX2 + VNNI build is compared too."""
     machine, feats = cpu_features()
-    flags = COMMON_FLAGS + ("-fopenmp", "-shared", "-fPIC") + isa_flags("avx2", machine, feats) + ("-DMH_VNNI_EMULATE",)
-    path = compile_c(flags, "cpu_decode-vnni-emulated.so")
-    vnni, avx2 = CpuKernel(path, ctypes.CDLL(str(path))), load_kernel("avx2")
-    assert vnni.isa == "avx2+fma+vnni-emulated"
+    lib = COMMON_FLAGS + ("-fopenmp", "-shared", "-fPIC")
+    without = isa_flags("avx2", machine, feats - {"avx_vnni"})  # vpmaddubsw, whatever this CPU has
+    path = compile_c(lib + without + ("-DMH_VNNI_EMULATE",), "cpu_decode-vnni-emulated.so")
+    vnni = CpuKernel(path, ctypes.CDLL(str(path)))
+    path = compile_c(lib + without, "cpu_decode-avx2-without-vnni.so")
+    avx2 = CpuKernel(path, ctypes.CDLL(str(path)))
+    assert vnni.isa == "avx2+fma+vnni-emulated" and avx2.isa == "avx2+fma"
+    builds = [vnni] + [load_kernel(i) for i in X86_ISAS if "vnni" in load_kernel(i).isa]  # and the real ones here
     plain = random_matrix(fmt, 40, COLS[fmt], seed=1)
     X = inputs(plain.cols, 11, seed=2)
     for pm in (plain, interleave(plain)):
-        got = product(vnni, pm, X)
-        assert np.array_equal(got, product(avx2, pm, X)), pm.format
-        check_product(got.astype(np.float64), pm, X, vnni.isa)
-        assert np.array_equal(product(vnni, pm, X[7:8])[0], got[7])
+        want = product(avx2, pm, X)
+        for k in builds:
+            got = product(k, pm, X)
+            if k.isa.startswith("avx2"):  # AVX-512's interleaved tiles sum in another order (mh_dot_x86_x8z.h)
+                assert np.array_equal(got, want), (pm.format, k.isa)
+            check_product(got.astype(np.float64), pm, X, k.isa)
+            assert np.array_equal(product(k, pm, X[7:8])[0], got[7])
 
 
 @pytest.mark.skipif("avx2" not in X86_ISAS, reason="needs an AVX2 CPU")

@@ -40,8 +40,11 @@ AI __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
 static inline int int_dot_format(int fmt) { return fmt != MH_BF16; }
 
 /* One token row x [K] (K % 32 == 0) to int8 per 32-block: q = rint(x * 127 / amax), d = amax / 127, and d times
- * the sums of q over each 16 and each 32 elements (what mh_matmul.h's scalar prep_row computes, 8 at a time). */
-static inline void quantize_row_avx2(const float *x, int K, int8_t *q, float *d, float *s16, float *s32) {
+ * the sums of q over each 16 and each 32 elements (what mh_matmul.h's scalar prep_row computes, 8 at a time); and
+ * iz [K / 32 rounded up to even] 128 times each block's sum of q, in integers (Q8_0's offset with VNNI: its q + 128
+ * are unsigned, vpdpbusd's left operand), a zero after an odd count (mh_matmul.h's ACT_Z reads them in pairs). */
+static inline void quantize_row_avx2(const float *x, int K, int8_t *q, float *d, float *s16, float *s32,
+                                     int32_t *iz) {
     const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int b = 0; b < K / 32; b++) {
         const float *xb = x + 32 * b;
@@ -67,7 +70,9 @@ static inline void quantize_row_avx2(const float *x, int K, int8_t *q, float *d,
         s16[2 * b] = db * (float)sum_lo;
         s16[2 * b + 1] = db * (float)sum_hi;
         s32[b] = db * (float)(sum_lo + sum_hi);
+        iz[b] = 128 * (sum_lo + sum_hi);
     }
+    if ((K / 32) & 1) iz[K / 32] = 0;
 }
 
 /* 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0-15) in the low half, high nibbles (16-31) above. */

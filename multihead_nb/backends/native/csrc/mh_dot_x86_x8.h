@@ -21,8 +21,9 @@
  * - Q5_0 / Q5_1: Q4's nibbles, each piece's fifth bits or-ed in from the block's fifth-bit bytes (one mask and one
  *   shift per piece: bit c of byte k is element 4 c + k's); offsets -16 d or m; 5-bit values sum in 16 bits over
  *   four pieces (4 x 2 x 31 x 127 < 2^15), so the low and the high nibbles' pieces each have their own sum.
- * - Q8_0: signed quants, as |q| times the activations with q's signs (vpsignb), summed in 32 bits per piece;
- *   512 bits wide (no vpsignb there) as q + 128, unsigned, and 128 times the activations' sum taken off after.
+ * - Q8_0: signed quants, as |q| times the activations with q's signs (vpsignb), summed in 32 bits per piece; with
+ *   VNNI (256 and 512 bits wide) as q + 128, unsigned, and 128 times the activations' block sum (iz) taken off
+ *   after: the same integers without the two vpsignb per piece and token row (Q8_0 at 3 token rows, AVX2 + VNNI).
  * - K-quants: each 32-element sub-block as one such block, its scales per row as vectors (mh_dot_x86_x8k.h; 512
  *   bits wide in mh_dot_x86_x8kz.h).
  * Each (row, token) result is one accumulator sequence over the blocks, the same alone or in any batch.
@@ -141,6 +142,8 @@ AI __m256 x8_offset(const int base, const uint8_t *blk) {
  * (their own accumulators: the same operations and bits as in one pass). */
 AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
+    const size_t zp2 = 2 * (size_t)zpairs(K); /* a token row's iz */
+    (void)zp2;
     const int q5 = base == MH_Q5_0 || base == MH_Q5_1;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4], corr[4];
@@ -152,17 +155,21 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
         if (base == MH_Q8_0) {
             __m256i q[8];
             for (int c = 0; c < 8; c++) q[c] = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+#ifdef MH_VNNI /* q xor 0x80 = q + 128, unsigned: vpdpbusd's left operand, shared by the token rows */
+            for (int c = 0; c < 8; c++) q[c] = _mm256_xor_si256(q[c], _mm256_set1_epi8((char)0x80));
+#endif
             for (int t = 0; t < MT; t++) {
                 const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
 #ifdef MH_VNNI
                 (void)ones;
-                __m256i s0 = _mm256_setzero_si256(), s1 = s0; /* [8] int32 each (|q| against x with q's signs) */
+                __m256i s0 = _mm256_setzero_si256(), s1 = s0; /* [8] int32 each: (q + 128) x */
                 for (int c = 0; c < 8; c += 2) {
-                    s0 = dpbusd(s0, _mm256_sign_epi8(q[c], q[c]), _mm256_sign_epi8(bcast4(x + 4 * c), q[c]));
-                    s1 = dpbusd(s1, _mm256_sign_epi8(q[c + 1], q[c + 1]),
-                                _mm256_sign_epi8(bcast4(x + 4 * c + 4), q[c + 1]));
+                    s0 = dpbusd(s0, q[c], bcast4(x + 4 * c));
+                    s1 = dpbusd(s1, q[c + 1], bcast4(x + 4 * c + 4));
                 }
-                const __m256i s = _mm256_add_epi32(s0, s1);
+                /* less 128 times the block's sum of x: q x, the integers of the vpsignb path below */
+                const __m256i s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1),
+                                                   _mm256_set1_epi32(a->iz[(size_t)(t0 + t) * zp2 + b]));
 #else
                 __m256i s = _mm256_setzero_si256(); /* [8] int32 */
                 for (int c = 0; c < 8; c++) {

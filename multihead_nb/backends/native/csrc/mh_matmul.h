@@ -27,7 +27,7 @@ typedef struct {
     float *s32;        /* [T, K / 32] scale times the sum of q over the 32-block */
     int8_t *qz;        /* [T, zpairs(K), 64] q as tile_x8_blocks2 reads it (ACT_Z: arrange_z_row) */
     float *dz;         /* [T, zpairs(K), MH_ZF] d, s32 and s16 likewise */
-    int32_t *iz;       /* [T, zpairs(K), 2] 128 times each block's sum of q (Q8_0's offset, in integers) */
+    int32_t *iz;       /* [T, zpairs(K) * 2] 128 times each block's sum of q (Q8_0's offset with VNNI; x86) */
 } mh_act;
 
 enum { ACT_F = 1, ACT_H = 2, ACT_Q = 4, ACT_X = 8, ACT_Z = 16 };
@@ -90,20 +90,17 @@ static inline int act_form(int fmt, int int8) {
 /* A token row's int8 activations q and scales d, s32 [K / 32] (K % 32 == 0) as tile_x8_blocks2 reads them: per pair
  * of blocks (2j, 2j + 1), 8 pairs of dwords, pair c = dword c of block 2j then of block 2j + 1 (one vpermt2d; one
  * 64-bit broadcast gives every lane the dword its weights multiply), then (d, d), (s32, s32), (s16, s16) of their
- * first halves and of their second halves of the two blocks, and 128 times each one's sum of q; zeros in place of a
- * last block of an odd count. Vectorized: it runs for every token row of a prefill too (a byte-by-byte form cost a
- * 128-token Q4_0 prefill ~4%). */
+ * first halves and of their second halves of the two blocks (the blocks' integer sums, iz, quantize_row_avx2 wrote
+ * already in pairs); zeros in place of a last block of an odd count. Vectorized: it runs for every token row of a
+ * prefill too (a byte-by-byte form cost a 128-token Q4_0 prefill ~4%). */
 static void arrange_z_row(const int8_t *q, const float *d, const float *s16, const float *s32, int K, int8_t *qz,
-                          float *dz, int32_t *iz) {
+                          float *dz) {
     const int nb = K / 32;
-    const __m512i ones = _mm512_set1_epi16(1);
     for (int b = 0; b < nb; b += 2) {
         const int two = b + 1 < nb, j = b / 2;
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
         const __m256i x1 = two ? _mm256_loadu_si256((const __m256i *)(q + 32 * (b + 1))) : _mm256_setzero_si256();
         _mm512_storeu_si512((__m512i *)(qz + (size_t)j * 64), interleave256(x0, x1));
-        iz[2 * j] = 128 * _mm512_reduce_add_epi32(_mm512_madd_epi16(_mm512_cvtepi8_epi16(x0), ones));
-        iz[2 * j + 1] = 128 * _mm512_reduce_add_epi32(_mm512_madd_epi16(_mm512_cvtepi8_epi16(x1), ones));
         float *f = dz + (size_t)j * MH_ZF;
         f[0] = d[b], f[1] = two ? d[b + 1] : 0.0f, f[2] = s32[b], f[3] = two ? s32[b + 1] : 0.0f;
         f[4] = s16[2 * b], f[5] = two ? s16[2 * b + 2] : 0.0f;
@@ -127,11 +124,11 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
     if (forms & ACT_H)
         for (int k = 0; k < K; k++) h[k] = f32_to_bf16(x[k]);
 #ifdef MH_ISA_X86
-    if (forms & ACT_Q) quantize_row_avx2(x, K, q, d, s16, s32);
+    if (forms & ACT_Q) quantize_row_avx2(x, K, q, d, s16, s32, iz);
 #ifdef MH_X8_ZMM
-    if (forms & ACT_Z) arrange_z_row(q, d, s16, s32, K, qz, dz, iz);
+    if (forms & ACT_Z) arrange_z_row(q, d, s16, s32, K, qz, dz);
 #else
-    (void)qz, (void)dz, (void)iz;
+    (void)qz, (void)dz;
 #endif
 #else
     (void)qz, (void)dz, (void)iz;
