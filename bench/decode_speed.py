@@ -142,14 +142,16 @@ class Seqs:
         return groups
 
 
-def make_runner(spec, dtype, page_bytes: int, num_pages: int, path: str, fmt: str):
-    """`path` "torch" (the PyTorch path) or "kernel" (the fused kernel, weights in `fmt`)."""
+def make_runner(spec, dtype, page_bytes: int, num_pages: int, path: str, fmt: str, isa: str | None = None):
+    """`path` "torch" (the PyTorch path) or "kernel" (the fused kernel, weights in `fmt`; `isa`: that instruction
+    set's build, else the best this CPU runs)."""
     from multihead_nb.memory import Arena
     from multihead_nb.backends.native import ModelRunner
 
     arena = Arena(num_pages, page_bytes)
     quantize = None if fmt == "bf16" else fmt
-    return ModelRunner(spec, arena, dtype=dtype, device="cpu", kernel=path == "kernel", quantize=quantize)
+    kernel = (isa or True) if path == "kernel" else False
+    return ModelRunner(spec, arena, dtype=dtype, device="cpu", kernel=kernel, quantize=quantize)
 
 
 def bench_ours(spec, runner, batch: int, context: int, steps: int, trials: int, page_bytes: int) -> float:

@@ -1,7 +1,7 @@
 """MultiHead's fused kernel against llama.cpp in back-to-back pairs: per format, the median of the pairs' ratios.
 
     python -m bench.paired [--formats bf16 q8_0 q4_0] [--prompt 1024] [--context 128] [--gen 64] [--pairs 10]
-                           [--threads 2] [--no-server] [--csv PATH]
+                           [--threads 2] [--isa avx2] [--no-server] [--csv PATH]
 
 Why pairs: on a shared VM the same code's speed moves by up to 2x within seconds (a bfloat16 product measured
 35, 50 and 70 GMAC/s in three runs a minute apart, bench/README.md), so the best of rounds taken a minute apart
@@ -14,7 +14,9 @@ Per pair and format, on the GGUF file `bench.llama_cpp` writes (same weights for
   after `--context`-token contexts, a step of each in turn (`bench_interleaved`: their ratio from the same moments);
 - unless `--no-server`, llama-server's decode step at batch 1 and at batch 3 (`-np 3`, the same contexts).
 Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max);
-`--csv` also writes every pair's figures, one row per format and pair (for a notebook).
+`--csv` also writes every pair's figures, one row per format and pair (for a notebook). `--isa` runs MultiHead's
+build for that instruction set (e.g. the AVX2 build on an AVX-512 CPU) instead of the best one the CPU runs;
+llama.cpp keeps its native build.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def summary(pairs: list[dict]) -> dict:
 
 
 def main(argv=None) -> None:
+    from multihead_nb.backends.native.cpu_kernel import ISAS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q4_0"])
     ap.add_argument("-p", "--prompt", type=int, default=1024, help="prefill prompt length")
@@ -73,6 +77,8 @@ def main(argv=None) -> None:
     ap.add_argument("-n", "--gen", type=int, default=64, help="decode steps (each system)")
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--isa", choices=ISAS,
+                    help="MultiHead's build for this instruction set (default: the best this CPU runs)")
     ap.add_argument("--no-server", action="store_true", help="skip llama-server's batch-3 / batch-1 steps")
     ap.add_argument("--csv", help="also write every pair's figures to this CSV file")
     args = ap.parse_args(argv)
@@ -91,7 +97,7 @@ def main(argv=None) -> None:
     tools = build()
     files = gguf_files(args.formats, tools)
     torch.set_num_threads(args.threads)
-    print(f"kernel build {load_kernel().isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
+    print(f"kernel build {load_kernel(args.isa).isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
           f"GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens, decode after {args.context}")
     rows, every = {}, []
     for fmt, path in files.items():
@@ -100,7 +106,7 @@ def main(argv=None) -> None:
         # and --gen steps (bench_interleaved)
         longest = max(args.prompt + 1, args.context + args.gen + 11)
         pages = 4 * spec.kv_layout(torch.bfloat16, 256 * 1024).pages_for(longest)
-        runner = make_runner(spec, torch.bfloat16, 256 * 1024, pages + 2, "kernel", "bf16")
+        runner = make_runner(spec, torch.bfloat16, 256 * 1024, pages + 2, "kernel", "bf16", args.isa)
         pairs = []
         for i in range(args.pairs):
             pairs.append(measure_pair(tools, path, spec, runner, args, i))

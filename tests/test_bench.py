@@ -134,6 +134,9 @@ def test_paired_summary_takes_ratios_within_pairs(capsys):
     with pytest.raises(SystemExit):
         paired.main(["--pairs", "0"])
     assert "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        paired.main(["--isa", "sse2"])
+    assert "invalid choice: 'sse2'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),

@@ -19,7 +19,7 @@ import torch
 from multihead_nb.errors import ConfigError
 from multihead_nb.memory import Arena
 from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
-from multihead_nb.backends.native.cpu_kernel import _compiler, cpu_isas, load_kernel
+from multihead_nb.backends.native.cpu_kernel import ISAS, _compiler, cpu_isas, load_kernel
 from multihead_nb.backends.native.fused_forward import FusedForward
 from multihead_nb.backends.native.kernel_weights import KernelWeights
 from multihead_nb.backends.native.quant import INTERLEAVED
@@ -281,8 +281,21 @@ def test_engine_heads_together_equal_alone_bf16(tiny_ckpt):
 def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     import multihead_nb as mh
 
-    with pytest.raises(ConfigError, match="cpu_kernel"):
+    with pytest.raises(ConfigError, match="cpu_kernel must be None .* instruction set's build .*'scalar'.* got 'yes'"):
         mh.Workspace(device="cpu", pool="4MiB", cpu_kernel="yes")
+    # a workspace whose native models run one named build; a build this CPU cannot run refuses the model, unharmed
+    path = tiny_ckpt("llama")
+    with mh.Workspace(device="cpu", dtype="bfloat16", pool="16MiB", page_bytes="4KiB", background=False,
+                      cpu_kernel="scalar") as ws:
+        ws.add_head("a", str(path))
+        assert "fused CPU kernel scalar" in ws.stats()["models"][str(path.resolve())]["runs_on"]
+        assert len(ws.generate("a", [5, 9, 13], max_tokens=4, ignore_eos=True).token_ids) == 4
+    missing = next(isa for isa in ISAS if isa not in cpu_isas())
+    with mh.Workspace(device="cpu", dtype="bfloat16", pool="16MiB", page_bytes="4KiB", background=False,
+                      cpu_kernel=missing) as ws:
+        with pytest.raises(ConfigError, match=f"cannot run {missing}"):
+            ws.add_head("a", str(path))
+        assert ws.pool.num_free == ws.pool.num_pages and not ws.heads
     ws = mh.Workspace(device="cpu", dtype="float32", pool="16MiB", page_bytes="4KiB", background=False,
                       cpu_kernel=True)
     with pytest.raises(ConfigError, match="bfloat16 on the CPU"):
@@ -306,7 +319,7 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     monkeypatch.delenv("CC")
     import multihead_nb.backends.native.runner as runner_module
 
-    monkeypatch.setattr(runner_module, "load_kernel", lambda: load_kernel("scalar"))
+    monkeypatch.setattr(runner_module, "load_kernel", lambda isa=None: load_kernel("scalar"))
     runner = ModelRunner(spec, arena, dtype=BF16, device="cpu")
     assert runner.fused is None and "scalar build is not faster" in runner.kernel_note
     forced = ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=True)
@@ -318,6 +331,15 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
     assert (runner.fused is not None) == (best in ("avx2", "avx512"))
     if runner.fused is not None:
         assert runner.kernel_note.startswith(f"fused CPU kernel {best}") and runner.model is None
+    # an instruction set named: its build (to compare builds on one machine), or an error that says why not
+    for isa in cpu_isas():
+        named = ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=isa)
+        assert named.fused.kernel.isa.startswith(isa) and named.kernel_note.startswith(f"fused CPU kernel {isa}")
+    missing = next(isa for isa in ISAS if isa not in cpu_isas())  # NEON on x86, AVX2 on ARM
+    with pytest.raises(ConfigError, match=f"required but is unavailable: this CPU .* cannot run {missing}"):
+        ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=missing)
+    with pytest.raises(ConfigError, match="kernel='avx9': expected True, False, None or one of 'avx512'"):
+        ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel="avx9")
     # quantizing: formats and shapes it cannot take are errors naming the problem; on float32 it runs dequantized
     with pytest.raises(ConfigError, match="q3_k"):
         ModelRunner(spec, arena, dtype=BF16, device="cpu", quantize="q3_k")

@@ -31,7 +31,7 @@ class LoadTarget:
 
     arena: Arena
     dtype: torch.dtype
-    cpu_kernel: bool | None = None
+    cpu_kernel: bool | str | None = None
 
     @property
     def device(self) -> torch.device:

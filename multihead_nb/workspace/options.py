@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends.native.cpu_kernel import ISAS
 from ..config import device_memory, format_size, parse_size, resolve_device, resolve_dtype
 from ..errors import ConfigError
 
@@ -23,7 +24,7 @@ class WorkspaceOptions:
     page_bytes: int
     max_batched_tokens: int
     max_seqs: int
-    cpu_kernel: bool | None  # native models' fused CPU kernel: None where it builds (see ModelRunner)
+    cpu_kernel: bool | str | None  # native models' fused CPU kernel: None where it builds, or an ISA's build (ModelRunner)
     history: int  # token rows (and bus messages) the workspace-wide logs keep
 
     def __post_init__(self):
@@ -34,9 +35,9 @@ class WorkspaceOptions:
         if have is not None and self.pool_bytes > have:
             raise ConfigError(f"pool of {format_size(self.pool_bytes)} is larger than the {format_size(have)} of "
                               f"memory {self.device} has; ask for less (e.g. pool='1GiB')")
-        if self.cpu_kernel not in (None, True, False):
-            raise ConfigError("cpu_kernel must be None (use it where it builds), True or False, "
-                              f"got {self.cpu_kernel!r}")
+        if self.cpu_kernel not in (None, True, False, *ISAS):
+            raise ConfigError("cpu_kernel must be None (use it where it builds), True, False or an instruction set's "
+                              f"build ({', '.join(map(repr, ISAS))}), got {self.cpu_kernel!r}")
         for name in ("max_batched_tokens", "max_seqs", "history"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

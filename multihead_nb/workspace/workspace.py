@@ -52,7 +52,7 @@ class Workspace:
         max_seqs: int = 128,
         background: bool | None = None,
         seed: int = 0,
-        cpu_kernel: bool | None = None,
+        cpu_kernel: bool | str | None = None,
         history: int = 200_000,
     ):
         self.options = WorkspaceOptions.parse(device, pool, page_bytes, dtype, max_batched_tokens=max_batched_tokens,

@@ -14,7 +14,7 @@ from ...errors import ConfigError
 from ...memory import Arena
 from .attention import build_metadata
 from ..batch import ForwardBatch
-from .cpu_kernel import KernelUnavailable, load_kernel
+from .cpu_kernel import ISAS, KernelUnavailable, load_kernel
 from .fused_forward import FusedForward, unsupported
 from .kernel_weights import KernelWeights, gguf_weights
 from .kernel_weights import problem as weight_problem
@@ -41,7 +41,9 @@ class ModelRunner:
     `packed`: None uses oneDNN prepacked linears where they work (CPU, bfloat16), False plain `F.linear`.
     `kernel`: the fused CPU kernel (`fused_forward.py`, every batch length). None uses it for bfloat16 on the CPU
     when this CPU has AVX2 + FMA or AVX-512 (measured faster than PyTorch at every batch size and in prefill, see
-    bench/README.md) and it builds here; True requires it (the scalar build included); False never uses it.
+    bench/README.md) and it builds here; True requires it (the best build this CPU runs, the scalar one included);
+    an instruction set's name ("avx512", "avx2", "neon", "scalar": `cpu_kernel.ISAS`) requires that build (to
+    compare builds on one machine); False never uses it.
     `kernel_note` says which path runs and why.
     `quantize`: None keeps the checkpoint's weights (bfloat16 in the kernel), or one of `quant.QUANTIZABLE`
     ("q8_0", "q4_0", "q4_1", "bf16") quantizes the matrices at load; the kernel keeps them packed, the PyTorch path
@@ -53,7 +55,7 @@ class ModelRunner:
     """
 
     def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,
-                 device: torch.device | str | None = None, packed: bool | None = None, kernel: bool | None = None,
+                 device: torch.device | str | None = None, packed: bool | None = None, kernel: bool | str | None = None,
                  quantize: str | None = None, activations: str | None = None):
         self.spec = spec
         self.arena = arena
@@ -93,10 +95,12 @@ class ModelRunner:
                 weights = KernelWeights.build(spec, weights, quantize).dense(self.dtype)
             self.model = LlamaModel(spec, weights, self.dtype, self.device, packed=packed)
 
-    def _kernel(self, kernel: bool | None):
+    def _kernel(self, kernel: bool | str | None):
         """The fused CPU kernel if this runner uses it (and None), or None and why not."""
         if kernel is False:
             return None, "the fused CPU kernel is turned off"
+        if isinstance(kernel, str) and kernel not in ISAS:
+            raise ConfigError(f"kernel={kernel!r}: expected True, False, None or one of {', '.join(map(repr, ISAS))}")
         fits = self.device.type == "cpu" and self.dtype == torch.bfloat16
         if not fits:
             if kernel:
@@ -108,7 +112,7 @@ class ModelRunner:
                 raise ConfigError(f"the fused CPU kernel cannot run this model: {shape}")
             return None, f"the fused CPU kernel cannot run {shape}"
         try:
-            built = load_kernel()
+            built = load_kernel(kernel if isinstance(kernel, str) else None)
         except KernelUnavailable as e:
             if kernel:
                 raise ConfigError(f"the fused CPU kernel was required but is unavailable: {e.reason}") from e
