@@ -102,6 +102,24 @@ def test_pool_recreates_the_default_workspace(shell):
     assert old.closed and ws.pool.num_pages == 256 and ws.page_bytes == 16384 and str(ws.device) == "cpu"
 
 
+def test_pool_picks_the_cpu_kernel_build(shell, model):
+    """`%mh pool ... --cpu-kernel K` (and `%config MultiHeadMagics.cpu_kernel`): the default workspace's kernel switch,
+    a build named to compare builds from a notebook; a word it does not know is a one-line error, nothing changed."""
+    shell.run_line_magic("mh", "pool 8MiB --page-bytes 8KiB --device cpu --dtype bfloat16 --cpu-kernel scalar")
+    ws = mh.workspace()
+    assert ws.cpu_kernel == "scalar"
+    shell.run_cell_magic("head", f"coder --model {model} --max-tokens 3", "You write Python.")
+    assert "fused CPU kernel scalar" in ws.stats()["models"][next(iter(ws.stats()["models"]))]["runs_on"]
+    shell.run_line_magic("mh", "reset")  # the magic's options, --cpu-kernel included, carry over
+    assert mh.workspace() is not ws and mh.workspace().cpu_kernel == "scalar"
+    with pytest.raises(UsageError, match="--cpu-kernel 'sse2': expected one of auto, on, off, avx512, avx2, neon"):
+        shell.run_line_magic("mh", "pool 8MiB --cpu-kernel sse2")
+    assert mh.workspace().cpu_kernel == "scalar"
+    shell.run_line_magic("config", 'MultiHeadMagics.cpu_kernel = "off"')
+    shell.run_line_magic("mh", "reset")
+    assert mh.workspace().cpu_kernel is False
+
+
 def test_config_defaults(shell, model):
     shell.run_line_magic("config", f"MultiHeadMagics.default_model = {model!r}")
     shell.run_line_magic("config", "MultiHeadMagics.max_tokens = 5")

@@ -46,10 +46,13 @@ class MultiHeadMagics(Magics):
     device = Unicode("auto", help="Device of the default workspace: auto, cpu, cuda[:N].").tag(config=True)
     dtype = Unicode("auto", help="dtype of the default workspace: auto, float32, bfloat16, float16.").tag(config=True)
     max_tokens = Integer(None, allow_none=True, help="max_tokens of a %%head without --max-tokens.").tag(config=True)
+    cpu_kernel = Unicode("auto", help="The default workspace's fused CPU kernel: auto, on, off, or a build: avx512, "
+                                      "avx2, neon, scalar.").tag(config=True)
 
     # ---- the default workspace ----------------------------------------------------------------------------
     def workspace_options(self) -> dict:
-        return {"pool": self.pool, "page_bytes": self.page_bytes, "device": self.device, "dtype": self.dtype}
+        return {"pool": self.pool, "page_bytes": self.page_bytes, "device": self.device, "dtype": self.dtype,
+                "cpu_kernel": parsers.parse_cpu_kernel(self.cpu_kernel)}
 
     def workspace(self):
         """The default workspace (`mh.workspace()`), created with this magic's options when there is none."""
@@ -134,8 +137,8 @@ class MultiHeadMagics(Magics):
     @line_magic
     @_one_line_errors
     def mh(self, line=""):
-        """%mh status | heads | pages | models | dashboard | pool SIZE [--device D] [--page-bytes B] [--dtype T] |
-        reset | run HEAD PROMPT... | load FILE [-o NAME] [--model M] [--prefix P]"""
+        """%mh status | heads | pages | models | dashboard | pool SIZE [--device D] [--page-bytes B] [--dtype T]
+        [--cpu-kernel K] | reset | run HEAD PROMPT... | load FILE [-o NAME] [--model M] [--prefix P]"""
         words = line.split(None, 1)
         cmd, rest = (words[0], words[1] if len(words) > 1 else "") if words else ("status", "")
         if cmd not in SUBCOMMANDS:
@@ -176,6 +179,7 @@ class MultiHeadMagics(Magics):
         p.add_argument("--device")
         p.add_argument("--page-bytes")
         p.add_argument("--dtype")
+        p.add_argument("--cpu-kernel", help="auto, on, off, or a build: avx512, avx2, neon, scalar")
         args = p.parse_argstring(rest)
         parsers.parse_size_arg(args.size, "pool size")
         if args.page_bytes is not None:
@@ -184,9 +188,13 @@ class MultiHeadMagics(Magics):
         options.update(pool=args.size, **{k: v for k, v in
                                           (("device", args.device), ("page_bytes", args.page_bytes),
                                            ("dtype", args.dtype)) if v is not None})
+        if args.cpu_kernel is not None:
+            options["cpu_kernel"] = parsers.parse_cpu_kernel(args.cpu_kernel)
         ws = commands.new_workspace(**options)  # raises before anything changes when an option is bad
         self.pool, self.page_bytes, self.device, self.dtype = (
             options["pool"], options["page_bytes"], options["device"], options["dtype"])
+        if args.cpu_kernel is not None:
+            self.cpu_kernel = args.cpu_kernel
         print(repr(ws))
 
     def _mh_reset(self, rest):

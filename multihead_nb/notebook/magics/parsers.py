@@ -71,6 +71,17 @@ def parse_size_arg(value: str, what: str) -> int:
         raise MagicSyntaxError(str(e)) from None
 
 
+def parse_cpu_kernel(value: str):
+    """`Workspace(cpu_kernel=...)` from its magic spelling: auto (None), on (True), off (False) or a build's name
+    (avx512, avx2, neon, scalar); a `MagicSyntaxError` listing them otherwise."""
+    from ...backends.native.cpu_kernel import ISAS
+
+    words = {"auto": None, "on": True, "off": False, **{isa: isa for isa in ISAS}}
+    if value not in words:
+        raise MagicSyntaxError(f"--cpu-kernel {value!r}: expected one of {', '.join(words)}")
+    return words[value]
+
+
 def head_options(args: object, max_tokens_default: int | None = None) -> dict:
     """The head options given on a `%%head` line (argparse namespace -> {option: value}), None left out."""
     opts = {}
