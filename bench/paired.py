@@ -97,7 +97,8 @@ def main(argv=None) -> None:
     tools = build()
     files = gguf_files(args.formats, tools)
     torch.set_num_threads(args.threads)
-    print(f"kernel build {load_kernel(args.isa).isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
+    isa = load_kernel(args.isa).isa
+    print(f"kernel build {isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
           f"GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens, decode after {args.context}")
     rows, every = {}, []
     for fmt, path in files.items():

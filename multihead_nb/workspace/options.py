@@ -24,7 +24,7 @@ class WorkspaceOptions:
     page_bytes: int
     max_batched_tokens: int
     max_seqs: int
-    cpu_kernel: bool | str | None  # native models' fused CPU kernel: None where it builds, or an ISA's build (ModelRunner)
+    cpu_kernel: bool | str | None  # native models' fused CPU kernel: None where it builds, or a build (ModelRunner)
     history: int  # token rows (and bus messages) the workspace-wide logs keep
 
     def __post_init__(self):

@@ -142,8 +142,6 @@ AI __m256 x8_offset(const int base, const uint8_t *blk) {
  * (their own accumulators: the same operations and bits as in one pass). */
 AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base), K = a->K;
-    const size_t zp2 = 2 * (size_t)zpairs(K); /* a token row's iz */
-    (void)zp2;
     const int q5 = base == MH_Q5_0 || base == MH_Q5_1;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4], corr[4];
@@ -167,9 +165,10 @@ AI void tile_x8(const int fmt, const uint8_t *w, int nb, const mh_act *a, int t0
                     s0 = dpbusd(s0, q[c], bcast4(x + 4 * c));
                     s1 = dpbusd(s1, q[c + 1], bcast4(x + 4 * c + 4));
                 }
-                /* less 128 times the block's sum of x: q x, the integers of the vpsignb path below */
-                const __m256i s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1),
-                                                   _mm256_set1_epi32(a->iz[(size_t)(t0 + t) * zp2 + b]));
+                /* less 128 times the block's sum of x (iz: a token row's zpairs(K) * 2): q x, the integers of the
+                 * vpsignb path below */
+                const int32_t sx = a->iz[(size_t)(t0 + t) * 2 * zpairs(K) + b];
+                const __m256i s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), _mm256_set1_epi32(sx));
 #else
                 __m256i s = _mm256_setzero_si256(); /* [8] int32 */
                 for (int c = 0; c < 8; c++) {
