@@ -142,6 +142,25 @@ def test_product_per_format(kernel, fmt, int8):
 
 
 
+def test_bfloat16_rounding_is_torchs(kernel):
+    """Keys, values and vdpbf16ps inputs go to bfloat16 as torch rounds (to nearest, ties to even; NaN stays NaN),
+    8 at a time on x86: ties both ways, the largest finite floats (to infinity), infinities, NaNs of both signs,
+    subnormals, zeros, and random values, at lengths with and without a tail."""
+    special = np.array([0x3F808000, 0x3F818000, 0x3F80_7FFF, 0x3F80_8001, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000,
+                        0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x00000001, 0x80008000, 0x00000000,
+                        0x80000000, 0x00FFFFFF], dtype=np.uint32).view(np.float32)
+    g = torch.Generator().manual_seed(5)
+    for x in (special, np.concatenate([special, torch.randn(37, generator=g).numpy() * 1e3])):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty(x.shape[0], dtype=np.uint16)
+        kernel.lib.mh_to_bf16(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), x.shape[0],
+                              out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint16)))
+        want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        nan = np.isnan(x)
+        assert np.array_equal(out[~nan], want[~nan]), kernel.isa
+        assert np.isnan(torch.from_numpy(out[nan].view(np.int16)).view(torch.bfloat16).float().numpy()).all()
+
+
 @pytest.mark.parametrize("isa", X86_ISAS)
 @pytest.mark.parametrize("fmt", sorted(INTERLEAVED))
 def test_interleaved_product(isa, fmt):

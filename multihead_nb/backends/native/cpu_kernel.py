@@ -91,6 +91,8 @@ class CpuKernel:
                                             ctypes.c_int]
         self.lib.mh_matmul_test.restype = ctypes.c_int
         self.lib.mh_dequant_row.argtypes = [ctypes.POINTER(MatrixStruct), ctypes.c_int, _f32p]
+        self.lib.mh_to_bf16.argtypes = [_f32p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint16)]
+        self.lib.mh_to_bf16.restype = None
         self.lib.mh_isa.restype = ctypes.c_char_p
         self.lib.mh_reads_interleaved.argtypes = [ctypes.c_int]
         self.lib.mh_reads_interleaved.restype = ctypes.c_int

@@ -101,10 +101,8 @@ int mh_forward(const mh_model *m, mh_step *s) {
                     const int64_t off = (int64_t)l * m->layer_stride + slot_offset(m, s, s->seq_of[t], s->pos[t])
                                         + (int64_t)kvh * d;
                     const float *val = w.qkv + (size_t)t * QKV + (size_t)(H + KV + kvh) * d;
-                    for (int c = 0; c < d; c++) {
-                        m->cache[off + c] = f32_to_bf16(v[c]);
-                        m->cache[off + m->kv_stride + c] = f32_to_bf16(val[c]);
-                    }
+                    f32_to_bf16_row(v, d, m->cache + off);
+                    f32_to_bf16_row(val, d, m->cache + off + m->kv_stride);
                 }
             }
 
@@ -199,6 +197,9 @@ int mh_matmul_test(const mh_matrix *W, const float *X, int T, float *out, int nu
     free(a.f), free(a.h), free(a.q), free(a.d), free(a.s16), free(a.s32), free(a.qz), free(a.dz), free(a.iz);
     return rc;
 }
+
+/* x [n] -> bfloat16 out [n] as the forward rounds keys, values and vdpbf16ps inputs. */
+void mh_to_bf16(const float *x, int n, uint16_t *out) { f32_to_bf16_row(x, n, out); }
 
 /* Row r of W as float32. */
 void mh_dequant_row(const mh_matrix *W, int r, float *out) { dequant_row(W, r, out); }

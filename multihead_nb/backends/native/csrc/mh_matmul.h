@@ -121,8 +121,7 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
             }
         for (int k = full; k < K; k++) f[k] = x[k];
     }
-    if (forms & ACT_H)
-        for (int k = 0; k < K; k++) h[k] = f32_to_bf16(x[k]);
+    if (forms & ACT_H) f32_to_bf16_row(x, K, h);
 #ifdef MH_ISA_X86
     if (forms & ACT_Q) quantize_row_avx2(x, K, q, d, s16, s32, iz);
 #ifdef MH_X8_ZMM
