@@ -274,3 +274,21 @@ def test_history_is_bounded_and_results_keep_their_own_rows(models):
     assert len(ws.tokens()) == 0 and len(ws.steps()) == 0 and len(ws.bus.messages()) == 0
     assert set(run.tokens["team_step"]) == {"x", "y"}  # the run keeps its own token frame
     assert_clean(ws)
+
+
+def test_greedy_is_torchs_argmax():
+    """The engine's greedy pick (numpy's argmax on the CPU, for speed) is torch's: the first of equal maxima, a NaN
+    before any number, any dtype and device torch's own path takes."""
+    import torch
+
+    from multihead_nb.engine.sampler import greedy
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1000, generator=g)
+    x[1, 10] = x[1, 900] = 50.0  # ties: the first
+    x[2, 7] = float("nan")
+    x[3, :] = 0.0
+    x[4, 999] = float("inf")
+    for t in (x, x.double(), x.bfloat16(), x[:, ::2]):
+        assert greedy(t) == t.argmax(dim=-1).tolist(), t.dtype
+    assert greedy(x)[1] == 10 and greedy(x)[2] == 7 and greedy(x)[3] == 0 and greedy(x)[4] == 999
