@@ -46,8 +46,8 @@ class MultiHeadMagics(Magics):
     device = Unicode("auto", help="Device of the default workspace: auto, cpu, cuda[:N].").tag(config=True)
     dtype = Unicode("auto", help="dtype of the default workspace: auto, float32, bfloat16, float16.").tag(config=True)
     max_tokens = Integer(None, allow_none=True, help="max_tokens of a %%head without --max-tokens.").tag(config=True)
-    cpu_kernel = Unicode("auto", help="The default workspace's fused CPU kernel: auto, on, off, or a build: avx512, "
-                                      "avx2, neon, scalar.").tag(config=True)
+    cpu_kernel = Unicode("auto", help="The default workspace's fused CPU kernel: "
+                                      f"{', '.join(parsers.CPU_KERNEL_WORDS)}.").tag(config=True)
 
     # ---- the default workspace ----------------------------------------------------------------------------
     def workspace_options(self) -> dict:
@@ -179,7 +179,7 @@ class MultiHeadMagics(Magics):
         p.add_argument("--device")
         p.add_argument("--page-bytes")
         p.add_argument("--dtype")
-        p.add_argument("--cpu-kernel", help="auto, on, off, or a build: avx512, avx2, neon, scalar")
+        p.add_argument("--cpu-kernel", help=f"one of {', '.join(parsers.CPU_KERNEL_WORDS)}")
         args = p.parse_argstring(rest)
         parsers.parse_size_arg(args.size, "pool size")
         if args.page_bytes is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from ...backends.native.cpu_kernel import ISAS
 from ...config import parse_size
 from ...errors import ConfigError
 from ...workspace.heads import HEAD_OPTIONS
@@ -71,15 +72,15 @@ def parse_size_arg(value: str, what: str) -> int:
         raise MagicSyntaxError(str(e)) from None
 
 
-def parse_cpu_kernel(value: str):
-    """`Workspace(cpu_kernel=...)` from its magic spelling: auto (None), on (True), off (False) or a build's name
-    (avx512, avx2, neon, scalar); a `MagicSyntaxError` listing them otherwise."""
-    from ...backends.native.cpu_kernel import ISAS
+# `Workspace(cpu_kernel=...)` by its magic spelling: auto (None), on (True), off (False) or a build's name
+CPU_KERNEL_WORDS = {"auto": None, "on": True, "off": False, **{isa: isa for isa in ISAS}}
 
-    words = {"auto": None, "on": True, "off": False, **{isa: isa for isa in ISAS}}
-    if value not in words:
-        raise MagicSyntaxError(f"--cpu-kernel {value!r}: expected one of {', '.join(words)}")
-    return words[value]
+
+def parse_cpu_kernel(value: str):
+    """`Workspace(cpu_kernel=...)` from one of CPU_KERNEL_WORDS; a `MagicSyntaxError` listing them otherwise."""
+    if value not in CPU_KERNEL_WORDS:
+        raise MagicSyntaxError(f"--cpu-kernel {value!r}: expected one of {', '.join(CPU_KERNEL_WORDS)}")
+    return CPU_KERNEL_WORDS[value]
 
 
 def head_options(args: object, max_tokens_default: int | None = None) -> dict:
