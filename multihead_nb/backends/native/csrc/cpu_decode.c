@@ -26,6 +26,16 @@ static int forms_of(const mh_model *m, const mh_matrix *a, const mh_matrix *b, c
     return act_form(a->format, i8) | (b ? act_form(b->format, i8) : 0) | (c ? act_form(c->format, i8) : 0);
 }
 
+typedef struct { /* the o product's input, prepared by attention's merges (mh_att_epilogue) */
+    const mh_act *act;
+    int K, forms;
+} mh_o_prep;
+
+static void prep_o_cols(void *ctx, int t, const float *row, int c0, int n) {
+    const mh_o_prep *p = ctx;
+    prep_token_cols(p->act, t, row + c0, p->K, c0, n, p->forms);
+}
+
 typedef struct { /* scratch of one call */
     float *x, *xn, *qkv, *gu, *attn, *sel;
     mh_att_work att;
@@ -106,7 +116,11 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 }
             }
 
-            attend_layer(m, s, l, w.qkv, QKV, w.attn, &w.att);
+            /* the o product's input prepared by the merges where they can (decode; not before the compaction) */
+            const int o_forms = act_form(Ly->o.format, m->int8_activations);
+            mh_o_prep op = {act, HD, o_forms};
+            const mh_att_epilogue ep = {prep_o_cols, &op};
+            const int prepped = attend_layer(m, s, l, w.qkv, QKV, w.attn, &w.att, last && L < T ? NULL : &ep);
 
             if (last && L < T) { /* only the rows whose logits are wanted go on */
 #pragma omp single
@@ -126,7 +140,10 @@ int mh_forward(const mh_model *m, mh_step *s) {
             }
             act->T = rows;
             act->K = HD;
-            prep_act(act, w.attn, HD, act_form(Ly->o.format, m->int8_activations));
+            if (prepped)
+                act_view(act, w.attn, HD, o_forms);
+            else
+                prep_act(act, w.attn, HD, o_forms);
             {
                 mh_part o = {&Ly->o, Ly->bo, w.x, h, 1};
                 matmul(&o, 1, act);

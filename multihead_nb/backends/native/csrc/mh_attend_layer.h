@@ -41,6 +41,13 @@ typedef struct {
     float *po, *pmx, *psm; /* [chunks, KV, G, d], [chunks, KV, G], [chunks, KV, G]: the chunks' partial results */
 } mh_att_work;
 
+/* What the forward does with a lone token's merged output while it is in the merging core's cache: fn(ctx, t, row,
+ * c0, n) once the columns [c0, c0 + n) of attn row t (row: its start) are final (attend_layer says when it calls it). */
+typedef struct {
+    void (*fn)(void *ctx, int t, const float *row, int c0, int n);
+    void *ctx;
+} mh_att_epilogue;
+
 static void att_work_free(mh_att_work *a) { /* and every pointer NULL: freeing twice is harmless */
     free(a->scores), free(a->tstart), free(a->task), free(a->po), free(a->pmx), free(a->psm);
     a->scores = a->po = a->pmx = a->psm = NULL;
@@ -58,11 +65,11 @@ static int att_blockable(const mh_model *m, const mh_step *s, int t) {
 static int att_block_rows(const mh_model *m) { return (MH_ATT_BLOCK * (m->heads / m->kv_heads) + 23) / 24 * 24; }
 
 /* Floats of one thread's attention scratch: a lone token's scores [G, ldsc] and widened keys [64, d] (a block's
- * too); a block's queries [d, rows], scores [64, rows], one score tile's partials [8, 12, 8], a merge's [d, 8], and
+ * too); a block's queries [d, rows], scores [64, rows], one score tile's partials [16, 12, 8], a merge's [d, 8], and
  * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each. */
 static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
     const size_t G = m->heads / m->kv_heads, d = m->head_dim, rows = att_block_rows(m);
-    return (G * ldsc + 64 * d + d * rows + 64 * rows + 768 + 8 * d + bch * (d + 2) * rows + 15) / 16 * 16;
+    return (G * ldsc + 64 * d + d * rows + 64 * rows + 1536 + 8 * d + bch * (d + 2) * rows + 15) / 16 * 16;
 }
 
 typedef struct { /* one thread's share of a->scores */
@@ -73,7 +80,7 @@ typedef struct { /* one thread's share of a->scores */
 static mh_thread_att thread_att(const mh_model *m, const mh_att_work *a, int thread) {
     const size_t G = m->heads / m->kv_heads, d = m->head_dim, rows = att_block_rows(m);
     float *p = a->scores + (size_t)thread * att_thread_floats(m, a->ldsc, a->block_chunks), *f = p + G * a->ldsc;
-    float *qt = f + 64 * d, *sb = qt + d * rows, *part = sb + 64 * rows, *tmp = part + 768, *ot = tmp + 8 * d;
+    float *qt = f + 64 * d, *sb = qt + d * rows, *part = sb + 64 * rows, *tmp = part + 1536, *ot = tmp + 8 * d;
     float *mx = ot + (size_t)a->block_chunks * d * rows, *sm = mx + (size_t)a->block_chunks * rows;
     return (mh_thread_att){p, f, ot, mx, sm, {qt, sb, part, tmp}};
 }
@@ -189,12 +196,16 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
 }
 
 /* Layer l's attention of s->T tokens: queries from qkv [T, ldq] (the token's H query heads first), outputs into
- * attn [T, H d]. Call from every thread of the forward's region; returns after the loops' barriers. */
-static void attend_layer(const mh_model *m, const mh_step *s, int l, const float *qkv, int ldq, float *attn,
-                         const mh_att_work *a) {
+ * attn [T, H d]. Call from every thread of the forward's region; returns after the loops' barriers. Returns 1 when
+ * `ep` (may be NULL) ran for every output: the split attention of lone tokens only (decode steps) with each KV
+ * head's G d columns whole pairs of 32-blocks (G d % 64 == 0), where each (token, KV head) merge calls it on the
+ * columns it wrote; otherwise 0 (and ep was not called). */
+static int attend_layer(const mh_model *m, const mh_step *s, int l, const float *qkv, int ldq, float *attn,
+                        const mh_att_work *a, const mh_att_epilogue *ep) {
     const int T = s->T, H = m->heads, KV = m->kv_heads, G = H / KV, d = m->head_dim, HD = H * d;
 #if defined(MH_ISA_X86)
     if (a->mode == ATT_SPLIT) {
+        const int epilogue = ep && a->block_chunks == 0 && G * d % 64 == 0;
         const mh_thread_att w = thread_att(m, a, omp_get_thread_num());
         const int n = a->tasks * KV, nt = omp_get_num_threads();
         if (a->block_chunks == 0) { /* lone tokens only (decode): each thread's next task known, its keys fetched */
@@ -211,9 +222,12 @@ static void attend_layer(const mh_model *m, const mh_step *s, int l, const float
             const size_t slot = (size_t)(a->tstart[t] * KV + kvh * nch);
             attn_merge(G, d, nch, a->po + slot * G * d, a->pmx + slot * G, a->psm + slot * G,
                        attn + (size_t)t * HD + (size_t)kvh * G * d);
+            if (epilogue) ep->fn(ep->ctx, t, attn + (size_t)t * HD, kvh * G * d, G * d);
         }
-        return;
+        return epilogue;
     }
+#else
+    (void)ep;
 #endif
     float *sc = a->scores + (size_t)omp_get_thread_num() * (a->mode == ATT_HEADS ? 1 : G) * a->ldsc;
     if (a->mode == ATT_GROUPED) {
@@ -231,6 +245,7 @@ static void attend_layer(const mh_model *m, const mh_step *s, int l, const float
             attend(m, s, l, t, hq, qkv + (size_t)t * ldq + (size_t)hq * d, sc, attn + (size_t)t * HD + (size_t)hq * d);
         }
     }
+    return 0;
 }
 
 #endif

@@ -161,8 +161,9 @@ static inline void scores_4x3(const float *const *qg, const uint16_t *const *kp,
 
 /* One chunk [j0, j1] of token t's keys, the G (<= 8) query heads of KV head kvh (d % 8 == 0, d <= 256), in AVX2 +
  * FMA: scores of 4 keys x 3 heads at a time (each key row widened once for 3 heads), a vectorized exp, values
- * summed 32 columns x 3 heads at a time (values_32x3). AVX-512 builds do the same multiply-adds in half the
- * instructions (two keys' 8 lanes per score vector, 64 value columns: values_64x3): the same bits. Writes the
+ * summed 32 columns x 3 heads at a time (values_32x3). AVX-512 builds sum the values' same multiply-adds 64 columns
+ * at a time (values_64x3: the same bits) and the scores over 16 lanes where d % 32 == 0 (scores16_4x3: this
+ * build's own order; otherwise the 8-lane loops' multiply-adds, two keys per vector). Writes the
  * unnormalized output o [G, d], the scores' max mx [G] and the sum of exp(score - max) sm [G]; `attn_merge`
  * combines a token's chunks. sc: scratch [G, ldsc >= n]. next [nnext]: key rows to fetch for the thread's next
  * task. */
@@ -181,10 +182,18 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     const int row_bytes = 2 * d;
     for (int j = 0; j < n && j < MH_KEYS_AHEAD; j++)
         for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)kp_all[j] + c, _MM_HINT_T0);
+#if defined(MH_ATT_ZMM)
+    float qz[3 * MH_GROUP_DIM]; /* d % 32 == 0: 3 heads' queries in scores16_4x3's lane order */
+    const float *qzg[3] = {qz, qz + d, qz + 2 * d};
+#endif
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *qg[3];
         for (int g = 0; g < 3; g++) qg[g] = qs + (size_t)(g0 + (g < ng ? g : ng - 1)) * d;
+#if defined(MH_ATT_ZMM)
+        if (d % 32 == 0)
+            for (int g = 0; g < 3; g++) lanes16_q(qg[g], d, qz + (size_t)g * d);
+#endif
         for (int k0 = 0; k0 < n; k0 += 4) {
             const int nk = n - k0 < 4 ? n - k0 : 4;
             const uint16_t *kp[4];
@@ -196,10 +205,19 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                             _mm_prefetch((const char *)kp_all[k0 + MH_KEYS_AHEAD + i] + c, _MM_HINT_T0);
                         _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
                     }
-            __m256 acc[3][4];
-            scores_4x3(qg, kp, d, acc);
+            __m128 r4s[3];
+#if defined(MH_ATT_ZMM)
+            if (d % 32 == 0)
+                scores16_4x3(qzg, kp, d, r4s);
+            else
+#endif
+            {
+                __m256 acc[3][4];
+                scores_4x3(qg, kp, d, acc);
+                for (int g = 0; g < ng; g++) r4s[g] = hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+            }
             for (int g = 0; g < ng; g++) { /* 4 scores in one store where the row has room (past n: unread) */
-                const __m128 r4 = hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+                const __m128 r4 = r4s[g];
                 float *dst = sc + (size_t)(g0 + g) * ldsc + k0;
                 if (k0 + 4 <= ldsc) {
                     _mm_storeu_ps(dst, r4);

@@ -11,7 +11,7 @@
 
 /* Per-thread scratch of a block's attention, for blocks of at most rmax rows (a multiple of 24) and chunks of at
  * most 64 keys: qt [d, rmax] (the queries, scaled, rows in columns), s [64, rmax] (scores, then exps), part
- * [8, 12, 8] (one score tile's lane partials), tmp [d, 8] (merged outputs before their transpose). */
+ * [16, 12, 8] (one score tile's lane partials), tmp [d, 8] (merged outputs before their transpose). */
 typedef struct {
     float *qt, *s, *part, *tmp;
 } mh_block_scratch;
@@ -36,14 +36,29 @@ static inline void transpose8(__m256 *r) {
     x##10 = x##00, x##11 = x##00, x##12 = x##00, x##13 = x##00, x##20 = x##00, x##21 = x##00, x##22 = x##00, \
     x##23 = x##00
 
+/* Whether this build's lone-token scores sum over 16 lanes for head size d (scores16_4x3, AVX-512 builds). */
+static inline int att_lanes16(int d) {
+#if defined(MH_ATT_ZMM)
+    return d % 32 == 0;
+#else
+    (void)d;
+    return 0;
+#endif
+}
+
 /* Scores of 3 row vectors (qt + 8 r, rows ldq apart, r < 3) x 4 keys (kr[i], d floats each) -> s + i lds + 8 r for
- * i < nk, in a lone token's order: lane partial l sums q[c] k[c] over c = l, l + 8, ... by multiply-adds in order,
- * the 8 partials then added as hsum4x8 adds them, ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)). */
+ * i < nk, in a lone token's order. 8 lanes: partial l sums q[c] k[c] over c = l, l + 8, ... by multiply-adds in
+ * order, the 8 partials then added as hsum4x8 adds them, ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)).
+ * 16 lanes (att_lanes16): partial p over each 32 dims u in order, c = u + f(p) then u + f(p) + 4 (f(p) = 8 (p / 4)
+ * + p % 4), the 16 partials then added as hsum16x4 adds them. part: scratch [16, 12, 8]. */
 static void block_scores_3x4(const float *qt, int ldq, const float *const *kr, int d, float *part, float *s, int lds,
                              int nk) {
-    for (int l = 0; l < 8; l++) {
+    const int lanes = att_lanes16(d) ? 16 : 8;
+    for (int l = 0; l < lanes; l++) {
         MH_ACC12(a);
-        for (int c = l; c < d; c += 8) {
+        const int span = lanes == 16 ? 32 : 8, first = lanes == 16 ? 8 * (l / 4) + l % 4 : l;
+        for (int i = 0; i < d / span * (lanes / 8); i++) { /* 8 lanes: c = l + 8 i; 16: u + f, u + f + 4 */
+            const int c = lanes == 16 ? i / 2 * 32 + first + 4 * (i % 2) : first + 8 * i;
             const float *q = qt + (size_t)c * ldq;
             const __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8), q2 = _mm256_loadu_ps(q + 16);
             __m256 k = _mm256_broadcast_ss(kr[0] + c);
@@ -61,6 +76,15 @@ static void block_scores_3x4(const float *qt, int ldq, const float *const *kr, i
     for (int r = 0; r < 3; r++)
         for (int i = 0; i < nk; i++) {
             const float *p = part + (size_t)(r * 4 + i) * 8; /* partial l at p + 96 l */
+            if (lanes == 16) {
+                __m256 x[8];
+                for (int e = 0; e < 8; e++)
+                    x[e] = _mm256_add_ps(_mm256_loadu_ps(p + 96 * e), _mm256_loadu_ps(p + 96 * (e + 8)));
+                for (int e = 0; e < 4; e++) x[e] = _mm256_add_ps(x[e], x[e + 4]);
+                for (int e = 0; e < 2; e++) x[e] = _mm256_add_ps(x[e], x[e + 2]);
+                _mm256_storeu_ps(s + (size_t)i * lds + 8 * r, _mm256_add_ps(x[0], x[1]));
+                continue;
+            }
             const __m256 p01 = _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 96));
             const __m256 p23 = _mm256_add_ps(_mm256_loadu_ps(p + 192), _mm256_loadu_ps(p + 288));
             const __m256 p45 = _mm256_add_ps(_mm256_loadu_ps(p + 384), _mm256_loadu_ps(p + 480));

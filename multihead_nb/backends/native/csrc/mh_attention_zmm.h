@@ -1,11 +1,13 @@
 /* The lone-token attention's inner loops 512 bits wide, for AVX-512 builds: mh_attention_avx2.h includes it, and
- * where MH_ATT_ZMM is defined takes this scores_4x3 in place of its 256-bit one and values_64x3 for each 64 value
- * columns. Every lane does the multiply-adds the 8-lane loops do, in the same order, so a token's attention is the
- * same bits as there (and as in a prompt block, mh_attention_block.h) in half the instructions: a batch-3 step's
- * attention 1.27 -> 1.14 M cycles on a Zen 5. Knows nothing of chunks, pages or threads. */
+ * where MH_ATT_ZMM is defined takes values_64x3 for each 64 value columns (each output's multiply-adds as the 8-lane
+ * loops do them: the same bits as there) and, for head sizes that are multiples of 32, scores16_4x3 (below): each
+ * score summed over 16 lanes, an order of this build's own, which the prompt blocks (mh_attention_block.h,
+ * block_scores_3x4) follow, so a token's attention is the same bits alone and in a block. For other head sizes
+ * scores_4x3 here does the 8-lane loops' multiply-adds two keys per vector (the AVX2 build's bits). Knows nothing of
+ * chunks, pages or threads. */
 #ifndef MH_ATTENTION_ZMM_H
 #define MH_ATTENTION_ZMM_H
-#if defined(MH_ISA_X86) && defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(MH_ISA_X86) && defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
 #define MH_ATT_ZMM 1
 /* 8 bfloat16 of row a and 8 of row b -> 16 float32, a's in the low half (exact). */
 static inline __m512 widen8x2(const uint16_t *a, const uint16_t *b) {
@@ -37,6 +39,62 @@ static inline void scores_4x3(const float *const *qg, const uint16_t *const *kp,
             acc[g][2 * h] = _mm512_castps512_ps256(zz[g][h]);
             acc[g][2 * h + 1] = _mm512_extractf32x8_ps(zz[g][h], 1);
         }
+}
+
+/* Scores over 16 lanes (head sizes d % 32 == 0). Each 32 bfloat16 of a key row are widened by two unpacks with
+ * zeros, no shuffles across 128-bit lanes: lane p (0..15) of the low one holds dim f(p) = 8 (p / 4) + p % 4 of the
+ * 32, of the high one dim f(p) + 4. Lane p sums q[c] k[c] over the 32-dim units u in order, dims u + f(p) then
+ * u + f(p) + 4, by multiply-adds from zero; the 16 lane partials P are then added in one tree: P[e] + P[e + 8],
+ * then e + 4, e + 2, e + 1 apart (hsum16x4). The queries are stored in the same lane order once per task
+ * (lanes16_q), held in registers for 4 keys at a time: per key and 32 dims one load, two unpacks and six
+ * multiply-adds for 3 heads, against eight widenings and broadcasts in the 8-lane order. */
+static inline void lanes16_q(const float *q, int d, float *qz) { /* q [d] -> qz [d], per 32: low lanes, high lanes */
+    const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(4));
+    for (int u = 0; u < d; u += 32) {
+        const __m512 a = _mm512_loadu_ps(q + u), b = _mm512_loadu_ps(q + u + 16);
+        _mm512_storeu_ps(qz + u, _mm512_permutex2var_ps(a, lo, b));
+        _mm512_storeu_ps(qz + u + 16, _mm512_permutex2var_ps(a, hi, b));
+    }
+}
+
+/* 4 keys' 16 lane partials -> their 4 sums: P[e] + P[e + 8] (e < 8), then + 4 (e < 4), + 2, + 1 apart. */
+static inline __m128 hsum16x4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    /* quarter i: key i's 8 sums; then its 4, then 2, then 1 (in its quarter's first element) */
+    const __m512 s4 = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+    const __m512 s2 = _mm512_add_ps(s4, _mm512_permute_ps(s4, 0x4E));
+    const __m512 s1 = _mm512_add_ps(s2, _mm512_permute_ps(s2, 0xB1));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                          0, 0, 0, 0), s1));
+}
+
+/* Scores of 4 keys (kp[i], d % 32 == 0 bfloat16 each) x 3 query rows in lane order (qz[g], lanes16_q) -> out[g]
+ * (key i in element i), each summed as above. */
+static inline void scores16_4x3(const float *const *qz, const uint16_t *const *kp, int d, __m128 out[3]) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    const __m512i z = _mm512_setzero_si512();
+    for (int u = 0; u < d; u += 32) {
+        const __m512 q0l = _mm512_loadu_ps(qz[0] + u), q0h = _mm512_loadu_ps(qz[0] + u + 16);
+        const __m512 q1l = _mm512_loadu_ps(qz[1] + u), q1h = _mm512_loadu_ps(qz[1] + u + 16);
+        const __m512 q2l = _mm512_loadu_ps(qz[2] + u), q2h = _mm512_loadu_ps(qz[2] + u + 16);
+#define MH_KEY16(i, x0, x1, x2)                                                                                    \
+    {                                                                                                              \
+        const __m512i k = _mm512_loadu_si512((const void *)(kp[i] + u));                                           \
+        const __m512 kl = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, k));                                        \
+        const __m512 kh = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, k));                                        \
+        x0 = _mm512_fmadd_ps(q0h, kh, _mm512_fmadd_ps(q0l, kl, x0));                                               \
+        x1 = _mm512_fmadd_ps(q1h, kh, _mm512_fmadd_ps(q1l, kl, x1));                                               \
+        x2 = _mm512_fmadd_ps(q2h, kh, _mm512_fmadd_ps(q2l, kl, x2));                                               \
+    }
+        MH_KEY16(0, a00, a10, a20) MH_KEY16(1, a01, a11, a21) MH_KEY16(2, a02, a12, a22) MH_KEY16(3, a03, a13, a23)
+#undef MH_KEY16
+    }
+    out[0] = hsum16x4(a00, a01, a02, a03);
+    out[1] = hsum16x4(a10, a11, a12, a13);
+    out[2] = hsum16x4(a20, a21, a22, a23);
 }
 
 /* values_32x3 for 64 columns, 16 per vector: each output's multiply-adds as there. */

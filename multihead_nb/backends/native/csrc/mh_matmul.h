@@ -151,18 +151,31 @@ static void prep_row(const float *x, int K, int forms, float *f, uint16_t *h, in
 #endif
 }
 
+/* Elements [c0, c0 + n) of token row t of K elements (x: the row's element c0) into a's buffers (rows K apart) in
+ * the forms asked for: the same bits as the whole row's, every form being made per element, per 32-block or per
+ * pair of blocks (c0 % 64 == 0; n % 64 == 0 unless the piece ends the row). */
+static void prep_token_cols(const mh_act *a, int t, const float *x, int K, int c0, int n, int forms) {
+    const size_t nb = (size_t)K / 32, r = (size_t)t, zp = (size_t)zpairs(K), e = (size_t)c0;
+    prep_row(x, n, forms, a->f + r * K + e, a->h + r * K + e, a->q + r * K + e, a->d + r * nb + e / 32,
+             a->s16 + r * 2 * nb + e / 16, a->s32 + r * nb + e / 32, a->qz + (r * zp + e / 64) * 64,
+             a->dz + (r * zp + e / 64) * MH_ZF, a->iz + r * zp * 2 + e / 32);
+}
+
 /* Token row t of K elements, x [K], into a's buffers (rows K apart) in the forms asked for. */
 static void prep_token(const mh_act *a, int t, const float *x, int K, int forms) {
-    const size_t nb = (size_t)K / 32, r = (size_t)t, zp = (size_t)zpairs(K);
-    prep_row(x, K, forms, a->f + r * K, a->h + r * K, a->q + r * K, a->d + r * nb, a->s16 + r * 2 * nb,
-             a->s32 + r * nb, a->qz + r * zp * 64, a->dz + r * zp * MH_ZF, a->iz + r * zp * 2);
+    prep_token_cols(a, t, x, K, 0, K, forms);
+}
+
+/* This thread's view of a product's input: rows X [T, ldx], prepared in `forms` (a->T, a->K set by the caller). */
+static void act_view(mh_act *a, const float *X, int ldx, int forms) {
+    a->forms = forms;
+    a->x = X;
+    a->ldx = ldx;
 }
 
 /* The a->T rows of X [T, ldx] into `a` (a->T, a->K set by the caller; call from every thread). */
 static void prep_act(mh_act *a, const float *X, int ldx, int forms) {
-    a->forms = forms;
-    a->x = X;
-    a->ldx = ldx;
+    act_view(a, X, ldx, forms);
 #pragma omp for schedule(static)
     for (int t = 0; t < a->T; t++) prep_token(a, t, X + (size_t)t * ldx, a->K, forms);
 }
