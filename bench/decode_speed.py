@@ -108,6 +108,7 @@ class Seqs:
 
     def forward(self, tokens: list[list[int]]) -> list[int]:
         from multihead_nb.backends.native import ForwardBatch
+        from multihead_nb.engine.sampler import greedy
 
         tpp = self.layout.tokens_per_page
         ids, pos, slots, ql, cl, li = [], [], [], [], [], []
@@ -123,7 +124,7 @@ class Seqs:
         t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
         tables = [self.tables[i][: self.layout.pages_for(self.lens[i])] for i in range(self.batch)]
         logits = self.runner.forward(ForwardBatch(t(ids), t(pos), t(slots), ql, cl, tables, t(li)))
-        return logits.argmax(-1).tolist()
+        return greedy(logits)  # the engine's pick (torch's argmax took 27 us at batch 1, 67 at batch 3)
 
     def reset(self) -> None:
         self.lens = [0] * self.batch
