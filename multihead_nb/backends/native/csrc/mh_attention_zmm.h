@@ -97,26 +97,37 @@ static inline void scores16_4x3(const float *const *qz, const uint16_t *const *k
     out[2] = hsum16x4(a20, a21, a22, a23);
 }
 
-/* values_32x3 for 64 columns, 16 per vector: each output's multiply-adds as there. */
+/* values_32x3 for 64 columns, 16 per vector: each output's multiply-adds as there. Each 32 bfloat16 of a value row
+ * are widened by two unpacks with zeros (lane p of the low one column f(p) = 8 (p / 4) + p % 4, of the high one
+ * f(p) + 4, as in scores16_4x3), the columns put back in order once at the end. */
 static inline void values_64x3(const uint16_t *const *kp, int64_t off, int n, const float *const *pr, int ng, int d,
                                float *o) {
     __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    const __m512i z = _mm512_setzero_si512();
     for (int j = 0; j < n; j++) {
         const uint16_t *v = kp[j] + off;
         const __m512 p0 = _mm512_set1_ps(pr[0][j]), p1 = _mm512_set1_ps(pr[1][j]), p2 = _mm512_set1_ps(pr[2][j]);
-        __m512 x = widen16(v);
+        const __m512i v0 = _mm512_loadu_si512((const void *)v), v1 = _mm512_loadu_si512((const void *)(v + 32));
+        __m512 x = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v0));
         a00 = _mm512_fmadd_ps(p0, x, a00), a10 = _mm512_fmadd_ps(p1, x, a10), a20 = _mm512_fmadd_ps(p2, x, a20);
-        x = widen16(v + 16);
+        x = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v0));
         a01 = _mm512_fmadd_ps(p0, x, a01), a11 = _mm512_fmadd_ps(p1, x, a11), a21 = _mm512_fmadd_ps(p2, x, a21);
-        x = widen16(v + 32);
+        x = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v1));
         a02 = _mm512_fmadd_ps(p0, x, a02), a12 = _mm512_fmadd_ps(p1, x, a12), a22 = _mm512_fmadd_ps(p2, x, a22);
-        x = widen16(v + 48);
+        x = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v1));
         a03 = _mm512_fmadd_ps(p0, x, a03), a13 = _mm512_fmadd_ps(p1, x, a13), a23 = _mm512_fmadd_ps(p2, x, a23);
     }
+    /* lanes -> columns: of 32 columns, 0-15 from the low/high pair's (0-3 low, 4-7 high, 8-11 low, ...), 16-31 */
+    const __m512i c0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i c1 = _mm512_add_epi32(c0, _mm512_set1_epi32(8));
     const __m512 res[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};
     for (int g = 0; g < ng; g++)
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + (size_t)g * d + 16 * c, res[g][c]);
+        for (int h = 0; h < 2; h++) {
+            const __m512 lo = res[g][2 * h], hi = res[g][2 * h + 1];
+            _mm512_storeu_ps(o + (size_t)g * d + 32 * h, _mm512_permutex2var_ps(lo, c0, hi));
+            _mm512_storeu_ps(o + (size_t)g * d + 32 * h + 16, _mm512_permutex2var_ps(lo, c1, hi));
+        }
 }
 #endif
 #endif
