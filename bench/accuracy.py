@@ -4,7 +4,7 @@ against the float32 reference on the same dequantized weights, and llama.cpp's o
 weights in the same format.
 
     python -m bench.accuracy [--formats bf16 q8_0 q5_0 q4_0 q4_1 q4_k_m] [--tokens 64] [--no-llama]
-                             [--activations int8 float32]
+                             [--activations int8 float32] [--isa avx2]
 
 Per format: the reference is the PyTorch path in float32 on the checkpoint quantized to that format and dequantized
 (for bf16, the checkpoint's bfloat16 values; for formats only llama.cpp makes, Q4_K_M, the GGUF file
@@ -58,8 +58,9 @@ def greedy(runner, pages: int, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def runner_for(spec, dtype, kernel: bool, fmt: str, tokens: int, activations: str | None = None):
-    """A runner of `spec` in `fmt` (quantized at load; a GGUF spec as its file holds it)."""
+def runner_for(spec, dtype, kernel: bool | str, fmt: str, tokens: int, activations: str | None = None):
+    """A runner of `spec` in `fmt` (quantized at load; a GGUF spec as its file holds it); `kernel`: False (the
+    PyTorch path), True (the best build this CPU runs) or a build's name ("avx2")."""
     from multihead_nb.memory import Arena
     from multihead_nb.backends.native import ModelRunner
 
@@ -72,6 +73,8 @@ def runner_for(spec, dtype, kernel: bool, fmt: str, tokens: int, activations: st
 
 
 def main(argv=None) -> None:
+    from multihead_nb.backends.native.cpu_kernel import ISAS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q5_0", "q4_0", "q4_1", "q4_k_m"])
     ap.add_argument("--tokens", type=int, default=64)
@@ -79,6 +82,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--activations", nargs="+", default=["int8", "float32"], choices=["int8", "float32"],
                     help="the kernel's inputs to quantized products (a row each; bf16 has none)")
+    ap.add_argument("--isa", choices=ISAS,
+                    help="the kernel's build for this instruction set (default: the best this CPU runs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -122,7 +127,7 @@ def main(argv=None) -> None:
                 server.close()
         n_pos = args.tokens * len(prompts)
         for acts in args.activations[:1] if fmt == "bf16" else args.activations:
-            ker, ker_pages = runner_for(fspec, torch.bfloat16, True, fmt, total, acts)
+            ker, ker_pages = runner_for(fspec, torch.bfloat16, args.isa or True, fmt, total, acts)
             dist, maxabs, argmax_same, free_same = 0.0, 0.0, 0, 0
             for p, ref_tokens in zip(prompts, ref_tokens_all):
                 seq = p + ref_tokens[:-1]
