@@ -229,16 +229,18 @@ ATTENTION_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("weights", ["bf16", "q8_0-float32-inputs"])
+@pytest.mark.parametrize("weights", ["bf16", "q8_0-float32-inputs", "q8_0-int8-inputs", "q4_0-int8-inputs"])
 @pytest.mark.parametrize("shape", list(ATTENTION_SHAPES))
 def test_prefill_equals_decode_bit_for_bit(tiny_ckpt, kernel, shape, weights):
     """A prompt's last token has the same logits, bit for bit, whether the prompt runs in one forward (its tokens
     share attention tasks, a chunk of keys widened once for several of them), in uneven chunks, or up to its last
     token which then runs alone as a decode step: how tokens are grouped changes no sum. With Q8_0 weights taking
     float32 inputs every bit of an attention output reaches the logits (bfloat16 weights on AVX-512 BF16 round
-    o_proj's inputs to bfloat16, which hides most one-bit differences)."""
+    o_proj's inputs to bfloat16, which hides most one-bit differences); with int8 inputs the decode
+    steps prepare o_proj's input in attention's merges, the prompt after them: the same int8, scales and sums."""
     family, overrides = ATTENTION_SHAPES[shape]
-    quantize, int8 = (None, True) if weights == "bf16" else ("q8_0", False)
+    quantize, int8 = {"bf16": (None, True), "q8_0-float32-inputs": ("q8_0", False),
+                      "q8_0-int8-inputs": ("q8_0", True), "q4_0-int8-inputs": ("q4_0", True)}[weights]
     path = tiny_ckpt(family, **overrides)
     g = torch.Generator().manual_seed(4)
     prompt = torch.randint(3, 300, (150,), generator=g).tolist()
