@@ -16,11 +16,6 @@ static inline __m512 widen8x2(const uint16_t *a, const uint16_t *b) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(ab), 16));
 }
 
-/* 16 bfloat16 -> float32 (exact). */
-static inline __m512 widen16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 /* scores_4x3 with two keys' 8 lanes per vector (keys 0 and 2 in the low halves). */
 static inline void scores_4x3(const float *const *qg, const uint16_t *const *kp, int d, __m256 acc[3][4]) {
     __m512 z00 = _mm512_setzero_ps(), z01 = z00, z10 = z00, z11 = z00, z20 = z00, z21 = z00;
