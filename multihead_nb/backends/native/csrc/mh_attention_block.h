@@ -56,20 +56,22 @@ static void block_scores_3x4(const float *qt, int ldq, const float *const *kr, i
     const int lanes = att_lanes16(d) ? 16 : 8;
     for (int l = 0; l < lanes; l++) {
         MH_ACC12(a);
-        const int span = lanes == 16 ? 32 : 8, first = lanes == 16 ? 8 * (l / 4) + l % 4 : l;
-        for (int i = 0; i < d / span * (lanes / 8); i++) { /* 8 lanes: c = l + 8 i; 16: u + f, u + f + 4 */
-            const int c = lanes == 16 ? i / 2 * 32 + first + 4 * (i % 2) : first + 8 * i;
-            const float *q = qt + (size_t)c * ldq;
-            const __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8), q2 = _mm256_loadu_ps(q + 16);
-            __m256 k = _mm256_broadcast_ss(kr[0] + c);
-            a00 = _mm256_fmadd_ps(q0, k, a00), a10 = _mm256_fmadd_ps(q1, k, a10), a20 = _mm256_fmadd_ps(q2, k, a20);
-            k = _mm256_broadcast_ss(kr[1] + c);
-            a01 = _mm256_fmadd_ps(q0, k, a01), a11 = _mm256_fmadd_ps(q1, k, a11), a21 = _mm256_fmadd_ps(q2, k, a21);
-            k = _mm256_broadcast_ss(kr[2] + c);
-            a02 = _mm256_fmadd_ps(q0, k, a02), a12 = _mm256_fmadd_ps(q1, k, a12), a22 = _mm256_fmadd_ps(q2, k, a22);
-            k = _mm256_broadcast_ss(kr[3] + c);
-            a03 = _mm256_fmadd_ps(q0, k, a03), a13 = _mm256_fmadd_ps(q1, k, a13), a23 = _mm256_fmadd_ps(q2, k, a23);
-        }
+        /* lane l's dims in order: per unit u of `span` dims, c = u + first (8 lanes), or u + first and u + first + 4 */
+        const int span = lanes == 16 ? 32 : 8, last = lanes == 16 ? 4 : 0;
+        const int first = lanes == 16 ? 8 * (l / 4) + l % 4 : l;
+        for (int u = 0; u < d; u += span)
+            for (int c = u + first; c <= u + first + last; c += 4) {
+                const float *q = qt + (size_t)c * ldq;
+                const __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8), q2 = _mm256_loadu_ps(q + 16);
+                __m256 k = _mm256_broadcast_ss(kr[0] + c);
+                a00 = _mm256_fmadd_ps(q0, k, a00), a10 = _mm256_fmadd_ps(q1, k, a10), a20 = _mm256_fmadd_ps(q2, k, a20);
+                k = _mm256_broadcast_ss(kr[1] + c);
+                a01 = _mm256_fmadd_ps(q0, k, a01), a11 = _mm256_fmadd_ps(q1, k, a11), a21 = _mm256_fmadd_ps(q2, k, a21);
+                k = _mm256_broadcast_ss(kr[2] + c);
+                a02 = _mm256_fmadd_ps(q0, k, a02), a12 = _mm256_fmadd_ps(q1, k, a12), a22 = _mm256_fmadd_ps(q2, k, a22);
+                k = _mm256_broadcast_ss(kr[3] + c);
+                a03 = _mm256_fmadd_ps(q0, k, a03), a13 = _mm256_fmadd_ps(q1, k, a13), a23 = _mm256_fmadd_ps(q2, k, a23);
+            }
         const __m256 res[12] = {a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23};
         for (int x = 0; x < 12; x++) _mm256_storeu_ps(part + (size_t)(l * 12 + x) * 8, res[x]);
     }
