@@ -156,18 +156,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 matmul(gu, 2, act);
             }
 #pragma omp barrier
-            act->K = I;
-            const int down_forms = act_form(Ly->down.format, m->int8_activations);
-#pragma omp for schedule(static)
-            for (int t = 0; t < rows; t++) {
-                const float *g = w.gu + (size_t)t * 2 * I;
-                float *a = w.xn + (size_t)t * I;
-                silu_mul_row(g, g + I, I, a);
-                prep_token(act, t, a, I, down_forms);
-            }
-            act->x = w.xn;
-            act->forms = down_forms;
-            act->ldx = I;
+            silu_into_act(act, w.gu, rows, I, w.xn, act_form(Ly->down.format, m->int8_activations));
             {
                 mh_part down = {&Ly->down, NULL, w.x, h, 1};
                 matmul(&down, 1, act);
