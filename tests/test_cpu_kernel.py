@@ -365,20 +365,33 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
 
 
 def test_kernel_refuses_out_of_range_ids_and_pages(tiny_ckpt, kernel):
-    """The C code indexes the embedding and the arena unchecked: the Python side refuses what would read past them."""
+    """The kernel checks what it would index (check_step: the embedding, the contexts, the arena, the logits rows)
+    and refuses a batch that reads past them, nothing written, each with an error naming the problem; a block table
+    shorter than its context is refused while it is copied. Then a good step still gives the reference's logits."""
     pair = Pair(tiny_ckpt("llama"), kernel, num_seqs=1)
     runner, V = pair.runners["kernel"], pair.spec.vocab_size
     t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     table = pair.tables["kernel"][0]
     tpp = runner.tokens_per_page
+    arena = pair.arenas["kernel"].data
+    before = arena.clone()
     with pytest.raises(IndexError, match="vocabulary"):
         runner.forward(ForwardBatch(t([3, V]), t([0, 1]), t([table[0] * tpp, table[0] * tpp + 1]), [2], [2], [table],
                                     t([1])))
-    far = pair.arenas["kernel"].num_pages + 5
+    with pytest.raises(IndexError, match="vocabulary"):
+        runner.forward(ForwardBatch(t([-1]), t([0]), t([table[0] * tpp]), [1], [1], [table], t([0])))
+    far = pair.arenas["kernel"].num_pages
     with pytest.raises(IndexError, match="past the arena"):
         runner.forward(ForwardBatch(t([3]), t([0]), t([far * tpp]), [1], [1], [[far]], t([0])))
+    with pytest.raises(IndexError, match="past the arena"):
+        runner.forward(ForwardBatch(t([3]), t([0]), t([0]), [1], [1], [[-1]], t([0])))
     with pytest.raises(IndexError, match="logits indices"):
         runner.forward(ForwardBatch(t([3]), t([0]), t([table[0] * tpp]), [1], [1], [table], t([1])))
+    with pytest.raises(IndexError, match="contexts"):  # a position past its sequence's context
+        runner.forward(ForwardBatch(t([3]), t([5]), t([table[0] * tpp]), [1], [1], [table], t([0])))
+    with pytest.raises(IndexError, match="block table of 1 pages"):
+        runner.forward(ForwardBatch(t([3]), t([tpp]), t([table[0] * tpp]), [1], [tpp + 1], [table[:1]], t([0])))
+    assert torch.equal(arena, before)  # nothing written
     out = pair.step([[3, 4]])  # and it still works
     assert_close(out["kernel"], out["ref"])
 

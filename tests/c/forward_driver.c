@@ -46,7 +46,7 @@ int main(void) {
     read_all(c, sizeof c);
     read_all(&eps, sizeof eps);
     const int NL = c[0], KV = c[3], d = c[4], V = c[6], tpp = c[7], pages = c[9];
-    mh_model m = {NL, c[1], c[2], KV, d, c[5], V, eps, tpp, c[8], NULL, {0}, {0}, NULL, NULL, 0, 0, 0, 1};
+    mh_model m = {NL, c[1], c[2], KV, d, c[5], V, eps, tpp, c[8], NULL, {0}, {0}, NULL, NULL, 0, 0, 0, 1, pages};
     m.embed = read_matrix();
     m.lm_head = read_matrix();
     m.final_norm = read_vector();
@@ -84,11 +84,17 @@ int main(void) {
         const int max_pages = (max_ctx + tpp - 1) / tpp;
         if (max_pages > pages) { fprintf(stderr, "context past the arena's pages\n"); return 4; }
         int32_t last = T - 1;
-        mh_step s = {T, 1, max_pages, max_ctx, 2, 1, ids, seq_of, pos, table, cs, sn, &last, logits};
+        float *cos = calloc((size_t)max_ctx * d, sizeof(float)), *sin = calloc((size_t)max_ctx * d, sizeof(float));
+        for (int t = 0; t < T; t++) { /* the rotary tables by position */
+            memcpy(cos + (size_t)pos[t] * d, cs + (size_t)t * d, sizeof(float) * d);
+            memcpy(sin + (size_t)pos[t] * d, sn + (size_t)t * d, sizeof(float) * d);
+        }
+        mh_step s = {T, 1, max_pages, max_ctx, 2, 1, ids, seq_of, pos, table, cos, sin, &last, logits, &max_ctx,
+                     max_ctx};
         const int rc = mh_forward(&m, &s);
         if (rc != 0) { fprintf(stderr, "mh_forward: %d\n", rc); return 5; }
         fwrite(logits, sizeof(float), V, stdout);
-        free(ids), free(pos), free(seq_of), free(cs), free(sn);
+        free(ids), free(pos), free(seq_of), free(cs), free(sn), free(cos), free(sin);
     }
     return 0;
 }

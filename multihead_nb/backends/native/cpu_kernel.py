@@ -56,7 +56,7 @@ class ModelStruct(ctypes.Structure):
         ("embed", MatrixStruct), ("lm_head", MatrixStruct), ("final_norm", _f32p),
         ("cache", ctypes.POINTER(ctypes.c_uint16)),
         ("page_stride", ctypes.c_int64), ("kv_stride", ctypes.c_int64), ("layer_stride", ctypes.c_int64),
-        ("int8_activations", ctypes.c_int32),
+        ("int8_activations", ctypes.c_int32), ("num_pages", ctypes.c_int32),
     ]
 
 
@@ -65,7 +65,8 @@ class StepStruct(ctypes.Structure):
         *[(n, ctypes.c_int32) for n in ("T", "S", "max_pages", "max_ctx", "num_threads", "num_logits")],
         ("input_ids", ctypes.POINTER(ctypes.c_int64)),
         ("seq_of", _i32p), ("pos", _i32p), ("block_tables", _i32p),
-        ("cos", _f32p), ("sin", _f32p), ("logits_idx", _i32p), ("logits", _f32p),
+        ("cos", _f32p), ("sin", _f32p), ("logits_idx", _i32p), ("logits", _f32p), ("ctx_lens", _i32p),
+        ("rope_rows", ctypes.c_int32),
     ]
 
 

@@ -2,9 +2,10 @@
 `cpu_decode.c`, logits included.
 
 Owns: describing a model's packed weights (`KernelWeights`, rows interleaved where the build reads them so) and its
-arena pages to the kernel (built once per model), and turning a `ForwardBatch` into the kernel's per-step arguments
-(built once per forward), with the checks the C code relies on (token ids, positions, page ids). Knows nothing of
-requests or scheduling; whether a model runs here is the runner's choice (`unsupported` says which shapes cannot).
+arena pages to the kernel (built once per model), the call per `ForwardBatch` (its arguments filled by `StepArgs`,
+checked by the kernel: token ids, positions, page ids, logits rows) and the errors that name what a bad batch got
+wrong. Knows nothing of requests or scheduling; whether a model runs here is the runner's choice (`unsupported` says
+which shapes cannot).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 
 from ...memory import KVLayout
 from ..batch import ForwardBatch
-from .cpu_kernel import CpuKernel, LayerStruct, MatrixStruct, ModelStruct, StepStruct
+from .cpu_kernel import CpuKernel, LayerStruct, MatrixStruct, ModelStruct
 from .kernel_weights import KernelWeights
 from .llama import RotaryTable
 from .loader import ModelSpec
 from .quant import PackedMatrix
+from .step_args import StepArgs
 
 _F32 = ctypes.POINTER(ctypes.c_float)
 
@@ -72,60 +74,47 @@ class FusedForward:
             embed=_matrix(weights.embed), lm_head=_matrix(weights.lm_head), final_norm=_ptr(weights.norm),
             cache=_ptr(arena_data, ctypes.c_uint16),
             page_stride=page_bytes // 2, kv_stride=spec.num_layers * tpp * KV * d, layer_stride=tpp * KV * d,
-            int8_activations=int(int8_activations),
+            int8_activations=int(int8_activations), num_pages=arena_data.numel() // page_bytes,
         )
         self._arena = arena_data
+        self.args = StepArgs(d, tpp)
 
     def supports(self, batch: ForwardBatch) -> bool:
         return batch.num_tokens >= 1
 
-    def _rope(self, positions: np.ndarray, max_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin_signed `[T, d]` float32 for `positions` (numpy copies of the table, grown with it)."""
+    def _rope(self, max_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin_signed `[n >= max_ctx, d]` float32 (numpy views of the table, grown with it)."""
         self.rope.ensure(max_ctx)
         if self._cos is None or self._cos.shape[0] != self.rope.size:
             self._cos, self._sin = self.rope.cos.numpy(), self.rope.sin.numpy()  # [n, d] float32, shared
-        return np.ascontiguousarray(self._cos[positions]), np.ascontiguousarray(self._sin[positions])
+        return self._cos, self._sin
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits `[L, vocab]` float32 at `batch.logits_indices`; writes the batch's K/V into its pages. The
-        arguments are checked here (the C code indexes the embedding, block tables and arena unchecked)."""
-        spec = self.spec
-        T, S = batch.num_tokens, batch.num_seqs
-        max_ctx = max(batch.context_lens)
-        tpp = self.struct.tokens_per_page
-        max_pages = -(-max_ctx // tpp)
-        tables = np.zeros((S, max_pages), dtype=np.int32)  # [S, max_pages]
-        for i, table in enumerate(batch.block_tables):
-            n = -(-batch.context_lens[i] // tpp)
-            assert len(table) >= n, f"sequence {i}: block table of {len(table)} pages for {batch.context_lens[i]} tokens"
-            tables[i, :n] = table[:n]
-        qlens = np.asarray(batch.query_lens)
-        seq_of = np.repeat(np.arange(S, dtype=np.int32), qlens)  # [T]
-        pos = batch.positions.numpy()  # [T] int64
-        ids = np.ascontiguousarray(batch.input_ids.numpy(), dtype=np.int64)  # [T]
-        if T and (ids.min() < 0 or ids.max() >= spec.vocab_size):
-            raise IndexError(f"token ids outside the vocabulary of {spec.vocab_size}: {ids.tolist()}")
-        ctx_of = np.asarray(batch.context_lens)[seq_of]  # [T]
-        if T and ((pos < 0) | (pos >= ctx_of)).any():
-            raise IndexError(f"positions {pos.tolist()} outside their sequences' contexts {batch.context_lens}")
-        if int(tables.max()) * (self.struct.page_stride * 2) >= self._arena.numel():
-            raise IndexError(f"a page id in the block tables is past the arena's pages: {batch.block_tables}")
-        idx = np.ascontiguousarray(batch.logits_indices.numpy(), dtype=np.int32)  # [L]
-        L = idx.shape[0]
-        if L and (idx.min() < 0 or idx.max() >= T):
-            raise IndexError(f"logits indices {idx.tolist()} outside the batch's {T} tokens")
-        pos32 = pos.astype(np.int32)
-        cos, sin = self._rope(pos, max_ctx)  # [T, d] each
-        logits = torch.empty(L, spec.vocab_size, dtype=torch.float32)  # [L, V]
-        a = lambda arr, ctype: arr.ctypes.data_as(ctypes.POINTER(ctype))  # noqa: E731
-        step = StepStruct(
-            T=T, S=S, max_pages=max_pages, max_ctx=max_ctx, num_threads=torch.get_num_threads(), num_logits=L,
-            input_ids=a(ids, ctypes.c_int64), seq_of=a(seq_of, ctypes.c_int32), pos=a(pos32, ctypes.c_int32),
-            block_tables=a(tables, ctypes.c_int32), cos=a(cos, ctypes.c_float), sin=a(sin, ctypes.c_float),
-            logits_idx=a(idx, ctypes.c_int32), logits=_ptr(logits),
-        )
+        """Logits `[L, vocab]` float32 at `batch.logits_indices`; writes the batch's K/V into its pages. A batch that
+        would read past the embedding, its contexts, the arena or its tokens is refused (IndexError), nothing
+        written."""
+        cos, sin = self._rope(max(batch.context_lens))
+        step = self.args.fill(batch, cos, sin, torch.get_num_threads())
+        logits = torch.empty(step.num_logits, self.spec.vocab_size, dtype=torch.float32)  # [L, V]
+        step.logits = _ptr(logits)
         rc = self.kernel.forward(self.struct, step)
         if rc != 0:
-            raise RuntimeError(f"the fused CPU kernel rejected the batch (code {rc}: "
-                               f"{'out of memory' if rc == -2 else 'bad shape'})")
+            raise self._refusal(rc, batch)
         return logits
+
+    def _refusal(self, rc: int, batch: ForwardBatch) -> Exception:
+        """The error for the kernel's code `rc` (check_step in cpu_decode.c, or -2: out of memory)."""
+        T = batch.num_tokens
+        if rc == -3:
+            return IndexError(f"token ids outside the vocabulary of {self.spec.vocab_size}: "
+                              f"{batch.input_ids.tolist()}")
+        if rc == -4:
+            return IndexError(f"positions {batch.positions.tolist()} outside their sequences' contexts "
+                              f"{batch.context_lens}")
+        if rc == -5:
+            return IndexError(f"a page id in the block tables is past the arena's {self.struct.num_pages} pages: "
+                              f"{batch.block_tables}")
+        if rc == -6:
+            return IndexError(f"logits indices {batch.logits_indices.tolist()} outside the batch's {T} tokens")
+        return RuntimeError(f"the fused CPU kernel rejected the batch (code {rc}: "
+                            f"{'out of memory' if rc == -2 else 'bad shape'})")

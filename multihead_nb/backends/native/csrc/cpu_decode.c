@@ -51,10 +51,39 @@ static int release(mh_work *w, int rc) {
     return rc;
 }
 
+/* Whether the step reads only what exists (the forward indexes the embedding, the block tables and the arena
+ * without checks): 0, or MH_BAD_* naming the first problem found. */
+enum { MH_BAD_SHAPE = -1, MH_BAD_ID = -3, MH_BAD_POS = -4, MH_BAD_PAGE = -5, MH_BAD_LOGITS = -6 };
+static int check_step(const mh_model *m, const mh_step *s) {
+    const int d = m->head_dim, tpp = m->tokens_per_page;
+    if (d > 512 || (d & 1) || s->T < 1 || s->S < 1 || m->kv_heads < 1 || m->heads % m->kv_heads ||
+        s->num_logits < 0 || s->num_logits > s->T || tpp < 1)
+        return MH_BAD_SHAPE;
+    for (int i = 0; i < s->S; i++) {
+        const int ctx = s->ctx_lens[i];
+        if (ctx < 1 || ctx > s->max_ctx || (ctx + tpp - 1) / tpp > s->max_pages) return MH_BAD_SHAPE;
+        for (int p = 0; p < (ctx + tpp - 1) / tpp; p++) {
+            const int32_t page = s->block_tables[(size_t)i * s->max_pages + p];
+            if (page < 0 || page >= m->num_pages) return MH_BAD_PAGE;
+        }
+    }
+    for (int t = 0; t < s->T; t++) {
+        if (s->input_ids[t] < 0 || s->input_ids[t] >= m->vocab) return MH_BAD_ID;
+        const int seq = s->seq_of[t];
+        if (seq < 0 || seq >= s->S) return MH_BAD_SHAPE;
+        if (s->pos[t] < 0 || s->pos[t] >= s->ctx_lens[seq] || s->pos[t] >= s->rope_rows) return MH_BAD_POS;
+    }
+    for (int i = 0; i < s->num_logits; i++)
+        if (s->logits_idx[i] < 0 || s->logits_idx[i] >= s->T) return MH_BAD_LOGITS;
+    return 0;
+}
+
+/* The forward of step s: 0, -2 (out of memory) or check_step's code (nothing read or written). */
 int mh_forward(const mh_model *m, mh_step *s) {
     const int T = s->T, h = m->hidden, H = m->heads, KV = m->kv_heads, d = m->head_dim, I = m->inter;
     const int HD = H * d, KVd = KV * d, QKV = (H + 2 * KV) * d, L = s->num_logits, V = m->vocab;
-    if (d > 512 || (d & 1) || T < 1 || KV < 1 || H % KV || L < 0 || L > T) return -1;
+    const int bad = check_step(m, s);
+    if (bad) return bad;
     const int nt = s->num_threads > 0 ? s->num_threads : 1;
     const int Kmax = h > HD ? (h > I ? h : I) : (HD > I ? HD : I);
     mh_work w = {0};
@@ -105,7 +134,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
                 float *v = w.qkv + (size_t)t * QKV + (size_t)hh * d;
                 const float *nw = hh < H ? Ly->q_norm : Ly->k_norm;
                 if (nw) rms_norm_row(v, nw, d, m->eps, v);
-                rope(v, s->cos + (size_t)t * d, s->sin + (size_t)t * d, d);
+                rope(v, s->cos + (size_t)s->pos[t] * d, s->sin + (size_t)s->pos[t] * d, d);
                 if (hh >= H) {
                     const int kvh = hh - H;
                     const int64_t off = (int64_t)l * m->layer_stride + slot_offset(m, s, s->seq_of[t], s->pos[t])

@@ -74,16 +74,19 @@ typedef struct {
     int64_t page_stride, kv_stride, layer_stride; /* elements: page to page, keys to values, layer to layer */
     int32_t int8_activations;          /* x86: products of the 32-element block formats against int8 activations
                                           (else float32); NEON always int8, the scalar build float32 */
+    int32_t num_pages;                 /* the arena's pages (a block table's ids are below it) */
 } mh_model;
 
 typedef struct {
     int32_t T, S, max_pages, max_ctx, num_threads, num_logits;
     const int64_t *input_ids;          /* [T] */
     const int32_t *seq_of, *pos;       /* [T] sequence index and position of each token */
-    const int32_t *block_tables;       /* [S, max_pages] */
-    const float *cos, *sin;            /* [T, d]; sin signed: rope(x) = x cos + roll(x, d/2) sin */
+    const int32_t *block_tables;       /* [S, max_pages]: row s's first ceil(ctx_lens[s] / tokens_per_page) read */
+    const float *cos, *sin;            /* [rope_rows, d] by position; sin signed: rope(x) = x cos + roll(x, d/2) sin */
     const int32_t *logits_idx;         /* [num_logits] token rows whose logits are wanted */
     float *logits;                     /* [num_logits, V] out */
+    const int32_t *ctx_lens;           /* [S] each sequence's context after this step (its positions are below) */
+    int32_t rope_rows;                 /* rows of cos and sin (positions below it) */
 } mh_step;
 
 /* Scratch of `bytes` aligned to a cache line, rounded up (free() releases it). */
