@@ -317,6 +317,22 @@ def test_vnni_flag_unknown_to_the_compiler(tmp_path, monkeypatch):
     assert len(builds) == 2 and "-mavxvnni" in builds[0] and "-mavxvnni" not in builds[1]
 
 
+def test_cpu_flags_off_hides_features(monkeypatch):
+    """$MULTIHEAD_CPU_FLAGS_OFF hides CPU features from the choice of build (to measure an older CPU's build here):
+    without VNNI's flags no build compiles vpdpbusd in, without avx512f the best build is not AVX-512."""
+    import multihead_nb.backends.native.cpu_kernel as ck
+
+    machine, feats = cpu_features()
+    monkeypatch.setenv(ck.FLAGS_OFF_ENV, "avx_vnni, avx512_vnni avx512f")
+    _, hidden = cpu_features()
+    assert hidden == feats - {"avx_vnni", "avx512_vnni", "avx512f"}
+    assert "avx512" not in cpu_isas()
+    if machine in ("x86_64", "amd64") and "avx2" in feats:
+        assert not any(f in VNNI_FLAGS for f in isa_flags("avx2", machine, hidden))
+    monkeypatch.delenv(ck.FLAGS_OFF_ENV)
+    assert cpu_features() == (machine, feats)
+
+
 # ---- AVX-512 where this CPU cannot run it: it must at least compile --------------------------------------------
 def test_every_x86_build_compiles():
     machine, _ = cpu_features()

@@ -112,8 +112,13 @@ class CpuKernel:
 
 
 # ---- the CPU ---------------------------------------------------------------------------------------------------
+FLAGS_OFF_ENV = "MULTIHEAD_CPU_FLAGS_OFF"
+
+
 def cpu_features() -> tuple[str, frozenset[str]]:
-    """(machine, feature flags): x86 `flags` or ARM `Features` of /proc/cpuinfo (macOS: sysctl)."""
+    """(machine, feature flags): x86 `flags` or ARM `Features` of /proc/cpuinfo (macOS: sysctl), less those named
+    in $MULTIHEAD_CPU_FLAGS_OFF (e.g. "avx_vnni avx512_vnni": the builds a CPU without VNNI gets, to measure them
+    on this one)."""
     machine = platform.machine().lower()
     feats: set[str] = set()
     try:
@@ -132,7 +137,7 @@ def cpu_features() -> tuple[str, frozenset[str]]:
                 feats.add("asimddp")
         except (OSError, subprocess.SubprocessError):
             pass
-    return machine, frozenset(feats)
+    return machine, frozenset(feats - set(os.environ.get(FLAGS_OFF_ENV, "").replace(",", " ").split()))
 
 
 def isa_flags(isa: str, machine: str, feats: frozenset[str]) -> tuple[str, ...] | None:
