@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ import torch
 from multihead_nb.errors import ConfigError
 from multihead_nb.memory import Arena
 from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
-from multihead_nb.backends.native.cpu_kernel import ISAS, _compiler, cpu_isas, load_kernel
+from multihead_nb.backends.native.cpu_kernel import (FLAGS_OFF_ENV, ISAS, _compiler, cpu_features, cpu_isas,
+                                                   load_kernel)
 from multihead_nb.backends.native.fused_forward import FusedForward
 from multihead_nb.backends.native.kernel_weights import KernelWeights
 from multihead_nb.backends.native.quant import INTERLEAVED
@@ -33,8 +35,22 @@ pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULT
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(scope="module", params=cpu_isas())
+def _builds() -> list[str]:
+    """The builds this CPU runs, and on an AVX-512 BF16 CPU also its AVX-512 build without BF16 (the build of an
+    AVX-512 CPU without it, Skylake-X to Ice Lake: attention's float32 multiply-adds, not vdpbf16ps)."""
+    isas = cpu_isas()
+    if "avx512" in isas and "avx512_bf16" in cpu_features()[1]:
+        isas.insert(isas.index("avx512") + 1, "avx512-without-bf16")
+    return isas
+
+
+@pytest.fixture(scope="module", params=_builds())
 def kernel(request):
+    if request.param == "avx512-without-bf16":
+        with mock.patch.dict(os.environ, {FLAGS_OFF_ENV: "avx512_bf16"}):
+            built = load_kernel("avx512")
+        assert "bf16" not in built.isa
+        return built
     return load_kernel(request.param)
 
 

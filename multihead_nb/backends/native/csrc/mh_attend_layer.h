@@ -93,6 +93,9 @@ static void attend_block(const mh_model *m, const mh_step *s, int l, mh_att_task
     const int last = s->pos[k.t0 + k.nb - 1], nch = last / 64 + 1;
     block_queries(qkv + (size_t)k.t0 * ldq + (size_t)kvh * G * d, ldq, G, d, R, ldr, 1.0f / sqrtf((float)d),
                   w->blk.qt);
+#if defined(MH_ATT_BF16)
+    if (att_bf16(d)) block_queries_bf16(w->blk.qt, d, ldr);
+#endif
     int nrow[ldr]; /* keys of each row in the chunk (padding rows: the last token's) */
     for (int c = 0; c < nch; c++) {
         const int j0 = 64 * c, n = last - j0 + 1 < 64 ? last - j0 + 1 : 64;

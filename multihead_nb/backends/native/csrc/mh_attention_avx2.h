@@ -163,7 +163,8 @@ static inline void scores_4x3(const float *const *qg, const uint16_t *const *kp,
  * FMA: scores of 4 keys x 3 heads at a time (each key row widened once for 3 heads), a vectorized exp, values
  * summed 32 columns x 3 heads at a time (values_32x3). AVX-512 builds sum the values' same multiply-adds 64 columns
  * at a time (values_64x3: the same bits) and the scores over 16 lanes where d % 32 == 0 (scores16_4x3: this
- * build's own order; otherwise the 8-lane loops' multiply-adds, two keys per vector). Writes the
+ * build's own order; otherwise the 8-lane loops' multiply-adds, two keys per vector); AVX-512 BF16 builds, where
+ * d % 64 == 0, both by vdpbf16ps (scores_bf16_4x3, values_bf16_64x3; the weights rounded in place in sc). Writes the
  * unnormalized output o [G, d], the scores' max mx [G] and the sum of exp(score - max) sm [G]; `attn_merge`
  * combines a token's chunks. sc: scratch [G, ldsc >= n]. next [nnext]: key rows to fetch for the thread's next
  * task. */
@@ -190,6 +191,12 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *qg[3];
         for (int g = 0; g < 3; g++) qg[g] = qs + (size_t)(g0 + (g < ng ? g : ng - 1)) * d;
+#if defined(MH_ATT_BF16)
+        uint16_t qb[3 * MH_GROUP_DIM]; /* att_bf16(d): the 3 heads' queries in bfloat16 */
+        if (att_bf16(d))
+            rows_bf16(qg, d, qb);
+        else
+#endif
 #if defined(MH_ATT_ZMM)
         if (d % 32 == 0)
             for (int g = 0; g < 3; g++) lanes16_q(qg[g], d, qz + (size_t)g * d);
@@ -206,6 +213,11 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                         _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
                     }
             __m128 r4s[3];
+#if defined(MH_ATT_BF16)
+            if (att_bf16(d))
+                scores_bf16_4x3(qb, kp, d, r4s);
+            else
+#endif
 #if defined(MH_ATT_ZMM)
             if (d % 32 == 0)
                 scores16_4x3(qzg, kp, d, r4s);
@@ -230,12 +242,24 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         }
     }
     softmax_rows(sc, ldsc, G, n, mx, sm);
+#if defined(MH_ATT_BF16)
+    if (att_bf16(d)) /* the weights in bfloat16, each row's at its start (ldsc >= 64: room for the pad) */
+        for (int g = 0; g < G; g++) row_bf16_inplace(sc + (size_t)g * ldsc, n);
+#endif
     for (int j = 0; j < nnext; j++) /* the next task's first keys, while the values are summed */
         for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)next[j] + c, _MM_HINT_T0);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *pr[3]; /* the heads' weights (heads past G repeat the last) */
         for (int g = 0; g < 3; g++) pr[g] = sc + (size_t)(g0 + (g < ng ? g : ng - 1)) * ldsc;
+#if defined(MH_ATT_BF16)
+        if (att_bf16(d)) {
+            const uint16_t *pb[3] = {(const uint16_t *)pr[0], (const uint16_t *)pr[1], (const uint16_t *)pr[2]};
+            for (int c0 = 0; c0 < d; c0 += 64)
+                values_bf16_64x3(kp_all, m->kv_stride + c0, n, pb, ng, d, o + (size_t)g0 * d + c0);
+            continue;
+        }
+#endif
         for (int c0 = 0; c0 < d; c0 += 32) {
             float *og = o + (size_t)g0 * d + c0;
 #if defined(MH_ATT_ZMM)

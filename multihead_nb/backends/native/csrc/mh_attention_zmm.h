@@ -3,8 +3,9 @@
  * loops do them: the same bits as there) and, for head sizes that are multiples of 32, scores16_4x3 (below): each
  * score summed over 16 lanes, an order of this build's own, which the prompt blocks (mh_attention_block.h,
  * block_scores_3x4) follow, so a token's attention is the same bits alone and in a block. For other head sizes
- * scores_4x3 here does the 8-lane loops' multiply-adds two keys per vector (the AVX2 build's bits). Knows nothing of
- * chunks, pages or threads. */
+ * scores_4x3 here does the 8-lane loops' multiply-adds two keys per vector (the AVX2 build's bits). With AVX-512
+ * BF16 and head sizes that are multiples of 64 (MH_ATT_BF16, at the end), scores and values are vdpbf16ps pairs
+ * instead, queries and weights rounded to bfloat16. Knows nothing of chunks, pages or threads. */
 #ifndef MH_ATTENTION_ZMM_H
 #define MH_ATTENTION_ZMM_H
 #if defined(MH_ISA_X86) && defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__)
@@ -92,6 +93,22 @@ static inline void scores16_4x3(const float *const *qz, const uint16_t *const *k
     out[2] = hsum16x4(a20, a21, a22, a23);
 }
 
+/* 3 heads' 64 columns in the unpacks' lane order (a[g][2 h]: lanes f(p) of the 32 columns from 32 h, a[g][2 h + 1]:
+ * f(p) + 4) -> o rows g < ng (d apart), in column order. */
+static inline void store_cols64x3(__m512 a00, __m512 a01, __m512 a02, __m512 a03, __m512 a10, __m512 a11, __m512 a12,
+                                  __m512 a13, __m512 a20, __m512 a21, __m512 a22, __m512 a23, int ng, int d, float *o) {
+    /* lanes -> columns: of 32 columns, 0-15 from the low/high pair's (0-3 low, 4-7 high, 8-11 low, ...), 16-31 */
+    const __m512i c0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i c1 = _mm512_add_epi32(c0, _mm512_set1_epi32(8));
+    const __m512 res[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};
+    for (int g = 0; g < ng; g++)
+        for (int h = 0; h < 2; h++) {
+            const __m512 lo = res[g][2 * h], hi = res[g][2 * h + 1];
+            _mm512_storeu_ps(o + (size_t)g * d + 32 * h, _mm512_permutex2var_ps(lo, c0, hi));
+            _mm512_storeu_ps(o + (size_t)g * d + 32 * h + 16, _mm512_permutex2var_ps(lo, c1, hi));
+        }
+}
+
 /* values_32x3 for 64 columns, 16 per vector: each output's multiply-adds as there. Each 32 bfloat16 of a value row
  * are widened by two unpacks with zeros (lane p of the low one column f(p) = 8 (p / 4) + p % 4, of the high one
  * f(p) + 4, as in scores16_4x3), the columns put back in order once at the end. */
@@ -113,16 +130,95 @@ static inline void values_64x3(const uint16_t *const *kp, int64_t off, int n, co
         x = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, v1));
         a03 = _mm512_fmadd_ps(p0, x, a03), a13 = _mm512_fmadd_ps(p1, x, a13), a23 = _mm512_fmadd_ps(p2, x, a23);
     }
-    /* lanes -> columns: of 32 columns, 0-15 from the low/high pair's (0-3 low, 4-7 high, 8-11 low, ...), 16-31 */
-    const __m512i c0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i c1 = _mm512_add_epi32(c0, _mm512_set1_epi32(8));
-    const __m512 res[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};
-    for (int g = 0; g < ng; g++)
-        for (int h = 0; h < 2; h++) {
-            const __m512 lo = res[g][2 * h], hi = res[g][2 * h + 1];
-            _mm512_storeu_ps(o + (size_t)g * d + 32 * h, _mm512_permutex2var_ps(lo, c0, hi));
-            _mm512_storeu_ps(o + (size_t)g * d + 32 * h + 16, _mm512_permutex2var_ps(lo, c1, hi));
+    store_cols64x3(a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, ng, d, o);
+}
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define MH_ATT_BF16 1
+/* Attention's multiply-adds by vdpbf16ps (AVX-512 BF16 builds, head sizes that are multiples of 64): the keys and
+ * values as stored, the queries (scaled) and the softmax weights rounded to bfloat16 (RNE) once per task (llama.cpp
+ * rounds both to fp16), each instruction two products per lane: half the instructions of the float32 multiply-adds,
+ * no widening (a 64-key task 1135-1141 -> 657-660 cycles with its keys in L2; prompts 10-36% faster, bench/README.md;
+ * the logits 0.92 -> 1.01e-2 from the float32 reference with bfloat16 weights). Scores: lane i of a key's partial
+ * holds dims u + 2 i and u + 2 i + 1 of each 32-dim unit u, summed over the units in order from zero, the 16
+ * partials then added as hsum16x4 adds them. Values: keys in pairs from the chunk's first (a pair past the chunk's
+ * end weighs 0 against a zero row), each output column summed over the pairs in order from zero. The prompt blocks
+ * (mh_attention_block.h) form every lane from the same operands by the same instruction, so a token's attention is
+ * the same bits alone and in a block. */
+static inline int att_bf16(int d) { return d % 64 == 0; }
+
+/* 3 rows of d floats -> bfloat16 qb [3, d]. */
+static inline void rows_bf16(const float *const *qg, int d, uint16_t *qb) {
+    for (int g = 0; g < 3; g++)
+        for (int u = 0; u < d; u += 32) {
+            const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qg[g] + u + 16), _mm512_loadu_ps(qg[g] + u));
+            _mm512_storeu_si512((void *)(qb + (size_t)g * d + u), (__m512i)b);
         }
 }
+
+/* row [n] floats -> bfloat16 in place, at the row's start, and a 0 after them up to a multiple of 32 (the row
+ * holds at least 32 floats past n's last 32: its bfloat16 never reach floats not yet read). */
+static inline void row_bf16_inplace(float *row, int n) {
+    for (int j = 0; j < n; j += 32) {
+        const int left = n - j;
+        const __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        const __mmask16 m1 = left >= 32 ? 0xffff : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
+        const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, row + j + 16), _mm512_maskz_loadu_ps(m0, row + j));
+        _mm512_storeu_si512((void *)((uint16_t *)row + j), (__m512i)b);
+    }
+}
+
+/* Scores of 4 keys (kp[i], d bfloat16 each) x 3 query rows (qb [3, d] bfloat16) -> out[g] (key i in element i). */
+static inline void scores_bf16_4x3(const uint16_t *qb, const uint16_t *const *kp, int d, __m128 out[3]) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    for (int u = 0; u < d; u += 32) {
+        const __m512bh q0 = (__m512bh)_mm512_loadu_si512((const void *)(qb + u));
+        const __m512bh q1 = (__m512bh)_mm512_loadu_si512((const void *)(qb + d + u));
+        const __m512bh q2 = (__m512bh)_mm512_loadu_si512((const void *)(qb + 2 * d + u));
+#define MH_KEYBF(i, x0, x1, x2)                                                                                    \
+    {                                                                                                              \
+        const __m512bh k = (__m512bh)_mm512_loadu_si512((const void *)(kp[i] + u));                               \
+        x0 = _mm512_dpbf16_ps(x0, q0, k), x1 = _mm512_dpbf16_ps(x1, q1, k), x2 = _mm512_dpbf16_ps(x2, q2, k);      \
+    }
+        MH_KEYBF(0, a00, a10, a20) MH_KEYBF(1, a01, a11, a21) MH_KEYBF(2, a02, a12, a22) MH_KEYBF(3, a03, a13, a23)
+#undef MH_KEYBF
+    }
+    out[0] = hsum16x4(a00, a01, a02, a03);
+    out[1] = hsum16x4(a10, a11, a12, a13);
+    out[2] = hsum16x4(a20, a21, a22, a23);
+}
+
+/* 64 columns of n value rows (kp[j] + off) weighted by 3 heads' bfloat16 pb[g][j] (a 0 at pb[g][n] when n is odd)
+ * -> o rows g < ng (d apart). Per pair of rows, two loads each and four vpunpck{l,h}wd interleave them: lane p of
+ * the low one holds column f(p) = 8 (p / 4) + p % 4 of the 32 of both rows, of the high one f(p) + 4 (as in
+ * values_64x3); the columns put back in order once at the end. */
+static inline void values_bf16_64x3(const uint16_t *const *kp, int64_t off, int n, const uint16_t *const *pb, int ng,
+                                    int d, float *o) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+    for (int j = 0; j < n; j += 2) {
+        const uint16_t *v = kp[j] + off;
+        const __m512i v0 = _mm512_loadu_si512((const void *)v), v1 = _mm512_loadu_si512((const void *)(v + 32));
+        __m512i w0 = _mm512_setzero_si512(), w1 = w0;
+        if (j + 1 < n) {
+            const uint16_t *w = kp[j + 1] + off;
+            w0 = _mm512_loadu_si512((const void *)w), w1 = _mm512_loadu_si512((const void *)(w + 32));
+        }
+        int32_t e0, e1, e2; /* the heads' weights of rows j and j + 1 */
+        memcpy(&e0, pb[0] + j, 4), memcpy(&e1, pb[1] + j, 4), memcpy(&e2, pb[2] + j, 4);
+        const __m512bh p0 = (__m512bh)_mm512_set1_epi32(e0), p1 = (__m512bh)_mm512_set1_epi32(e1);
+        const __m512bh p2 = (__m512bh)_mm512_set1_epi32(e2);
+        __m512bh x = (__m512bh)_mm512_unpacklo_epi16(v0, w0);
+        a00 = _mm512_dpbf16_ps(a00, p0, x), a10 = _mm512_dpbf16_ps(a10, p1, x), a20 = _mm512_dpbf16_ps(a20, p2, x);
+        x = (__m512bh)_mm512_unpackhi_epi16(v0, w0);
+        a01 = _mm512_dpbf16_ps(a01, p0, x), a11 = _mm512_dpbf16_ps(a11, p1, x), a21 = _mm512_dpbf16_ps(a21, p2, x);
+        x = (__m512bh)_mm512_unpacklo_epi16(v1, w1);
+        a02 = _mm512_dpbf16_ps(a02, p0, x), a12 = _mm512_dpbf16_ps(a12, p1, x), a22 = _mm512_dpbf16_ps(a22, p2, x);
+        x = (__m512bh)_mm512_unpackhi_epi16(v1, w1);
+        a03 = _mm512_dpbf16_ps(a03, p0, x), a13 = _mm512_dpbf16_ps(a13, p1, x), a23 = _mm512_dpbf16_ps(a23, p2, x);
+    }
+    store_cols64x3(a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, ng, d, o);
+}
+#endif
 #endif
 #endif
