@@ -70,6 +70,10 @@ class StepStruct(ctypes.Structure):
     ]
 
 
+# mh_forward's refusals (check_step in cpu_decode.c): nothing was read or written
+BAD_SHAPE, OUT_OF_MEMORY, BAD_TOKEN_ID, BAD_POSITION, BAD_PAGE, BAD_LOGITS_ROW = -1, -2, -3, -4, -5, -6
+
+
 class KernelUnavailable(RuntimeError):
     """Why the fused CPU kernel cannot be used here (no compiler, a failed build or load, an unknown ISA)."""
 

@@ -17,7 +17,8 @@ import torch
 
 from ...memory import KVLayout
 from ..batch import ForwardBatch
-from .cpu_kernel import CpuKernel, LayerStruct, MatrixStruct, ModelStruct
+from .cpu_kernel import (BAD_LOGITS_ROW, BAD_PAGE, BAD_POSITION, BAD_TOKEN_ID, OUT_OF_MEMORY, CpuKernel, LayerStruct,
+                         MatrixStruct, ModelStruct)
 from .kernel_weights import KernelWeights
 from .llama import RotaryTable
 from .loader import ModelSpec
@@ -103,18 +104,18 @@ class FusedForward:
         return logits
 
     def _refusal(self, rc: int, batch: ForwardBatch) -> Exception:
-        """The error for the kernel's code `rc` (check_step in cpu_decode.c, or -2: out of memory)."""
+        """The error for the kernel's code `rc` (check_step in cpu_decode.c, or out of memory)."""
         T = batch.num_tokens
-        if rc == -3:
+        if rc == BAD_TOKEN_ID:
             return IndexError(f"token ids outside the vocabulary of {self.spec.vocab_size}: "
                               f"{batch.input_ids.tolist()}")
-        if rc == -4:
+        if rc == BAD_POSITION:
             return IndexError(f"positions {batch.positions.tolist()} outside their sequences' contexts "
                               f"{batch.context_lens}")
-        if rc == -5:
+        if rc == BAD_PAGE:
             return IndexError(f"a page id in the block tables is past the arena's {self.struct.num_pages} pages: "
                               f"{batch.block_tables}")
-        if rc == -6:
+        if rc == BAD_LOGITS_ROW:
             return IndexError(f"logits indices {batch.logits_indices.tolist()} outside the batch's {T} tokens")
         return RuntimeError(f"the fused CPU kernel rejected the batch (code {rc}: "
-                            f"{'out of memory' if rc == -2 else 'bad shape'})")
+                            f"{'out of memory' if rc == OUT_OF_MEMORY else 'bad shape'})")

@@ -39,7 +39,7 @@ class StepArgs:
         self.tables = np.zeros((S, P), np.int32)  # [S, P]: row i's first pages_of(context_lens[i]) used
         self.ctx = np.zeros(S, np.int32)  # [S]
         self.idx = np.zeros(L, np.int32)  # [L]
-        self.steps = np.arange(S, dtype=np.int32)  # [S] 0 .. S - 1, for seq_of
+        self.seq_index = np.arange(S, dtype=np.int32)  # [S] 0 .. S - 1, for seq_of
         st = self.struct
         st.max_pages = P  # the tables' row stride
         st.input_ids = _ptr(self.ids, ctypes.c_int64)
@@ -66,7 +66,8 @@ class StepArgs:
         self.ctx[:S] = ctx
         self.ids[:T] = batch.input_ids.numpy()
         self.pos[:T] = batch.positions.numpy()
-        self.seq_of[:T] = self.steps[:S] if T == S else np.repeat(self.steps[:S], batch.query_lens)  # T == S: decode
+        seq = self.seq_index[:S]
+        self.seq_of[:T] = seq if T == S else np.repeat(seq, batch.query_lens)  # T == S: one token each (decode)
         self.idx[:L] = batch.logits_indices.numpy()
         st = self.struct
         if self._rope is None or self._rope[0] is not cos:  # the tables grew (or first use)

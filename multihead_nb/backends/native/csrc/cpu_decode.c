@@ -52,7 +52,7 @@ static int release(mh_work *w, int rc) {
 }
 
 /* Whether the step reads only what exists (the forward indexes the embedding, the block tables and the arena
- * without checks): 0, or MH_BAD_* naming the first problem found. */
+ * without checks): 0, or MH_BAD_* naming the first problem found (mirrored in cpu_kernel.py). */
 enum { MH_BAD_SHAPE = -1, MH_BAD_ID = -3, MH_BAD_POS = -4, MH_BAD_PAGE = -5, MH_BAD_LOGITS = -6 };
 static int check_step(const mh_model *m, const mh_step *s) {
     const int d = m->head_dim, tpp = m->tokens_per_page;

@@ -172,8 +172,8 @@ static void block_weights_bf16(float *s, int n, int ldr, const int *nrow) {
 static void block_value_pairs(const uint16_t *const *kp, int64_t off, int n, int d, uint32_t *vp) {
     for (int jp = 0; jp < (n + 1) / 2; jp++, vp += d) {
         const uint16_t *a = kp[2 * jp] + off, *b = 2 * jp + 1 < n ? kp[2 * jp + 1] + off : NULL;
-        if (2 * jp + 8 < n) /* the rows 4 pairs on: the pages are scattered, the prefetchers do not follow them */
-            for (int c = 0; c < 2 * d; c += 64) _mm_prefetch((const char *)(kp[2 * jp + 8] + off) + c, _MM_HINT_T0);
+        for (int j = 2 * jp + 8; j < 2 * jp + 10 && j < n; j++) /* 4 pairs on: the prefetchers do not follow pages */
+            for (int c = 0; c < 2 * d; c += 64) _mm_prefetch((const char *)(kp[j] + off) + c, _MM_HINT_T0);
         for (int c = 0; c < d; c += 16) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a + c));
             const __m256i y = b ? _mm256_loadu_si256((const __m256i *)(b + c)) : _mm256_setzero_si256();
