@@ -50,55 +50,62 @@ AI void tile_q4kx8_z(const uint8_t *w, int nsb, const int q5, const mh_act *a, i
 /* tile_q6kx8 512 bits wide (AVX-512 VNNI): sub-blocks 2p and 2p + 1 (their ql pieces 256 bytes apart, the same
  * nibble and the same qh bytes two bits apart) in one vector, row i's in lanes 2i and 2i + 1, against the ACT_Z
  * activations; each half's int8 scales interleaved the same way as the vpmulld multipliers, -32 d sc through the
- * arranged 16-element sums. Even and odd sub-blocks summed apart, then the two (every Q6_K product of this build). */
+ * arranged 16-element sums. Even and odd sub-blocks summed apart, then the two (every Q6_K product of this build).
+ * The two p of a half (k = 0, 2) read the same ql bytes (low, then high nibbles) and the same qh bytes (bits 0-3,
+ * then 4-7): each piece's two interleaves serve both (the qh bits by per-lane shifts), half the permutes of
+ * interleaving per p. */
 AI void tile_q6kx8_z(const uint8_t *w, int nsb, const mh_act *a, int t0, const int MT, __m256 *res) {
     const int64_t zp = zpairs(a->K);
     const __m512i low4 = _mm512_set1_epi8(15), three = _mm512_set1_epi8(3);
+    /* per lane, the shift of sub-block j's (even lanes) and j + 1's (odd lanes) two qh bits: k = 0, then k = 2 */
+    const __m512i sh0 = _mm512_set1_epi64(0x0002000200000000LL), sh2 = _mm512_set1_epi64(0x0006000600040004LL);
     __m512 acc[4], corr[4];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
     for (int s = 0; s < nsb; s++) {
         const uint8_t *g = w + (size_t)s * 1680, *scales = g + 1536;
         if (t0 == 0) prefetch_ahead(g, 1680);
         const __m512 d = halves_twice(g + 1664);
-        for (int p = 0; p < 4; p++) {
-            const int half = p / 2, k = 2 * (p % 2); /* sub-blocks j = 4 half + k and j + 1 */
+        for (int half = 0; half < 2; half++) {
             const uint8_t *pl = g + 32 * 16 * half, *ph = g + 1024 + 32 * 8 * half;
-            const __m128i sh = _mm_cvtsi32_si128(2 * k), sh1 = _mm_cvtsi32_si128(2 * k + 2);
-            __m512i u[8];
+            __m512i u0[8], u2[8]; /* k = 0 and k = 2: sub-blocks 4 half + k and + 1 */
             for (int c = 0; c < 8; c++) {
-                __m256i l0 = _mm256_loadu_si256((const __m256i *)(pl + 32 * c));
-                __m256i l1 = _mm256_loadu_si256((const __m256i *)(pl + 256 + 32 * c));
-                if (k >= 2) l0 = _mm256_srli_epi16(l0, 4), l1 = _mm256_srli_epi16(l1, 4);
-                const __m256i h = _mm256_loadu_si256((const __m256i *)(ph + 32 * c));
-                const __m512i lo = _mm512_and_si512(interleave256(l0, l1), low4);
-                const __m512i hi = _mm512_and_si512(interleave256(_mm256_srl_epi16(h, sh), _mm256_srl_epi16(h, sh1)),
-                                                    three);
-                u[c] = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4)); /* hi <= 3: stays in its byte */
+                const __m512i l = interleave256(_mm256_loadu_si256((const __m256i *)(pl + 32 * c)),
+                                                _mm256_loadu_si256((const __m256i *)(pl + 256 + 32 * c)));
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(ph + 32 * c));
+                const __m512i h = interleave256(hb, hb);
+                const __m512i h0 = _mm512_and_si512(_mm512_srlv_epi16(h, sh0), three);
+                const __m512i h2 = _mm512_and_si512(_mm512_srlv_epi16(h, sh2), three);
+                u0[c] = _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(h0, 4)); /* hi <= 3: its byte */
+                u2[c] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4), _mm512_slli_epi16(h2, 4));
             }
-            __m512i mul[2]; /* each half's scales, (j, j + 1) interleaved as the lanes */
-            __m512 off[2];  /* and -32 d sc */
-            for (int hh = 0; hh < 2; hh++) {
-                const __m128i s0 = _mm_loadl_epi64((const __m128i *)(scales + 8 * (8 * half + 2 * k + hh)));
-                const __m128i s1 = _mm_loadl_epi64((const __m128i *)(scales + 8 * (8 * half + 2 * k + 2 + hh)));
-                mul[hh] = _mm512_cvtepi8_epi32(_mm_unpacklo_epi8(s0, s1));
-                off[hh] = _mm512_mul_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(mul[hh])), _mm512_set1_ps(-32.0f));
-            }
-            for (int t = 0; t < MT; t++) {
-                const size_t z = (size_t)(t0 + t) * zp + 4 * (size_t)s + p;
-                int64_t x[8];
-                double ds[4];
-                memcpy(x, a->qz + z * 64, 64);
-                memcpy(ds, a->dz + z * MH_ZF, 32);
-                __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-                for (int c = 0; c < 4; c++) {
-                    s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi64(x[c]));
-                    s1 = _mm512_dpbusd_epi32(s1, u[4 + c], _mm512_set1_epi64(x[4 + c]));
+            for (int kk = 0; kk < 2; kk++) {
+                const int k = 2 * kk, p = 2 * half + kk;
+                const __m512i *u = kk ? u2 : u0;
+                __m512i mul[2]; /* each half's scales, (j, j + 1) interleaved as the lanes */
+                __m512 off[2];  /* and -32 d sc */
+                for (int hh = 0; hh < 2; hh++) {
+                    const __m128i s0 = _mm_loadl_epi64((const __m128i *)(scales + 8 * (8 * half + 2 * k + hh)));
+                    const __m128i s1 = _mm_loadl_epi64((const __m128i *)(scales + 8 * (8 * half + 2 * k + 2 + hh)));
+                    mul[hh] = _mm512_cvtepi8_epi32(_mm_unpacklo_epi8(s0, s1));
+                    off[hh] = _mm512_mul_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(mul[hh])), _mm512_set1_ps(-32.0f));
                 }
-                const __m512i q = _mm512_add_epi32(_mm512_mullo_epi32(s0, mul[0]), _mm512_mullo_epi32(s1, mul[1]));
-                const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(ds[0]));
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, dx), acc[t]);
-                corr[t] = _mm512_fmadd_ps(off[0], _mm512_castpd_ps(_mm512_set1_pd(ds[2])), corr[t]);
-                corr[t] = _mm512_fmadd_ps(off[1], _mm512_castpd_ps(_mm512_set1_pd(ds[3])), corr[t]);
+                for (int t = 0; t < MT; t++) {
+                    const size_t z = (size_t)(t0 + t) * zp + 4 * (size_t)s + p;
+                    int64_t x[8];
+                    double ds[4];
+                    memcpy(x, a->qz + z * 64, 64);
+                    memcpy(ds, a->dz + z * MH_ZF, 32);
+                    __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+                    for (int c = 0; c < 4; c++) {
+                        s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi64(x[c]));
+                        s1 = _mm512_dpbusd_epi32(s1, u[4 + c], _mm512_set1_epi64(x[4 + c]));
+                    }
+                    const __m512i q = _mm512_add_epi32(_mm512_mullo_epi32(s0, mul[0]), _mm512_mullo_epi32(s1, mul[1]));
+                    const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(ds[0]));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, dx), acc[t]);
+                    corr[t] = _mm512_fmadd_ps(off[0], _mm512_castpd_ps(_mm512_set1_pd(ds[2])), corr[t]);
+                    corr[t] = _mm512_fmadd_ps(off[1], _mm512_castpd_ps(_mm512_set1_pd(ds[3])), corr[t]);
+                }
             }
         }
     }
