@@ -242,6 +242,7 @@ ATTENTION_SHAPES = {
     "G8-d32": ("llama", dict(hidden_size=128, num_attention_heads=16, num_key_value_heads=2, head_dim=32)),
     "G1-d64": ("llama", dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, head_dim=64)),
     "G3-d64": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64)),
+    "G4-d64": ("llama", dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=64)),
 }
 
 
