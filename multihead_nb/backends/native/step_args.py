@@ -1,10 +1,11 @@
 """The fused kernel's per-step arguments: a `StepStruct` and the arrays it points at, kept between steps.
 
-Owns: the arrays of a step's token ids, sequence of each token, positions, block tables, context lengths and
-logits rows (the kernel reads the rotary tables by position, in place), grown when a step needs more (doubled, never shrunk), and filling them from a
-`ForwardBatch`. Filling kept arrays and a kept struct costs a fraction of making new ones per step, which matters in
-a decode step: the kernel has just streamed the weights through the caches, and every Python object touched after
-it is a cache miss (the runner's Python took 0.14-0.15 ms of a 2.0 ms batch-1 step this way, bench/README.md).
+Owns: the arrays of a step's token ids, sequence of each token, positions, block tables, context lengths and logits
+rows (the kernel reads the rotary tables by position, in place), grown when a step needs more (doubled, never
+shrunk), and filling them from a `ForwardBatch`. Filling kept arrays and a kept struct costs a fraction of making
+new ones per step, which matters in a decode step: the kernel has just streamed the weights through the caches, and
+every Python object touched after it is a cache miss (the runner's Python took 0.14-0.15 ms of a 2.0 ms batch-1 step
+this way, bench/README.md).
 Knows nothing of weights; what the arrays must hold is checked by the kernel (`check_step` in cpu_decode.c), except
 that each block table covers its sequence's context, which is checked here while it is copied.
 """

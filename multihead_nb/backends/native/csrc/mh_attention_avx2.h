@@ -13,6 +13,10 @@ static inline float hsum8a(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline void prefetch_row(const void *p, int bytes) { /* every cache line of a K or V row into L1 */
+    for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char *)p + c, _MM_HINT_T0);
+}
+
 static inline __m256 widen8(const uint16_t *p) { /* 8 bfloat16 -> float32 */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -69,7 +73,7 @@ static void key_rows(const mh_model *m, const mh_step *s, int layer, int seq, in
 static void widen_rows(const uint16_t *const *kp, int64_t off, int n, int d, int64_t ahead, float *f) {
     const int row_bytes = 2 * d;
     for (int j = 0; j < n && j < 8; j++)
-        for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)(kp[j] + off) + c, _MM_HINT_T0);
+        prefetch_row(kp[j] + off, row_bytes);
     for (int j = 0; j < n; j++, f += d) {
         const uint16_t *r = kp[j] + off;
         for (int c = 0; c < row_bytes; c += 64) {
@@ -182,7 +186,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
      * used (the hardware prefetchers do not follow a block table). */
     const int row_bytes = 2 * d;
     for (int j = 0; j < n && j < MH_KEYS_AHEAD; j++)
-        for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)kp_all[j] + c, _MM_HINT_T0);
+        prefetch_row(kp_all[j], row_bytes);
 #if defined(MH_ATT_ZMM)
     float qz[3 * MH_GROUP_DIM]; /* d % 32 == 0: 3 heads' queries in scores16_4x3's lane order */
     const float *qzg[3] = {qz, qz + d, qz + 2 * d};
@@ -247,7 +251,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         for (int g = 0; g < G; g++) row_bf16_inplace(sc + (size_t)g * ldsc, n);
 #endif
     for (int j = 0; j < nnext; j++) /* the next task's first keys, while the values are summed */
-        for (int c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)next[j] + c, _MM_HINT_T0);
+        prefetch_row(next[j], row_bytes);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *pr[3]; /* the heads' weights (heads past G repeat the last) */

@@ -1,11 +1,11 @@
 /* AVX2 + FMA attention of a block of consecutive prompt tokens (prefill) over their keys, chunk by chunk, with the
- * block's (token, query head) rows in the lanes of the vectors and each key element broadcast: every multiply-add
- * does useful work in all 8 lanes and a key row is widened once for the whole block (with AVX-512 BF16, MH_ATT_BF16:
- * each pair of key elements, or of two keys' value elements, broadcast to vdpbf16ps against the rows' pairs); the chunks' results are merged
- * in the task and written straight into the layer's output. Each score, exp, sum, output and merge is formed in
- * exactly the order attend_part_avx2 and attn_merge (mh_attention_avx2.h) form them for a token alone, so a token's
- * result is the same, bit for bit, whether it ran in a block or by itself (prefill or decode).
- * Included by mh_attention_avx2.h; knows nothing of layers or of the threads' split. */
+ * block's (token, query head) rows in the lanes of the vectors and each key element broadcast: every multiply-add does
+ * useful work in all 8 lanes and a key row is widened once for the whole block (with AVX-512 BF16, MH_ATT_BF16: each
+ * pair of key elements, or of two keys' value elements, broadcast to vdpbf16ps against the rows' pairs); the chunks'
+ * results are merged in the task and written straight into the layer's output. Each score, exp, sum, output and merge
+ * is formed in exactly the order attend_part_avx2 and attn_merge (mh_attention_avx2.h) form them for a token alone, so
+ * a token's result is the same, bit for bit, whether it ran in a block or by itself (prefill or decode). Included by
+ * mh_attention_avx2.h; knows nothing of layers or of the threads' split. */
 #ifndef MH_ATTENTION_BLOCK_H
 #define MH_ATTENTION_BLOCK_H
 #if defined(MH_ISA_X86)
@@ -173,7 +173,7 @@ static void block_value_pairs(const uint16_t *const *kp, int64_t off, int n, int
     for (int jp = 0; jp < (n + 1) / 2; jp++, vp += d) {
         const uint16_t *a = kp[2 * jp] + off, *b = 2 * jp + 1 < n ? kp[2 * jp + 1] + off : NULL;
         for (int j = 2 * jp + 8; j < 2 * jp + 10 && j < n; j++) /* 4 pairs on: the prefetchers do not follow pages */
-            for (int c = 0; c < 2 * d; c += 64) _mm_prefetch((const char *)(kp[j] + off) + c, _MM_HINT_T0);
+            prefetch_row(kp[j] + off, 2 * d);
         for (int c = 0; c < d; c += 16) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(a + c));
             const __m256i y = b ? _mm256_loadu_si256((const __m256i *)(b + c)) : _mm256_setzero_si256();
@@ -277,7 +277,7 @@ static void block_chunk(const mh_model *m, const uint16_t *const *kp, float *kf,
 #endif
     if (bf)
         for (int j = 0; j < n && j < 8; j++) /* the first rows; each tile fetches the rows 8 keys on */
-            for (int c = 0; c < 2 * d; c += 64) _mm_prefetch((const char *)kp[j] + c, _MM_HINT_T0);
+            prefetch_row(kp[j], 2 * d);
     else
         widen_rows(kp, 0, n, d, m->kv_stride, kf);
     for (int v0 = 0; v0 < ldr; v0 += 24) /* scores s [n, ldr], 3 row vectors x 4 keys a tile */
@@ -289,7 +289,7 @@ static void block_chunk(const mh_model *m, const uint16_t *const *kp, float *kf,
                 for (int i = 0; i < 4; i++) kr[i] = kp[k0 + (i < nkt ? i : nkt - 1)];
                 if (v0 == 0)
                     for (int i = 0; i < nkt && k0 + 8 + i < n; i++)
-                        for (int c = 0; c < 2 * d; c += 64) _mm_prefetch((const char *)kp[k0 + 8 + i] + c, _MM_HINT_T0);
+                        prefetch_row(kp[k0 + 8 + i], 2 * d);
                 block_scores_bf16_3x4((const uint32_t *)w->qt + v0, ldr, kr, d, w->part, w->s + (size_t)k0 * ldr + v0,
                                       ldr, nkt);
                 continue;

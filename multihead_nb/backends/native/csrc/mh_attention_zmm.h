@@ -162,7 +162,8 @@ static inline void row_bf16_inplace(float *row, int n) {
         const int left = n - j;
         const __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
         const __mmask16 m1 = left >= 32 ? 0xffff : left > 16 ? (__mmask16)((1u << (left - 16)) - 1) : 0;
-        const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, row + j + 16), _mm512_maskz_loadu_ps(m0, row + j));
+        const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, row + j + 16),
+                                               _mm512_maskz_loadu_ps(m0, row + j));
         _mm512_storeu_si512((void *)((uint16_t *)row + j), (__m512i)b);
     }
 }
