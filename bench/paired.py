@@ -1,7 +1,7 @@
 """MultiHead's fused kernel against llama.cpp in back-to-back pairs: per format, the median of the pairs' ratios.
 
     python -m bench.paired [--formats bf16 q8_0 q4_0] [--prompt 1024] [--context 128] [--gen 64] [--pairs 10]
-                           [--threads 2] [--isa avx2] [--no-server] [--csv PATH]
+                           [--threads 2] [--isa avx2] [--llama-isa avx2] [--no-server] [--csv PATH]
 
 Why pairs: on a shared VM the same code's speed moves by up to 2x within seconds (a bfloat16 product measured
 35, 50 and 70 GMAC/s in three runs a minute apart, bench/README.md), so the best of rounds taken a minute apart
@@ -16,7 +16,8 @@ Per pair and format, on the GGUF file `bench.llama_cpp` writes (same weights for
 Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max);
 `--csv` also writes every pair's figures, one row per format and pair (for a notebook). `--isa` runs MultiHead's
 build for that instruction set (e.g. the AVX2 build on an AVX-512 CPU) instead of the best one the CPU runs;
-llama.cpp keeps its native build.
+`--llama-isa avx2` runs llama.cpp's AVX2 build (what GGML_NATIVE gives an AVX2-only CPU) instead of its native one:
+both together set the two systems' AVX2-only builds side by side on a CPU that has more.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def summary(pairs: list[dict]) -> dict:
 def main(argv=None) -> None:
     from multihead_nb.backends.native.cpu_kernel import ISAS
 
+    from .llama_cpp import LLAMA_BUILDS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q4_0"])
     ap.add_argument("-p", "--prompt", type=int, default=1024, help="prefill prompt length")
@@ -79,6 +82,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--isa", choices=ISAS,
                     help="MultiHead's build for this instruction set (default: the best this CPU runs)")
+    ap.add_argument("--llama-isa", choices=list(LLAMA_BUILDS), default="native",
+                    help="llama.cpp's build: native (this CPU's best) or avx2 (what an AVX2-only CPU builds)")
     ap.add_argument("--no-server", action="store_true", help="skip llama-server's batch-3 / batch-1 steps")
     ap.add_argument("--csv", help="also write every pair's figures to this CSV file")
     args = ap.parse_args(argv)
@@ -94,11 +99,11 @@ def main(argv=None) -> None:
     from .llama_cpp import build
     from .llama_gguf import gguf_files
 
-    tools = build()
+    tools = build(isa=args.llama_isa)
     files = gguf_files(args.formats, tools)
     torch.set_num_threads(args.threads)
     isa = load_kernel(args.isa).isa
-    print(f"kernel build {isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
+    print(f"kernel build {isa}, llama.cpp build {args.llama_isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
           f"GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens, decode after {args.context}")
     rows, every = {}, []
     for fmt, path in files.items():

