@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from multihead_nb.backends.native.cpu_kernel import FLAGS_OFF_ENV, load_kernel
+
 from . import vllm_peer
 from .workflow_report import COLUMNS, SYSTEMS, markdown_table, startup_markdown, sweep_markdown, write_figure
 from .workflow_startup import startup_once
@@ -116,11 +118,18 @@ def main(argv=None) -> int:
         "checkpoint": str(bench.ckpt), "dtype": args.dtype, "new_tokens": args.new_tokens, "reps": args.reps,
         "threads": args.threads, "workflows": args.workflows, "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "command": " ".join(["python -m bench.workflow_table", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([*([f'{FLAGS_OFF_ENV}="{os.environ[FLAGS_OFF_ENV]}"'] if os.environ.get(FLAGS_OFF_ENV)
+                                 else []), "python -m bench.workflow_table",
+                              *(argv if argv is not None else sys.argv[1:])]),
         "quantize": args.quantize,
     }
     if bench.device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(bench.device)
+    else:  # which build of the fused kernel MultiHead's heads run (MULTIHEAD_CPU_FLAGS_OFF picks an older CPU's)
+        try:
+            meta["cpu_kernel"] = load_kernel().isa
+        except Exception as exc:  # no C compiler: the heads run the PyTorch path
+            meta["cpu_kernel"] = f"none ({exc})"
     import transformers
 
     meta["transformers"] = transformers.__version__
@@ -233,8 +242,9 @@ def main(argv=None) -> int:
     if su is not None:
         su.to_csv(out / "workflow_startup.csv", index=False)
         md += ["## Start-up (fresh process to first token of the first head)", "", startup_markdown(su)]
+    kernel = f"; MultiHead's kernel build {meta['cpu_kernel']}" if "cpu_kernel" in meta else ""
     md += [f"Command: `{meta['command']}`; {meta['date']}; torch {meta['torch']}, transformers "
-           f"{meta['transformers']}; {meta['cpus']} CPUs{'; ' + meta['gpu'] if 'gpu' in meta else ''}."]
+           f"{meta['transformers']}; {meta['cpus']} CPUs{'; ' + meta['gpu'] if 'gpu' in meta else ''}{kernel}."]
     text = "\n".join(md) + "\n"
     (out / "workflow_table.md").write_text(text)
     if not write_figure(df, sw, su, out / "workflow_table.html"):

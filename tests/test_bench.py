@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -52,6 +53,8 @@ def test_workflow_table_quick(tmp_path):
     for wf in ("code", "research", "creative", "independent"):
         assert f"| {wf} |" in md
     assert "## Scaling sweep" in md and "## Start-up" in md
+    meta = json.loads((tmp_path / "workflow_meta.json").read_text())  # which kernel build MultiHead's heads ran
+    assert meta["cpu_kernel"] and f"MultiHead's kernel build {meta['cpu_kernel']}." in md
 
     html = (tmp_path / "workflow_table.html").read_text()
     assert "<html" in html.lower() and "plotly" in html.lower()
