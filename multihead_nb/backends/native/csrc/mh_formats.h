@@ -164,7 +164,8 @@ static void dequant_row(const mh_matrix *W, int r, float *out) {
         for (int k = 0; k < W->cols; k++) out[k] = bf16_to_f32(rd16(row + 2 * (size_t)k));
         return;
     }
-    uint8_t u[32], blk[34];
+    uint8_t u[32], blk[210]; /* one block of an interleaved 32-element format (at most 34 bytes), sized for any
+                              * format's so that unpack32's every case reads inside it (GCC's -Warray-bounds) */
     float dw, off[2];
     int sc[2];
     const int base = x8_base(W->format), fmt = base ? base : W->format;
