@@ -103,8 +103,9 @@ def main(argv=None) -> None:
     files = gguf_files(args.formats, tools)
     torch.set_num_threads(args.threads)
     isa = load_kernel(args.isa).isa
-    print(f"kernel build {isa}, llama.cpp build {args.llama_isa}, {args.threads} threads, read bandwidth {read_bandwidth() / 1e9:.1f} "
-          f"GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens, decode after {args.context}")
+    print(f"kernel build {isa}, llama.cpp build {args.llama_isa}, {args.threads} threads, read bandwidth "
+          f"{read_bandwidth() / 1e9:.1f} GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens, "
+          f"decode after {args.context}")
     rows, every = {}, []
     for fmt, path in files.items():
         spec = read_spec(str(path))

@@ -46,9 +46,10 @@ import sys
 import time
 from pathlib import Path
 
-from multihead_nb.backends.native.cpu_kernel import FLAGS_OFF_ENV, load_kernel
+from multihead_nb.backends.native.cpu_kernel import FLAGS_OFF_ENV, KernelUnavailable, load_kernel
 
 from . import vllm_peer
+from .llama_cpp import LLAMA_BUILDS
 from .workflow_report import COLUMNS, SYSTEMS, markdown_table, startup_markdown, sweep_markdown, write_figure
 from .workflow_startup import startup_once
 from .workflow_systems import Bench
@@ -89,7 +90,7 @@ def parse_args(argv=None):
                    help="adds a llama.cpp column: `llama-server -np 3` on a GGUF of the same checkpoint in the same "
                    "format (bench/llama_cpp.py builds llama.cpp once, ~15-20 min)")
     p.add_argument("--llama-parallel", type=int, default=3, help="llama-server slots (-np)")
-    p.add_argument("--llama-isa", choices=["native", "avx2"], default="native",
+    p.add_argument("--llama-isa", choices=list(LLAMA_BUILDS), default="native",
                    help="llama.cpp's build: native (this CPU's best) or avx2 (what an AVX2-only CPU builds); with "
                    "MULTIHEAD_CPU_FLAGS_OFF=\"avx512f avx_vnni avx512_vnni\" both systems run AVX2-only builds")
     args = p.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     else:  # which build of the fused kernel MultiHead's heads run (MULTIHEAD_CPU_FLAGS_OFF picks an older CPU's)
         try:
             meta["cpu_kernel"] = load_kernel().isa
-        except Exception as exc:  # no C compiler: the heads run the PyTorch path
+        except KernelUnavailable as exc:  # no C compiler: the heads run the PyTorch path
             meta["cpu_kernel"] = f"none ({exc})"
     import transformers
 
