@@ -4,7 +4,7 @@ against the float32 reference on the same dequantized weights, and llama.cpp's o
 weights in the same format.
 
     python -m bench.accuracy [--formats bf16 q8_0 q5_0 q4_0 q4_1 q4_k_m] [--tokens 64] [--no-llama]
-                             [--activations int8 float32] [--isa avx2]
+                             [--activations int8 float32] [--isa avx2] [--llama-isa avx2]
 
 Per format: the reference is the PyTorch path in float32 on the checkpoint quantized to that format and dequantized
 (for bf16, the checkpoint's bfloat16 values; for formats only llama.cpp makes, Q4_K_M, the GGUF file
@@ -75,6 +75,8 @@ def runner_for(spec, dtype, kernel: bool | str, fmt: str, tokens: int, activatio
 def main(argv=None) -> None:
     from multihead_nb.backends.native.cpu_kernel import ISAS
 
+    from .llama_cpp import LLAMA_BUILDS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", nargs="+", default=["bf16", "q8_0", "q5_0", "q4_0", "q4_1", "q4_k_m"])
     ap.add_argument("--tokens", type=int, default=64)
@@ -84,6 +86,8 @@ def main(argv=None) -> None:
                     help="the kernel's inputs to quantized products (a row each; bf16 has none)")
     ap.add_argument("--isa", choices=ISAS,
                     help="the kernel's build for this instruction set (default: the best this CPU runs)")
+    ap.add_argument("--llama-isa", choices=list(LLAMA_BUILDS), default="native",
+                    help="llama.cpp's build: native (this CPU's best) or avx2 (what an AVX2-only CPU builds)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -101,7 +105,7 @@ def main(argv=None) -> None:
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
                                        return_dict=True)["input_ids"] for p in PROMPTS]
     total = max(len(p) for p in prompts) + args.tokens + 1
-    tools = None if args.no_llama else llama_cpp.build()
+    tools = None if args.no_llama else llama_cpp.build(isa=args.llama_isa)
     if tools is None and any(f not in QUANTIZABLE for f in args.formats):
         print("without llama.cpp (--no-llama), leaving out what only llama-quantize makes:",
               ", ".join(f for f in args.formats if f not in QUANTIZABLE))
