@@ -381,6 +381,44 @@ def test_kernel_errors(tiny_ckpt, monkeypatch, tmp_path):
         ModelRunner(wide, Arena(16, 1 << 20, device="cpu"), dtype=BF16, device="cpu", kernel=True)
 
 
+def test_compiler_without_openmp_builds_one_thread(tiny_ckpt, tmp_path, monkeypatch):
+    """A C compiler without OpenMP (Apple's clang: "unsupported option '-fopenmp'") still builds the kernel, for one
+    thread, with the same logits, bit for bit, as the build with OpenMP (threads split rows and tasks, never a sum).
+    By default the runner keeps the PyTorch path and says why; cpu_kernel=True runs it and says it is one thread."""
+    import stat
+
+    real = _compiler()
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do if [ "$a" = -fopenmp ]; then\n'
+                    '  echo "clang: error: unsupported option \'-fopenmp\'" >&2; exit 1; fi; done\n'
+                    f'exec "{real}" "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    isa = cpu_isas()[0]
+    threaded = load_kernel(isa)
+    monkeypatch.setenv("MULTIHEAD_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(fake))
+    single = load_kernel(isa)
+    assert threaded.threaded and not single.threaded and single.isa == threaded.isa
+    assert "unsupported option '-fopenmp'" in single.why_one_thread
+    path = tiny_ckpt("llama")
+    pairs = [Pair(path, k, num_seqs=3, quantize="q4_0") for k in (threaded, single)]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (40, 7, 19)]
+    outs = [p.step(prompts)["kernel"] for p in pairs]
+    assert torch.equal(outs[0], outs[1])
+    for i in range(4):  # decode steps at batch 3
+        outs = [p.step([[5 + i], [9], [13 + i]])["kernel"] for p in pairs]
+        assert torch.equal(outs[0], outs[1])
+    spec = read_spec(path)
+    runner = ModelRunner(spec, Arena(16, 1 << 16, device="cpu"), dtype=BF16, device="cpu")
+    if isa in ("avx2", "avx512"):  # the builds used by default where threaded
+        assert runner.fused is None and "would run on one thread: the C compiler has no OpenMP" in runner.kernel_note
+        assert "cpu_kernel=True uses it anyway" in runner.kernel_note
+    forced = ModelRunner(spec, Arena(16, 1 << 16, device="cpu"), dtype=BF16, device="cpu", kernel=True)
+    assert forced.fused is not None and not forced.fused.kernel.threaded
+    assert forced.kernel_note.endswith("one thread (the C compiler has no OpenMP)")
+
+
 def test_kernel_refuses_out_of_range_ids_and_pages(tiny_ckpt, kernel):
     """The kernel checks what it would index (check_step: the embedding, the contexts, the arena, the logits rows)
     and refuses a batch that reads past them, nothing written, each with an error naming the problem; a block table

@@ -9,7 +9,8 @@ batches (`fused_forward.py` fills the structs).
 
 Nothing here is required: without a C compiler, or where the build or load fails, `load_kernel` raises
 `KernelUnavailable` naming the reason; callers then use the PyTorch path. The OpenMP runtime the library needs
-(`libgomp.so.1`) is the one torch has already loaded, so the kernel and torch share one thread pool.
+(`libgomp.so.1`) is the one torch has already loaded, so the kernel and torch share one thread pool; a compiler
+without OpenMP (Apple's clang) builds it for one thread, as a last resort that says so (`CpuKernel.threaded`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "cpu_decode.c"  # includes the headers beside it
 COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-Werror=implicit-function-declaration")  # no implicit FMA: one rounding order in every tile shape
 LIB_FLAGS = ("-fopenmp", "-shared", "-fPIC")
+OPENMP_FLAG = "-fopenmp"  # left out, as a last resort, where the compiler has no OpenMP (Apple's clang): one thread
 ISAS = ("avx512", "avx2", "neon", "scalar")  # best first
 VNNI_FLAGS = ("-mavxvnni", "-mavx512vnni")  # integer products in one instruction where the CPU has it
 
@@ -88,6 +90,7 @@ class CpuKernel:
 
     path: Path
     lib: ctypes.CDLL
+    why_one_thread: str = ""  # built without OpenMP: why the build with it failed
 
     def __post_init__(self):
         self.lib.mh_forward.argtypes = [ctypes.POINTER(ModelStruct), ctypes.POINTER(StepStruct)]
@@ -101,11 +104,17 @@ class CpuKernel:
         self.lib.mh_isa.restype = ctypes.c_char_p
         self.lib.mh_reads_interleaved.argtypes = [ctypes.c_int]
         self.lib.mh_reads_interleaved.restype = ctypes.c_int
+        self.lib.mh_threaded.restype = ctypes.c_int
 
     @property
     def isa(self) -> str:
         """e.g. "avx2+fma", "avx2+fma+vnni", "avx512+bf16+vnni", "neon+dotprod", "scalar"."""
         return self.lib.mh_isa().decode()
+
+    @property
+    def threaded(self) -> bool:
+        """Whether the forward runs on several threads (built with OpenMP); False: one thread."""
+        return bool(self.lib.mh_threaded())
 
     def reads_interleaved(self, int8_activations: bool) -> bool:
         """Whether this build multiplies rows interleaved 8 at a time (`quant.interleave`) with these activations."""
@@ -239,12 +248,15 @@ def load_kernel(isa: str | None = None, cache_dir: Path | None = None) -> CpuKer
         if flags is None:
             reasons.append(f"this CPU ({machine}) cannot run {name}")
             continue
-        # a compiler without VNNI's flag (GCC < 11, clang < 12) still builds the set without it
+        # a compiler without VNNI's flag (GCC < 11, clang < 12) still builds the set without it; one without OpenMP
+        # (Apple's clang) builds it for one thread, tried last
         plain = tuple(f for f in flags if f not in VNNI_FLAGS)
-        for attempt in dict.fromkeys((flags, plain)):
+        one_thread = tuple(f for f in LIB_FLAGS if f != OPENMP_FLAG)
+        for lib, attempt in dict.fromkeys(((LIB_FLAGS, flags), (LIB_FLAGS, plain), (one_thread, flags),
+                                           (one_thread, plain))):
             try:
-                path = compile_c(COMMON_FLAGS + LIB_FLAGS + attempt, f"cpu_decode-{name}.so", cache_dir=cache_dir)
-                return CpuKernel(path, ctypes.CDLL(str(path)))
+                path = compile_c(COMMON_FLAGS + lib + attempt, f"cpu_decode-{name}.so", cache_dir=cache_dir)
+                return CpuKernel(path, ctypes.CDLL(str(path)), "" if lib is LIB_FLAGS else "; ".join(reasons))
             except KernelUnavailable as e:
                 reasons.append(e.reason)
             except OSError as e:

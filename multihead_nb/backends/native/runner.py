@@ -89,7 +89,8 @@ class ModelRunner:
             self.fused = FusedForward(cpu_kernel, spec, packed_weights, arena.data, self.layout, arena.page_bytes,
                                       int8_activations=self.activations == "int8")
             self.kernel_note = (f"fused CPU kernel {cpu_kernel.isa}, weights {packed_weights.describe()}"
-                                + ("" if packed_weights.formats <= {"bf16"} else f", {self.activations} activations"))
+                                + ("" if packed_weights.formats <= {"bf16"} else f", {self.activations} activations")
+                                + ("" if cpu_kernel.threaded else ", one thread (the C compiler has no OpenMP)"))
         else:
             if quantize is not None:  # the quantized model's values, run densely
                 weights = KernelWeights.build(spec, weights, quantize).dense(self.dtype)
@@ -120,6 +121,10 @@ class ModelRunner:
         if not kernel and not built.isa.startswith(DEFAULT_ISAS):
             return None, (f"the fused CPU kernel's {built.isa} build is not faster than PyTorch here "
                           "(cpu_kernel=True uses it anyway)")
+        if not kernel and not built.threaded:
+            return None, (f"the fused CPU kernel's {built.isa} build would run on one thread: the C compiler has no "
+                          f"OpenMP ({built.why_one_thread[-300:]}); cpu_kernel=True uses it anyway, or set CC to "
+                          "a compiler with OpenMP (gcc; Homebrew's llvm with libomp)")
         return built, None
 
     def weight_nbytes(self) -> int:

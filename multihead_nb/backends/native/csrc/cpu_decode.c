@@ -250,6 +250,15 @@ int mh_reads_interleaved(int int8) {
 }
 
 /* The instruction set this build uses, as %mh status reports it. */
+/* 1 where this library was built with OpenMP (the forward's threads), 0 where the compiler had none (one thread). */
+int mh_threaded(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 const char *mh_isa(void) {
 #if defined(MH_ISA_X86)
 #if defined(MH_VNNI_EMULATE)
