@@ -242,23 +242,23 @@ def load_kernel(isa: str | None = None, cache_dir: Path | None = None) -> CpuKer
     if isa is not None and isa not in ISAS:
         raise KernelUnavailable(f"unknown instruction set {isa!r} (known: {', '.join(ISAS)})")
     candidates = [isa] if isa is not None else cpu_isas()
-    reasons = []
-    for name in candidates:
-        flags = isa_flags(name, machine, feats)
-        if flags is None:
-            reasons.append(f"this CPU ({machine}) cannot run {name}")
-            continue
-        # a compiler without VNNI's flag (GCC < 11, clang < 12) still builds the set without it; one without OpenMP
-        # (Apple's clang) builds it for one thread, tried last
-        plain = tuple(f for f in flags if f not in VNNI_FLAGS)
-        one_thread = tuple(f for f in LIB_FLAGS if f != OPENMP_FLAG)
-        for lib, attempt in dict.fromkeys(((LIB_FLAGS, flags), (LIB_FLAGS, plain), (one_thread, flags),
-                                           (one_thread, plain))):
-            try:
-                path = compile_c(COMMON_FLAGS + lib + attempt, f"cpu_decode-{name}.so", cache_dir=cache_dir)
-                return CpuKernel(path, ctypes.CDLL(str(path)), "" if lib is LIB_FLAGS else "; ".join(reasons))
-            except KernelUnavailable as e:
-                reasons.append(e.reason)
-            except OSError as e:
-                reasons.append(f"loading the fused CPU kernel {name} failed: {e}")
+    reasons = [f"this CPU ({machine}) cannot run {name}" for name in candidates
+               if isa_flags(name, machine, feats) is None]
+    # every build with OpenMP first; then, where none built (a compiler without OpenMP: Apple's clang), for one thread
+    one_thread = tuple(f for f in LIB_FLAGS if f != OPENMP_FLAG)
+    for lib in (LIB_FLAGS, one_thread):
+        for name in candidates:
+            flags = isa_flags(name, machine, feats)
+            if flags is None:
+                continue
+            plain = tuple(f for f in flags if f not in VNNI_FLAGS)  # a compiler without VNNI's flag (GCC < 11)
+            for attempt in dict.fromkeys((flags, plain)):
+                try:
+                    path = compile_c(COMMON_FLAGS + lib + attempt, f"cpu_decode-{name}.so", cache_dir=cache_dir)
+                    why = "" if lib is LIB_FLAGS else "; ".join(dict.fromkeys(reasons))
+                    return CpuKernel(path, ctypes.CDLL(str(path)), why)
+                except KernelUnavailable as e:
+                    reasons.append(e.reason)
+                except OSError as e:
+                    reasons.append(f"loading the fused CPU kernel {name} failed: {e}")
     raise KernelUnavailable("; ".join(dict.fromkeys(reasons)))
