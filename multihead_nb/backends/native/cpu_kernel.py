@@ -29,8 +29,8 @@ from pathlib import Path
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "cpu_decode.c"  # includes the headers beside it
 COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-Werror=implicit-function-declaration")  # no implicit FMA: one rounding order in every tile shape
-LIB_FLAGS = ("-fopenmp", "-shared", "-fPIC")
 OPENMP_FLAG = "-fopenmp"  # left out, as a last resort, where the compiler has no OpenMP (Apple's clang): one thread
+LIB_FLAGS = (OPENMP_FLAG, "-shared", "-fPIC")
 ISAS = ("avx512", "avx2", "neon", "scalar")  # best first
 VNNI_FLAGS = ("-mavxvnni", "-mavx512vnni")  # integer products in one instruction where the CPU has it
 

@@ -249,7 +249,6 @@ int mh_reads_interleaved(int int8) {
 #endif
 }
 
-/* The instruction set this build uses, as %mh status reports it. */
 /* 1 where this library was built with OpenMP (the forward's threads), 0 where the compiler had none (one thread). */
 int mh_threaded(void) {
 #ifdef _OPENMP
@@ -259,6 +258,7 @@ int mh_threaded(void) {
 #endif
 }
 
+/* The instruction set this build uses, as %mh status reports it. */
 const char *mh_isa(void) {
 #if defined(MH_ISA_X86)
 #if defined(MH_VNNI_EMULATE)
