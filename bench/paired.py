@@ -1,7 +1,8 @@
 """MultiHead's fused kernel against llama.cpp in back-to-back pairs: per format, the median of the pairs' ratios.
 
     python -m bench.paired [--formats bf16 q8_0 q4_0] [--prompt 1024] [--context 128] [--gen 64] [--pairs 10]
-                           [--threads 2] [--isa avx2] [--llama-isa avx2] [--no-server] [--csv PATH]
+                           [--prefill-reps 1] [--threads 2] [--isa avx2] [--llama-isa avx2] [--no-server]
+                           [--csv PATH]
 
 Why pairs: on a shared VM the same code's speed moves by up to 2x within seconds (a bfloat16 product measured
 35, 50 and 70 GMAC/s in three runs a minute apart, bench/README.md), so the best of rounds taken a minute apart
@@ -9,8 +10,10 @@ Why pairs: on a shared VM the same code's speed moves by up to 2x within seconds
 measures both systems within seconds of each other, in alternating order, and the ratio is taken within the pair.
 
 Per pair and format, on the GGUF file `bench.llama_cpp` writes (same weights for both):
-- `llama-bench -p P -n N -r 1` (one timed run of each after its warm-up): prefill and decode tokens/s;
-- MultiHead: the prefill of one P-token prompt in one forward, and `--gen` decode steps at batch 1 and at batch 3
+- `llama-bench -p P -n N -r R` (R = `--prefill-reps`, 1 by default: one timed run of each after its warm-up):
+  prefill tokens/s of its fastest run, decode tokens/s of the runs' average;
+- MultiHead: the fastest of R prefills of one P-token prompt in one forward, and `--gen` decode steps at batch 1 and
+  at batch 3
   after `--context`-token contexts, a step of each in turn (`bench_interleaved`: their ratio from the same moments);
 - unless `--no-server`, llama-server's decode step at batch 1 and at batch 3 (`-np 3`, the same contexts).
 Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max);
@@ -39,11 +42,11 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     out = {}
 
     def theirs():
-        res = llama_bench(tools, path, args.threads, args.prompt, args.gen, reps=1)
-        out["llama prefill"], out["llama decode"] = res["prefill_tps"], res["decode_tps"]
+        res = llama_bench(tools, path, args.threads, args.prompt, args.gen, reps=args.prefill_reps)
+        out["llama prefill"], out["llama decode"] = res["prefill_best_tps"], res["decode_tps"]
 
     def ours():
-        out["ours prefill"] = args.prompt / bench_prefill(spec, runner, args.prompt, 1, page_bytes)
+        out["ours prefill"] = args.prompt / bench_prefill(spec, runner, args.prompt, args.prefill_reps, page_bytes)
         step1, step3 = bench_interleaved(spec, runner, (1, 3), args.context, args.gen, page_bytes)
         out["ours decode"], out["ours b3/b1"] = 1 / step1, step3 / step1
 
@@ -79,6 +82,8 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=128, help="context before the decode steps")
     ap.add_argument("-n", "--gen", type=int, default=64, help="decode steps (each system)")
     ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--prefill-reps", type=int, default=1,
+                    help="timed prefills per pair and system, each system's fastest counted (1: one shot each)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--isa", choices=ISAS,
                     help="MultiHead's build for this instruction set (default: the best this CPU runs)")
@@ -87,8 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-server", action="store_true", help="skip llama-server's batch-3 / batch-1 steps")
     ap.add_argument("--csv", help="also write every pair's figures to this CSV file")
     args = ap.parse_args(argv)
-    if args.pairs < 1 or args.prompt < 1 or args.context < 1 or args.gen < 1:
-        ap.error("--pairs, --prompt, --context and --gen must be positive")
+    if min(args.pairs, args.prompt, args.context, args.gen, args.prefill_reps) < 1:
+        ap.error("--pairs, --prompt, --context, --gen and --prefill-reps must be positive")
 
     import torch
 
@@ -104,8 +109,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     isa = load_kernel(args.isa).isa
     print(f"kernel build {isa}, llama.cpp build {args.llama_isa}, {args.threads} threads, read bandwidth "
-          f"{read_bandwidth() / 1e9:.1f} GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens, "
-          f"decode after {args.context}")
+          f"{read_bandwidth() / 1e9:.1f} GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens "
+          f"(fastest of {args.prefill_reps}), decode after {args.context}")
     rows, every = {}, []
     for fmt, path in files.items():
         spec = read_spec(str(path))
@@ -119,7 +124,8 @@ def main(argv=None) -> None:
             pairs.append(measure_pair(tools, path, spec, runner, args, i))
             print(f"{fmt} pair {i + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in pairs[-1].items()), flush=True)
         rows[fmt] = summary(pairs)
-        every += [{"format": fmt, "pair": i + 1, "prompt": args.prompt, "context": args.context, **p}
+        every += [{"format": fmt, "pair": i + 1, "prompt": args.prompt, "prefill reps": args.prefill_reps,
+                   "context": args.context, **p}
                   for i, p in enumerate(pairs)]
         del runner
     if args.csv:

@@ -162,6 +162,24 @@ def test_paired_summary_takes_ratios_within_pairs(capsys):
     with pytest.raises(SystemExit):
         paired.main(["--isa", "sse2"])
     assert "invalid choice: 'sse2'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        paired.main(["--prefill-reps", "0"])
+    assert "--prefill-reps must be positive" in capsys.readouterr().err
+
+
+def test_llama_bench_figures_average_and_fastest_run():
+    """llama-bench's JSON: prefill and decode as its runs' average (what it prints) and as its fastest run (what
+    bench.paired's --prefill-reps counts, as it counts MultiHead's fastest prefill); a row without per-run samples
+    gives its average for both."""
+    from bench.llama_cpp import bench_figures
+
+    rows = [{"build_commit": "abc", "cpu_info": "EPYC", "n_prompt": 128, "n_gen": 0, "avg_ts": 495.6,
+             "samples_ts": [775.8, 215.4]},
+            {"build_commit": "abc", "cpu_info": "EPYC", "n_prompt": 0, "n_gen": 64, "avg_ts": 101.0}]
+    f = bench_figures(rows)
+    assert f["prefill_tps"] == 495.6 and f["prefill_best_tps"] == 775.8
+    assert f["decode_tps"] == f["decode_best_tps"] == 101.0
+    assert f["build"] == "abc" and f["cpu"] == "EPYC"
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
