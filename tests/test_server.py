@@ -239,6 +239,43 @@ def test_a_client_that_disconnects_frees_its_pages(served, tiny_ckpt):
     assert settled(ws, free)
 
 
+def test_an_abandoned_request_is_cancelled_while_its_text_flows():
+    """A non-streamed request watches its client every DISCONNECT_POLL_S even while text keeps arriving (a model
+    that streams a delta more often than that never left the wait idle, and a request its client had given up on
+    ran to its end): the client gone, the generation is cancelled and the answer is the 499 error."""
+    from multihead_nb.server import protocol as P
+    from multihead_nb.server.responses import DISCONNECT_POLL_S, respond
+
+    class Flowing:  # a generation whose text never stops: a delta every 10 ms
+        outcome = None
+        cancelled = False
+
+        async def deltas(self):
+            while not self.cancelled:
+                await asyncio.sleep(0.01)
+                yield "x"
+
+        def cancel(self):
+            self.cancelled = True
+
+    class Client:  # a request whose client goes away after 0.3 s
+        def __init__(self):
+            self.t0 = time.monotonic()
+
+        async def is_disconnected(self):
+            return time.monotonic() - self.t0 > 0.3
+
+    gen = Flowing()
+    req = P.GenerationRequest(model="m", prompt="hi")
+
+    async def main():
+        return await asyncio.wait_for(respond(Client(), req, gen, chat=False), timeout=0.3 + 4 * DISCONNECT_POLL_S)
+
+    out = asyncio.run(main())
+    assert out.status_code == 499 and b"client_closed" in out.body
+    assert gen.cancelled
+
+
 def test_32_concurrent_streams_from_4_threads(served):
     ws, server, _ = served
     free = ws.pool.num_free

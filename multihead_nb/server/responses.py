@@ -42,15 +42,21 @@ async def respond(request: Request, req: P.GenerationRequest, gen: Generation, *
         return StreamingResponse(_stream(req, gen, rid, created, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     task = None
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         it = gen.deltas().__aiter__()
         while True:
             task = task or asyncio.ensure_future(it.__anext__())
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not done:
+            # every DISCONNECT_POLL_S, whether or not text arrived meanwhile (a model streaming text steadily
+            # never left the wait idle, and its abandoned request ran to its end)
+            if not done or loop.time() - checked >= DISCONNECT_POLL_S:
+                checked = loop.time()
                 if await request.is_disconnected():
                     return error(P.APIError(499, "the client closed the request", code="client_closed"))
-                continue
+                if not done:
+                    continue
             try:
                 task.result()
             except StopAsyncIteration:
