@@ -353,3 +353,36 @@ def test_exl2_head_on_cpu_names_what_is_missing(models, tmp_path):
     assert set(ws.heads) == {"a"} and len(ws.models) == 1
     assert ws.generate("a", "fine", max_tokens=2).token_ids
     ws.close()
+
+
+def test_detokenizer_waits_only_for_characters_that_can_complete(tiny_ckpt):
+    """Streamed text: a valid text's deltas join to exactly its decoded text, each multi-byte character whole (its
+    bytes, in separate tokens, wait for it); stray bytes that never complete (each U+FFFD) and special tokens (no
+    text) are streamed as they decode, in windows of a bounded number of tokens rather than ever longer ones (which
+    made every token's decoding slower as the output grew), and the text after them comes out right."""
+    from transformers import AutoTokenizer
+
+    from multihead_nb.engine.output import MAX_PENDING, IncrementalDetokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_ckpt("llama")))
+    widths = []
+
+    class Counting:  # the tokenizer, noting how many ids each decode gets
+        def decode(self, ids, **kw):
+            widths.append(len(ids))
+            return tok.decode(ids, **kw)
+
+    text = "Grüße, naïve café — 東京 🙂 done."
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text)  # some characters span several tokens
+    d = IncrementalDetokenizer(Counting(), tok.encode("Hi:", add_special_tokens=False))
+    deltas = [d.push(t) for t in ids]
+    assert "".join(deltas) == text and not any("\ufffd" in x for x in deltas)
+
+    stray, after = tok.convert_tokens_to_ids("â"), tok.encode(" hello world", add_special_tokens=False)
+    for noise, shown in ((stray, "\ufffd"), (tok.eos_token_id, "")):
+        widths.clear()
+        d = IncrementalDetokenizer(Counting(), tok.encode("ok", add_special_tokens=False))
+        out = [d.push(t) for t in [noise] * 200 + after]
+        assert "".join(out) == shown * 200 + " hello world"
+        assert max(widths) <= 2 * MAX_PENDING + 2, max(widths)

@@ -1,14 +1,24 @@
 """A request's output: token ids in, text out, stop conditions, and the text streamed to its reader.
 
-Owns: incremental detokenization (decode a short window and emit only complete text, never half a multi-byte
-character), stop strings (cut from the text; a possible stop-string prefix is held back from the stream), the end
-conditions (end-of-sequence ids, max_tokens, the model's context), and pushing text deltas to the request's queue.
+Owns: incremental detokenization (decode a short window and emit only complete text, never half of a multi-byte
+character that can still complete), stop strings (cut from the text; a possible stop-string prefix is held back from
+the stream), the end conditions (end-of-sequence ids, max_tokens, the model's context), and pushing text deltas to
+the request's queue.
 Knows nothing of scheduling, pages or the recorder.
 """
 
 from __future__ import annotations
 
 from .request import Request
+
+
+# Tokens that may wait for their text. No UTF-8 character spans more than 4 bytes and every token carries at least
+# one, so in valid text at most 3 tokens wait for a character to complete; a longer wait means broken bytes (which
+# decode to U+FFFD and never complete) or tokens without text (special tokens, skipped). Past this many the text is
+# emitted as it stands and the textless tokens leave the window, which (decoded twice per token) would otherwise
+# grow with the output: on a random-weight model's stream of stray bytes the windows went from 25 tokens on average
+# (up to 250) to 6 (up to 16), the decoding in a batch-3 step from 0.15 to 0.09 ms.
+MAX_PENDING = 8
 
 
 class IncrementalDetokenizer:
@@ -23,10 +33,13 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        waited = len(self.ids) - self.read_offset >= MAX_PENDING
+        if len(full) > len(prefix) and (waited or not full.endswith("\ufffd")):
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
             return full[len(prefix) :]
+        if waited and len(full) <= len(prefix):  # the waiting tokens add no text: they leave the window
+            del self.ids[self.read_offset :]
         return ""
 
 
