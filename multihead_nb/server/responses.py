@@ -54,6 +54,8 @@ async def respond(request: Request, req: P.GenerationRequest, gen: Generation, *
             if not done or loop.time() - checked >= DISCONNECT_POLL_S:
                 checked = loop.time()
                 if await request.is_disconnected():
+                    if done:
+                        task.exception()  # the delta or the end that came meanwhile is not wanted: read, not logged
                     return error(P.APIError(499, "the client closed the request", code="client_closed"))
                 if not done:
                     continue
