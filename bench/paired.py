@@ -13,8 +13,8 @@ Per pair and format, on the GGUF file `bench.llama_cpp` writes (same weights for
 - `llama-bench -p P -n N -r R` (R = `--prefill-reps`, 1 by default: one timed run of each after its warm-up):
   prefill tokens/s of its fastest run, decode tokens/s of the runs' average;
 - MultiHead: the fastest of R prefills of one P-token prompt in one forward, and `--gen` decode steps at batch 1 and
-  at batch 3
-  after `--context`-token contexts, a step of each in turn (`bench_interleaved`: their ratio from the same moments);
+  at batch 3 after `--context`-token contexts, a step of each in turn (`bench_interleaved`: their ratio from the same
+  moments);
 - unless `--no-server`, llama-server's decode step at batch 1 and at batch 3 (`-np 3`, the same contexts).
 Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max);
 `--csv` also writes every pair's figures, one row per format and pair (for a notebook). `--isa` runs MultiHead's

@@ -49,16 +49,16 @@ async def respond(request: Request, req: P.GenerationRequest, gen: Generation, *
         while True:
             task = task or asyncio.ensure_future(it.__anext__())
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            # every DISCONNECT_POLL_S, whether or not text arrived meanwhile (a model streaming text steadily
-            # never left the wait idle, and its abandoned request ran to its end)
-            if not done or loop.time() - checked >= DISCONNECT_POLL_S:
+            # every DISCONNECT_POLL_S (a wait that timed out took that long), whether or not text arrived meanwhile:
+            # a model streaming text steadily never left the wait idle, and its abandoned request ran to its end
+            if loop.time() - checked >= DISCONNECT_POLL_S:
                 checked = loop.time()
                 if await request.is_disconnected():
                     if done:
                         task.exception()  # the delta or the end that came meanwhile is not wanted: read, not logged
                     return error(P.APIError(499, "the client closed the request", code="client_closed"))
-                if not done:
-                    continue
+            if not done:
+                continue
             try:
                 task.result()
             except StopAsyncIteration:
