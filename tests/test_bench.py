@@ -118,6 +118,23 @@ def test_llama_cpp_builds_live_in_their_own_folders(tmp_path, monkeypatch, capsy
         assert "invalid choice: 'sse2'" in capsys.readouterr().err
 
 
+def test_llama_cpp_source_fixes_apply_once(tmp_path):
+    """The AMX tile-config fix replaces the call GCC 12 compiles wrongly, once: a second pass finds nothing to do (so
+    a built tree is not rebuilt), and a source without the text (fixed upstream) is left alone."""
+    from bench import llama_cpp
+
+    name, text, fixed, _ = llama_cpp.LLAMA_FIXES[0]
+    path = tmp_path / name
+    path.parent.mkdir(parents=True)
+    path.write_text(f"    tc.rows[7] = 16;\n\n    {text}\n    done = true;\n")
+    said = []
+    assert llama_cpp.apply_fixes(tmp_path, said.append) == 1
+    assert path.read_text() == f"    tc.rows[7] = 16;\n\n    {fixed}\n    done = true;\n"
+    assert "SIGILL" in said[0] and name in said[0]
+    assert llama_cpp.apply_fixes(tmp_path, said.append) == 0 and len(said) == 1
+    assert llama_cpp.apply_fixes(tmp_path / "elsewhere", said.append) == 0
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
                     reason="no C compiler here: the fused CPU kernel cannot be built")
 def test_product_floor_quick(capsys):
