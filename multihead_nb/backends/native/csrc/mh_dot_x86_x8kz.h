@@ -40,6 +40,7 @@ AI void tile_q4kx8_z(const uint8_t *w, int nsb, const int q5, const mh_act *a, i
                     u[c] = _mm512_or_si512(u[c], _mm512_slli_epi16(_mm512_and_si512(h, one), 4));
                 }
             }
+            MH_EACH_TOKEN
             for (int t = 0; t < MT; t++)
                 z_step(u, a, (size_t)(t0 + t) * zp + 4 * (size_t)s + p, dw, off, 0, acc + t, corr + t);
         }
@@ -89,6 +90,7 @@ AI void tile_q6kx8_z(const uint8_t *w, int nsb, const mh_act *a, int t0, const i
                     mul[hh] = _mm512_cvtepi8_epi32(_mm_unpacklo_epi8(s0, s1));
                     off[hh] = _mm512_mul_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(mul[hh])), _mm512_set1_ps(-32.0f));
                 }
+                MH_EACH_TOKEN
                 for (int t = 0; t < MT; t++) {
                     const size_t z = (size_t)(t0 + t) * zp + 4 * (size_t)s + p;
                     int64_t x[8];

@@ -97,14 +97,14 @@ AI void x8z_even_odd(const __m512 *acc, const __m512 *corr, const int MT, __m256
  * corr (not Q8_0). */
 AI void z_step(const __m512i *u, const mh_act *a, size_t z, __m512 dw, __m512 off, const int q8, __m512 *acc,
                __m512 *corr) {
-    int64_t x[8];
+    const int8_t *x = a->qz + z * 64;
     double ds[2];
-    memcpy(x, a->qz + z * 64, 64);
     memcpy(ds, a->dz + z * MH_ZF, 16);
     __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-    for (int c = 0; c < 8; c += 2) {
-        s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi64(x[c]));
-        s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi64(x[c + 1]));
+    for (int c = 0; c < 8; c += 2) { /* each broadcast straight from memory (a copy on the stack costs a store each) */
+        s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)(x + 8 * c))));
+        s1 = _mm512_dpbusd_epi32(s1, u[c + 1],
+                                 _mm512_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)(x + 8 * c + 8))));
     }
     __m512i sum = _mm512_add_epi32(s0, s1);
     if (q8) { /* the sum of q x: exactly tile_x8's integers */
@@ -150,6 +150,7 @@ AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a
         const __m512 off = base == MH_Q4_1 || base == MH_Q5_1
                                ? halves_interleaved(blk + 16, gbb, two)
                                : _mm512_mul_ps(dw, _mm512_set1_ps(base == MH_Q5_0 ? -16.0f : -8.0f));
+        MH_EACH_TOKEN
         for (int t = 0; t < MT; t++) z_step(u, a, (size_t)(t0 + t) * zp + b / 2, dw, off, q8, acc + t, corr + t);
     }
     x8z_even_odd(acc, corr, MT, res);
