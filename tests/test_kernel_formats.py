@@ -178,6 +178,7 @@ def test_interleaved_product(isa, fmt):
     for t in (0, 1, 50):
         assert np.array_equal(product(kernel, pm, X[t:t + 1])[0], full[t])
     assert np.array_equal(product(kernel, pm, X[48:51])[1], full[49])
+    assert np.array_equal(product(kernel, pm, X[40:53]), full[40:53])  # 13 rows: a tile of 8 (or 4) and 5 after
     assert np.array_equal(product(kernel, pm, X, threads=1), full)
     row = np.empty(pm.cols, dtype=np.float32)
     ref = plain.dequantize().numpy()

@@ -16,10 +16,10 @@
 
 #define MH_F_CHUNK 16
 #define AI static inline __attribute__((always_inline))
-/* Before a loop over a tile's token rows (MT <= 4, a constant): unrolled whatever the CPU GCC tunes for. Tuned for an
+/* Before a loop over a tile's token rows (MT <= 8, a constant): unrolled whatever the CPU GCC tunes for. Tuned for an
  * Intel Xeon (-mtune=native), GCC 12 kept tile_x8_blocks2's and the 512-bit K-quant tiles' token loops rolled, their
  * accumulators in memory: a 3-row Q4_0 product's arithmetic took 1.53 ms instead of 1.35 (bench/README.md). */
-#define MH_EACH_TOKEN _Pragma("GCC unroll 4")
+#define MH_EACH_TOKEN _Pragma("GCC unroll 8")
 
 /* How far ahead of a tile's weight reads to prefetch (bytes), in the first token tile (t0 == 0: the one that reads
  * the rows from memory; later tiles find them in cache). A decode step reads every weight once, a contiguous stream
@@ -194,7 +194,9 @@ AI void tile_bf16_4x4(const uint8_t *w, int64_t rb, const mh_act *a, int t0, flo
  * bfloat16 (12 accumulators) in decode, two rows against 3 in prefill (8+ token rows: tile_bf16x2), 4 token rows for
  * quantized weights (8 accumulators and 4 registers of dequantized weights), 3 for interleaved Q4_0 / Q4_1 in
  * prefill (two groups of 8 rows against 3 token rows, tile_x8_pair, took 11% less time per token than one group
- * against 4). */
+ * against 4). With AVX-512 VNNI, prefill's interleaved Q8_0 against 8 token rows and Q4_0 / Q4_1 (two groups,
+ * tile_x8_groups2) against 4: a 128-token prefill 2109-2142 -> 2348-2375 tokens/s (Q8_0) and 2108-2151 -> 2277-2287
+ * (Q4_0) on an Intel Xeon with 2 threads, each weight block unpacked once for more token rows. */
 static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
 #ifdef MH_BF16_DOT
     const int bf = 0;
@@ -203,6 +205,10 @@ static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
 #endif
     *nr = x8_base(fmt) ? 8 : 1; /* the interleaved layouts: row blocks of whole groups of 8 */
     *mt = bf ? (T >= MH_BF16_PAIRS ? 3 : 6) : T >= MH_X8_PAIRS && (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8) ? 3 : 4;
+#ifdef MH_X8_ZMM /* prefill's 512-bit tiles: each weight block unpacked once for more token rows */
+    if (T >= MH_X8_PAIRS && fmt == MH_Q8_0X8) *mt = 8;                        /* tile_x8_blocks2: 8 sums, 8 pieces */
+    if (T >= MH_X8_PAIRS && (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8)) *mt = 4; /* tile_x8_groups2: 16 sums, 8 pieces */
+#endif
 }
 
 #ifndef MH_BF16_DOT
@@ -301,42 +307,59 @@ AI void q_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_
     }
 }
 
+/* The 8-row token tile: Q8_0x8's in prefill with AVX-512 VNNI (tile_shape); no other function has one. A token
+ * block's last 5-7 rows: 4, then the rest. */
+#define MH_NO_8(NAME, ROWS, F)
+#ifdef MH_X8_ZMM
+#define MH_ROWS_8(NAME, ROWS, F)                                                                                   \
+    case 8: ROWS(F, w, rb, nrows, a, t0, 8, P, n0); break;                                                         \
+    case 5:                                                                                                        \
+    case 6:                                                                                                        \
+    case 7:                                                                                                        \
+        ROWS(F, w, rb, nrows, a, t0, 4, P, n0);                                                                    \
+        NAME(w, rb, nrows, a, t0 + 4, mt - 4, P, n0);                                                              \
+        break;
+#else
+#define MH_ROWS_8 MH_NO_8
+#endif
+
 /* One function per format and kind of product, the token tile's height a constant in each branch: each has its
  * registers allocated on its own (inlined together into the dispatch, the tiles spilled: +17-40%). */
-#define MH_ROWS_FN(NAME, ROWS, F)                                                                                  \
+#define MH_ROWS_FN(NAME, ROWS, F, EIGHT)                                                                           \
     static __attribute__((noinline)) void NAME(const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0,  \
                                                int mt, const mh_part *P, int n0) {                                \
         switch (mt) {                                                                                              \
         case 1: ROWS(F, w, rb, nrows, a, t0, 1, P, n0); break;                                                     \
         case 2: ROWS(F, w, rb, nrows, a, t0, 2, P, n0); break;                                                     \
         case 3: ROWS(F, w, rb, nrows, a, t0, 3, P, n0); break;                                                     \
+        EIGHT(NAME, ROWS, F)                                                                                       \
         default: ROWS(F, w, rb, nrows, a, t0, 4, P, n0); break;                                                    \
         }                                                                                                          \
     }
-MH_ROWS_FN(rows_q8_0_int, qi_rows, MH_Q8_0)
-MH_ROWS_FN(rows_q4_0_int, qi_rows, MH_Q4_0)
-MH_ROWS_FN(rows_q4_1_int, qi_rows, MH_Q4_1)
-MH_ROWS_FN(rows_q5_0_int, qi_rows, MH_Q5_0)
-MH_ROWS_FN(rows_q5_1_int, qi_rows, MH_Q5_1)
-MH_ROWS_FN(rows_q4_k_int, qi_rows, MH_Q4_K)
-MH_ROWS_FN(rows_q5_k_int, qi_rows, MH_Q5_K)
-MH_ROWS_FN(rows_q6_k_int, qi_rows, MH_Q6_K)
-MH_ROWS_FN(rows_q8_0_f32, q_rows, MH_Q8_0)
-MH_ROWS_FN(rows_q4_0_f32, q_rows, MH_Q4_0)
-MH_ROWS_FN(rows_q4_1_f32, q_rows, MH_Q4_1)
-MH_ROWS_FN(rows_q5_0_f32, q_rows, MH_Q5_0)
-MH_ROWS_FN(rows_q5_1_f32, q_rows, MH_Q5_1)
-MH_ROWS_FN(rows_q4_k_f32, q_rows, MH_Q4_K)
-MH_ROWS_FN(rows_q5_k_f32, q_rows, MH_Q5_K)
-MH_ROWS_FN(rows_q6_k_f32, q_rows, MH_Q6_K)
-MH_ROWS_FN(rows_q8_0x8, x8_rows, MH_Q8_0X8)
-MH_ROWS_FN(rows_q4_0x8, x8_rows, MH_Q4_0X8)
-MH_ROWS_FN(rows_q4_1x8, x8_rows, MH_Q4_1X8)
-MH_ROWS_FN(rows_q5_0x8, x8_rows, MH_Q5_0X8)
-MH_ROWS_FN(rows_q5_1x8, x8_rows, MH_Q5_1X8)
-MH_ROWS_FN(rows_q4_kx8, x8_rows, MH_Q4_KX8)
-MH_ROWS_FN(rows_q5_kx8, x8_rows, MH_Q5_KX8)
-MH_ROWS_FN(rows_q6_kx8, x8_rows, MH_Q6_KX8)
+MH_ROWS_FN(rows_q8_0_int, qi_rows, MH_Q8_0, MH_NO_8)
+MH_ROWS_FN(rows_q4_0_int, qi_rows, MH_Q4_0, MH_NO_8)
+MH_ROWS_FN(rows_q4_1_int, qi_rows, MH_Q4_1, MH_NO_8)
+MH_ROWS_FN(rows_q5_0_int, qi_rows, MH_Q5_0, MH_NO_8)
+MH_ROWS_FN(rows_q5_1_int, qi_rows, MH_Q5_1, MH_NO_8)
+MH_ROWS_FN(rows_q4_k_int, qi_rows, MH_Q4_K, MH_NO_8)
+MH_ROWS_FN(rows_q5_k_int, qi_rows, MH_Q5_K, MH_NO_8)
+MH_ROWS_FN(rows_q6_k_int, qi_rows, MH_Q6_K, MH_NO_8)
+MH_ROWS_FN(rows_q8_0_f32, q_rows, MH_Q8_0, MH_NO_8)
+MH_ROWS_FN(rows_q4_0_f32, q_rows, MH_Q4_0, MH_NO_8)
+MH_ROWS_FN(rows_q4_1_f32, q_rows, MH_Q4_1, MH_NO_8)
+MH_ROWS_FN(rows_q5_0_f32, q_rows, MH_Q5_0, MH_NO_8)
+MH_ROWS_FN(rows_q5_1_f32, q_rows, MH_Q5_1, MH_NO_8)
+MH_ROWS_FN(rows_q4_k_f32, q_rows, MH_Q4_K, MH_NO_8)
+MH_ROWS_FN(rows_q5_k_f32, q_rows, MH_Q5_K, MH_NO_8)
+MH_ROWS_FN(rows_q6_k_f32, q_rows, MH_Q6_K, MH_NO_8)
+MH_ROWS_FN(rows_q8_0x8, x8_rows, MH_Q8_0X8, MH_ROWS_8)
+MH_ROWS_FN(rows_q4_0x8, x8_rows, MH_Q4_0X8, MH_NO_8)
+MH_ROWS_FN(rows_q4_1x8, x8_rows, MH_Q4_1X8, MH_NO_8)
+MH_ROWS_FN(rows_q5_0x8, x8_rows, MH_Q5_0X8, MH_NO_8)
+MH_ROWS_FN(rows_q5_1x8, x8_rows, MH_Q5_1X8, MH_NO_8)
+MH_ROWS_FN(rows_q4_kx8, x8_rows, MH_Q4_KX8, MH_NO_8)
+MH_ROWS_FN(rows_q5_kx8, x8_rows, MH_Q5_KX8, MH_NO_8)
+MH_ROWS_FN(rows_q6_kx8, x8_rows, MH_Q6_KX8, MH_NO_8)
 #undef MH_ROWS_FN
 
 typedef void (*mh_rows_fn)(const uint8_t *, int64_t, int, const mh_act *, int, int, const mh_part *, int);

@@ -130,7 +130,7 @@ AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a
     const int64_t gbb = 8 * (int64_t)bb, zp = zpairs(K); /* one block of the 8 rows; ACT_Z pieces per row */
     const int q5 = base == MH_Q5_0 || base == MH_Q5_1, q8 = base == MH_Q8_0;
     const __m512i low4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[4], corr[4];
+    __m512 acc[8], corr[8];
     for (int t = 0; t < MT; t++) acc[t] = corr[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b += 2) {
         const uint8_t *blk = w + (size_t)b * gbb, *qs = blk + hb;
