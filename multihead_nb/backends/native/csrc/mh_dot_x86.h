@@ -307,24 +307,17 @@ AI void q_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_
     }
 }
 
-/* The 8-row token tile: Q8_0x8's in prefill with AVX-512 VNNI (tile_shape); no other function has one. A token
- * block's last 5-7 rows: 4, then the rest. */
-#define MH_NO_8(NAME, ROWS, F)
+/* The 8-row token tile: Q8_0x8's in prefill with AVX-512 VNNI (tile_shape); no other function has one. */
+#define MH_NO_8(ROWS, F)
 #ifdef MH_X8_ZMM
-#define MH_ROWS_8(NAME, ROWS, F)                                                                                   \
-    case 8: ROWS(F, w, rb, nrows, a, t0, 8, P, n0); break;                                                         \
-    case 5:                                                                                                        \
-    case 6:                                                                                                        \
-    case 7:                                                                                                        \
-        ROWS(F, w, rb, nrows, a, t0, 4, P, n0);                                                                    \
-        NAME(w, rb, nrows, a, t0 + 4, mt - 4, P, n0);                                                              \
-        break;
+#define MH_ROWS_8(ROWS, F) case 8: ROWS(F, w, rb, nrows, a, t0, 8, P, n0); break;
 #else
 #define MH_ROWS_8 MH_NO_8
 #endif
 
 /* One function per format and kind of product, the token tile's height a constant in each branch: each has its
- * registers allocated on its own (inlined together into the dispatch, the tiles spilled: +17-40%). */
+ * registers allocated on its own (inlined together into the dispatch, the tiles spilled: +17-40%). More token rows
+ * than its tiles take (a token block's last 5-7 rows where Q8_0x8's take 8): 4, then the rest. */
 #define MH_ROWS_FN(NAME, ROWS, F, EIGHT)                                                                           \
     static __attribute__((noinline)) void NAME(const uint8_t *w, int64_t rb, int nrows, const mh_act *a, int t0,  \
                                                int mt, const mh_part *P, int n0) {                                \
@@ -332,8 +325,11 @@ AI void q_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh_
         case 1: ROWS(F, w, rb, nrows, a, t0, 1, P, n0); break;                                                     \
         case 2: ROWS(F, w, rb, nrows, a, t0, 2, P, n0); break;                                                     \
         case 3: ROWS(F, w, rb, nrows, a, t0, 3, P, n0); break;                                                     \
-        EIGHT(NAME, ROWS, F)                                                                                       \
-        default: ROWS(F, w, rb, nrows, a, t0, 4, P, n0); break;                                                    \
+        case 4: ROWS(F, w, rb, nrows, a, t0, 4, P, n0); break;                                                     \
+        EIGHT(ROWS, F)                                                                                             \
+        default:                                                                                                   \
+            ROWS(F, w, rb, nrows, a, t0, 4, P, n0);                                                                \
+            NAME(w, rb, nrows, a, t0 + 4, mt - 4, P, n0);                                                          \
         }                                                                                                          \
     }
 MH_ROWS_FN(rows_q8_0_int, qi_rows, MH_Q8_0, MH_NO_8)
