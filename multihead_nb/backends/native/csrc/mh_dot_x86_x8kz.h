@@ -93,14 +93,13 @@ AI void tile_q6kx8_z(const uint8_t *w, int nsb, const mh_act *a, int t0, const i
                 MH_EACH_TOKEN
                 for (int t = 0; t < MT; t++) {
                     const size_t z = (size_t)(t0 + t) * zp + 4 * (size_t)s + p;
-                    int64_t x[8];
+                    const int8_t *x = a->qz + z * 64;
                     double ds[4];
-                    memcpy(x, a->qz + z * 64, 64);
                     memcpy(ds, a->dz + z * MH_ZF, 32);
                     __m512i s0 = _mm512_setzero_si512(), s1 = s0;
                     for (int c = 0; c < 4; c++) {
-                        s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi64(x[c]));
-                        s1 = _mm512_dpbusd_epi32(s1, u[4 + c], _mm512_set1_epi64(x[4 + c]));
+                        s0 = _mm512_dpbusd_epi32(s0, u[c], bcast8(x + 8 * c));
+                        s1 = _mm512_dpbusd_epi32(s1, u[4 + c], bcast8(x + 8 * (4 + c)));
                     }
                     const __m512i q = _mm512_add_epi32(_mm512_mullo_epi32(s0, mul[0]), _mm512_mullo_epi32(s1, mul[1]));
                     const __m512 dx = _mm512_castpd_ps(_mm512_set1_pd(ds[0]));

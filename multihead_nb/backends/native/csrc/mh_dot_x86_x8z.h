@@ -80,6 +80,9 @@ AI __m512 halves_interleaved(const uint8_t *p, int64_t gb, int two) {
     return _mm512_cvtph_ps(_mm256_set_m128i(_mm_unpackhi_epi16(x, y), _mm_unpacklo_epi16(x, y)));
 }
 
+/* The 8 bytes at p in every 64-bit lane, straight from memory (a copy on the stack first costs a store each). */
+AI __m512i bcast8(const int8_t *p) { return _mm512_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)p)); }
+
 /* Sums with row i's even blocks in lane 2i and its odd ones in lane 2i + 1 (acc[t], corr[t]) -> res[t], lane i =
  * row i: (even blocks' sum + offsets) + (odd blocks' sum + offsets). */
 AI void x8z_even_odd(const __m512 *acc, const __m512 *corr, const int MT, __m256 *res) {
@@ -101,10 +104,9 @@ AI void z_step(const __m512i *u, const mh_act *a, size_t z, __m512 dw, __m512 of
     double ds[2];
     memcpy(ds, a->dz + z * MH_ZF, 16);
     __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-    for (int c = 0; c < 8; c += 2) { /* each broadcast straight from memory (a copy on the stack costs a store each) */
-        s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)(x + 8 * c))));
-        s1 = _mm512_dpbusd_epi32(s1, u[c + 1],
-                                 _mm512_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)(x + 8 * c + 8))));
+    for (int c = 0; c < 8; c += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, u[c], bcast8(x + 8 * c));
+        s1 = _mm512_dpbusd_epi32(s1, u[c + 1], bcast8(x + 8 * c + 8));
     }
     __m512i sum = _mm512_add_epi32(s0, s1);
     if (q8) { /* the sum of q x: exactly tile_x8's integers */
