@@ -18,7 +18,7 @@
 #define AI static inline __attribute__((always_inline))
 /* Before a loop over a tile's token rows (MT <= 8, a constant): unrolled whatever the CPU GCC tunes for. Tuned for an
  * Intel Xeon (-mtune=native), GCC 12 kept tile_x8_blocks2's and the 512-bit K-quant tiles' token loops rolled, their
- * accumulators in memory: a 3-row Q4_0 product's arithmetic took 1.53 ms instead of 1.35 (bench/README.md). */
+ * accumulators in memory: a 3-row Q4_0 product's arithmetic took 1.53 ms instead of 1.32 (bench/README.md). */
 #define MH_EACH_TOKEN _Pragma("GCC unroll 8")
 
 /* How far ahead of a tile's weight reads to prefetch (bytes), in the first token tile (t0 == 0: the one that reads

@@ -119,7 +119,7 @@ AI void z_step(const __m512i *u, const mh_act *a, size_t z, __m512 dw, __m512 of
     if (!q8) *corr = _mm512_fmadd_ps(off, sx, *corr);
 }
 
-/* 8 rows of Q8_0x8 / Q4_0x8 / Q4_1x8 / Q5_0x8 / Q5_1x8 (nb blocks) against MT (<= 4) token rows t0 ..: res[t], lane i =
+/* 8 rows of Q8_0x8 / Q4_0x8 / Q4_1x8 / Q5_0x8 / Q5_1x8 (nb blocks) against MT (<= 8) token rows t0 ..: res[t], lane i =
  * row i. Two consecutive blocks per 512-bit vector (row i of block 2j in lane 2i, of block 2j + 1 in lane 2i + 1), so
  * the rows are read as one stream (the blocks are adjacent) and each vpdpbusd and FMA serves two blocks: per two blocks
  * and token row 8 vpdpbusd where tile_x8 takes 16. The activations come arranged for these lanes (ACT_Z, arrange_z_row:
