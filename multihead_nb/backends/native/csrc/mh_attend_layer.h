@@ -3,7 +3,9 @@
  * (token, head) or (token, KV head, chunk) tasks to the threads.
  * Owns the split attention's plan: blocks of up to MH_ATT_BLOCK consecutive prompt tokens of one sequence, one task
  * per (block, KV head) over their whole context (mh_attention_block.h); every other token's context cut in att_chunk
- * keys, one task per (token, KV head, chunk), then one merge per (token, KV head). Both give a token the same bits.
+ * keys, one task per (token, KV head, chunk), or per (token, chunk) for all KV heads where att_allkv_fits and no
+ * block is in the forward (allkv: each key's row read whole), then one merge per (token, KV head). All give a token
+ * the same bits.
  * Without blocks (decode) the tasks go round-robin, so a thread fetches its next task's first keys early.
  * Knows nothing of weights or of the rest of the layer; reads the K/V the forward already wrote for this step. */
 #ifndef MH_ATTEND_LAYER_H
@@ -34,7 +36,8 @@ typedef struct { /* ATT_SPLIT: a token alone (nb = 1) and its chunk c, or nb tok
 typedef struct {
     int mode, ldsc;
     float *scores; /* [threads, G (ATT_HEADS: 1), ldsc] each thread's scores; ATT_SPLIT: each thread's scratch */
-    int chunks, tasks;     /* ATT_SPLIT: chunks of the tokens alone; tasks (one per KV head each) */
+    int chunks, tasks;     /* ATT_SPLIT: chunks of the tokens alone; tasks (one per KV head each, unless allkv) */
+    int allkv;             /* ATT_SPLIT, lone tokens only: one task per chunk for all KV heads (attend_part_allkv) */
     int block_chunks;      /* the most chunks of a block's task */
     int32_t *tstart;       /* [T + 1] first chunk slot of each token (a block's tokens: none) */
     mh_att_task *task;     /* [tasks] */
@@ -67,9 +70,15 @@ static int att_block_rows(const mh_model *m) { return (MH_ATT_BLOCK * (m->heads 
 /* Floats of one thread's attention scratch: a lone token's scores [G, ldsc] and widened keys [64, d] (a block's
  * too); a block's queries [d, rows], scores [64, rows], one score tile's partials [16, 12, 8], a merge's [d, 8], and
  * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each. */
+/* A thread's scores scratch: [G, ldsc], or for attend_part_allkv [H, ldsc] and the scaled queries [H d]. */
+static size_t att_sc_floats(const mh_model *m, int ldsc) {
+    const size_t G = m->heads / m->kv_heads, H = m->heads, d = m->head_dim;
+    return att_allkv_fits(m) ? H * ldsc + H * d : G * ldsc;
+}
+
 static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
-    const size_t G = m->heads / m->kv_heads, d = m->head_dim, rows = att_block_rows(m);
-    return (G * ldsc + 64 * d + d * rows + 64 * rows + 1536 + 8 * d + bch * (d + 2) * rows + 15) / 16 * 16;
+    const size_t d = m->head_dim, rows = att_block_rows(m);
+    return (att_sc_floats(m, ldsc) + 64 * d + d * rows + 64 * rows + 1536 + 8 * d + bch * (d + 2) * rows + 15) / 16 * 16;
 }
 
 typedef struct { /* one thread's share of a->scores */
@@ -78,8 +87,9 @@ typedef struct { /* one thread's share of a->scores */
 } mh_thread_att;
 
 static mh_thread_att thread_att(const mh_model *m, const mh_att_work *a, int thread) {
-    const size_t G = m->heads / m->kv_heads, d = m->head_dim, rows = att_block_rows(m);
-    float *p = a->scores + (size_t)thread * att_thread_floats(m, a->ldsc, a->block_chunks), *f = p + G * a->ldsc;
+    const size_t d = m->head_dim, rows = att_block_rows(m);
+    float *p = a->scores + (size_t)thread * att_thread_floats(m, a->ldsc, a->block_chunks);
+    float *f = p + att_sc_floats(m, a->ldsc);
     float *qt = f + 64 * d, *sb = qt + d * rows, *part = sb + 64 * rows, *tmp = part + 1536, *ot = tmp + 8 * d;
     float *mx = ot + (size_t)a->block_chunks * d * rows, *sm = mx + (size_t)a->block_chunks * rows;
     return (mh_thread_att){p, f, ot, mx, sm, {qt, sb, part, tmp}};
@@ -128,6 +138,28 @@ static int att_task_keys(const mh_model *m, const mh_step *s, const mh_att_task 
 static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_work *a, int i, int next,
                      const float *qkv, int ldq, float *attn, const mh_thread_att *w) {
     const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim;
+    if (a->allkv) { /* task i: one chunk of a lone token, every KV head */
+        const mh_att_task k = a->task[a->tasks - 1 - i];
+        const uint16_t *ahead[MH_KEYS_AHEAD];
+        int na = 0;
+        if (next >= 0) {
+            int j2, n2;
+            att_task_keys(m, s, a->task[a->tasks - 1 - next], &j2, &n2);
+            na = n2 < MH_KEYS_AHEAD ? n2 : MH_KEYS_AHEAD;
+            key_rows(m, s, l, s->seq_of[a->task[a->tasks - 1 - next].t0], 0, j2, na, ahead);
+        }
+        const int t = k.t0, nch = a->tstart[t + 1] - a->tstart[t];
+        int j0, n;
+        const int ch = att_task_keys(m, s, k, &j0, &n);
+        float *o[MH_ALLKV_MAX], *mx[MH_ALLKV_MAX], *sm[MH_ALLKV_MAX];
+        for (int h = 0; h < KV; h++) {
+            const size_t slot = (size_t)(a->tstart[t] * KV + h * nch + k.c);
+            o[h] = a->po + slot * G * d, mx[h] = a->pmx + slot * G, sm[h] = a->psm + slot * G;
+        }
+        attend_part_allkv(m, s, l, t, qkv + (size_t)t * ldq, j0, j0 + n - 1, w->sc, ch, w->sc + (size_t)m->heads * ch,
+                          o, mx, sm, ahead, na);
+        return;
+    }
     const mh_att_task k = a->task[a->tasks - 1 - i / KV];
     const int kvh = i % KV;
     if (k.nb > 1) {
@@ -189,6 +221,7 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
         a->chunks += nch;
     }
     a->tstart[T] = a->chunks;
+    a->allkv = a->block_chunks == 0 && att_allkv_fits(m);
     a->scores = alloc64(sizeof(float) * nt * att_thread_floats(m, a->ldsc, a->block_chunks));
     a->po = alloc64(sizeof(float) * ((size_t)a->chunks * KV * G * d + 1));
     a->pmx = alloc64(sizeof(float) * ((size_t)a->chunks * KV * G + 1));
@@ -210,7 +243,7 @@ static int attend_layer(const mh_model *m, const mh_step *s, int l, const float 
     if (a->mode == ATT_SPLIT) {
         const int epilogue = ep && a->block_chunks == 0 && G * d % 64 == 0;
         const mh_thread_att w = thread_att(m, a, omp_get_thread_num());
-        const int n = a->tasks * KV, nt = omp_get_num_threads();
+        const int n = a->allkv ? a->tasks : a->tasks * KV, nt = omp_get_num_threads();
         if (a->block_chunks == 0) { /* lone tokens only (decode): each thread's next task known, its keys fetched */
 #pragma omp for schedule(static, 1)
             for (int i = 0; i < n; i++) att_task(m, s, l, a, i, i + nt < n ? i + nt : -1, qkv, ldq, attn, &w);

@@ -1,5 +1,6 @@
 /* AVX2 + FMA attention (every x86 build, AVX-512 ones too): a token's context cut in chunks of keys, one task per
- * (token, KV head, chunk) so a lone decode token's attention spreads over the threads, merged by log-sum-exp
+ * (token, KV head, chunk), or in AVX2 builds for small KV rows per (token, chunk) with every KV head
+ * (attend_part_allkv), so a lone decode token's attention spreads over the threads, merged by log-sum-exp
  * (attn_merge); the helpers (key rows, widening, softmax) that mh_attention_block.h, included here, shares for blocks
  * of prompt tokens, whose results must be the same bits. Included by mh_attention.h, whose scalar attention it
  * replaces where it applies; knows nothing of layers or of the threads' split. */
@@ -139,6 +140,24 @@ static inline void values_32x3(const uint16_t *const *kp, int64_t off, int n, co
         for (int c = 0; c < 4; c++) _mm256_storeu_ps(o + (size_t)g * d + 8 * c, res[g][c]);
 }
 
+/* The last nc (< 4) groups of 8 columns of n value rows (kp[j] + off) weighted by 3 heads' pr[g][j], summed in key
+ * order -> o rows g < ng (d apart): values_32x3's operations for fewer columns. */
+static inline void values_tail_x3(const uint16_t *const *kp, int64_t off, int n, const float *const *pr, int ng, int d,
+                                  int nc, float *o) {
+    __m256 acc[3][3];
+    for (int g = 0; g < 3; g++)
+        for (int c = 0; c < 3; c++) acc[g][c] = _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const uint16_t *v = kp[j] + off;
+        for (int c = 0; c < nc; c++) {
+            const __m256 vv = widen8(v + 8 * c);
+            for (int g = 0; g < 3; g++) acc[g][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr[g] + j), vv, acc[g][c]);
+        }
+    }
+    for (int g = 0; g < ng; g++)
+        for (int c = 0; c < nc; c++) _mm256_storeu_ps(o + (size_t)g * d + 8 * c, acc[g][c]);
+}
+
 /* Scores of 4 keys (kp[i], d bfloat16 each) x 3 query rows (qg[g], d floats each) -> the 8 lane partials of each,
  * acc[g][i]: lane l sums q[c] k[c] over c = l, l + 8, ... by multiply-adds in that order. */
 #if !defined(MH_ATT_ZMM)
@@ -157,6 +176,17 @@ static inline void scores_4x3(const float *const *qg, const uint16_t *const *kp,
     }
 }
 #endif
+
+/* Scores k0 .. k0 + nk - 1 of a row (ldsc floats) from r4: 4 in one store where the row has room (past n: unread). */
+static inline void store_scores4(float *row, int k0, int ldsc, int nk, __m128 r4) {
+    if (k0 + 4 <= ldsc) {
+        _mm_storeu_ps(row + k0, r4);
+        return;
+    }
+    float r[4];
+    _mm_storeu_ps(r, r4);
+    for (int i = 0; i < nk; i++) row[k0 + i] = r[i];
+}
 
 /* How far ahead a lone token's attention fetches its key rows. 8 kept 16 lines in flight per thread: ~17-20 GB/s of
  * K/V on a Zen 5 whose stream reads 46 (the attention of a batch-3 step 1.61 M cycles at 128-190 keys); 32: 1.27 M,
@@ -232,17 +262,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                 scores_4x3(qg, kp, d, acc);
                 for (int g = 0; g < ng; g++) r4s[g] = hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
             }
-            for (int g = 0; g < ng; g++) { /* 4 scores in one store where the row has room (past n: unread) */
-                const __m128 r4 = r4s[g];
-                float *dst = sc + (size_t)(g0 + g) * ldsc + k0;
-                if (k0 + 4 <= ldsc) {
-                    _mm_storeu_ps(dst, r4);
-                    continue;
-                }
-                float r[4];
-                _mm_storeu_ps(r, r4);
-                for (int i = 0; i < nk; i++) dst[i] = r[i];
-            }
+            for (int g = 0; g < ng; g++) store_scores4(sc + (size_t)(g0 + g) * ldsc, k0, ldsc, nk, r4s[g]);
         }
     }
     softmax_rows(sc, ldsc, G, n, mx, sm);
@@ -277,24 +297,12 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                 values_32x3(kp_all, m->kv_stride + c0, n, pr, ng, d, og);
                 continue;
             }
-            const int nc = (d - c0) / 8;
-            __m256 acc[3][3];
-            for (int g = 0; g < 3; g++)
-                for (int c = 0; c < 3; c++) acc[g][c] = _mm256_setzero_ps();
-            for (int j = 0; j < n; j++) {
-                const uint16_t *v = kp_all[j] + m->kv_stride + c0;
-                for (int c = 0; c < nc; c++) {
-                    const __m256 vv = widen8(v + 8 * c);
-                    for (int g = 0; g < 3; g++)
-                        acc[g][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(pr[g] + j), vv, acc[g][c]);
-                }
-            }
-            for (int g = 0; g < ng; g++)
-                for (int c = 0; c < nc; c++) _mm256_storeu_ps(og + (size_t)g * d + 8 * c, acc[g][c]);
+            values_tail_x3(kp_all, m->kv_stride + c0, n, pr, ng, d, (d - c0) / 8, og);
         }
     }
 }
 
+#include "mh_attention_allkv.h"
 #include "mh_attention_block.h"
 
 /* A token's `nch` chunk results (o [nch, G, d], mx and sm [nch, G]) -> its attention output out [G, d]: each chunk
