@@ -67,15 +67,15 @@ static int att_blockable(const mh_model *m, const mh_step *s, int t) {
 /* Rows of a block's attention (MH_ATT_BLOCK tokens x G heads) padded to whole tiles of 3 vectors of 8. */
 static int att_block_rows(const mh_model *m) { return (MH_ATT_BLOCK * (m->heads / m->kv_heads) + 23) / 24 * 24; }
 
-/* Floats of one thread's attention scratch: a lone token's scores [G, ldsc] and widened keys [64, d] (a block's
- * too); a block's queries [d, rows], scores [64, rows], one score tile's partials [16, 12, 8], a merge's [d, 8], and
- * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each. */
 /* A thread's scores scratch: [G, ldsc], or for attend_part_allkv [H, ldsc] and the scaled queries [H d]. */
 static size_t att_sc_floats(const mh_model *m, int ldsc) {
     const size_t G = m->heads / m->kv_heads, H = m->heads, d = m->head_dim;
     return att_allkv_fits(m) ? H * ldsc + H * d : G * ldsc;
 }
 
+/* Floats of one thread's attention scratch: a lone token's scores (att_sc_floats) and widened keys [64, d] (a block's
+ * too); a block's queries [d, rows], scores [64, rows], one score tile's partials [16, 12, 8], a merge's [d, 8], and
+ * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each. */
 static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
     const size_t d = m->head_dim, rows = att_block_rows(m);
     return (att_sc_floats(m, ldsc) + 64 * d + d * rows + 64 * rows + 1536 + 8 * d + bch * (d + 2) * rows + 15) / 16 * 16;
