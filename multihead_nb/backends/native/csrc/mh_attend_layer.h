@@ -138,6 +138,7 @@ static int att_task_keys(const mh_model *m, const mh_step *s, const mh_att_task 
 static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_work *a, int i, int next,
                      const float *qkv, int ldq, float *attn, const mh_thread_att *w) {
     const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim;
+#if !defined(MH_ATT_ZMM) /* attend_part_allkv exists (att_allkv_fits is 0 in AVX-512 builds) */
     if (a->allkv) { /* task i: one chunk of a lone token, every KV head */
         const mh_att_task k = a->task[a->tasks - 1 - i];
         const uint16_t *ahead[MH_KEYS_AHEAD];
@@ -160,6 +161,7 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
                           o, mx, sm, ahead, na);
         return;
     }
+#endif
     const mh_att_task k = a->task[a->tasks - 1 - i / KV];
     const int kvh = i % KV;
     if (k.nb > 1) {

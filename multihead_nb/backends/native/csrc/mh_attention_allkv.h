@@ -43,8 +43,8 @@ static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, in
             for (int i = 0; i < 4; i++) kp[i] = kp_all[k0 + (i < nk ? i : nk - 1)] + kvh * d;
             for (int g0 = 0; g0 < G; g0 += 3) {
                 const int ng = G - g0 < 3 ? G - g0 : 3;
-                const float *qg[3]; /* heads past G repeat the last, as in attend_part_avx2 */
-                for (int g = 0; g < 3; g++) qg[g] = qs + (size_t)(kvh * G + g0 + (g < ng ? g : ng - 1)) * d;
+                const float *qg[3];
+                rows3(qs, d, kvh * G + g0, ng, qg);
                 __m256 acc[3][4];
                 scores_4x3(qg, kp, d, acc);
                 for (int g = 0; g < ng; g++)
@@ -59,28 +59,14 @@ static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, in
         for (int g0 = 0; g0 < G; g0 += 3) {
             const int ng = G - g0 < 3 ? G - g0 : 3;
             const float *pr[3];
-            for (int g = 0; g < 3; g++) pr[g] = sc + (size_t)(kvh * G + g0 + (g < ng ? g : ng - 1)) * ldsc;
-            for (int c0 = 0; c0 < d; c0 += 32) {
-                float *og = o[kvh] + (size_t)g0 * d + c0;
-                if (d - c0 >= 32) {
-                    values_32x3(kp_all, m->kv_stride + kvh * d + c0, n, pr, ng, d, og);
-                    continue;
-                }
-                values_tail_x3(kp_all, m->kv_stride + kvh * d + c0, n, pr, ng, d, (d - c0) / 8, og);
-            }
+            rows3(sc, ldsc, kvh * G + g0, ng, pr);
+            values_from_x3(kp_all, m->kv_stride + kvh * d, n, pr, ng, d, 0, o[kvh] + (size_t)g0 * d);
         }
 }
-#else
-#define MH_ALLKV_MAX 1
+#else /* AVX-512 builds: a task per KV head (their 16-lane and bfloat16 scores are attend_part_avx2's) */
 static inline int att_allkv_fits(const mh_model *m) {
     (void)m;
     return 0;
-}
-static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, int t, const float *q, int j0, int j1,
-                              float *sc, int ldsc, float *qs, float *const *o, float *const *mx, float *const *sm,
-                              const uint16_t *const *next, int nnext) { /* never called: att_allkv_fits is 0 */
-    (void)m, (void)s, (void)layer, (void)t, (void)q, (void)j0, (void)j1, (void)sc, (void)ldsc, (void)qs, (void)o;
-    (void)mx, (void)sm, (void)next, (void)nnext;
 }
 #endif
 

@@ -158,6 +158,20 @@ static inline void values_tail_x3(const uint16_t *const *kp, int64_t off, int n,
         for (int c = 0; c < nc; c++) _mm256_storeu_ps(o + (size_t)g * d + 8 * c, acc[g][c]);
 }
 
+/* Value columns c0 .. d - 1 of n rows (kp[j] + off) weighted by 3 heads' pr[g][j] -> o rows g < ng (d apart;
+ * o at column c0): 32 columns at a time (values_32x3), the last ones by values_tail_x3. */
+static inline void values_from_x3(const uint16_t *const *kp, int64_t off, int n, const float *const *pr, int ng, int d,
+                                  int c0, float *o) {
+    for (; d - c0 >= 32; c0 += 32, o += 32) values_32x3(kp, off + c0, n, pr, ng, d, o);
+    if (c0 < d) values_tail_x3(kp, off + c0, n, pr, ng, d, (d - c0) / 8, o);
+}
+
+/* The 3 rows a 3-head step reads: rows first .. first + ng - 1 of base (stride floats apart), the last repeated past
+ * ng (its results are not stored). */
+static inline void rows3(const float *base, size_t stride, int first, int ng, const float **r) {
+    for (int g = 0; g < 3; g++) r[g] = base + (size_t)(first + (g < ng ? g : ng - 1)) * stride;
+}
+
 /* Scores of 4 keys (kp[i], d bfloat16 each) x 3 query rows (qg[g], d floats each) -> the 8 lane partials of each,
  * acc[g][i]: lane l sums q[c] k[c] over c = l, l + 8, ... by multiply-adds in that order. */
 #if !defined(MH_ATT_ZMM)
@@ -224,7 +238,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *qg[3];
-        for (int g = 0; g < 3; g++) qg[g] = qs + (size_t)(g0 + (g < ng ? g : ng - 1)) * d;
+        rows3(qs, d, g0, ng, qg);
 #if defined(MH_ATT_BF16)
         uint16_t qb[3 * MH_GROUP_DIM]; /* att_bf16(d): the 3 heads' queries in bfloat16 */
         if (att_bf16(d))
@@ -275,7 +289,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *pr[3]; /* the heads' weights (heads past G repeat the last) */
-        for (int g = 0; g < 3; g++) pr[g] = sc + (size_t)(g0 + (g < ng ? g : ng - 1)) * ldsc;
+        rows3(sc, ldsc, g0, ng, pr);
 #if defined(MH_ATT_BF16)
         if (att_bf16(d)) {
             const uint16_t *pb[3] = {(const uint16_t *)pr[0], (const uint16_t *)pr[1], (const uint16_t *)pr[2]};
@@ -284,21 +298,11 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
             continue;
         }
 #endif
-        for (int c0 = 0; c0 < d; c0 += 32) {
-            float *og = o + (size_t)g0 * d + c0;
+        int c0 = 0;
 #if defined(MH_ATT_ZMM)
-            if (d - c0 >= 64) {
-                values_64x3(kp_all, m->kv_stride + c0, n, pr, ng, d, og);
-                c0 += 32;
-                continue;
-            }
+        for (; d - c0 >= 64; c0 += 64) values_64x3(kp_all, m->kv_stride + c0, n, pr, ng, d, o + (size_t)g0 * d + c0);
 #endif
-            if (d - c0 >= 32) {
-                values_32x3(kp_all, m->kv_stride + c0, n, pr, ng, d, og);
-                continue;
-            }
-            values_tail_x3(kp_all, m->kv_stride + c0, n, pr, ng, d, (d - c0) / 8, og);
-        }
+        values_from_x3(kp_all, m->kv_stride, n, pr, ng, d, c0, o + (size_t)g0 * d + c0);
     }
 }
 
