@@ -146,7 +146,7 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
         if (next >= 0) {
             int j2, n2;
             att_task_keys(m, s, a->task[a->tasks - 1 - next], &j2, &n2);
-            na = n2 < MH_KEYS_AHEAD ? n2 : MH_KEYS_AHEAD;
+            na = n2 < att_allkv_ahead(m) ? n2 : att_allkv_ahead(m);
             key_rows(m, s, l, s->seq_of[a->task[a->tasks - 1 - next].t0], 0, j2, na, ahead);
         }
         const int t = k.t0, nch = a->tstart[t + 1] - a->tstart[t];

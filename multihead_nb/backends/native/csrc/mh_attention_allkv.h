@@ -12,6 +12,20 @@ static inline int att_allkv_fits(const mh_model *m) {
     return 2 * m->head_dim * m->kv_heads <= 512;
 }
 
+/* How many keys ahead attend_part_allkv fetches its key rows, and of the thread's next task: about 24 cache lines
+ * (at most MH_KEYS_AHEAD keys). 32 keys of 6 lines (SmolLM2-135M) asked for 192 lines at once, and the fetch
+ * instructions waited for the L1's miss buffers, the arithmetic behind them. On a Zen 2 (Q4_0, builds alternated in
+ * one process, 10 rounds of 24 steps), 4 keys against 32: a step at batch 3 after 1024-token contexts 13.36 -> 12.91
+ * ms (faster in all 10 rounds; another run 12.72 -> 12.06), at batch 1 8.12 -> 7.83; after 160 tokens the same
+ * (bench/README.md). */
+#ifndef MH_ALLKV_LINES_AHEAD
+#define MH_ALLKV_LINES_AHEAD 24
+#endif
+static inline int att_allkv_ahead(const mh_model *m) {
+    const int lines = (2 * m->head_dim * m->kv_heads + 63) / 64, keys = (MH_ALLKV_LINES_AHEAD + lines - 1) / lines;
+    return keys < MH_KEYS_AHEAD ? keys : MH_KEYS_AHEAD;
+}
+
 /* One chunk [j0, j1] of token t for every KV head at once (att_allkv_fits): for each 4 keys, each KV head's scores as
  * attend_part_avx2 forms them (4 keys x 3 query heads, the same operations), so each key's whole row, its KV heads
  * side by side, is read together, a page's keys one after the other. attend_part_avx2 reads one head's 2 d bytes of
@@ -28,14 +42,13 @@ static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, in
     for (int i = 0; i < H * d; i++) qs[i] = q[i] * scale;
     const uint16_t *kp_all[n];
     key_rows(m, s, layer, s->seq_of[t], 0, j0, n, kp_all); /* KV head 0's rows; head h's are h d further */
-    const int row_bytes = 2 * d * KV;
-    for (int j = 0; j < n && j < MH_KEYS_AHEAD; j++) prefetch_row(kp_all[j], row_bytes);
+    const int row_bytes = 2 * d * KV, ahead = att_allkv_ahead(m);
+    for (int j = 0; j < n && j < ahead; j++) prefetch_row(kp_all[j], row_bytes);
     for (int k0 = 0; k0 < n; k0 += 4) {
         const int nk = n - k0 < 4 ? n - k0 : 4;
         for (int i = 0; i < nk; i++)
             for (int c = 0; c < row_bytes; c += 64) {
-                if (k0 + MH_KEYS_AHEAD + i < n)
-                    _mm_prefetch((const char *)kp_all[k0 + MH_KEYS_AHEAD + i] + c, _MM_HINT_T0);
+                if (k0 + ahead + i < n) _mm_prefetch((const char *)kp_all[k0 + ahead + i] + c, _MM_HINT_T0);
                 _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
             }
         for (int kvh = 0; kvh < KV; kvh++) {
