@@ -131,10 +131,13 @@ def apply_fixes(src: Path, log=print) -> int:
 
 
 # ---- llama-bench ----------------------------------------------------------------------------------------------
-def llama_bench(tools, model: Path, threads: int = 2, prompt: int = 128, gen: int = 128, reps: int = 3) -> dict:
-    """`llama-bench -t T -p P -n N -r R -o json`'s figures (`bench_figures`)."""
-    done = subprocess.run([str(tools["llama-bench"]), "-m", str(model), "-t", str(threads), "-p", str(prompt),
-                           "-n", str(gen), "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
+def llama_bench(tools, model: Path, threads: int = 2, prompt: int = 128, gen: int = 128, reps: int = 3,
+                depth: int = 0) -> dict:
+    """`llama-bench -t T -p P -n N -r R -o json`'s figures (`bench_figures`); with `depth`, `-d depth`: both tests
+    after that many tokens of context."""
+    cmd = [str(tools["llama-bench"]), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
+           "-r", str(reps), "-o", "json", *(["-d", str(depth)] if depth else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return bench_figures(json.loads(done.stdout))
 
 
@@ -180,9 +183,10 @@ class LlamaServer:
         self.close()
         raise RuntimeError("llama-server did not become healthy in 120 s")
 
-    def _complete(self, prompt_ids: list[int], n_predict: int) -> dict:
-        """One greedy `/completion` of `n_predict` tokens (no prompt cache, no early end): the server's reply."""
-        body = {"prompt": prompt_ids, "n_predict": n_predict, "ignore_eos": True, "cache_prompt": False,
+    def _complete(self, prompt_ids: list[int], n_predict: int, cache_prompt: bool = False) -> dict:
+        """One greedy `/completion` of `n_predict` tokens (no early end; no prompt cache unless `cache_prompt`): the
+        server's reply."""
+        body = {"prompt": prompt_ids, "n_predict": n_predict, "ignore_eos": True, "cache_prompt": cache_prompt,
                 "temperature": 0.0, "top_k": 1, "samplers": ["top_k"], "return_tokens": True, "stream": False}
         req = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -192,9 +196,10 @@ class LlamaServer:
     def complete(self, prompt_ids: list[int], n_predict: int) -> list[int]:
         return list(self._complete(prompt_ids, n_predict).get("tokens") or [])
 
-    def timed(self, prompt_ids: list[int], n_predict: int) -> dict:
-        """One completion's `timings` as llama-server reports them (`predicted_per_token_ms`, `prompt_ms`, ...)."""
-        timings = self._complete(prompt_ids, n_predict).get("timings") or {}
+    def timed(self, prompt_ids: list[int], n_predict: int, cache_prompt: bool = False) -> dict:
+        """One completion's `timings` as llama-server reports them (`predicted_per_token_ms`, `prompt_ms`,
+        `prompt_n`, ...)."""
+        timings = self._complete(prompt_ids, n_predict, cache_prompt).get("timings") or {}
         if timings.get("predicted_n") != n_predict:
             raise RuntimeError(f"llama-server predicted {timings.get('predicted_n')} tokens, not {n_predict}")
         return timings
@@ -217,7 +222,11 @@ class LlamaServer:
 def server_steps(tools, model: Path, threads: int, prompts: list[list[int]], gen: int) -> tuple[float, float]:
     """llama.cpp's decode step at batch 1 and at batch 3, in seconds: `llama-server -np 3` decoding `gen` tokens after
     `prompts[0]` alone, then after each of the three `prompts` at once (started together, so the three decode in the
-    same steps; the median of the three requests' time per token)."""
+    same steps; the median of the three requests' time per token). The three prompts are first sent once each (one
+    token predicted, `cache_prompt`), so that each lies in a slot's cache and the timed requests decode only (at
+    most a few prompt tokens evaluated, checked): unwarmed, three
+    1024-token prompts (more than a 2048-token batch) were prefilled in turn while the first slots decoded, and
+    those steps (Q5_0 on a Zen 2: 93-102 ms against 43 in a run where they happened to align) counted as decode."""
     from concurrent.futures import ThreadPoolExecutor
 
     assert len(prompts) == 3
@@ -225,7 +234,12 @@ def server_steps(tools, model: Path, threads: int, prompts: list[list[int]], gen
         srv.timed(prompts[0][:16], 4)  # warm-up
         alone = srv.timed(prompts[0], gen)["predicted_per_token_ms"]
         with ThreadPoolExecutor(3) as pool:
-            three = sorted(t["predicted_per_token_ms"] for t in pool.map(lambda p: srv.timed(p, gen), prompts))
+            list(pool.map(lambda p: srv.timed(p, 1, cache_prompt=True), prompts))  # each prompt into a slot's cache
+            timed = list(pool.map(lambda p: srv.timed(p, gen, cache_prompt=True), prompts))
+    if max(t["prompt_n"] for t in timed) > 8:
+        raise RuntimeError(f"llama-server prefilled {[t['prompt_n'] for t in timed]} prompt tokens in the timed "
+                           "batch-3 requests: its slots did not keep the prompts")
+    three = sorted(t["predicted_per_token_ms"] for t in timed)
     return alone / 1e3, three[1] / 1e3
 
 

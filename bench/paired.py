@@ -10,13 +10,16 @@ Why pairs: on a shared VM the same code's speed moves by up to 2x within seconds
 measures both systems within seconds of each other, in alternating order, and the ratio is taken within the pair.
 
 Per pair and format, on the GGUF file `bench.llama_cpp` writes (same weights for both):
-- `llama-bench -p P -n N -r R` (R = `--prefill-reps`, 1 by default: one timed run of each after its warm-up):
-  prefill tokens/s of its fastest run, decode tokens/s of the runs' average;
+- `llama-bench -p P -n 0 -r R` and `llama-bench -p 0 -n N -d C -r R` (R = `--prefill-reps`, 1 by default: one timed
+  run of each after its warm-up; C = `--context`): prefill tokens/s of its fastest run, decode tokens/s after C
+  tokens of context (the runs' average), as MultiHead's decode is timed;
 - MultiHead: the fastest of R prefills of one P-token prompt in one forward, and `--gen` decode steps at batch 1 and
   at batch 3 after `--context`-token contexts, a step of each in turn (`bench_interleaved`: their ratio from the same
   moments);
 - unless `--no-server`, llama-server's decode step at batch 1 and at batch 3 (`-np 3`, the same contexts).
-Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max);
+Reported per format: the median of each side's figures, the median ratio within pairs and its range (min-max),
+among them (with llama-server) the batch-3 step's time against llama-server's: what three heads decoding together
+cost on each system, which `--context 1024` measures after long contexts, where attention weighs most;
 `--csv` also writes every pair's figures, one row per format and pair (for a notebook). `--isa` runs MultiHead's
 build for that instruction set (e.g. the AVX2 build on an AVX-512 CPU) instead of the best one the CPU runs;
 `--llama-isa avx2` runs llama.cpp's AVX2 build (what GGML_NATIVE gives an AVX2-only CPU) instead of its native one:
@@ -41,14 +44,16 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     wait_quiet()
     out = {}
 
-    def theirs():
-        res = llama_bench(tools, path, args.threads, args.prompt, args.gen, reps=args.prefill_reps)
-        out["llama prefill"], out["llama decode"] = res["prefill_best_tps"], res["decode_tps"]
+    def theirs():  # prefill from an empty context, decode after --context tokens (-d), as MultiHead's
+        pre = llama_bench(tools, path, args.threads, args.prompt, 0, reps=args.prefill_reps)
+        dec = llama_bench(tools, path, args.threads, 0, args.gen, reps=args.prefill_reps, depth=args.context)
+        out["llama prefill"], out["llama decode"] = pre["prefill_best_tps"], dec["decode_tps"]
 
     def ours():
         out["ours prefill"] = args.prompt / bench_prefill(spec, runner, args.prompt, args.prefill_reps, page_bytes)
         step1, step3 = bench_interleaved(spec, runner, (1, 3), args.context, args.gen, page_bytes)
         out["ours decode"], out["ours b3/b1"] = 1 / step1, step3 / step1
+        out["ours b3 ms"] = step3 * 1e3
 
     for side in (theirs, ours) if i % 2 == 0 else (ours, theirs):
         side()
@@ -56,16 +61,19 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
         g = torch.Generator().manual_seed(i)
         ids = [torch.randint(3, spec.vocab_size, (args.context,), generator=g).tolist() for _ in range(3)]
         s1, s3 = server_steps(tools, path, args.threads, ids, args.gen)
-        out["llama b3/b1"] = s3 / s1
+        out["llama b3/b1"], out["llama b3 ms"] = s3 / s1, s3 * 1e3
     return out
 
 
 def summary(pairs: list[dict]) -> dict:
-    """Medians of every figure, and of the within-pair ratios (with their range)."""
+    """Medians of every figure, and of the within-pair ratios (with their range): prefill and decode at batch 1
+    against llama-bench's, and where llama-server ran, its batch-3 step's time over MultiHead's ("b3 step ratio")."""
     med = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
-    for what in ("prefill", "decode"):
-        ratios = [p[f"ours {what}"] / p[f"llama {what}"] for p in pairs]
-        med[f"{what} ratio"] = (statistics.median(ratios), min(ratios), max(ratios))
+    ratios = {what: [p[f"ours {what}"] / p[f"llama {what}"] for p in pairs] for what in ("prefill", "decode")}
+    if "llama b3 ms" in pairs[0]:
+        ratios["b3 step"] = [p["llama b3 ms"] / p["ours b3 ms"] for p in pairs]
+    for what, r in ratios.items():
+        med[f"{what} ratio"] = (statistics.median(r), min(r), max(r))
     b3 = [p["ours b3/b1"] for p in pairs]
     med["b3 range"] = (min(b3), max(b3))
     return med
@@ -134,16 +142,21 @@ def main(argv=None) -> None:
         pd.DataFrame(every).to_csv(args.csv, index=False)
 
     server = "" if args.no_server else " llama-server |"
+    steps = "" if args.no_server else (" batch-3 step ms: llama-server | MultiHead | llama-server's over MultiHead's, "
+                                       "in pairs (range) |")
     print(f"\n| format | prefill tok/s llama.cpp (pp{args.prompt}) | MultiHead | ratio in pairs: median (range) "
           f"| decode tok/s llama.cpp (tg{args.gen}) | MultiHead (batch 1) | ratio in pairs |"
-          f" step batch 3 / batch 1:{server} MultiHead (range) |")
-    print("|---" * (8 + (not args.no_server)) + "|")
+          f" step batch 3 / batch 1:{server} MultiHead (range) |{steps}")
+    print("|---" * (8 + 4 * (not args.no_server)) + "|")
     for fmt, m in rows.items():
         pr, dr, (b3lo, b3hi) = m["prefill ratio"], m["decode ratio"], m["b3 range"]
         srv = "" if args.no_server else f" {m['llama b3/b1']:.2f} |"
+        sr = m.get("b3 step ratio")
+        step = "" if args.no_server else (f" {m['llama b3 ms']:.2f} | {m['ours b3 ms']:.2f} | {sr[0]:.2f}x "
+                                          f"({sr[1]:.2f}-{sr[2]:.2f}) |")
         print(f"| {fmt} | {m['llama prefill']:.1f} | {m['ours prefill']:.1f} | {pr[0]:.2f}x ({pr[1]:.2f}-{pr[2]:.2f}) "
               f"| {m['llama decode']:.1f} | {m['ours decode']:.1f} | {dr[0]:.2f}x ({dr[1]:.2f}-{dr[2]:.2f}) |{srv} "
-              f"{m['ours b3/b1']:.2f} ({b3lo:.2f}-{b3hi:.2f}) |")
+              f"{m['ours b3/b1']:.2f} ({b3lo:.2f}-{b3hi:.2f}) |{step}")
 
 
 if __name__ == "__main__":

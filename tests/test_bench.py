@@ -162,17 +162,20 @@ def test_paired_summary_takes_ratios_within_pairs(capsys):
 
     pairs = [  # a fast moment for both sides, then a slow one: within pairs MultiHead is 1.5x and 1.2x
         {"llama prefill": 400.0, "ours prefill": 600.0, "llama decode": 100.0, "ours decode": 150.0,
-         "ours b3/b1": 1.2, "llama b3/b1": 2.0},
+         "ours b3/b1": 1.2, "llama b3/b1": 2.0, "ours b3 ms": 14.0, "llama b3 ms": 35.0},
         {"llama prefill": 200.0, "ours prefill": 240.0, "llama decode": 50.0, "ours decode": 60.0,
-         "ours b3/b1": 1.4, "llama b3/b1": 2.4},
+         "ours b3/b1": 1.4, "llama b3/b1": 2.4, "ours b3 ms": 24.0, "llama b3 ms": 48.0},
         {"llama prefill": 300.0, "ours prefill": 390.0, "llama decode": 80.0, "ours decode": 104.0,
-         "ours b3/b1": 1.3, "llama b3/b1": 2.2},
+         "ours b3/b1": 1.3, "llama b3/b1": 2.2, "ours b3 ms": 12.5, "llama b3 ms": 27.5},
     ]
     s = paired.summary(pairs)
     assert s["llama prefill"] == 300.0 and s["ours prefill"] == 390.0 and s["ours b3/b1"] == 1.3
     assert s["prefill ratio"] == pytest.approx((1.3, 1.2, 1.5))
     assert s["decode ratio"] == pytest.approx((1.3, 1.2, 1.5))
     assert s["b3 range"] == (1.2, 1.4)
+    # the batch-3 steps within pairs: 2.5x, 2.0x, 2.2x (the medians' ratio, 35 / 14, is 2.5)
+    assert s["b3 step ratio"] == pytest.approx((2.2, 2.0, 2.5))
+    assert "b3 step ratio" not in paired.summary([{k: v for k, v in p.items() if "b3 ms" not in k} for p in pairs])
     with pytest.raises(SystemExit):
         paired.main(["--pairs", "0"])
     assert "must be positive" in capsys.readouterr().err
@@ -234,3 +237,27 @@ def test_interleaved_steps_feed_each_group_its_own_sequences(tiny_ckpt):
         return seen
 
     assert decode((1,)) == decode((1, 3))
+
+
+def test_attention_alone_quick(capsys):
+    """bench.attention_alone builds its driver with a kernel build's flags and times the four cases (attention and
+    plain reads, cold and hot) on a short context; the builds without x86 attention tasks and non-positive counts
+    are refused by name."""
+    from bench import attention_alone
+    from multihead_nb.backends.native.cpu_kernel import cpu_isas
+
+    with pytest.raises(SystemExit):
+        attention_alone.main(["--context", "0"])
+    assert "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no x86 attention tasks"):
+        attention_alone.build_driver("scalar")
+    x86 = [isa for isa in cpu_isas() if isa in ("avx512", "avx2")]
+    if not x86:
+        pytest.skip("this CPU runs no x86 kernel build")
+    for isa in x86:
+        attention_alone.main(["--isa", isa, "--context", "150", "--seqs", "2", "--reps", "1"])
+        table = capsys.readouterr().out
+        rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()
+                if line.startswith("| ") and line.split("|")[2].strip().replace(".", "").isdigit()}
+        assert set(rows) == set(attention_alone.CASES) and min(rows.values()) > 0, table
+        assert f"build {isa}" in table

@@ -1,0 +1,87 @@
+"""Decode attention alone, on one thread, beside plain reads of the same bytes: where a long context's step goes.
+
+    python -m bench.attention_alone [--shape smollm2-135m] [--context 2048] [--seqs 4] [--reps 5] [--isa avx2]
+                                    [--page-bytes 262144]
+
+Builds `bench/c/attention_alone.c` against the kernel's sources with the flags of the chosen build (the best this
+CPU runs by default; x86 builds only: the others have no such tasks) and runs one token's attention over a
+`--context`-key context in every layer of `--shape`, chunk by chunk by the kernel's own task functions, its pages
+shuffled in an arena. Reported in ns per key (one key's K and V rows for every KV head) and the bytes' rate:
+- attention, cold: `--seqs` sequences in turn, more K/V than the caches hold (a decode step finds its K/V so, the
+  weights streamed since having pushed them out);
+- plain reads of the same rows in the same order, cold: what the access pattern alone reads at on one thread;
+- attention, hot: one layer's keys again and again (in L2 or L3): the arithmetic's own time;
+- plain reads, hot.
+Attention cold near reads cold: bound by the memory; near attention hot: by the arithmetic; above both: the two do
+not overlap. A decode step runs such tasks on every thread at once (bench.decode_speed measures whole steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+DRIVER = Path(__file__).with_name("c") / "attention_alone.c"
+CASES = ("attention-cold", "reads-cold", "attention-hot", "reads-hot")
+
+
+def build_driver(isa: str | None = None) -> tuple[Path, str]:
+    """(executable, build name): the driver compiled with `isa`'s flags (default: the best this CPU runs)."""
+    from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, OPENMP_FLAG, compile_c, cpu_features,
+                                                         cpu_isas, isa_flags)
+
+    machine, feats = cpu_features()
+    isa = isa or cpu_isas()[0]
+    flags = isa_flags(isa, machine, feats)
+    if flags is None:
+        raise SystemExit(f"this CPU cannot run the {isa} build (it runs: {', '.join(cpu_isas())})")
+    if isa not in ("avx512", "avx2"):
+        raise SystemExit(f"the {isa} build has no x86 attention tasks to time; use avx2 or avx512")
+    return compile_c(COMMON_FLAGS + flags + (OPENMP_FLAG, f"-I{CSRC}"), f"attention_alone-{isa}",
+                     sources=(DRIVER,)), isa
+
+
+def run(exe: Path, shape: dict, context: int, seqs: int, reps: int, page_bytes: int) -> dict[str, float]:
+    """ns per key of each case (`CASES`), as the driver prints them."""
+    args = [shape["num_hidden_layers"], shape["num_attention_heads"], shape["num_key_value_heads"],
+            shape["head_dim"], page_bytes, context, seqs, reps]
+    done = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"attention_alone failed ({done.returncode}): {done.stderr.strip()}")
+    out = {}
+    for line in done.stdout.splitlines():
+        name, ns = line.split()
+        out[name] = float(ns)
+    if set(out) != set(CASES):
+        raise RuntimeError(f"attention_alone printed {sorted(out)}, expected {list(CASES)}")
+    return out
+
+
+def main(argv=None) -> None:
+    from multihead_nb.backends.native.cpu_kernel import ISAS
+    from multihead_nb.testing.checkpoints import SHAPES
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
+    ap.add_argument("--context", type=int, default=2048, help="keys of the token's context")
+    ap.add_argument("--seqs", type=int, default=4, help="sequences visited in turn for the cold cases")
+    ap.add_argument("--reps", type=int, default=5, help="passes of each case (the fastest counts)")
+    ap.add_argument("--isa", choices=ISAS, help="the kernel build (default: the best this CPU runs)")
+    ap.add_argument("--page-bytes", type=int, default=256 * 1024, help="the arena's page size")
+    args = ap.parse_args(argv)
+    if min(args.context, args.seqs, args.reps, args.page_bytes) < 1:
+        ap.error("--context, --seqs, --reps and --page-bytes must be positive")
+    shape = SHAPES[args.shape]
+    exe, isa = build_driver(args.isa)
+    ns = run(exe, shape, args.context, args.seqs, args.reps, args.page_bytes)
+    key_bytes = 2 * shape["num_key_value_heads"] * shape["head_dim"] * 2  # K and V rows, bfloat16
+    print(f"{args.shape}, build {isa}, one thread, {args.context}-key context, {args.seqs} sequences cold; "
+          f"a key is {key_bytes} bytes of K and V")
+    print("| case | ns per key | GB/s |\n|---|---|---|")
+    for name in CASES:
+        print(f"| {name} | {ns[name]:.1f} | {key_bytes / ns[name]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+/* Decode attention alone, on one thread (bench/attention_alone.py builds and runs it): one token's context of `ctx`
+ * keys in every layer, chunk by chunk as a decode step's tasks take it, by the kernel's own task functions
+ * (attend_part_allkv where the build gives a lone token's chunk every KV head, else attend_part_avx2 per KV head),
+ * each task fetching the next one's first keys as att_task has it. Beside it, plain loads of the same K/V bytes in
+ * the same order: what the pattern alone reads at. Pages lie in the arena in a shuffled order.
+ *   cold: `seqs` sequences visited in turn, their K/V (seqs x layers x ctx x 2 KV d x 2 bytes) larger than the caches;
+ *   hot: one layer's keys of the first sequence attended `layers` times (in L2 or L3 by the second time).
+ * argv: layers heads kv_heads head_dim page_bytes ctx seqs reps. stdout: "<case> <ns per key>" per case, a key
+ * being one key's K and V rows for every KV head; the fastest of `reps`. x86 builds only. */
+#include <stdio.h>
+#include <time.h>
+#include "cpu_decode.c"
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+#if defined(MH_ISA_X86)
+#define BENCH_MAX_KV 64
+typedef struct {
+    const mh_model *m;
+    mh_step *s;
+    const int32_t *tables; /* [seqs, pages per sequence] */
+    int pps, ctx, seqs, hot;
+} bench_case;
+
+/* One token's attention over its whole context in layer l (every chunk, every KV head); a sum of its outputs. */
+static float attend_context(const bench_case *b, int l, float *q, float *sc, float *qs, float *out) {
+    const mh_model *m = b->m;
+    const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim, ctx = b->ctx, ch = att_chunk(ctx);
+    float *o[BENCH_MAX_KV], *mx[BENCH_MAX_KV], *sm[BENCH_MAX_KV];
+    for (int h = 0; h < KV; h++) o[h] = out + (size_t)h * G * (d + 2), mx[h] = o[h] + G * d, sm[h] = mx[h] + G;
+    float sum = 0.0f;
+    for (int j0 = 0; j0 < ctx; j0 += ch) {
+        const int j1 = j0 + ch - 1 < ctx - 1 ? j0 + ch - 1 : ctx - 1;
+        const uint16_t *next[MH_KEYS_AHEAD];
+#if !defined(MH_ATT_ZMM)
+        if (att_allkv_fits(m)) {
+            const int na = j1 + 1 < ctx ? (ctx - j1 - 1 < att_allkv_ahead(m) ? ctx - j1 - 1 : att_allkv_ahead(m)) : 0;
+            key_rows(m, b->s, l, 0, 0, j1 + 1, na, next);
+            attend_part_allkv(m, b->s, l, 0, q, j0, j1, sc, ch, qs, o, mx, sm, next, na);
+            sum += o[0][0];
+            continue;
+        }
+#endif
+        for (int h = 0; h < KV; h++) {
+            const int na = j1 + 1 < ctx ? (ctx - j1 - 1 < MH_KEYS_AHEAD ? ctx - j1 - 1 : MH_KEYS_AHEAD) : 0;
+            key_rows(m, b->s, l, 0, h, j1 + 1, na, next);
+            attend_part_avx2(m, b->s, l, 0, h, q + (size_t)h * G * d, j0, j1, sc, ch, o[h], mx[h], sm[h], next, na);
+            sum += o[h][0];
+        }
+    }
+    return sum;
+}
+
+/* Plain loads of the K and V rows attend_context reads, in its order (a chunk's keys, then its values). */
+static uint64_t read_context(const bench_case *b, int l) {
+    const mh_model *m = b->m;
+    const int ctx = b->ctx, ch = att_chunk(ctx), words = m->kv_heads * m->head_dim / 4;
+    uint64_t sum = 0;
+    for (int j0 = 0; j0 < ctx; j0 += ch) {
+        const int n = ctx - j0 < ch ? ctx - j0 : ch;
+        const uint16_t *kp[n];
+        key_rows(m, b->s, l, 0, 0, j0, n, kp);
+        for (int part = 0; part < 2; part++)
+            for (int j = 0; j < n; j++) {
+                const uint64_t *r = (const uint64_t *)(kp[j] + (part ? m->kv_stride : 0));
+                for (int w = 0; w < words; w++) sum += r[w];
+            }
+    }
+    return sum;
+}
+
+/* Seconds per key of one pass over the case (attention, or plain reads). */
+static double run_case(const bench_case *b, int reads, float *q, float *sc, float *qs, float *out, double *sink) {
+    const int L = b->m->num_layers;
+    const double t0 = now_s();
+    for (int sq = 0; sq < b->seqs; sq++) {
+        b->s->block_tables = b->tables + (size_t)sq * b->pps;
+        for (int i = 0; i < L; i++) {
+            const int l = b->hot ? 0 : i;
+            *sink += reads ? (double)(read_context(b, l) & 1) : attend_context(b, l, q, sc, qs, out);
+        }
+    }
+    return (now_s() - t0) / ((double)b->seqs * L * b->ctx);
+}
+#endif
+
+int main(int argc, char **argv) {
+    if (argc != 9) {
+        fprintf(stderr, "usage: attention_alone layers heads kv_heads head_dim page_bytes ctx seqs reps\n");
+        return 2;
+    }
+#if !defined(MH_ISA_X86)
+    fprintf(stderr, "attention_alone: the %s build has no x86 attention tasks to time\n", mh_isa());
+    return 2;
+#else
+    const int L = atoi(argv[1]), H = atoi(argv[2]), KV = atoi(argv[3]), d = atoi(argv[4]), page_bytes = atoi(argv[5]);
+    const int ctx = atoi(argv[6]), seqs = atoi(argv[7]), reps = atoi(argv[8]);
+    const int tpp = page_bytes / (4 * L * KV * d);
+    if (L < 1 || H < 1 || KV < 1 || H % KV || H / KV > MH_GROUP_MAX || d < 8 || d % 8 || d > MH_GROUP_DIM ||
+        KV > BENCH_MAX_KV || tpp < 1 || ctx < 1 || seqs < 1 || reps < 1) {
+        fprintf(stderr, "attention_alone: a shape or count out of range\n");
+        return 2;
+    }
+    const int pps = (ctx + tpp - 1) / tpp, P = pps * seqs;
+    uint16_t *cache = alloc64((size_t)P * page_bytes);
+    int32_t *tables = malloc(sizeof(int32_t) * P);
+    float *q = alloc64(sizeof(float) * H * d), *qs = alloc64(sizeof(float) * H * d);
+    float *sc = alloc64(sizeof(float) * H * (size_t)att_chunk(ctx)), *out = alloc64(sizeof(float) * H * (d + 2));
+    if (!cache || !tables || !q || !qs || !sc || !out) {
+        fprintf(stderr, "attention_alone: out of memory\n");
+        return 3;
+    }
+    uint32_t x = 12345u; /* bfloat16 values of magnitude [0.5, 2), either sign: no subnormals, no infinities */
+    for (size_t i = 0; i < (size_t)P * page_bytes / 2; i++) {
+        x = x * 1664525u + 1013904223u;
+        cache[i] = (uint16_t)(0x3f00u | (x >> 24) | ((x >> 8) & 0x8000u));
+    }
+    for (int i = 0; i < H * d; i++) q[i] = (float)((i * 37) % 17 - 8) / 8.0f;
+    for (int i = 0; i < P; i++) tables[i] = i;
+    for (int i = P - 1; i > 0; i--) { /* the pages shuffled: a sequence's pages scattered in the arena */
+        x = x * 1664525u + 1013904223u;
+        const int j = (int)((x >> 8) % (uint32_t)(i + 1)), t = tables[i];
+        tables[i] = tables[j], tables[j] = t;
+    }
+    mh_model m = {0};
+    m.num_layers = L, m.heads = H, m.kv_heads = KV, m.head_dim = d, m.tokens_per_page = tpp, m.cache = cache;
+    m.page_stride = page_bytes / 2, m.kv_stride = (int64_t)L * tpp * KV * d, m.layer_stride = (int64_t)tpp * KV * d;
+    m.num_pages = P;
+    int32_t seq_of = 0, pos = ctx - 1;
+    mh_step s = {0};
+    s.T = 1, s.S = 1, s.max_pages = pps, s.seq_of = &seq_of, s.pos = &pos;
+    const char *names[4] = {"attention-cold", "reads-cold", "attention-hot", "reads-hot"};
+    double sink = 0.0;
+    for (int c = 0; c < 4; c++) {
+        const int hot = c >= 2;
+        bench_case b = {&m, &s, tables, pps, ctx, hot ? 1 : seqs, hot};
+        double best = 1e30;
+        for (int r = 0; r < reps + hot; r++) { /* hot: one more, the first filling the caches */
+            const double t = run_case(&b, c % 2, q, sc, qs, out, &sink);
+            if (r >= hot && t < best) best = t;
+        }
+        printf("%s %.2f\n", names[c], best * 1e9);
+    }
+    fprintf(stderr, "isa %s, %d tokens a page, %s, checksum %g\n", mh_isa(), tpp,
+            att_allkv_fits(&m) ? "a chunk's every KV head in one task" : "a task per KV head", sink);
+    return 0;
+#endif
+}
