@@ -224,9 +224,9 @@ def server_steps(tools, model: Path, threads: int, prompts: list[list[int]], gen
     `prompts[0]` alone, then after each of the three `prompts` at once (started together, so the three decode in the
     same steps; the median of the three requests' time per token). The three prompts are first sent once each (one
     token predicted, `cache_prompt`), so that each lies in a slot's cache and the timed requests decode only (at
-    most a few prompt tokens evaluated, checked): unwarmed, three
-    1024-token prompts (more than a 2048-token batch) were prefilled in turn while the first slots decoded, and
-    those steps (Q5_0 on a Zen 2: 93-102 ms against 43 in a run where they happened to align) counted as decode."""
+    most a few prompt tokens evaluated, checked). Unwarmed, three 1024-token prompts (more than one 2048-token
+    batch) were prefilled in turn while the first slots decoded, and those steps counted as decode (Q5_0 on a Zen 2:
+    93-102 ms a step, against 43 in a pair where the prompts happened to align)."""
     from concurrent.futures import ThreadPoolExecutor
 
     assert len(prompts) == 3
@@ -247,7 +247,8 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
     """llama-bench (one repetition), llama-server's decode step at batch 1 and 3 (`server_steps`) and MultiHead's
     kernel (decode at batch 1 and 3, their steps in turn: `bench_interleaved`; prefill of `prompt` tokens), format
     by format, interleaved for `rounds` rounds, each waiting for quiet CPUs first; the best of each. Both systems'
-    batch-3 steps decode `gen // 4` tokens after `prompt`-token contexts.
+    decode after `prompt`-token contexts (llama-bench's with `-d prompt`, its prefill from an empty context), the
+    batch-3 steps `gen // 4` tokens.
 
     MultiHead loads the same GGUF file (its blocks kept packed in the kernel); its decode starts after a
     `prompt`-token context."""
@@ -272,9 +273,8 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
     for rnd in range(rounds):
         for fmt, path in files.items():
             wait_quiet()
-            res = llama_bench(tools, path, threads, prompt, gen, reps=1)
-            keep((fmt, "llama decode"), res["decode_tps"])
-            keep((fmt, "llama prefill"), res["prefill_tps"])
+            keep((fmt, "llama prefill"), llama_bench(tools, path, threads, prompt, 0, reps=1)["prefill_tps"])
+            keep((fmt, "llama decode"), llama_bench(tools, path, threads, 0, gen, reps=1, depth=prompt)["decode_tps"])
             r, sp = runners[fmt], specs[fmt]
             g = torch.Generator().manual_seed(rnd)
             ids = [torch.randint(3, sp.vocab_size, (prompt,), generator=g).tolist() for _ in range(3)]
