@@ -44,6 +44,8 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
             sum += o[0][0];
             continue;
         }
+#else
+        (void)qs; /* AVX-512 builds: a task per KV head, which scales its queries itself */
 #endif
         for (int h = 0; h < KV; h++) {
             const int na = j1 + 1 < ctx ? (ctx - j1 - 1 < MH_KEYS_AHEAD ? ctx - j1 - 1 : MH_KEYS_AHEAD) : 0;
