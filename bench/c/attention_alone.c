@@ -26,21 +26,26 @@ typedef struct {
     int pps, ctx, seqs, hot;
 } bench_case;
 
-/* One token's attention over its whole context in layer l (every chunk, every KV head); a sum of its outputs. */
+/* The chunks (tasks per KV head) of a lone token's context of ctx keys. */
+static int context_chunks(int ctx) { return (ctx + att_chunk(ctx) - 1) / att_chunk(ctx); }
+
+/* One token's attention over its whole context in layer l, task by task as one thread runs them (every chunk; every
+ * KV head, innermost), each fetching its next task's first keys (task_first_rows, as att_task); a sum of outputs. */
 static float attend_context(const bench_case *b, int l, float *q, float *sc, float *qs, float *out) {
     const mh_model *m = b->m;
-    const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim, ctx = b->ctx, ch = att_chunk(ctx);
+    const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim, nch = context_chunks(b->ctx);
     float *o[BENCH_MAX_KV], *mx[BENCH_MAX_KV], *sm[BENCH_MAX_KV];
     for (int h = 0; h < KV; h++) o[h] = out + (size_t)h * G * (d + 2), mx[h] = o[h] + G * d, sm[h] = mx[h] + G;
     float sum = 0.0f;
-    for (int j0 = 0; j0 < ctx; j0 += ch) {
-        const int j1 = j0 + ch - 1 < ctx - 1 ? j0 + ch - 1 : ctx - 1;
+    for (int c = 0; c < nch; c++) {
+        const mh_att_task k = {0, 1, c}, after = {0, 1, c + 1};
+        int j0, n;
+        const int ch = att_task_keys(m, b->s, k, &j0, &n);
         const uint16_t *next[MH_KEYS_AHEAD];
 #if !defined(MH_ATT_ZMM)
         if (att_allkv_fits(m)) {
-            const int na = j1 + 1 < ctx ? (ctx - j1 - 1 < att_allkv_ahead(m) ? ctx - j1 - 1 : att_allkv_ahead(m)) : 0;
-            key_rows(m, b->s, l, 0, 0, j1 + 1, na, next);
-            attend_part_allkv(m, b->s, l, 0, q, j0, j1, sc, ch, qs, o, mx, sm, next, na);
+            const int na = c + 1 < nch ? task_first_rows(m, b->s, l, after, 0, att_allkv_ahead(m), next) : 0;
+            attend_part_allkv(m, b->s, l, 0, q, j0, j0 + n - 1, sc, ch, qs, o, mx, sm, next, na);
             sum += o[0][0];
             continue;
         }
@@ -48,9 +53,11 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
         (void)qs; /* AVX-512 builds: a task per KV head, which scales its queries itself */
 #endif
         for (int h = 0; h < KV; h++) {
-            const int na = j1 + 1 < ctx ? (ctx - j1 - 1 < MH_KEYS_AHEAD ? ctx - j1 - 1 : MH_KEYS_AHEAD) : 0;
-            key_rows(m, b->s, l, 0, h, j1 + 1, na, next);
-            attend_part_avx2(m, b->s, l, 0, h, q + (size_t)h * G * d, j0, j1, sc, ch, o[h], mx[h], sm[h], next, na);
+            const int na = h + 1 < KV    ? task_first_rows(m, b->s, l, k, h + 1, MH_KEYS_AHEAD, next)
+                           : c + 1 < nch ? task_first_rows(m, b->s, l, after, 0, MH_KEYS_AHEAD, next)
+                                         : 0;
+            attend_part_avx2(m, b->s, l, 0, h, q + (size_t)h * G * d, j0, j0 + n - 1, sc, ch, o[h], mx[h], sm[h], next,
+                             na);
             sum += o[h][0];
         }
     }
@@ -60,10 +67,11 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
 /* Plain loads of the K and V rows attend_context reads, in its order (a chunk's keys, then its values). */
 static uint64_t read_context(const bench_case *b, int l) {
     const mh_model *m = b->m;
-    const int ctx = b->ctx, ch = att_chunk(ctx), words = m->kv_heads * m->head_dim / 4;
+    const int nch = context_chunks(b->ctx), words = m->kv_heads * m->head_dim / 4;
     uint64_t sum = 0;
-    for (int j0 = 0; j0 < ctx; j0 += ch) {
-        const int n = ctx - j0 < ch ? ctx - j0 : ch;
+    for (int c = 0; c < nch; c++) {
+        int j0, n;
+        att_task_keys(m, b->s, (mh_att_task){0, 1, c}, &j0, &n);
         const uint16_t *kp[n];
         key_rows(m, b->s, l, 0, 0, j0, n, kp);
         for (int part = 0; part < 2; part++)

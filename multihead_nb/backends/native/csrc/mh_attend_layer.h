@@ -78,7 +78,8 @@ static size_t att_sc_floats(const mh_model *m, int ldsc) {
  * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each. */
 static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
     const size_t d = m->head_dim, rows = att_block_rows(m);
-    return (att_sc_floats(m, ldsc) + 64 * d + d * rows + 64 * rows + 1536 + 8 * d + bch * (d + 2) * rows + 15) / 16 * 16;
+    const size_t lone = att_sc_floats(m, ldsc) + 64 * d, block = d * rows + 64 * rows + 1536 + 8 * d;
+    return (lone + block + bch * (d + 2) * rows + 15) / 16 * 16;
 }
 
 typedef struct { /* one thread's share of a->scores */
@@ -131,6 +132,17 @@ static int att_task_keys(const mh_model *m, const mh_step *s, const mh_att_task 
     return ch;
 }
 
+/* The first key rows (KV head kvh, at most `most`) of lone-token task k, into rows: their count. What a thread fetches
+ * of its next task while it finishes the current one. */
+static int task_first_rows(const mh_model *m, const mh_step *s, int l, mh_att_task k, int kvh, int most,
+                           const uint16_t **rows) {
+    int j0, n;
+    att_task_keys(m, s, k, &j0, &n);
+    n = n < most ? n : most;
+    key_rows(m, s, l, s->seq_of[k.t0], kvh, j0, n, rows);
+    return n;
+}
+
 /* Task i of the ATT_SPLIT loop (the last tasks, the longest contexts, first; KV heads innermost). `next` (or -1):
  * the task this thread runs after it, a lone token's, whose first keys are fetched while this one sums its values
  * (each task otherwise starts by waiting on its first keys; on a Zen 5 a step's attention at batch 1 0.48 -> 0.44
@@ -142,13 +154,8 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     if (a->allkv) { /* task i: one chunk of a lone token, every KV head */
         const mh_att_task k = a->task[a->tasks - 1 - i];
         const uint16_t *ahead[MH_KEYS_AHEAD];
-        int na = 0;
-        if (next >= 0) {
-            int j2, n2;
-            att_task_keys(m, s, a->task[a->tasks - 1 - next], &j2, &n2);
-            na = n2 < att_allkv_ahead(m) ? n2 : att_allkv_ahead(m);
-            key_rows(m, s, l, s->seq_of[a->task[a->tasks - 1 - next].t0], 0, j2, na, ahead);
-        }
+        const int na = next >= 0 ? task_first_rows(m, s, l, a->task[a->tasks - 1 - next], 0, att_allkv_ahead(m), ahead)
+                                 : 0;
         const int t = k.t0, nch = a->tstart[t + 1] - a->tstart[t];
         int j0, n;
         const int ch = att_task_keys(m, s, k, &j0, &n);
@@ -169,14 +176,8 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
         return;
     }
     const uint16_t *ahead[MH_KEYS_AHEAD];
-    int na = 0;
     const mh_att_task k2 = a->task[a->tasks - 1 - (next >= 0 ? next : i) / KV];
-    if (next >= 0 && k2.nb == 1) {
-        int j2, n2;
-        att_task_keys(m, s, k2, &j2, &n2);
-        na = n2 < MH_KEYS_AHEAD ? n2 : MH_KEYS_AHEAD;
-        key_rows(m, s, l, s->seq_of[k2.t0], next % KV, j2, na, ahead);
-    }
+    const int na = next >= 0 && k2.nb == 1 ? task_first_rows(m, s, l, k2, next % KV, MH_KEYS_AHEAD, ahead) : 0;
     const int t = k.t0, nch = a->tstart[t + 1] - a->tstart[t];
     int j0, n;
     const int ch = att_task_keys(m, s, k, &j0, &n);
