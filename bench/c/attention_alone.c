@@ -31,7 +31,7 @@ static int context_chunks(int ctx) { return (ctx + att_chunk(ctx) - 1) / att_chu
 
 /* One token's attention over its whole context in layer l, task by task as one thread runs them (every chunk; every
  * KV head, innermost), each fetching its next task's first keys (task_first_rows, as att_task); a sum of outputs. */
-static float attend_context(const bench_case *b, int l, float *q, float *sc, float *qs, float *out) {
+static float attend_context(const bench_case *b, int l, float *q, float *sc, float *qf, float *out) {
     const mh_model *m = b->m;
     const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim, nch = context_chunks(b->ctx);
     float *o[BENCH_MAX_KV], *mx[BENCH_MAX_KV], *sm[BENCH_MAX_KV];
@@ -42,16 +42,12 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
         int j0, n;
         const int ch = att_task_keys(m, b->s, k, &j0, &n);
         const uint16_t *next[MH_KEYS_AHEAD];
-#if !defined(MH_ATT_ZMM)
         if (att_allkv_fits(m)) {
             const int na = c + 1 < nch ? task_first_rows(m, b->s, l, after, 0, att_allkv_ahead(m), next) : 0;
-            attend_part_allkv(m, b->s, l, 0, q, j0, j0 + n - 1, sc, ch, qs, o, mx, sm, next, na);
+            attend_part_allkv(m, b->s, l, 0, q, j0, j0 + n - 1, sc, ch, qf, o, mx, sm, next, na);
             sum += o[0][0];
             continue;
         }
-#else
-        (void)qs; /* AVX-512 builds: a task per KV head, which scales its queries itself */
-#endif
         for (int h = 0; h < KV; h++) {
             const int na = h + 1 < KV    ? task_first_rows(m, b->s, l, k, h + 1, MH_KEYS_AHEAD, next)
                            : c + 1 < nch ? task_first_rows(m, b->s, l, after, 0, MH_KEYS_AHEAD, next)
@@ -118,7 +114,7 @@ int main(int argc, char **argv) {
     const int pps = (ctx + tpp - 1) / tpp, P = pps * seqs;
     uint16_t *cache = alloc64((size_t)P * page_bytes);
     int32_t *tables = malloc(sizeof(int32_t) * P);
-    float *q = alloc64(sizeof(float) * H * d), *qs = alloc64(sizeof(float) * H * d);
+    float *q = alloc64(sizeof(float) * H * d), *qs = alloc64(sizeof(float) * (KV * ((H / KV + 2) / 3) * 3 * d));
     float *sc = alloc64(sizeof(float) * H * (size_t)att_chunk(ctx)), *out = alloc64(sizeof(float) * H * (d + 2));
     if (!cache || !tables || !q || !qs || !sc || !out) {
         fprintf(stderr, "attention_alone: out of memory\n");

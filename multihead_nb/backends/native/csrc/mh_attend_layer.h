@@ -67,10 +67,11 @@ static int att_blockable(const mh_model *m, const mh_step *s, int t) {
 /* Rows of a block's attention (MH_ATT_BLOCK tokens x G heads) padded to whole tiles of 3 vectors of 8. */
 static int att_block_rows(const mh_model *m) { return (MH_ATT_BLOCK * (m->heads / m->kv_heads) + 23) / 24 * 24; }
 
-/* A thread's scores scratch: [G, ldsc], or for attend_part_allkv [H, ldsc] and the scaled queries [H d]. */
+/* A thread's scores scratch: [G, ldsc], or for attend_part_allkv [H, ldsc] and the prepared queries [KV, ceil(G / 3),
+ * 3, d]. */
 static size_t att_sc_floats(const mh_model *m, int ldsc) {
-    const size_t G = m->heads / m->kv_heads, H = m->heads, d = m->head_dim;
-    return att_allkv_fits(m) ? H * ldsc + H * d : G * ldsc;
+    const size_t KV = m->kv_heads, G = m->heads / KV, H = m->heads, d = m->head_dim;
+    return att_allkv_fits(m) ? H * ldsc + KV * ((G + 2) / 3) * 3 * d : G * ldsc;
 }
 
 /* Floats of one thread's attention scratch: a lone token's scores (att_sc_floats) and widened keys [64, d] (a block's
@@ -150,7 +151,6 @@ static int task_first_rows(const mh_model *m, const mh_step *s, int l, mh_att_ta
 static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_work *a, int i, int next,
                      const float *qkv, int ldq, float *attn, const mh_thread_att *w) {
     const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim;
-#if !defined(MH_ATT_ZMM) /* attend_part_allkv exists (att_allkv_fits is 0 in AVX-512 builds) */
     if (a->allkv) { /* task i: one chunk of a lone token, every KV head */
         const mh_att_task k = a->task[a->tasks - 1 - i];
         const uint16_t *ahead[MH_KEYS_AHEAD];
@@ -168,7 +168,6 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
                           o, mx, sm, ahead, na);
         return;
     }
-#endif
     const mh_att_task k = a->task[a->tasks - 1 - i / KV];
     const int kvh = i % KV;
     if (k.nb > 1) {

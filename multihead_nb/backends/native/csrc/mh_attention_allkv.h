@@ -1,12 +1,11 @@
-/* Attention of a lone token's chunk of keys for every KV head in one task (AVX2 builds): attend_part_allkv reads each
+/* Attention of a lone token's chunk of keys for every KV head in one task (x86 builds): attend_part_allkv reads each
  * key's whole row, its KV heads side by side, where attend_part_avx2 reads one head's; the per-(head, key) operations
  * are attend_part_avx2's, so the bits are the same. Included by mh_attention_avx2.h (its helpers); the task plan that
  * chooses it is mh_attend_layer.h's. */
 #ifndef MH_ATTENTION_ALLKV_H
 #define MH_ATTENTION_ALLKV_H
-#if !defined(MH_ATT_ZMM)
-/* Whether a lone token's chunk takes all its KV heads in one task (attend_part_allkv): AVX2 builds, where a key's
- * row for every KV head (2 d KV bytes, side by side in the page) is at most 8 cache lines. */
+/* Whether a lone token's chunk takes all its KV heads in one task (attend_part_allkv): where a key's row for every KV
+ * head (2 d KV bytes, side by side in the page) is at most 8 cache lines. */
 #define MH_ALLKV_MAX 32 /* KV heads: 2 d KV <= 512 with d % 8 == 0 */
 static inline int att_allkv_fits(const mh_model *m) {
     return 2 * m->head_dim * m->kv_heads <= 512;
@@ -27,19 +26,31 @@ static inline int att_allkv_ahead(const mh_model *m) {
 }
 
 /* One chunk [j0, j1] of token t for every KV head at once (att_allkv_fits): for each 4 keys, each KV head's scores as
- * attend_part_avx2 forms them (4 keys x 3 query heads, the same operations), so each key's whole row, its KV heads
- * side by side, is read together, a page's keys one after the other. attend_part_avx2 reads one head's 2 d bytes of
- * every 2 d KV, which the L2's prefetcher cannot follow; on a Zen 2 (Q4_0 SmolLM2-135M, one process, builds
- * alternated) a step at batch 1 after 1024-token contexts took 8.33 -> 7.66 ms, at batch 3 16.08 -> 14.00; after 160
- * tokens 6.05 -> 5.86 and 8.85 -> 8.23 (bench/README.md). q: the token's H d queries; sc: scratch
- * [H, ldsc >= n]; qs: scratch [H d]; per KV head h: o[h] [G, d], mx[h], sm[h] [G] (attend_part_avx2's outputs);
- * next [nnext]: key rows (KV head 0) of the thread's next task, fetched whole while the values are summed. */
+ * attend_part_avx2 forms them (4 keys x 3 query heads, the same operations: scores_x3, values_x3), so each key's
+ * whole row, its KV heads side by side, is read together, a page's keys one after the other. attend_part_avx2 reads
+ * one head's 2 d bytes of every 2 d KV, which the L2's prefetcher cannot follow; on a Zen 2 (Q4_0 SmolLM2-135M, one
+ * process, builds alternated) a step at batch 1 after 1024-token contexts took 8.33 -> 7.66 ms, at batch 3 16.08 ->
+ * 14.00; after 160 tokens 6.05 -> 5.86 and 8.85 -> 8.23. In AVX-512 builds (their bfloat16 and 16-lane scores,
+ * by queries_x3 / scores_x3) on a Zen 4, Q4_0, a task per KV head against this: batch 3 after 1024-token contexts
+ * 13.58 -> 10.47 ms, batch 1 7.21 -> 6.58; after 160 tokens 6.74 -> 6.18; attention alone (cold, 1024 keys) 145 -> 92
+ * ns per key (bench/README.md). q: the token's H d queries; sc: scratch
+ * [H, ldsc >= n]; qf: scratch [KV, ceil(G / 3), 3, d] (each 3 heads' queries as queries_x3 prepares them); per KV
+ * head h: o[h] [G, d], mx[h], sm[h] [G] (attend_part_avx2's outputs); next [nnext]: key rows (KV head 0) of the
+ * thread's next task, fetched whole while the values are summed. */
 static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, int t, const float *q, int j0, int j1,
-                              float *sc, int ldsc, float *qs, float *const *o, float *const *mx, float *const *sm,
+                              float *sc, int ldsc, float *qf, float *const *o, float *const *mx, float *const *sm,
                               const uint16_t *const *next, int nnext) {
-    const int d = m->head_dim, KV = m->kv_heads, G = m->heads / KV, H = m->heads, n = j1 - j0 + 1;
+    const int d = m->head_dim, KV = m->kv_heads, G = m->heads / KV, n = j1 - j0 + 1, groups = (G + 2) / 3;
     const float scale = 1.0f / sqrtf((float)d);
-    for (int i = 0; i < H * d; i++) qs[i] = q[i] * scale;
+    float qs[MH_GROUP_MAX * MH_GROUP_DIM];
+    for (int kvh = 0; kvh < KV; kvh++) {
+        for (int i = 0; i < G * d; i++) qs[i] = q[(size_t)kvh * G * d + i] * scale;
+        for (int g0 = 0; g0 < G; g0 += 3) {
+            const float *qg[3];
+            rows3(qs, d, g0, G - g0 < 3 ? G - g0 : 3, qg);
+            queries_x3(qg, d, qf + (size_t)(kvh * groups + g0 / 3) * 3 * d);
+        }
+    }
     const uint16_t *kp_all[n];
     key_rows(m, s, layer, s->seq_of[t], 0, j0, n, kp_all); /* KV head 0's rows; head h's are h d further */
     const int row_bytes = 2 * d * KV, ahead = att_allkv_ahead(m);
@@ -60,31 +71,23 @@ static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, in
             for (int i = 0; i < 4; i++) kp[i] = kp_all[k0 + (i < nk ? i : nk - 1)] + kvh * d;
             for (int g0 = 0; g0 < G; g0 += 3) {
                 const int ng = G - g0 < 3 ? G - g0 : 3;
-                const float *qg[3];
-                rows3(qs, d, kvh * G + g0, ng, qg);
-                __m256 acc[3][4];
-                scores_4x3(qg, kp, d, acc);
+                __m128 r4s[3];
+                scores_x3(qf + (size_t)(kvh * groups + g0 / 3) * 3 * d, kp, d, ng, r4s);
                 for (int g = 0; g < ng; g++)
-                    store_scores4(sc + (size_t)(kvh * G + g0 + g) * ldsc, k0, ldsc, nk,
-                                  hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+                    store_scores4(sc + (size_t)(kvh * G + g0 + g) * ldsc, k0, ldsc, nk, r4s[g]);
             }
         }
     }
     for (int kvh = 0; kvh < KV; kvh++) softmax_rows(sc + (size_t)kvh * G * ldsc, ldsc, G, n, mx[kvh], sm[kvh]);
+    weights_for_values(sc, ldsc, KV * G, n, d);
     for (int j = 0; j < nnext; j++) prefetch_row(next[j], row_bytes);
     for (int kvh = 0; kvh < KV; kvh++)
         for (int g0 = 0; g0 < G; g0 += 3) {
             const int ng = G - g0 < 3 ? G - g0 : 3;
             const float *pr[3];
             rows3(sc, ldsc, kvh * G + g0, ng, pr);
-            values_from_x3(kp_all, m->kv_stride + kvh * d, n, pr, ng, d, 0, o[kvh] + (size_t)g0 * d);
+            values_x3(kp_all, m->kv_stride + kvh * d, n, pr, ng, d, o[kvh] + (size_t)g0 * d);
         }
 }
-#else /* AVX-512 builds: a task per KV head (their 16-lane and bfloat16 scores are attend_part_avx2's) */
-static inline int att_allkv_fits(const mh_model *m) {
-    (void)m;
-    return 0;
-}
-#endif
 
 #endif

@@ -1,5 +1,5 @@
 /* AVX2 + FMA attention (every x86 build, AVX-512 ones too): a token's context cut in chunks of keys, one task per
- * (token, KV head, chunk), or in AVX2 builds for small KV rows per (token, chunk) with every KV head
+ * (token, KV head, chunk), or for small KV rows per (token, chunk) with every KV head
  * (attend_part_allkv), so a lone decode token's attention spreads over the threads, merged by log-sum-exp
  * (attn_merge); the helpers (key rows, widening, softmax) that mh_attention_block.h, included here, shares for blocks
  * of prompt tokens, whose results must be the same bits. Included by mh_attention.h, whose scalar attention it
@@ -212,6 +212,76 @@ static inline void store_scores4(float *row, int k0, int ldsc, int nk, __m128 r4
     for (int i = 0; i < nk; i++) row[k0 + i] = r[i];
 }
 
+/* A 3-head step's queries (qg: the scaled rows) in the form this build's scores read, prepared once per task into
+ * qf (3 d floats of room): bfloat16 [3, d] where MH_ATT_BF16 and att_bf16(d); scores16_4x3's lane order [3, d] in
+ * other AVX-512 builds where d % 32 == 0; else the rows as they are, side by side. */
+static inline void queries_x3(const float *const *qg, int d, float *qf) {
+#if defined(MH_ATT_BF16)
+    if (att_bf16(d)) {
+        rows_bf16(qg, d, (uint16_t *)qf);
+        return;
+    }
+#endif
+#if defined(MH_ATT_ZMM)
+    if (d % 32 == 0) {
+        for (int g = 0; g < 3; g++) lanes16_q(qg[g], d, qf + (size_t)g * d);
+        return;
+    }
+#endif
+    for (int g = 0; g < 3; g++) memcpy(qf + (size_t)g * d, qg[g], sizeof(float) * d);
+}
+
+/* Scores of 4 keys (kp[i], d bfloat16 each) x the 3 heads of qf (queries_x3) -> r4s[g] (key i in element i), g < ng:
+ * vdpbf16ps pairs, 16-lane sums or 8-lane sums as queries_x3 prepared them. */
+static inline void scores_x3(const float *qf, const uint16_t *const *kp, int d, int ng, __m128 r4s[3]) {
+#if defined(MH_ATT_BF16)
+    if (att_bf16(d)) {
+        scores_bf16_4x3((const uint16_t *)qf, kp, d, r4s);
+        return;
+    }
+#endif
+    const float *qg[3] = {qf, qf + d, qf + 2 * d};
+#if defined(MH_ATT_ZMM)
+    if (d % 32 == 0) {
+        scores16_4x3(qg, kp, d, r4s);
+        return;
+    }
+#endif
+    __m256 acc[3][4];
+    scores_4x3(qg, kp, d, acc);
+    for (int g = 0; g < ng; g++) r4s[g] = hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+}
+
+/* The softmax's weights (rows of n floats, ldsc apart) in the form values_x3 reads: bfloat16 in place where
+ * MH_ATT_BF16 and att_bf16(d) (each row's at its start, a 0 after an odd n; ldsc >= 64: room for the pad). */
+static inline void weights_for_values(float *sc, int ldsc, int rows, int n, int d) {
+#if defined(MH_ATT_BF16)
+    if (att_bf16(d))
+        for (int r = 0; r < rows; r++) row_bf16_inplace(sc + (size_t)r * ldsc, n);
+#else
+    (void)sc, (void)ldsc, (void)rows, (void)n, (void)d;
+#endif
+}
+
+/* All d columns of n value rows (kp[j] + off) weighted by 3 heads' pr[g][j] (weights_for_values) -> o rows g < ng
+ * (d apart): by vdpbf16ps pairs (values_bf16_64x3), 64 columns at a time in AVX-512 builds (values_64x3), else and
+ * for the columns left 32 at a time (values_from_x3). */
+static inline void values_x3(const uint16_t *const *kp, int64_t off, int n, const float *const *pr, int ng, int d,
+                             float *o) {
+#if defined(MH_ATT_BF16)
+    if (att_bf16(d)) {
+        const uint16_t *pb[3] = {(const uint16_t *)pr[0], (const uint16_t *)pr[1], (const uint16_t *)pr[2]};
+        for (int c0 = 0; c0 < d; c0 += 64) values_bf16_64x3(kp, off + c0, n, pb, ng, d, o + c0);
+        return;
+    }
+#endif
+    int c0 = 0;
+#if defined(MH_ATT_ZMM)
+    for (; d - c0 >= 64; c0 += 64) values_64x3(kp, off + c0, n, pr, ng, d, o + c0);
+#endif
+    values_from_x3(kp, off, n, pr, ng, d, c0, o + c0);
+}
+
 /* How far ahead a lone token's attention fetches its key rows. 8 kept 16 lines in flight per thread: ~17-20 GB/s of
  * K/V on a Zen 5 whose stream reads 46 (the attention of a batch-3 step 1.61 M cycles at 128-190 keys); 32: 1.27 M,
  * and batch 1 0.57 -> 0.49 M (64, the whole chunk at once, no better). */
@@ -222,7 +292,8 @@ static inline void store_scores4(float *row, int k0, int ldsc, int nk, __m128 r4
  * summed 32 columns x 3 heads at a time (values_32x3). AVX-512 builds sum the values' same multiply-adds 64 columns
  * at a time (values_64x3: the same bits) and the scores over 16 lanes where d % 32 == 0 (scores16_4x3: this
  * build's own order; otherwise the 8-lane loops' multiply-adds, two keys per vector); AVX-512 BF16 builds, where
- * d % 64 == 0, both by vdpbf16ps (scores_bf16_4x3, values_bf16_64x3; the weights rounded in place in sc). Writes the
+ * d % 64 == 0, both by vdpbf16ps (scores_bf16_4x3, values_bf16_64x3; the weights rounded in place in sc);
+ * queries_x3, scores_x3, weights_for_values and values_x3 choose among them. Writes the
  * unnormalized output o [G, d], the scores' max mx [G] and the sum of exp(score - max) sm [G]; `attn_merge`
  * combines a token's chunks. sc: scratch [G, ldsc >= n]. next [nnext]: key rows to fetch for the thread's next
  * task. */
@@ -231,7 +302,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                              int nnext) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
     const float scale = 1.0f / sqrtf((float)d);
-    float qs[MH_GROUP_MAX * MH_GROUP_DIM];
+    float qs[MH_GROUP_MAX * MH_GROUP_DIM], qf[3 * MH_GROUP_DIM];
     for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
     const uint16_t *kp_all[n];
     key_rows(m, s, layer, seq, kvh, j0, n, kp_all);
@@ -241,24 +312,11 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
     const int row_bytes = 2 * d;
     for (int j = 0; j < n && j < MH_KEYS_AHEAD; j++)
         prefetch_row(kp_all[j], row_bytes);
-#if defined(MH_ATT_ZMM)
-    float qz[3 * MH_GROUP_DIM]; /* d % 32 == 0: 3 heads' queries in scores16_4x3's lane order */
-    const float *qzg[3] = {qz, qz + d, qz + 2 * d};
-#endif
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *qg[3];
         rows3(qs, d, g0, ng, qg);
-#if defined(MH_ATT_BF16)
-        uint16_t qb[3 * MH_GROUP_DIM]; /* att_bf16(d): the 3 heads' queries in bfloat16 */
-        if (att_bf16(d))
-            rows_bf16(qg, d, qb);
-        else
-#endif
-#if defined(MH_ATT_ZMM)
-        if (d % 32 == 0)
-            for (int g = 0; g < 3; g++) lanes16_q(qg[g], d, qz + (size_t)g * d);
-#endif
+        queries_x3(qg, d, qf);
         for (int k0 = 0; k0 < n; k0 += 4) {
             const int nk = n - k0 < 4 ? n - k0 : 4;
             const uint16_t *kp[4];
@@ -271,48 +329,19 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                         _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
                     }
             __m128 r4s[3];
-#if defined(MH_ATT_BF16)
-            if (att_bf16(d))
-                scores_bf16_4x3(qb, kp, d, r4s);
-            else
-#endif
-#if defined(MH_ATT_ZMM)
-            if (d % 32 == 0)
-                scores16_4x3(qzg, kp, d, r4s);
-            else
-#endif
-            {
-                __m256 acc[3][4];
-                scores_4x3(qg, kp, d, acc);
-                for (int g = 0; g < ng; g++) r4s[g] = hsum4x8(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-            }
+            scores_x3(qf, kp, d, ng, r4s);
             for (int g = 0; g < ng; g++) store_scores4(sc + (size_t)(g0 + g) * ldsc, k0, ldsc, nk, r4s[g]);
         }
     }
     softmax_rows(sc, ldsc, G, n, mx, sm);
-#if defined(MH_ATT_BF16)
-    if (att_bf16(d)) /* the weights in bfloat16, each row's at its start (ldsc >= 64: room for the pad) */
-        for (int g = 0; g < G; g++) row_bf16_inplace(sc + (size_t)g * ldsc, n);
-#endif
+    weights_for_values(sc, ldsc, G, n, d);
     for (int j = 0; j < nnext; j++) /* the next task's first keys, while the values are summed */
         prefetch_row(next[j], row_bytes);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
         const float *pr[3]; /* the heads' weights (heads past G repeat the last) */
         rows3(sc, ldsc, g0, ng, pr);
-#if defined(MH_ATT_BF16)
-        if (att_bf16(d)) {
-            const uint16_t *pb[3] = {(const uint16_t *)pr[0], (const uint16_t *)pr[1], (const uint16_t *)pr[2]};
-            for (int c0 = 0; c0 < d; c0 += 64)
-                values_bf16_64x3(kp_all, m->kv_stride + c0, n, pb, ng, d, o + (size_t)g0 * d + c0);
-            continue;
-        }
-#endif
-        int c0 = 0;
-#if defined(MH_ATT_ZMM)
-        for (; d - c0 >= 64; c0 += 64) values_64x3(kp_all, m->kv_stride + c0, n, pr, ng, d, o + (size_t)g0 * d + c0);
-#endif
-        values_from_x3(kp_all, m->kv_stride, n, pr, ng, d, c0, o + (size_t)g0 * d + c0);
+        values_x3(kp_all, m->kv_stride, n, pr, ng, d, o + (size_t)g0 * d);
     }
 }
 
