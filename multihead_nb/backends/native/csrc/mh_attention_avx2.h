@@ -40,6 +40,15 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* How many keys ahead the value sums (values_32x3; values_64x3 and values_bf16_64x3 in AVX-512 builds) fetch the cache
+ * lines of a value row they will read. The rows were fetched while their keys' scores were formed, but a chunk's 64
+ * keys and values (48 KiB for SmolLM2-135M) outgrow the L1, and a profile of batch-3 steps after ~1500-token contexts
+ * on a Zen 2 put a fifth of the attention's samples on the value rows' loads. With this (builds alternated in one
+ * process, Q4_0, 8 rounds of 24 steps after 1024-token contexts): batch 3 11.39 -> 11.16 ms (faster in every round),
+ * batch 1 6.48 -> 6.29; after 160 tokens the same. On a Zen 4 (AVX-512 BF16 build, the same runs): batch 3 10.09 ->
+ * 9.79, batch 1 5.93 -> 5.51; after 160 tokens no change; its 16-lane build 10.60 -> 10.40 (bench/README.md). */
+#define MH_VALUES_AHEAD 8
+
 #include "mh_attention_zmm.h"
 
 /* Keys per attention task: a token's context of n keys is cut in chunks of this many (64: a lone decode token's
@@ -116,13 +125,6 @@ static void softmax_rows(float *sc, int ldsc, int G, int n, float *mx, float *sm
     }
 }
 
-/* How many keys ahead values_32x3 fetches the cache line of a value row it will read. The rows were fetched while
- * their keys' scores were formed, but a chunk's 64 keys and values (48 KiB for SmolLM2-135M) outgrow the L1, and a
- * profile of batch-3 steps after ~1500-token contexts on a Zen 2 put a fifth of the attention's samples on the value
- * rows' loads. With this (builds alternated in one process, Q4_0, 8 rounds of 24 steps after 1024-token contexts):
- * batch 3 11.39 -> 11.16 ms (faster in every round), batch 1 6.48 -> 6.29; after 160 tokens the same
- * (bench/README.md). */
-#define MH_VALUES_AHEAD 8
 
 /* 32 columns of n value rows (kp[j] + off) weighted by 3 heads' pr[g][j], summed in key order -> o rows g < ng (d
  * apart), each row's line fetched MH_VALUES_AHEAD keys ahead. Named accumulators: kept in an array, GCC stored all

@@ -119,6 +119,10 @@ static inline void values_64x3(const uint16_t *const *kp, int64_t off, int n, co
     const __m512i z = _mm512_setzero_si512();
     for (int j = 0; j < n; j++) {
         const uint16_t *v = kp[j] + off;
+        if (j + MH_VALUES_AHEAD < n) { /* both lines of the row MH_VALUES_AHEAD keys on */
+            _mm_prefetch((const char *)(kp[j + MH_VALUES_AHEAD] + off), _MM_HINT_T0);
+            _mm_prefetch((const char *)(kp[j + MH_VALUES_AHEAD] + off + 32), _MM_HINT_T0);
+        }
         const __m512 p0 = _mm512_set1_ps(pr[0][j]), p1 = _mm512_set1_ps(pr[1][j]), p2 = _mm512_set1_ps(pr[2][j]);
         const __m512i v0 = _mm512_loadu_si512((const void *)v), v1 = _mm512_loadu_si512((const void *)(v + 32));
         __m512 x = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, v0));
@@ -199,6 +203,10 @@ static inline void values_bf16_64x3(const uint16_t *const *kp, int64_t off, int 
     __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
     for (int j = 0; j < n; j += 2) {
         const uint16_t *v = kp[j] + off;
+        for (int i = j + MH_VALUES_AHEAD; i < j + MH_VALUES_AHEAD + 2 && i < n; i++) { /* the rows MH_VALUES_AHEAD on */
+            _mm_prefetch((const char *)(kp[i] + off), _MM_HINT_T0);
+            _mm_prefetch((const char *)(kp[i] + off + 32), _MM_HINT_T0);
+        }
         const __m512i v0 = _mm512_loadu_si512((const void *)v), v1 = _mm512_loadu_si512((const void *)(v + 32));
         __m512i w0 = _mm512_setzero_si512(), w1 = w0;
         if (j + 1 < n) {
