@@ -20,6 +20,18 @@ static inline int att_allkv_fits(const mh_model *m) {
 #ifndef MH_ALLKV_LINES_AHEAD
 #define MH_ALLKV_LINES_AHEAD 24
 #endif
+/* How many keys ahead attend_part_allkv also asks for its key and value rows into the L2 (prefetcht1), in AVX-512
+ * builds: the near fetches above fill the L1's miss buffers, the L2 has more. On a Zen 4 (Q4_0, builds alternated in
+ * one process) a step at batch 3 after 1024-token contexts 9.13 -> 8.41 ms and 9.83 -> 9.49 in two runs, batch 1
+ * 5.60 -> 5.24 and 5.59 -> 5.44; after 160 tokens no change; attention alone (cold) 84 -> 70 ns per key. AVX2
+ * builds leave it out: on the AVX2-only AMD CPUs before Zen 4 prefetcht1 fills the L1 too (public measurements),
+ * where 32 keys of rows asked for at once into the L1 was slower (MH_ALLKV_LINES_AHEAD; not measured there). */
+#if defined(MH_ATT_ZMM)
+#define MH_ALLKV_FAR_KEYS 32
+#else
+#define MH_ALLKV_FAR_KEYS 0
+#endif
+
 static inline int att_allkv_ahead(const mh_model *m) {
     const int lines = (2 * m->head_dim * m->kv_heads + 63) / 64, keys = (MH_ALLKV_LINES_AHEAD + lines - 1) / lines;
     return keys < MH_KEYS_AHEAD ? keys : MH_KEYS_AHEAD;
@@ -61,11 +73,17 @@ static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, in
             /* this KV head's lines of the key rows `ahead` keys on and of the 4 keys' value rows: a few at a time
              * between the products, not the rows' every line at once (48 fetches in a burst filled the L1's miss
              * buffers). Zen 2, Q4_0, builds alternated in one process: a step at batch 3 after 1024-token contexts
-             * 11.40 -> 10.41 ms, at batch 1 6.49 -> 6.14; after 160 tokens 5.72 -> 5.42 (bench/README.md). */
+             * 11.40 -> 10.41 ms, at batch 1 6.49 -> 6.14; after 160 tokens 5.72 -> 5.42 (bench/README.md). And in
+             * AVX-512 builds the rows MH_ALLKV_FAR_KEYS on, into the L2. */
             for (int i = 0; i < nk; i++)
                 for (int c = kvh * 2 * d; c < (kvh + 1) * 2 * d; c += 64) {
                     if (k0 + ahead + i < n) _mm_prefetch((const char *)kp_all[k0 + ahead + i] + c, _MM_HINT_T0);
                     _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
+                    if (MH_ALLKV_FAR_KEYS && k0 + MH_ALLKV_FAR_KEYS + i < n) {
+                        const uint16_t *far = kp_all[k0 + MH_ALLKV_FAR_KEYS + i];
+                        _mm_prefetch((const char *)far + c, _MM_HINT_T1);
+                        _mm_prefetch((const char *)(far + m->kv_stride) + c, _MM_HINT_T1);
+                    }
                 }
             const uint16_t *kp[4];
             for (int i = 0; i < 4; i++) kp[i] = kp_all[k0 + (i < nk ? i : nk - 1)] + kvh * d;
