@@ -11,13 +11,13 @@
 #include <time.h>
 #include "cpu_decode.c"
 
+#if defined(MH_ISA_X86)
 static double now_s(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-#if defined(MH_ISA_X86)
 #define BENCH_MAX_KV 64
 typedef struct {
     const mh_model *m;
@@ -80,14 +80,14 @@ static uint64_t read_context(const bench_case *b, int l) {
 }
 
 /* Seconds per key of one pass over the case (attention, or plain reads). */
-static double run_case(const bench_case *b, int reads, float *q, float *sc, float *qs, float *out, double *sink) {
+static double run_case(const bench_case *b, int reads, float *q, float *sc, float *qf, float *out, double *sink) {
     const int L = b->m->num_layers;
     const double t0 = now_s();
     for (int sq = 0; sq < b->seqs; sq++) {
         b->s->block_tables = b->tables + (size_t)sq * b->pps;
         for (int i = 0; i < L; i++) {
             const int l = b->hot ? 0 : i;
-            *sink += reads ? (double)(read_context(b, l) & 1) : attend_context(b, l, q, sc, qs, out);
+            *sink += reads ? (double)(read_context(b, l) & 1) : attend_context(b, l, q, sc, qf, out);
         }
     }
     return (now_s() - t0) / ((double)b->seqs * L * b->ctx);
@@ -100,6 +100,7 @@ int main(int argc, char **argv) {
         return 2;
     }
 #if !defined(MH_ISA_X86)
+    (void)argv;
     fprintf(stderr, "attention_alone: the %s build has no x86 attention tasks to time\n", mh_isa());
     return 2;
 #else
@@ -114,9 +115,9 @@ int main(int argc, char **argv) {
     const int pps = (ctx + tpp - 1) / tpp, P = pps * seqs;
     uint16_t *cache = alloc64((size_t)P * page_bytes);
     int32_t *tables = malloc(sizeof(int32_t) * P);
-    float *q = alloc64(sizeof(float) * H * d), *qs = alloc64(sizeof(float) * (KV * ((H / KV + 2) / 3) * 3 * d));
+    float *q = alloc64(sizeof(float) * H * d), *qf = alloc64(sizeof(float) * KV * queries_kvh_floats(H / KV, d));
     float *sc = alloc64(sizeof(float) * H * (size_t)att_chunk(ctx)), *out = alloc64(sizeof(float) * H * (d + 2));
-    if (!cache || !tables || !q || !qs || !sc || !out) {
+    if (!cache || !tables || !q || !qf || !sc || !out) {
         fprintf(stderr, "attention_alone: out of memory\n");
         return 3;
     }
@@ -146,7 +147,7 @@ int main(int argc, char **argv) {
         bench_case b = {&m, &s, tables, pps, ctx, hot ? 1 : seqs, hot};
         double best = 1e30;
         for (int r = 0; r < reps + hot; r++) { /* hot: one more, the first filling the caches */
-            const double t = run_case(&b, c % 2, q, sc, qs, out, &sink);
+            const double t = run_case(&b, c % 2, q, sc, qf, out, &sink);
             if (r >= hot && t < best) best = t;
         }
         printf("%s %.2f\n", names[c], best * 1e9);

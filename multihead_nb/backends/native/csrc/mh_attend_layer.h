@@ -67,11 +67,11 @@ static int att_blockable(const mh_model *m, const mh_step *s, int t) {
 /* Rows of a block's attention (MH_ATT_BLOCK tokens x G heads) padded to whole tiles of 3 vectors of 8. */
 static int att_block_rows(const mh_model *m) { return (MH_ATT_BLOCK * (m->heads / m->kv_heads) + 23) / 24 * 24; }
 
-/* A thread's scores scratch: [G, ldsc], or for attend_part_allkv [H, ldsc] and the prepared queries [KV, ceil(G / 3),
- * 3, d]. */
+/* A thread's scores scratch: [G, ldsc], or for attend_part_allkv [H, ldsc] and the prepared queries
+ * [KV, queries_kvh_floats(G, d)]. */
 static size_t att_sc_floats(const mh_model *m, int ldsc) {
-    const size_t KV = m->kv_heads, G = m->heads / KV, H = m->heads, d = m->head_dim;
-    return att_allkv_fits(m) ? H * ldsc + KV * ((G + 2) / 3) * 3 * d : G * ldsc;
+    const size_t KV = m->kv_heads, G = m->heads / KV, H = m->heads;
+    return att_allkv_fits(m) ? H * ldsc + KV * (size_t)queries_kvh_floats(G, m->head_dim) : G * ldsc;
 }
 
 /* Floats of one thread's attention scratch: a lone token's scores (att_sc_floats) and widened keys [64, d] (a block's

@@ -46,23 +46,14 @@ static inline int att_allkv_ahead(const mh_model *m) {
  * by queries_x3 / scores_x3) on a Zen 4, Q4_0, a task per KV head against this: batch 3 after 1024-token contexts
  * 13.58 -> 10.47 ms, batch 1 7.21 -> 6.58; after 160 tokens 6.74 -> 6.18; attention alone (cold, 1024 keys) 145 -> 92
  * ns per key (bench/README.md). q: the token's H d queries; sc: scratch
- * [H, ldsc >= n]; qf: scratch [KV, ceil(G / 3), 3, d] (each 3 heads' queries as queries_x3 prepares them); per KV
+ * [H, ldsc >= n]; qf: scratch [KV, queries_kvh_floats(G, d)] (each KV head's queries as queries_kvh prepares them); per KV
  * head h: o[h] [G, d], mx[h], sm[h] [G] (attend_part_avx2's outputs); next [nnext]: key rows (KV head 0) of the
  * thread's next task, fetched whole while the values are summed. */
 static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, int t, const float *q, int j0, int j1,
                               float *sc, int ldsc, float *qf, float *const *o, float *const *mx, float *const *sm,
                               const uint16_t *const *next, int nnext) {
-    const int d = m->head_dim, KV = m->kv_heads, G = m->heads / KV, n = j1 - j0 + 1, groups = (G + 2) / 3;
-    const float scale = 1.0f / sqrtf((float)d);
-    float qs[MH_GROUP_MAX * MH_GROUP_DIM];
-    for (int kvh = 0; kvh < KV; kvh++) {
-        for (int i = 0; i < G * d; i++) qs[i] = q[(size_t)kvh * G * d + i] * scale;
-        for (int g0 = 0; g0 < G; g0 += 3) {
-            const float *qg[3];
-            rows3(qs, d, g0, G - g0 < 3 ? G - g0 : 3, qg);
-            queries_x3(qg, d, qf + (size_t)(kvh * groups + g0 / 3) * 3 * d);
-        }
-    }
+    const int d = m->head_dim, KV = m->kv_heads, G = m->heads / KV, n = j1 - j0 + 1, qkv = queries_kvh_floats(G, d);
+    for (int kvh = 0; kvh < KV; kvh++) queries_kvh(q + (size_t)kvh * G * d, G, d, qf + (size_t)kvh * qkv);
     const uint16_t *kp_all[n];
     key_rows(m, s, layer, s->seq_of[t], 0, j0, n, kp_all); /* KV head 0's rows; head h's are h d further */
     const int row_bytes = 2 * d * KV, ahead = att_allkv_ahead(m);
@@ -90,7 +81,7 @@ static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, in
             for (int g0 = 0; g0 < G; g0 += 3) {
                 const int ng = G - g0 < 3 ? G - g0 : 3;
                 __m128 r4s[3];
-                scores_x3(qf + (size_t)(kvh * groups + g0 / 3) * 3 * d, kp, d, ng, r4s);
+                scores_x3(qf + (size_t)kvh * qkv + (size_t)g0 * d, kp, d, ng, r4s);
                 for (int g = 0; g < ng; g++)
                     store_scores4(sc + (size_t)(kvh * G + g0 + g) * ldsc, k0, ldsc, nk, r4s[g]);
             }

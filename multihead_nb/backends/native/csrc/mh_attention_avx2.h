@@ -125,7 +125,6 @@ static void softmax_rows(float *sc, int ldsc, int G, int n, float *mx, float *sm
     }
 }
 
-
 /* 32 columns of n value rows (kp[j] + off) weighted by 3 heads' pr[g][j], summed in key order -> o rows g < ng (d
  * apart), each row's line fetched MH_VALUES_AHEAD keys ahead. Named accumulators: kept in an array, GCC stored all
  * twelve to the stack on every key. */
@@ -233,6 +232,22 @@ static inline void queries_x3(const float *const *qg, int d, float *qf) {
     for (int g = 0; g < 3; g++) memcpy(qf + (size_t)g * d, qg[g], sizeof(float) * d);
 }
 
+/* Floats of room for one KV head's G query heads as queries_kvh prepares them: ceil(G / 3) groups of 3 rows of d. */
+static inline int queries_kvh_floats(int G, int d) { return (G + 2) / 3 * 3 * d; }
+
+/* One KV head's G query rows q [G, d], scaled by 1 / sqrt(d), prepared 3 heads at a time (queries_x3; heads past G
+ * repeat the last) into qf [queries_kvh_floats(G, d)]: group g0 / 3 at qf + g0 d. */
+static inline void queries_kvh(const float *q, int G, int d, float *qf) {
+    const float scale = 1.0f / sqrtf((float)d);
+    float qs[MH_GROUP_MAX * MH_GROUP_DIM];
+    for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const float *qg[3];
+        rows3(qs, d, g0, G - g0 < 3 ? G - g0 : 3, qg);
+        queries_x3(qg, d, qf + (size_t)g0 * d);
+    }
+}
+
 /* Scores of 4 keys (kp[i], d bfloat16 each) x the 3 heads of qf (queries_x3) -> r4s[g] (key i in element i), g < ng:
  * vdpbf16ps pairs, 16-lane sums or 8-lane sums as queries_x3 prepared them. */
 static inline void scores_x3(const float *qf, const uint16_t *const *kp, int d, int ng, __m128 r4s[3]) {
@@ -303,9 +318,8 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                              int j1, float *sc, int ldsc, float *o, float *mx, float *sm, const uint16_t *const *next,
                              int nnext) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
-    const float scale = 1.0f / sqrtf((float)d);
-    float qs[MH_GROUP_MAX * MH_GROUP_DIM], qf[3 * MH_GROUP_DIM];
-    for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
+    float qf[(MH_GROUP_MAX + 2) / 3 * 3 * MH_GROUP_DIM];
+    queries_kvh(q, G, d, qf);
     const uint16_t *kp_all[n];
     key_rows(m, s, layer, seq, kvh, j0, n, kp_all);
     /* The pages are scattered in the arena and the weights streamed since this layer's keys were written have
@@ -316,9 +330,6 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
         prefetch_row(kp_all[j], row_bytes);
     for (int g0 = 0; g0 < G; g0 += 3) {
         const int ng = G - g0 < 3 ? G - g0 : 3;
-        const float *qg[3];
-        rows3(qs, d, g0, ng, qg);
-        queries_x3(qg, d, qf);
         for (int k0 = 0; k0 < n; k0 += 4) {
             const int nk = n - k0 < 4 ? n - k0 : 4;
             const uint16_t *kp[4];
@@ -331,7 +342,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
                         _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
                     }
             __m128 r4s[3];
-            scores_x3(qf, kp, d, ng, r4s);
+            scores_x3(qf + (size_t)g0 * d, kp, d, ng, r4s);
             for (int g = 0; g < ng; g++) store_scores4(sc + (size_t)(g0 + g) * ldsc, k0, ldsc, nk, r4s[g]);
         }
     }
