@@ -202,6 +202,36 @@ def test_interleaving_needs_rows_in_eights(tiny_ckpt):
         assert weights.embed.format == "q8_0"
 
 
+def test_matrices_placed_in_one_buffer_in_forward_order(tiny_ckpt):
+    """The kernel's matrices are copied into one buffer (huge pages where the OS gives them), each 64-byte aligned,
+    in the order a forward reads them, their bytes unchanged; a second call changes nothing; tied stays tied."""
+    from multihead_nb.backends.native.kernel_weights import LINEARS
+
+    for tied in (True, False):
+        spec = read_spec(tiny_ckpt("llama", vocab_size=392, tie_word_embeddings=tied))
+        weights = KernelWeights.build(spec, load_weights(spec, torch.float32), "q4_0")
+        weights.interleave_rows()
+        order = [L.mats[k] for L in weights.layers for k in LINEARS] + [weights.lm_head]
+        order += [] if tied else [weights.embed]
+        before = [m.data.clone() for m in order]
+        nbytes = weights.nbytes()
+        weights.place_in_one_buffer()
+        placed = [L.mats[k] for L in weights.layers for k in LINEARS] + [weights.lm_head]
+        placed += [] if tied else [weights.embed]
+        base = weights.buffer.data_ptr()
+        offsets = [m.data.data_ptr() - base for m in placed]
+        assert offsets == sorted(offsets) and offsets[0] == 0 and all(o % 64 == 0 for o in offsets)
+        assert offsets[-1] + placed[-1].nbytes <= weights.buffer.numel()
+        for m, old, new in zip(order, before, placed):
+            assert (new.format, new.rows, new.cols) == (m.format, m.rows, m.cols) and torch.equal(new.data, old)
+            assert new.data.untyped_storage().data_ptr() == weights.buffer.untyped_storage().data_ptr()
+        assert (weights.embed is weights.lm_head) is tied and weights.nbytes() == nbytes
+        weights.place_in_one_buffer()
+        assert [m.data.data_ptr() for m in placed] == [L.mats[k].data.data_ptr() for L in weights.layers
+                                                      for k in LINEARS] + [weights.lm_head.data.data_ptr()] + (
+            [] if tied else [weights.embed.data.data_ptr()])
+
+
 def test_long_prefill_matches_float32(tiny_ckpt, kernel):
     """A 200-token prompt in one forward (token rows in several blocks and tiles), then the same continued in
     chunks of 37 and 1 beside it: every length goes through the kernel."""

@@ -58,6 +58,8 @@ def test_gguf_blocks_run_packed(tiny_ckpt, tmp_path, family, weight_type):
         m = weights.layers[0].mats["down"]
         if kernel.fused.kernel.reads_interleaved(True) and fmt in INTERLEAVED:  # x86, int8: 8 rows side by side
             assert m.format == INTERLEAVED[fmt] and np.array_equal(deinterleave(m).data.numpy().reshape(-1), t.raw)
+            # a copy of the file's bytes: placed in the weights' one buffer (place_in_one_buffer)
+            assert m.data.untyped_storage().data_ptr() == weights.buffer.untyped_storage().data_ptr()
         else:  # Q5_0 / Q5_1 (no interleaved layout), NEON, scalar: the file's own bytes
             assert m.format == fmt and m.data.data_ptr() == t.raw.ctypes.data
         # with float32 activations, a matrix that needs no re-ordering is the file's own bytes, not a copy

@@ -1,6 +1,9 @@
-"""Tests of the memory layer: `Arena`, `KVLayout` (a model's view of pages) and `PagePool` (page ids)."""
+"""Tests of the memory layer: `Arena`, `KVLayout` (a model's view of pages), `PagePool` (page ids) and `host_bytes`."""
 
 from __future__ import annotations
+
+import mmap
+import os
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from multihead_nb.errors import ConfigError, OutOfPagesError, QuotaExceededError
 from multihead_nb.memory import Arena, KVLayout, PagePool, PageState, prefix_hashes
+from multihead_nb.memory.host_bytes import HUGE_PAGE, host_bytes
 
 
 # ---- KVLayout ----------------------------------------------------------------------------------------------------
@@ -123,6 +127,49 @@ def test_arena_validation():
     with pytest.raises(ConfigError, match="at least one page"):
         Arena(0, 256)
     assert Arena(3, 512).pages().shape == (3, 512)
+
+
+def _vm_flags(address: int) -> list[str] | None:
+    """The VmFlags of the mapping holding `address` (Linux's /proc/self/smaps), or None where there is none."""
+    try:
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+    except OSError:
+        return None
+    inside = False
+    for line in text.splitlines():
+        head = line.split()[0] if line else ""
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+def test_host_bytes_zeroed_aligned_and_kept_alive():
+    """The fused kernel's weight buffer: zeroed, 2 MiB-aligned, writable, the mapping alive as long as
+    a view of it is, huge pages asked for (Linux records the advice as the mapping's `hg` flag)."""
+    import gc
+
+    n = 3 * HUGE_PAGE + 12345
+    t = host_bytes(n)
+    assert t.dtype == torch.uint8 and t.numel() == n and t.is_contiguous() and t.device.type == "cpu"
+    assert t.data_ptr() % HUGE_PAGE == 0
+    assert int(t.count_nonzero()) == 0
+    view = t[HUGE_PAGE:]
+    del t
+    gc.collect()
+    view.fill_(7)  # the mapping outlives the tensor it was cut from
+    assert int(view.sum()) == 7 * (n - HUGE_PAGE)
+    if hasattr(mmap, "MADV_HUGEPAGE") and os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        flags = _vm_flags(view.data_ptr())
+        assert flags is not None and "hg" in flags, f"no huge-page advice on the mapping: {flags}"
+    small = host_bytes(1000)  # less than one huge page: a plain tensor
+    assert small.numel() == 1000 and int(small.count_nonzero()) == 0
+    assert host_bytes(0).numel() == 0
+    with pytest.raises(ValueError, match="at least 0"):
+        host_bytes(-1)
 
 
 # ---- prefix hashes -----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The one arena and its pages: `Arena` (bytes), `PagePool` (page ids), `KVLayout` (a model's view of pages),
-`KVManager` (which pages hold each request's K/V; the prefix cache's hashes)."""
+`KVManager` (which pages hold each request's K/V; the prefix cache's hashes); `host_bytes.host_bytes` (large host
+buffers on huge pages, for the fused kernel's weights)."""
 
 from .arena import Arena
 from .kv_layout import KVLayout

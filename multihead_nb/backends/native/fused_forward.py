@@ -57,6 +57,7 @@ class FusedForward:
         assert layout.dtype == torch.bfloat16, "the kernel keeps K/V in bfloat16"
         if kernel.reads_interleaved(int8_activations):
             weights.interleave_rows()  # 8 rows side by side, as this build's integer products read them
+        weights.place_in_one_buffer()  # one stream of huge pages, in the order the forward reads the matrices
         self.kernel, self.spec, self.weights = kernel, spec, weights
         self.rope = RotaryTable(spec, torch.float32, torch.device("cpu"))
         self._cos = self._sin = None

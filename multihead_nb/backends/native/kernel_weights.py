@@ -4,8 +4,9 @@ each in its own format), norms and biases float32.
 Owns: turning a dense weight dict (Hugging Face names, from `weight_files.load_weights`) into that set, quantizing
 at load when asked (`quantize="q8_0"` etc.: the layers' matrices in that format, the embedding / lm_head in Q8_0
 for the 4-bit formats, as llama.cpp keeps its output matrix above 4 bits), taking packed matrices as they are
-(GGUF tensors, no dequantized copy), interleaving rows where the kernel asks (`interleave_rows`), why a model
-cannot be packed (`problem`), and the bytes held. Knows nothing of the kernel's structs (`fused_forward.py`) nor of
+(GGUF tensors, no dequantized copy), interleaving rows where the kernel asks (`interleave_rows`), placing every
+matrix in one buffer in the order a forward reads them (`place_in_one_buffer`), why a model cannot be packed
+(`problem`), and the bytes held. Knows nothing of the kernel's structs (`fused_forward.py`) nor of
 files.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...memory.host_bytes import host_bytes
 from .loader import ModelSpec
 from .quant import INTERLEAVED, QUANTIZABLE, PackedMatrix, interleave, quantize, shape_problem
 
@@ -46,8 +48,10 @@ def gguf_weights(spec: ModelSpec) -> dict:
             with warnings.catch_warnings():  # the map is read-only, and the kernel only reads it
                 warnings.simplefilter("ignore", UserWarning)
                 pm = from_ggml(t.raw, t.ggml_type, shape)
-            if heads:
+            if heads:  # rows gathered: a copy
                 pm = PackedMatrix(pm.format, pm.rows, pm.cols, unpermute_rows(pm.data, heads).contiguous())
+            else:
+                pm.mapped = True
             out[name] = pm
         else:
             w = dequantize(t.raw, t.ggml_type, shape, torch.float32, "cpu")
@@ -129,6 +133,7 @@ class KernelWeights:
     lm_head: PackedMatrix
     norm: torch.Tensor
     formats: set[str] = field(default_factory=set)
+    buffer: torch.Tensor | None = None  # every matrix's bytes, once `place_in_one_buffer` has run
 
     def nbytes(self) -> int:
         mats = [self.embed] + ([] if self.lm_head is self.embed else [self.lm_head])
@@ -191,6 +196,37 @@ class KernelWeights:
         if tied:
             self.embed = self.lm_head
         return True
+
+    def place_in_one_buffer(self) -> None:
+        """Copy the matrices held in memory of their own (quantized at load, interleaved, converted) into one
+        buffer (`host_bytes`: 2 MiB-aligned, huge pages where the OS gives them), in the order a forward reads them
+        (each layer's q, k, v, o, gate, up, down; then the lm_head, and the embedding where it is apart), each at a
+        64-byte boundary; each original is dropped once copied, so the bytes held grow by at most one matrix. A
+        GGUF file's mapped matrices (`mapped`) stay the file's bytes: no second copy of them. Once: a second call
+        finds them placed. The same bytes, so `nbytes` does not change."""
+        if self.buffer is not None:
+            return
+        padded = lambda m: 0 if m.mapped else (m.nbytes + 63) // 64 * 64  # noqa: E731
+        tied = self.lm_head is self.embed
+        total = sum(padded(L.mats[k]) for L in self.layers for k in LINEARS) + padded(self.lm_head)
+        self.buffer = buf = host_bytes(total + (0 if tied else padded(self.embed)))
+        at = 0
+
+        def place(m: PackedMatrix) -> PackedMatrix:
+            nonlocal at
+            if m.mapped:
+                return m
+            data = buf[at:at + m.nbytes].view(m.data.shape)  # [rows, row_bytes], contiguous
+            data.copy_(m.data)
+            at += padded(m)
+            return PackedMatrix(m.format, m.rows, m.cols, data)
+
+        for L in self.layers:
+            for k in LINEARS:
+                L.mats[k] = place(L.mats[k])  # the original freed here (nothing else holds it)
+        self.lm_head = place(self.lm_head)
+        self.embed = self.lm_head if tied else place(self.embed)
+        assert at == buf.numel()
 
     def dense(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The same weights dequantized into `dtype`, by Hugging Face name (for the PyTorch path)."""

@@ -75,12 +75,14 @@ def shape_problem(fmt: str, cols: int) -> str | None:
 
 @dataclass
 class PackedMatrix:
-    """A `[rows, cols]` weight matrix; `data` is uint8 `[rows, row_bytes]`, row-major, contiguous, on the CPU."""
+    """A `[rows, cols]` weight matrix; `data` is uint8 `[rows, row_bytes]`, row-major, contiguous, on the CPU;
+    `mapped`: `data` is a file's own memory-mapped bytes (a GGUF file read without a copy), to be kept where it is."""
 
     format: str
     rows: int
     cols: int
     data: torch.Tensor
+    mapped: bool = False
 
     def __post_init__(self):
         problem = shape_problem(self.format, self.cols)
