@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from multihead_nb.errors import ConfigError, OutOfPagesError, QuotaExceededError
 from multihead_nb.memory import Arena, KVLayout, PagePool, PageState, prefix_hashes
-from multihead_nb.memory.host_bytes import HUGE_PAGE, host_bytes
+from multihead_nb.memory.host_bytes import HUGE_PAGE, host_bytes, return_freed_memory
 
 
 # ---- KVLayout ----------------------------------------------------------------------------------------------------
@@ -170,6 +170,15 @@ def test_host_bytes_zeroed_aligned_and_kept_alive():
     assert host_bytes(0).numel() == 0
     with pytest.raises(ValueError, match="at least 0"):
         host_bytes(-1)
+
+
+def test_return_freed_memory_where_the_c_library_can():
+    """glibc's malloc_trim gives the heap's free memory back (the weights' originals, once copied); elsewhere False."""
+    import platform
+
+    big = torch.ones(64 << 20, dtype=torch.uint8)
+    del big
+    assert return_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
 # ---- prefix hashes -----------------------------------------------------------------------------------------------

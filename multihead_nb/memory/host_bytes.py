@@ -6,11 +6,13 @@ setting (`/sys/kernel/mm/transparent_hugepage/enabled` = `madvise`) gives huge p
 PyTorch's allocator does not ask (unless `THP_MEM_ALLOC_ENABLE=1` is set before it starts). With 4 KiB pages a
 decode step's stream of ~100 MB of weights misses the TLB every 4 KiB; with 2 MiB pages it does not (bench/README.md:
 two threads streaming 32-34 -> 36 GB/s on a Zen 4, decode steps 2-5% faster). Where there is no such mapping
-(Windows) or no such advice (macOS), a plain zeroed tensor. Knows nothing of what the bytes hold.
+(Windows) or no such advice (macOS), a plain zeroed tensor. Also `return_freed_memory`: what the C heap holds free
+given back to the OS, for code that frees large tensors it has just copied. Knows nothing of what the bytes hold.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
 import torch
@@ -38,3 +40,16 @@ def host_bytes(nbytes: int) -> torch.Tensor:
     out = whole[start:start + nbytes]
     assert out.data_ptr() % HUGE_PAGE == 0 and out.numel() == nbytes
     return out
+
+
+def return_freed_memory() -> bool:
+    """Give the memory the C heap holds free back to the OS (glibc's `malloc_trim(0)`): tensors freed after being
+    copied elsewhere otherwise stay in the process's resident size (glibc keeps freed blocks of a few MB for reuse).
+    Whether it could (False where the C library has no such call: musl, macOS, Windows)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

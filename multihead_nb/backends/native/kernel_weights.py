@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...memory.host_bytes import host_bytes
+from ...memory.host_bytes import host_bytes, return_freed_memory
 from .loader import ModelSpec
 from .quant import INTERLEAVED, QUANTIZABLE, PackedMatrix, interleave, quantize, shape_problem
 
@@ -201,7 +201,8 @@ class KernelWeights:
         """Copy the matrices held in memory of their own (quantized at load, interleaved, converted) into one
         buffer (`host_bytes`: 2 MiB-aligned, huge pages where the OS gives them), in the order a forward reads them
         (each layer's q, k, v, o, gate, up, down; then the lm_head, and the embedding where it is apart), each at a
-        64-byte boundary; each original is dropped once copied, so the bytes held grow by at most one matrix. A
+        64-byte boundary; each original is dropped once copied and the freed memory given back to the OS layer by
+        layer (`return_freed_memory`), so the resident bytes grow by at most about one layer. A
         GGUF file's mapped matrices (`mapped`) stay the file's bytes: no second copy of them. Once: a second call
         finds them placed. The same bytes, so `nbytes` does not change."""
         if self.buffer is not None:
@@ -224,8 +225,10 @@ class KernelWeights:
         for L in self.layers:
             for k in LINEARS:
                 L.mats[k] = place(L.mats[k])  # the original freed here (nothing else holds it)
+            return_freed_memory()  # a layer's originals back to the OS: the peak is the weights and one layer
         self.lm_head = place(self.lm_head)
         self.embed = self.lm_head if tied else place(self.embed)
+        return_freed_memory()
         assert at == buf.numel()
 
     def dense(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
