@@ -261,3 +261,50 @@ def test_attention_alone_quick(capsys):
                 if line.startswith("| ") and line.split("|")[2].strip().replace(".", "").isdigit()}
         assert set(rows) == set(attention_alone.CASES) and min(rows.values()) > 0, table
         assert f"build {isa}" in table
+
+
+def test_step_pairs_variants_parse_and_refuse():
+    """bench.step_pairs: a variant's -D macros become $MULTIHEAD_KERNEL_DEFINES, NAME=VALUE items settings; anything
+    else, or both kinds of macros at once, is refused by name; the environment is restored after a variant's build."""
+    from bench.step_pairs import environment, parse_variant
+
+    assert parse_variant("") == {}
+    assert parse_variant("-DMH_PF_AHEAD=8192 -DMH_X MULTIHEAD_CPU_FLAGS_OFF=avx512f") == {
+        "MULTIHEAD_KERNEL_DEFINES": "MH_PF_AHEAD=8192 MH_X", "MULTIHEAD_CPU_FLAGS_OFF": "avx512f"}
+    for bad in ("-D", "fast", "-O2", "MULTIHEAD_KERNEL_DEFINES=A -DB"):
+        with pytest.raises(ValueError, match="variant"):
+            parse_variant(bad)
+    os.environ.pop("MH_STEP_PAIRS_PROBE", None)
+    with environment({"MH_STEP_PAIRS_PROBE": "1"}):
+        assert os.environ["MH_STEP_PAIRS_PROBE"] == "1"
+    assert "MH_STEP_PAIRS_PROBE" not in os.environ
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
+                    reason="no C compiler here: the fused CPU kernel cannot be built")
+def test_step_pairs_builds_each_variant_and_times_steps_in_turn(tiny_ckpt, monkeypatch):
+    """Each variant's macros reach its own build (another library, the same tokens: MH_PF_AHEAD changes no result);
+    every round times one step of each variant at each batch size; the summary counts rounds against the first
+    variant; a malformed macro in $MULTIHEAD_KERNEL_DEFINES is refused by name."""
+    import torch
+
+    from bench.decode_speed import make_runner
+    from bench.step_pairs import environment, pair_steps, parse_variant, summary
+    from multihead_nb.backends.native import read_spec
+    from multihead_nb.backends.native.cpu_kernel import KernelUnavailable, load_kernel
+
+    spec = read_spec(str(tiny_ckpt("llama")))
+    runners = []
+    for text in ("", "-DMH_PF_AHEAD=8192"):
+        with environment(parse_variant(text)):
+            runners.append(make_runner(spec, torch.bfloat16, 4096, 64, "kernel", "bf16"))
+    assert all(r.fused is not None for r in runners)
+    assert runners[0].fused.kernel.path != runners[1].fused.kernel.path
+    times = pair_steps(spec, runners, (1, 3), 8, 5, 4096)
+    assert [[len(ts) for ts in per] for per in times] == [[5, 5], [5, 5]]
+    assert all(t > 0 for per in times for ts in per for t in ts)
+    stats = summary(times)
+    assert [n for _, n in stats[0]] == [0, 0] and all(0 <= n <= 5 for _, n in stats[1])
+    monkeypatch.setenv("MULTIHEAD_KERNEL_DEFINES", "MH_OK=1 1BAD")
+    with pytest.raises(KernelUnavailable, match="1BAD"):
+        load_kernel()

@@ -7,6 +7,10 @@ flags of each, compiling the C source into a shared library cached on disk (keye
 compiler and the CPU), loading it with ctypes, and the ctypes mirrors of its structs. Knows nothing of models or
 batches (`fused_forward.py` fills the structs).
 
+For measuring the kernel's tunables (`#ifndef` constants such as `MH_PF_AHEAD`), $MULTIHEAD_KERNEL_DEFINES adds
+macros to every build (`NAME` or `NAME=VALUE`, space-separated; part of the cache key); `bench.step_pairs` sets it per
+variant.
+
 Nothing here is required: without a C compiler, or where the build or load fails, `load_kernel` raises
 `KernelUnavailable` naming the reason; callers then use the PyTorch path. The OpenMP runtime the library needs
 (`libgomp.so.1`) is the one torch has already loaded, so the kernel and torch share one thread pool; a compiler
@@ -126,6 +130,19 @@ class CpuKernel:
 
 # ---- the CPU ---------------------------------------------------------------------------------------------------
 FLAGS_OFF_ENV = "MULTIHEAD_CPU_FLAGS_OFF"
+DEFINES_ENV = "MULTIHEAD_KERNEL_DEFINES"
+
+
+def kernel_defines() -> tuple[str, ...]:
+    """The `-D` flags $MULTIHEAD_KERNEL_DEFINES asks for (raises `KernelUnavailable` naming a malformed one)."""
+    out = []
+    for item in os.environ.get(DEFINES_ENV, "").split():
+        name, _, value = item.partition("=")
+        if not name or not (name[0].isalpha() or name[0] == "_") or not name.replace("_", "").isalnum() or \
+                "=" in item and not value:
+            raise KernelUnavailable(f"${DEFINES_ENV} holds {item!r}, not a macro (NAME or NAME=VALUE)")
+        out.append(f"-D{item}")
+    return tuple(out)
 
 
 def cpu_features() -> tuple[str, frozenset[str]]:
@@ -241,6 +258,7 @@ def load_kernel(isa: str | None = None, cache_dir: Path | None = None) -> CpuKer
     machine, feats = cpu_features()
     if isa is not None and isa not in ISAS:
         raise KernelUnavailable(f"unknown instruction set {isa!r} (known: {', '.join(ISAS)})")
+    defines = kernel_defines()
     candidates = [isa] if isa is not None else cpu_isas()
     reasons = [f"this CPU ({machine}) cannot run {name}" for name in candidates
                if isa_flags(name, machine, feats) is None]
@@ -254,7 +272,8 @@ def load_kernel(isa: str | None = None, cache_dir: Path | None = None) -> CpuKer
             plain = tuple(f for f in flags if f not in VNNI_FLAGS)  # a compiler without VNNI's flag (GCC < 11)
             for attempt in dict.fromkeys((flags, plain)):
                 try:
-                    path = compile_c(COMMON_FLAGS + lib + attempt, f"cpu_decode-{name}.so", cache_dir=cache_dir)
+                    path = compile_c(COMMON_FLAGS + defines + lib + attempt, f"cpu_decode-{name}.so",
+                                     cache_dir=cache_dir)
                     why = "" if lib is LIB_FLAGS else "; ".join(dict.fromkeys(reasons))
                     return CpuKernel(path, ctypes.CDLL(str(path)), why)
                 except KernelUnavailable as e:
