@@ -20,8 +20,8 @@ import torch
 from multihead_nb.errors import ConfigError
 from multihead_nb.memory import Arena
 from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
-from multihead_nb.backends.native.cpu_kernel import (FLAGS_OFF_ENV, ISAS, _compiler, cpu_features, cpu_isas,
-                                                   load_kernel)
+from multihead_nb.backends.native.cpu_kernel import (DEFINES_ENV, DOUBLE_PUMPED, FLAGS_OFF_ENV, ISAS, _compiler,
+                                                   cpu_features, cpu_isas, load_kernel)
 from multihead_nb.backends.native.fused_forward import FusedForward
 from multihead_nb.backends.native.kernel_weights import KernelWeights
 from multihead_nb.backends.native.quant import INTERLEAVED
@@ -37,10 +37,15 @@ BF16 = torch.bfloat16
 
 def _builds() -> list[str]:
     """The builds this CPU runs, and on an AVX-512 BF16 CPU also its AVX-512 build without BF16 (the build of an
-    AVX-512 CPU without it, Skylake-X to Ice Lake: attention's float32 multiply-adds, not vdpbf16ps)."""
+    AVX-512 CPU without it, Skylake-X to Ice Lake: attention's float32 multiply-adds, not vdpbf16ps); on an AVX-512
+    VNNI CPU also its build with Q8_0's other tiles (`avx512-other-q8_0`: on Zen 4, whose builds take Q8_0's 256-bit
+    decode tiles, the full-width CPUs' 512-bit ones, and elsewhere Zen 4's), so that both are tested anywhere."""
     isas = cpu_isas()
-    if "avx512" in isas and "avx512_bf16" in cpu_features()[1]:
+    feats = cpu_features()[1]
+    if "avx512" in isas and "avx512_bf16" in feats:
         isas.insert(isas.index("avx512") + 1, "avx512-without-bf16")
+    if "avx512" in isas and "avx512_vnni" in feats:
+        isas.insert(isas.index("avx512") + 1, "avx512-other-q8_0")
     return isas
 
 
@@ -50,6 +55,13 @@ def kernel(request):
         with mock.patch.dict(os.environ, {FLAGS_OFF_ENV: "avx512_bf16"}):
             built = load_kernel("avx512")
         assert "bf16" not in built.isa
+        return built
+    if request.param == "avx512-other-q8_0":
+        other = {FLAGS_OFF_ENV: DOUBLE_PUMPED} if DOUBLE_PUMPED in cpu_features()[1] else {
+            DEFINES_ENV: "MH_X8_Q8_YMM"}
+        with mock.patch.dict(os.environ, other):
+            built = load_kernel("avx512")
+        assert built.path != load_kernel("avx512").path  # another library
         return built
     return load_kernel(request.param)
 

@@ -130,6 +130,7 @@ class CpuKernel:
 
 # ---- the CPU ---------------------------------------------------------------------------------------------------
 FLAGS_OFF_ENV = "MULTIHEAD_CPU_FLAGS_OFF"
+DOUBLE_PUMPED = "avx512_double_pumped"  # not a /proc/cpuinfo flag: AVX-512 on 256-bit units (cpu_features)
 DEFINES_ENV = "MULTIHEAD_KERNEL_DEFINES"
 
 
@@ -146,18 +147,26 @@ def kernel_defines() -> tuple[str, ...]:
 
 
 def cpu_features() -> tuple[str, frozenset[str]]:
-    """(machine, feature flags): x86 `flags` or ARM `Features` of /proc/cpuinfo (macOS: sysctl), less those named
-    in $MULTIHEAD_CPU_FLAGS_OFF (e.g. "avx_vnni avx512_vnni": the builds a CPU without VNNI gets, to measure them
-    on this one)."""
+    """(machine, feature flags): x86 `flags` or ARM `Features` of /proc/cpuinfo (macOS: sysctl), plus
+    `avx512_double_pumped` where AVX-512 runs on 256-bit units (AMD family 25, Zen 4: the kernel's Q8_0 decode then
+    goes 256 bits wide), less those named in $MULTIHEAD_CPU_FLAGS_OFF (e.g. "avx_vnni avx512_vnni": the builds a CPU
+    without VNNI gets, to measure them on this one)."""
     machine = platform.machine().lower()
     feats: set[str] = set()
+    vendor = family = ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
                     feats.update(line.split(":", 1)[1].split())
+                elif line.startswith("vendor_id"):
+                    vendor = line.split(":", 1)[1].strip()
+                elif line.startswith("cpu family"):
+                    family = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if vendor == "AuthenticAMD" and family == "25" and "avx512f" in feats:
+        feats.add(DOUBLE_PUMPED)
     if sys.platform == "darwin" and machine == "arm64":
         feats.add("asimd")
         try:
@@ -178,7 +187,8 @@ def isa_flags(isa: str, machine: str, feats: frozenset[str]) -> tuple[str, ...] 
     if isa == "avx512" and x86 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= feats:
         return (*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mtune=native",
                 *(("-mavx512bf16",) if "avx512_bf16" in feats else ()),
-                *(("-mavx512vnni",) if "avx512_vnni" in feats else ()))
+                *(("-mavx512vnni",) if "avx512_vnni" in feats else ()),
+                *(("-DMH_X8_Q8_YMM",) if DOUBLE_PUMPED in feats else ()))  # Q8_0's decode 256 bits wide
     if isa == "avx2" and x86 and {"avx2", "fma", "f16c"} <= feats:
         return (*avx2, "-mtune=native", *(("-mavxvnni",) if "avx_vnni" in feats else ()))
     if isa == "neon" and arm:

@@ -1,7 +1,9 @@
 /* The row-interleaved layouts' products 512 bits wide, for AVX-512 VNNI builds (MH_X8_ZMM): Q8_0x8 .. Q5_1x8 two
  * consecutive blocks of a group of 8 rows per vector (tile_x8_blocks2: decode, and Q8_0's prefill) and Q4_0x8 ..
  * Q5_1x8 two groups per vector (tile_x8_groups2: prefill), both summing even and odd blocks apart, so one format's
- * products have one order in this build. Included by mh_dot_x86_x8.h, whose 256-bit tiles the other builds (and
+ * products have one order in this build. Where the CPU runs 512-bit operations on 256-bit units (Zen 4:
+ * MH_X8_Q8_YMM, cpu_kernel.py), Q8_0x8's decode takes the 256-bit tile_x8 instead (bench/README.md: 7-12% faster
+ * Q8_0 steps there) and its prefill tile_q8x8_groups2, in tile_x8's order. Included by mh_dot_x86_x8.h, whose 256-bit tiles the other builds (and
  * the K-quants here) run; reads the activations as mh_matmul.h arranges them (ACT_Z). Knows nothing of the tiling. */
 #ifndef MH_DOT_X86_X8Z_H
 #define MH_DOT_X86_X8Z_H
@@ -182,6 +184,46 @@ AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, co
         corr[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(a->s32[xb]), corr[t]);
     }
 }
+
+#ifdef MH_X8_Q8_YMM
+/* Q8_0x8's prefill where its decode runs 256 bits wide (MH_X8_Q8_YMM): two groups of 8 rows (the second gb bytes
+ * after the first) in one 512-bit vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, each
+ * activation broadcast serving both groups. Each (row, token) takes tile_x8's Q8_0 integers and float operations in
+ * its order (blocks in sequence, q + 128 against the activations less 128 times their block sums): the same bits as
+ * decode's tile_x8, so a token's result does not depend on its batch. res[g * MT + t]. */
+AI void tile_q8x8_groups2(const uint8_t *w, int64_t gb, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
+    const int bb = fmt_block_bytes(MH_Q8_0), hb = 8 * x8_head_bytes(MH_Q8_0), K = a->K;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4];
+    for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * 8 * bb, *qs = blk + hb;
+        __m512i u[8];
+        for (int c = 0; c < 8; c++) u[c] = _mm512_xor_si512(load_groups(qs + 32 * c, gb), flip);
+        const __m512 dw = halves_groups(blk, gb);
+        for (int t = 0; t < MT; t++) {
+            const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
+            __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+            for (int c = 0; c < 8; c += 2) {
+                int32_t x0, x1;
+                memcpy(&x0, x + 4 * c, 4);
+                memcpy(&x1, x + 4 * c + 4, 4);
+                s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi32(x0));
+                s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi32(x1));
+            }
+            const int32_t sx = a->iz[(size_t)(t0 + t) * 2 * zpairs(K) + b];
+            const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(sx));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(a->d[(size_t)(t0 + t) * (K / 32) + b]));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[t]);
+        }
+    }
+    for (int t = 0; t < MT; t++) {
+        const __m512 r = _mm512_add_ps(acc[t], _mm512_setzero_ps()); /* tile_x8's acc + corr (0) */
+        res[t] = _mm512_castps512_ps256(r);
+        res[MT + t] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1));
+    }
+}
+#endif
 
 /* Prefill's form of tile_x8_blocks2: two groups of 8 rows (the second gb bytes after the first) in one 512-bit
  * vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, the rows from L2: each activation broadcast
