@@ -87,7 +87,8 @@ def summary(times: list[list[list[float]]]) -> list[list[tuple[float, int]]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", action="append", required=True, help="C macros and settings (see above); --variant= as is")
+    ap.add_argument("--variant", action="append", required=True,
+                    help="C macros and settings (see above); --variant= for the code as it is")
     ap.add_argument("--format", default="q4_0", help="bf16 or a quantize= format (q8_0, q4_0, q4_k, ...)")
     ap.add_argument("--gguf", action="store_true", help="the real model's GGUF file in --format")
     ap.add_argument("--context", type=int, default=128, help="prompt tokens per sequence before the steps")

@@ -2,9 +2,10 @@
  * consecutive blocks of a group of 8 rows per vector (tile_x8_blocks2: decode, and Q8_0's prefill) and Q4_0x8 ..
  * Q5_1x8 two groups per vector (tile_x8_groups2: prefill), both summing even and odd blocks apart, so one format's
  * products have one order in this build. Where the CPU runs 512-bit operations on 256-bit units (Zen 4:
- * MH_X8_Q8_YMM, cpu_kernel.py), Q8_0x8's decode takes the 256-bit tile_x8 instead (bench/README.md: 7-12% faster
- * Q8_0 steps there) and its prefill tile_q8x8_groups2, in tile_x8's order. Included by mh_dot_x86_x8.h, whose 256-bit tiles the other builds (and
- * the K-quants here) run; reads the activations as mh_matmul.h arranges them (ACT_Z). Knows nothing of the tiling. */
+ * MH_X8_Q8_YMM, set by cpu_kernel.py), Q8_0x8's decode takes the 256-bit tile_x8 instead (bench/README.md: Q8_0
+ * steps 6-15% faster there) and its prefill tile_q8x8_groups2, in tile_x8's order. Included by mh_dot_x86_x8.h,
+ * whose 256-bit tiles the other builds (and the K-quants here) run; reads the activations as mh_matmul.h arranges
+ * them (ACT_Z). Knows nothing of the tiling. */
 #ifndef MH_DOT_X86_X8Z_H
 #define MH_DOT_X86_X8Z_H
 #if defined(MH_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -185,7 +186,6 @@ AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, co
     }
 }
 
-#ifdef MH_X8_Q8_YMM
 /* Q8_0x8's prefill where its decode runs 256 bits wide (MH_X8_Q8_YMM): two groups of 8 rows (the second gb bytes
  * after the first) in one 512-bit vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, each
  * activation broadcast serving both groups. Each (row, token) takes tile_x8's Q8_0 integers and float operations in
@@ -223,7 +223,6 @@ AI void tile_q8x8_groups2(const uint8_t *w, int64_t gb, int nb, const mh_act *a,
         res[MT + t] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1));
     }
 }
-#endif
 
 /* Prefill's form of tile_x8_blocks2: two groups of 8 rows (the second gb bytes after the first) in one 512-bit
  * vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, the rows from L2: each activation broadcast
