@@ -113,8 +113,8 @@ def test_a_remote_that_goes_silent_fails_its_step_and_frees_local_pages(model, r
     add_remote(ws, remote.url, max_tokens=400, timeout=1.0)
     free = ws.pool.num_free
     run = ws.team(STEPS).start(task="a long picnic")
-    deadline = time.monotonic() + 30
-    while len(run.outputs["planner"]) < 5 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30  # wait for the plan to stream and the engine thread to admit the coder
+    while (len(run.outputs["planner"]) < 5 or ws.pool.num_free >= free) and time.monotonic() < deadline:
         time.sleep(0.01)
     remote.pause()
     try:
