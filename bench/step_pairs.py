@@ -21,7 +21,7 @@ import argparse
 import os
 import statistics
 import time
-from contextlib import contextmanager
+from unittest import mock
 
 import torch
 
@@ -48,19 +48,9 @@ def parse_variant(text: str) -> dict[str, str]:
     return env
 
 
-@contextmanager
 def environment(env: dict[str, str]):
-    """`env` set in os.environ for the block, the previous values back after it."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """`env` set in os.environ for a `with` block, the previous values back after it."""
+    return mock.patch.dict(os.environ, env)
 
 
 def pair_steps(spec, runners: list, batches: tuple[int, ...], context: int, steps: int,

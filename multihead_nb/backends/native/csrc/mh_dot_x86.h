@@ -207,7 +207,7 @@ static inline void tile_shape(int fmt, int T, int *nr, int *mt) {
     *mt = bf ? (T >= MH_BF16_PAIRS ? 3 : 6) : T >= MH_X8_PAIRS && (fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8) ? 3 : 4;
 #ifdef MH_X8_ZMM /* prefill's 512-bit tiles: each weight block unpacked once for more token rows */
 #ifdef MH_X8_Q8_YMM
-    if (T >= MH_X8_PAIRS && fmt == MH_Q8_0X8) *mt = 4; /* tile_q8x8_groups2: 4 sums, 8 pieces of two groups */
+    if (T >= MH_X8_PAIRS && fmt == MH_Q8_0X8) *mt = 4; /* tile_x8_groups2, one chain: 4 sums, 8 pieces */
 #else
     if (T >= MH_X8_PAIRS && fmt == MH_Q8_0X8) *mt = 8;                        /* tile_x8_blocks2: 8 sums, 8 pieces */
 #endif

@@ -171,7 +171,7 @@ AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
     }
     if (fmt == MH_Q8_0X8 || fmt == MH_Q4_0X8 || fmt == MH_Q4_1X8 || fmt == MH_Q5_0X8 || fmt == MH_Q5_1X8) {
         /* every product of a format: one order. Zen 4 (MH_X8_Q8_YMM): Q8_0's decode 256 bits wide (tile_x8), its
-         * prefill two groups per vector in tile_x8's order (tile_q8x8_groups2) */
+         * prefill two groups per vector in tile_x8's order (tile_x8_groups2) */
 #ifdef MH_X8_Q8_YMM
         const int ymm = fmt == MH_Q8_0X8;
 #else
@@ -179,10 +179,7 @@ AI void x8_rows(const int fmt, const uint8_t *w, int64_t rb, int nrows, const mh
 #endif
         if (a->T >= MH_X8_PAIRS && (fmt != MH_Q8_0X8 || ymm)) /* prefill: rows from L2, two groups per broadcast */
             for (; g + 16 <= nrows; g += 16) {
-                if (ymm)
-                    tile_q8x8_groups2(w + (size_t)g * rb, 8 * rb, a->K / 32, a, t0, MT, res);
-                else
-                    tile_x8_groups2(fmt, w + (size_t)g * rb, 8 * rb, a->K / 32, a, t0, MT, res);
+                tile_x8_groups2(fmt, w + (size_t)g * rb, 8 * rb, a->K / 32, a, t0, MT, res);
                 x8_store(P, n0 + g, t0, MT, res);
                 x8_store(P, n0 + g + 8, t0, MT, res + MT);
             }

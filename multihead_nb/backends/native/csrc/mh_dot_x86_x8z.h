@@ -3,9 +3,9 @@
  * Q5_1x8 two groups per vector (tile_x8_groups2: prefill), both summing even and odd blocks apart, so one format's
  * products have one order in this build. Where the CPU runs 512-bit operations on 256-bit units (Zen 4:
  * MH_X8_Q8_YMM, set by cpu_kernel.py), Q8_0x8's decode takes the 256-bit tile_x8 instead (bench/README.md: Q8_0
- * steps 6-15% faster there) and its prefill tile_q8x8_groups2, in tile_x8's order. Included by mh_dot_x86_x8.h,
- * whose 256-bit tiles the other builds (and the K-quants here) run; reads the activations as mh_matmul.h arranges
- * them (ACT_Z). Knows nothing of the tiling. */
+ * steps 6-15% faster there) and its prefill tile_x8_groups2 with every block in one chain, in tile_x8's order.
+ * Included by mh_dot_x86_x8.h, whose 256-bit tiles the other builds (and the K-quants here) run; reads the
+ * activations as mh_matmul.h arranges them (ACT_Z). Knows nothing of the tiling. */
 #ifndef MH_DOT_X86_X8Z_H
 #define MH_DOT_X86_X8Z_H
 #if defined(MH_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -161,14 +161,19 @@ AI void tile_x8_blocks2(const int fmt, const uint8_t *w, int nb, const mh_act *a
     x8z_even_odd(acc, corr, MT, res);
 }
 
-/* Block b of two groups against MT token rows, added to acc[t] and corr[t] (tile_x8_groups2's step). */
+/* Block b of two groups against MT token rows, added to acc[t] and corr[t] (tile_x8_groups2's step). Q8_0 (its
+ * prefill where MH_X8_Q8_YMM takes its decode 256 bits wide): q + 128 against the activations less 128 times their
+ * block sum, no offsets: each lane tile_x8's integers and float operations. */
 AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, const mh_act *a, int t0, const int MT,
                       int b, __m512 *acc, __m512 *corr) {
     const uint8_t *qs = blk + hb;
-    const int K = a->K, q5 = base == MH_Q5_0 || base == MH_Q5_1;
-    __m512i u[8];
-    x8_unpack_zmm(qs, gb, q5, u);
-    const __m512 dw = halves_groups(blk, gb), off = offsets_groups(base, blk, gb, dw);
+    const int K = a->K, q5 = base == MH_Q5_0 || base == MH_Q5_1, q8 = base == MH_Q8_0;
+    __m512i u[8]; /* u[c]: elements 4 (c % 4) + 16 (c / 4) .. + 3 of each row (Q8_0: piece c, the same elements) */
+    if (q8)
+        for (int c = 0; c < 8; c++) u[c] = _mm512_xor_si512(load_groups(qs + 32 * c, gb), _mm512_set1_epi8((char)0x80));
+    else
+        x8_unpack_zmm(qs, gb, q5, u);
+    const __m512 dw = halves_groups(blk, gb), off = q8 ? dw : offsets_groups(base, blk, gb, dw);
     for (int t = 0; t < MT; t++) {
         const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
         __m512i s0 = _mm512_setzero_si512(), s1 = s0;
@@ -179,48 +184,11 @@ AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, co
             s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi32(x0));
             s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi32(x1));
         }
+        __m512i sum = _mm512_add_epi32(s0, s1);
+        if (q8) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(a->iz[(size_t)(t0 + t) * 2 * zpairs(K) + b]));
         const size_t xb = (size_t)(t0 + t) * (K / 32) + b;
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)),
-                                 _mm512_mul_ps(dw, _mm512_set1_ps(a->d[xb])), acc[t]);
-        corr[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(a->s32[xb]), corr[t]);
-    }
-}
-
-/* Q8_0x8's prefill where its decode runs 256 bits wide (MH_X8_Q8_YMM): two groups of 8 rows (the second gb bytes
- * after the first) in one 512-bit vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, each
- * activation broadcast serving both groups. Each (row, token) takes tile_x8's Q8_0 integers and float operations in
- * its order (blocks in sequence, q + 128 against the activations less 128 times their block sums): the same bits as
- * decode's tile_x8, so a token's result does not depend on its batch. res[g * MT + t]. */
-AI void tile_q8x8_groups2(const uint8_t *w, int64_t gb, int nb, const mh_act *a, int t0, const int MT, __m256 *res) {
-    const int bb = fmt_block_bytes(MH_Q8_0), hb = 8 * x8_head_bytes(MH_Q8_0), K = a->K;
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[4];
-    for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (size_t)b * 8 * bb, *qs = blk + hb;
-        __m512i u[8];
-        for (int c = 0; c < 8; c++) u[c] = _mm512_xor_si512(load_groups(qs + 32 * c, gb), flip);
-        const __m512 dw = halves_groups(blk, gb);
-        for (int t = 0; t < MT; t++) {
-            const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
-            __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-            for (int c = 0; c < 8; c += 2) {
-                int32_t x0, x1;
-                memcpy(&x0, x + 4 * c, 4);
-                memcpy(&x1, x + 4 * c + 4, 4);
-                s0 = _mm512_dpbusd_epi32(s0, u[c], _mm512_set1_epi32(x0));
-                s1 = _mm512_dpbusd_epi32(s1, u[c + 1], _mm512_set1_epi32(x1));
-            }
-            const int32_t sx = a->iz[(size_t)(t0 + t) * 2 * zpairs(K) + b];
-            const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(sx));
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(a->d[(size_t)(t0 + t) * (K / 32) + b]));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[t]);
-        }
-    }
-    for (int t = 0; t < MT; t++) {
-        const __m512 r = _mm512_add_ps(acc[t], _mm512_setzero_ps()); /* tile_x8's acc + corr (0) */
-        res[t] = _mm512_castps512_ps256(r);
-        res[MT + t] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(a->d[xb])), acc[t]);
+        if (!q8) corr[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(a->s32[xb]), corr[t]);
     }
 }
 
@@ -228,16 +196,20 @@ AI void tile_q8x8_groups2(const uint8_t *w, int64_t gb, int nb, const mh_act *a,
  * vector (lane 8 g + i: row i of group g) against MT (<= 4) token rows, the rows from L2: each activation broadcast
  * straight from memory serves both groups (tile_x8_blocks2 moves every token row's activations into place with 10
  * shuffles per two blocks). Even and odd blocks go to accumulators of their own and meet at the end, so each (row,
- * token) is the same float operations in the same order as in tile_x8_blocks2: the same bits. res[g * MT + t]. */
+ * token) is the same float operations in the same order as in tile_x8_blocks2: the same bits. Q8_0 (only where
+ * MH_X8_Q8_YMM decodes it with tile_x8): every block into one chain, tile_x8's order (acc + 0 as its acc + corr; the
+ * odd chain stays 0 and adds nothing). res[g * MT + t]. */
 AI void tile_x8_groups2(const int fmt, const uint8_t *w, int64_t gb, int nb, const mh_act *a, int t0, const int MT,
                         __m256 *res) {
     const int base = x8_base(fmt), bb = fmt_block_bytes(base), hb = 8 * x8_head_bytes(base);
     __m512 acc0[4], corr0[4], acc1[4], corr1[4]; /* even blocks', odd blocks' */
     for (int t = 0; t < MT; t++) acc0[t] = corr0[t] = acc1[t] = corr1[t] = _mm512_setzero_ps();
+    const int chain = base == MH_Q8_0; /* blocks in sequence, as tile_x8 */
     int b = 0;
     for (; b + 1 < nb; b += 2) {
         groups2_block(base, w + (size_t)b * 8 * bb, gb, hb, a, t0, MT, b, acc0, corr0);
-        groups2_block(base, w + (size_t)(b + 1) * 8 * bb, gb, hb, a, t0, MT, b + 1, acc1, corr1);
+        groups2_block(base, w + (size_t)(b + 1) * 8 * bb, gb, hb, a, t0, MT, b + 1, chain ? acc0 : acc1,
+                      chain ? corr0 : corr1);
     }
     if (b < nb) groups2_block(base, w + (size_t)b * 8 * bb, gb, hb, a, t0, MT, b, acc0, corr0);
     for (int t = 0; t < MT; t++) {
