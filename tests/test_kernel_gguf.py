@@ -17,6 +17,7 @@ from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec  #
 from multihead_nb.backends.native.cpu_kernel import _compiler  # noqa: E402
 from multihead_nb.backends.native.kernel_weights import gguf_packed_bytes  # noqa: E402
 from multihead_nb.backends.native.quant import INTERLEAVED, deinterleave  # noqa: E402
+from multihead_nb.memory.host_bytes import copying_file_pages_pays  # noqa: E402
 from multihead_nb.testing.gguf_checkpoints import write_gguf  # noqa: E402
 
 pytestmark = pytest.mark.skipif(_compiler() is None and not os.environ.get("MULTIHEAD_REQUIRE_KERNEL"),
@@ -41,6 +42,11 @@ def run(runner, ids, pages, follow=None):
     return torch.cat(out), fed
 
 
+def _in_buffer(weights, m) -> bool:
+    """Whether matrix `m`'s bytes lie in `weights`' one buffer (`place_in_one_buffer`)."""
+    return m.data.untyped_storage().data_ptr() == weights.buffer.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("family,weight_type", [("llama", "Q4_1"), ("llama", "Q8_0"), ("qwen2", "Q4_0"),
                                                 ("qwen2", "Q5_0"), ("llama", "Q5_1"), ("llama", "F16")])
 def test_gguf_blocks_run_packed(tiny_ckpt, tmp_path, family, weight_type):
@@ -59,14 +65,22 @@ def test_gguf_blocks_run_packed(tiny_ckpt, tmp_path, family, weight_type):
         if kernel.fused.kernel.reads_interleaved(True) and fmt in INTERLEAVED:  # x86, int8: 8 rows side by side
             assert m.format == INTERLEAVED[fmt] and np.array_equal(deinterleave(m).data.numpy().reshape(-1), t.raw)
             # a copy of the file's bytes: placed in the weights' one buffer (place_in_one_buffer)
-            assert m.data.untyped_storage().data_ptr() == weights.buffer.untyped_storage().data_ptr()
-        else:  # Q5_0 / Q5_1 (no interleaved layout), NEON, scalar: the file's own bytes
-            assert m.format == fmt and m.data.data_ptr() == t.raw.ctypes.data
-        # with float32 activations, a matrix that needs no re-ordering is the file's own bytes, not a copy
+            assert _in_buffer(weights, m)
+        else:  # Q5_0 / Q5_1 (no interleaved layout), NEON, scalar: the file's blocks as they are
+            assert m.format == fmt and np.array_equal(m.data.numpy().reshape(-1), t.raw)
+            # copied into the one buffer (huge pages, the file's pages released) where that pays, else the file's own
+            assert _in_buffer(weights, m) if copying_file_pages_pays() else m.data.data_ptr() == t.raw.ctypes.data
+        # with float32 activations, a matrix that needs no re-ordering: the file's blocks, placed the same way
         f32 = ModelRunner(spec, Arena(8, 1 << 16, device="cpu"), dtype=torch.bfloat16, device="cpu", kernel=True,
                           activations="float32")
         m = f32.fused.weights.layers[0].mats["down"]
-        assert m.data.data_ptr() == t.raw.ctypes.data and np.array_equal(m.data.numpy().reshape(-1), t.raw)
+        assert np.array_equal(m.data.numpy().reshape(-1), t.raw)
+        assert _in_buffer(f32.fused.weights, m) if copying_file_pages_pays() else m.data.data_ptr() == t.raw.ctypes.data
+        if family == "llama":  # an embedding apart from the lm_head (read a row a token) stays the file's own bytes
+            e = spec.gguf.tensors["token_embd.weight"]
+            assert weights.embed is not weights.lm_head and weights.embed.data.data_ptr() == e.raw.ctypes.data
+        else:  # tied: the embedding is the lm_head, streamed every step, placed with the layers
+            assert weights.embed is weights.lm_head and _in_buffer(weights, weights.lm_head)
     assert kernel.weight_nbytes() == gguf_packed_bytes(spec)
     ref = ModelRunner(spec, Arena(8, 1 << 17, device="cpu"), dtype=torch.float32, device="cpu", kernel=False)
     ids = [5, 9, 13, 2, 7, 11, 4, 8, 3, 17]

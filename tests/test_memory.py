@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from multihead_nb.errors import ConfigError, OutOfPagesError, QuotaExceededError
 from multihead_nb.memory import Arena, KVLayout, PagePool, PageState, prefix_hashes
-from multihead_nb.memory.host_bytes import HUGE_PAGE, host_bytes, return_freed_memory
+from multihead_nb.memory.host_bytes import (HUGE_PAGE, copying_file_pages_pays, host_bytes, release_file_pages,
+                                            return_freed_memory)
 
 
 # ---- KVLayout ----------------------------------------------------------------------------------------------------
@@ -129,22 +131,32 @@ def test_arena_validation():
     assert Arena(3, 512).pages().shape == (3, 512)
 
 
-def _vm_flags(address: int) -> list[str] | None:
-    """The VmFlags of the mapping holding `address` (Linux's /proc/self/smaps), or None where there is none."""
+def _smaps_entry(address: int) -> dict[str, str] | None:
+    """The fields of the mapping holding `address` in Linux's /proc/self/smaps (`Rss`, `VmFlags`, ...), or None
+    where there is none."""
     try:
         with open("/proc/self/smaps") as f:
             text = f.read()
     except OSError:
         return None
-    inside = False
+    entry = None
     for line in text.splitlines():
         head = line.split()[0] if line else ""
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            if entry is not None:
+                return entry
             lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and line.startswith("VmFlags:"):
-            return line.split()[1:]
-    return None
+            entry = {} if lo <= address < hi else None
+        elif entry is not None and ":" in line:
+            key, value = line.split(":", 1)
+            entry[key] = value.strip()
+    return entry
+
+
+def _vm_flags(address: int) -> list[str] | None:
+    """The VmFlags of the mapping holding `address`, or None where smaps shows none."""
+    entry = _smaps_entry(address)
+    return entry["VmFlags"].split() if entry and "VmFlags" in entry else None
 
 
 def test_host_bytes_zeroed_aligned_and_kept_alive():
@@ -179,6 +191,36 @@ def test_return_freed_memory_where_the_c_library_can():
     big = torch.ones(64 << 20, dtype=torch.uint8)
     del big
     assert return_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_release_file_pages_leaves_the_bytes_and_drops_their_pages(tmp_path):
+    """A read-only file mapping's pages, once read, are dropped from the resident set (Linux: the mapping's Rss in
+    /proc/self/smaps falls to the partial pages at either end); the bytes read the same afterwards (faulted back in
+    from the file). `copying_file_pages_pays` is True exactly where both huge pages and the release exist."""
+    import warnings
+
+    page = mmap.PAGESIZE
+    n = 1024 * page + 100
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    (tmp_path / "f.bin").write_bytes(data)
+    with open(tmp_path / "f.bin", "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only buffer: only read here
+        whole = torch.frombuffer(mm, dtype=torch.uint8)
+    total = int(whole.sum(dtype=torch.int64))  # every page read: resident
+    part = whole[50:]  # starts inside the first page: that page stays
+    before = _smaps_entry(part.data_ptr())
+    released = release_file_pages(part)
+    assert released is (sys.platform != "win32")  # libc's madvise: every Unix
+    after = _smaps_entry(part.data_ptr())
+    if released and before and after and "Rss" in before:
+        kib = lambda e: int(e["Rss"].split()[0])  # noqa: E731
+        assert kib(before) >= 1000 * page // 1024 and kib(after) <= 2 * page // 1024, (before["Rss"], after["Rss"])
+    assert int(whole.sum(dtype=torch.int64)) == total and bytes(whole[:300].numpy()) == data[:300]
+    assert copying_file_pages_pays() is (hasattr(mmap, "MADV_HUGEPAGE") and released)
+    del whole, part
+    mm.close()
 
 
 # ---- prefix hashes -----------------------------------------------------------------------------------------------

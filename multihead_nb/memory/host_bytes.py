@@ -7,7 +7,8 @@ PyTorch's allocator does not ask (unless `THP_MEM_ALLOC_ENABLE=1` is set before 
 decode step's stream of ~100 MB of weights misses the TLB every 4 KiB; with 2 MiB pages it does not (bench/README.md:
 two threads streaming 32-34 -> 36 GB/s on a Zen 4, decode steps 2-5% faster). Where there is no such mapping
 (Windows) or no such advice (macOS), a plain zeroed tensor. Also `return_freed_memory`: what the C heap holds free
-given back to the OS, for code that frees large tensors it has just copied. Knows nothing of what the bytes hold.
+given back to the OS, for code that frees large tensors it has just copied; and `release_file_pages`: a read-only
+file mapping's pages, once copied, dropped from the process's resident set. Knows nothing of what the bytes hold.
 """
 
 from __future__ import annotations
@@ -52,4 +53,41 @@ def return_freed_memory() -> bool:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
+    return True
+
+
+def _madvise():
+    """libc's `madvise(addr, length, advice)` through ctypes, or None where there is none (Windows)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (AttributeError, OSError, TypeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def copying_file_pages_pays() -> bool:
+    """Whether bytes that a read-only file mapping holds are better copied into `host_bytes` (then released with
+    `release_file_pages`) than read where they are: where the copy can be on huge pages (Linux: a 4 KiB-page file
+    mapping misses the TLB every 4 KiB; bench/README.md, bf16 decode steps 4-8% faster on a Zen 4) and the file's
+    pages can be released afterwards, so that the process holds the bytes once."""
+    return (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap, "MAP_ANONYMOUS")
+            and _madvise() is not None)
+
+
+def release_file_pages(t: torch.Tensor) -> bool:
+    """Drop the whole OS pages inside `t`'s bytes from this process's resident set (`madvise(MADV_DONTNEED)`).
+    Only for a view of a **read-only file mapping** whose bytes are no longer needed here (copied elsewhere): the
+    pages stay in the OS's page cache and a later read faults them back in from the file, unchanged. On anonymous or
+    written private memory the same call would zero the bytes, so nothing else may be passed. The pages at either end
+    that `t` shares with its neighbours stay. Whether it could (False without madvise)."""
+    assert t.is_contiguous()
+    fn = _madvise()
+    if fn is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start and fn(start, end - start, mmap.MADV_DONTNEED) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise(MADV_DONTNEED) of {end - start} bytes failed")
     return True

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...memory.host_bytes import host_bytes, return_freed_memory
+from ...memory.host_bytes import copying_file_pages_pays, host_bytes, release_file_pages, return_freed_memory
 from .loader import ModelSpec
 from .quant import INTERLEAVED, QUANTIZABLE, PackedMatrix, interleave, quantize, shape_problem
 
@@ -50,8 +50,8 @@ def gguf_weights(spec: ModelSpec) -> dict:
                 pm = from_ggml(t.raw, t.ggml_type, shape)
             if heads:  # rows gathered: a copy
                 pm = PackedMatrix(pm.format, pm.rows, pm.cols, unpermute_rows(pm.data, heads).contiguous())
-            else:
-                pm.mapped = True
+            else:  # the file's own bytes (from_ggml made no copy): place_in_one_buffer may release their pages
+                pm.mapped = pm.data.data_ptr() == t.raw.ctypes.data
             out[name] = pm
         else:
             w = dequantize(t.raw, t.ggml_type, shape, torch.float32, "cpu")
@@ -184,11 +184,20 @@ class KernelWeights:
         """Replace each quantized matrix by its copy with rows interleaved 8 at a time (`quant.interleave`;
         the embedding only where it is the lm_head, else it stays as it is for the lookup). Only where every matrix
         has rows in multiples of 8 (the kernel splits a group of matrices between threads in 8-row blocks);
-        whether it did. The same bytes, so `nbytes` does not change; a GGUF file's matrices become copies."""
+        whether it did. The same bytes, so `nbytes` does not change; a GGUF file's matrices become copies, their
+        file pages released once read (`release_file_pages`: the process holds their bytes once)."""
         mats = [m for L in self.layers for m in L.mats.values()] + [self.lm_head]
         if any(m.rows % 8 for m in mats) or not any(m.format in INTERLEAVED for m in mats):
             return False
-        swap = lambda m: interleave(m) if m.format in INTERLEAVED else m  # noqa: E731
+
+        def swap(m: PackedMatrix) -> PackedMatrix:
+            if m.format not in INTERLEAVED:
+                return m
+            out = interleave(m)
+            if m.mapped:
+                release_file_pages(m.data)
+            return out
+
         for L in self.layers:
             L.mats = {k: swap(m) for k, m in L.mats.items()}
         tied = self.lm_head is self.embed
@@ -198,28 +207,36 @@ class KernelWeights:
         return True
 
     def place_in_one_buffer(self) -> None:
-        """Copy the matrices held in memory of their own (quantized at load, interleaved, converted) into one
-        buffer (`host_bytes`: 2 MiB-aligned, huge pages where the OS gives them), in the order a forward reads them
-        (each layer's q, k, v, o, gate, up, down; then the lm_head, and the embedding where it is apart), each at a
-        64-byte boundary; each original is dropped once copied and the freed memory given back to the OS layer by
-        layer (`return_freed_memory`), so the resident bytes grow by at most about one layer. A
-        GGUF file's mapped matrices (`mapped`) stay the file's bytes: no second copy of them. Once: a second call
-        finds them placed. The same bytes, so `nbytes` does not change."""
+        """Copy the matrices into one buffer (`host_bytes`: 2 MiB-aligned, huge pages where the OS gives them), in
+        the order a forward reads them (each layer's q, k, v, o, gate, up, down; then the lm_head, and the embedding
+        where it is apart), each at a 64-byte boundary; each original is dropped once copied and the freed memory
+        given back to the OS layer by layer (`return_freed_memory`), so the resident bytes grow by at most about one
+        layer. A GGUF file's mapped matrices (`mapped`), which every step streams, are copied too where that pays
+        (`copying_file_pages_pays`: Linux), their file pages then released (`release_file_pages`: the process holds
+        their bytes once); elsewhere they stay the file's bytes, as does an embedding apart from the lm_head (a
+        step reads one row a token: its file pages are resident only where read). Once: a second call finds them
+        placed. The same bytes, so `nbytes` does not change."""
         if self.buffer is not None:
             return
-        padded = lambda m: 0 if m.mapped else (m.nbytes + 63) // 64 * 64  # noqa: E731
+        move_mapped = copying_file_pages_pays()
         tied = self.lm_head is self.embed
-        total = sum(padded(L.mats[k]) for L in self.layers for k in LINEARS) + padded(self.lm_head)
-        self.buffer = buf = host_bytes(total + (0 if tied else padded(self.embed)))
+        moves = lambda m, streamed=True: not m.mapped or (move_mapped and streamed)  # noqa: E731
+        padded = lambda m: (m.nbytes + 63) // 64 * 64  # noqa: E731
+        total = sum(padded(m) for m in [L.mats[k] for L in self.layers for k in LINEARS] + [self.lm_head] if moves(m))
+        if not tied and moves(self.embed, streamed=False):
+            total += padded(self.embed)
+        self.buffer = buf = host_bytes(total)
         at = 0
 
-        def place(m: PackedMatrix) -> PackedMatrix:
+        def place(m: PackedMatrix, streamed: bool = True) -> PackedMatrix:
             nonlocal at
-            if m.mapped:
+            if not moves(m, streamed):
                 return m
             data = buf[at:at + m.nbytes].view(m.data.shape)  # [rows, row_bytes], contiguous
             data.copy_(m.data)
             at += padded(m)
+            if m.mapped:  # a read-only file mapping's bytes, copied: its pages out of the resident set
+                release_file_pages(m.data)
             return PackedMatrix(m.format, m.rows, m.cols, data)
 
         for L in self.layers:
@@ -227,7 +244,7 @@ class KernelWeights:
                 L.mats[k] = place(L.mats[k])  # the original freed here (nothing else holds it)
             return_freed_memory()  # a layer's originals back to the OS: the peak is the weights and one layer
         self.lm_head = place(self.lm_head)
-        self.embed = self.lm_head if tied else place(self.embed)
+        self.embed = self.lm_head if tied else place(self.embed, streamed=False)
         return_freed_memory()
         assert at == buf.numel()
 

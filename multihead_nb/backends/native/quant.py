@@ -76,7 +76,8 @@ def shape_problem(fmt: str, cols: int) -> str | None:
 @dataclass
 class PackedMatrix:
     """A `[rows, cols]` weight matrix; `data` is uint8 `[rows, row_bytes]`, row-major, contiguous, on the CPU;
-    `mapped`: `data` is a file's own memory-mapped bytes (a GGUF file read without a copy), to be kept where it is."""
+    `mapped`: `data` is a read-only file mapping's own bytes (a GGUF file read without a copy): kept where it is, or
+    copied with its file pages released (`KernelWeights.place_in_one_buffer`), never written."""
 
     format: str
     rows: int
