@@ -21,6 +21,7 @@ from .loader import ModelSpec
 from .quant import INTERLEAVED, QUANTIZABLE, PackedMatrix, interleave, quantize, shape_problem
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+COPY_CHUNK_BYTES = 8 << 20  # a mapped matrix is copied and its file pages released this many bytes at a time
 HF_NAMES = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
             "o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
             "down": "mlp.down_proj.weight"}
@@ -233,10 +234,12 @@ class KernelWeights:
             if not moves(m, streamed):
                 return m
             data = buf[at:at + m.nbytes].view(m.data.shape)  # [rows, row_bytes], contiguous
-            data.copy_(m.data)
+            step = max(1, COPY_CHUNK_BYTES // m.row_bytes)
+            for r in range(0, m.rows, step):  # a file's pages released as they are copied: the peak grows by a chunk
+                data[r:r + step].copy_(m.data[r:r + step])
+                if m.mapped:  # a read-only file mapping's bytes, copied: their pages out of the resident set
+                    release_file_pages(m.data[r:r + step])
             at += padded(m)
-            if m.mapped:  # a read-only file mapping's bytes, copied: its pages out of the resident set
-                release_file_pages(m.data)
             return PackedMatrix(m.format, m.rows, m.cols, data)
 
         for L in self.layers:
