@@ -43,33 +43,37 @@ def host_bytes(nbytes: int) -> torch.Tensor:
     return out
 
 
+def _libc_function(name: str, argtypes: tuple, restype):
+    """The C library's function `name` through ctypes (errno kept), or None where there is none (musl has no
+    malloc_trim, Windows neither call). A lookup of microseconds: callers ask each time, nothing is kept."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (AttributeError, OSError, TypeError):
+        return None
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
+
+
 def return_freed_memory() -> bool:
     """Give the memory the C heap holds free back to the OS (glibc's `malloc_trim(0)`): tensors freed after being
     copied elsewhere otherwise stay in the process's resident size (glibc keeps freed blocks of a few MB for reuse).
     Whether it could (False where the C library has no such call: musl, macOS, Windows)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError, TypeError):
+    trim = _libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    if trim is None:
         return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True
 
 
 def _madvise():
-    """libc's `madvise(addr, length, advice)` through ctypes, or None where there is none (Windows)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (AttributeError, OSError, TypeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
+    """libc's `madvise(addr, length, advice)`, or None where there is none (Windows)."""
+    return _libc_function("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int)
 
 
 def copying_file_pages_pays() -> bool:
     """Whether bytes that a read-only file mapping holds are better copied into `host_bytes` (then released with
     `release_file_pages`) than read where they are: where the copy can be on huge pages (Linux: a 4 KiB-page file
-    mapping misses the TLB every 4 KiB; bench/README.md, bf16 decode steps 4-8% faster on a Zen 4) and the file's
+    mapping misses the TLB every 4 KiB; bench/README.md, bf16 decode steps 3-8% faster on a Zen 4) and the file's
     pages can be released afterwards, so that the process holds the bytes once."""
     return (hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MADV_DONTNEED") and hasattr(mmap, "MAP_ANONYMOUS")
             and _madvise() is not None)

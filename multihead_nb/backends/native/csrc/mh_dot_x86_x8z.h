@@ -173,7 +173,7 @@ AI void groups2_block(const int base, const uint8_t *blk, int64_t gb, int hb, co
         for (int c = 0; c < 8; c++) u[c] = _mm512_xor_si512(load_groups(qs + 32 * c, gb), _mm512_set1_epi8((char)0x80));
     else
         x8_unpack_zmm(qs, gb, q5, u);
-    const __m512 dw = halves_groups(blk, gb), off = q8 ? dw : offsets_groups(base, blk, gb, dw);
+    const __m512 dw = halves_groups(blk, gb), off = q8 ? _mm512_setzero_ps() : offsets_groups(base, blk, gb, dw);
     for (int t = 0; t < MT; t++) {
         const int8_t *x = a->q + (size_t)(t0 + t) * K + 32 * b;
         __m512i s0 = _mm512_setzero_si512(), s1 = s0;
