@@ -1,7 +1,7 @@
 """Decode attention alone, on one thread, beside plain reads of the same bytes: where a long context's step goes.
 
     python -m bench.attention_alone [--shape smollm2-135m] [--context 2048] [--seqs 4] [--reps 5] [--isa avx2]
-                                    [--page-bytes 262144]
+                                    [--page-bytes 262144] [--kv-cache int8]
 
 Builds `bench/c/attention_alone.c` against the kernel's sources with the flags of the chosen build (the best this
 CPU runs by default; x86 builds only: the others have no such tasks) and runs one token's attention over a
@@ -42,10 +42,11 @@ def build_driver(isa: str | None = None) -> tuple[Path, str]:
                      sources=(DRIVER,)), isa
 
 
-def run(exe: Path, shape: dict, context: int, seqs: int, reps: int, page_bytes: int) -> dict[str, float]:
+def run(exe: Path, shape: dict, context: int, seqs: int, reps: int, page_bytes: int,
+        kv_cache: str = "bf16") -> dict[str, float]:
     """ns per key of each case (`CASES`), as the driver prints them."""
     args = [shape["num_hidden_layers"], shape["num_attention_heads"], shape["num_key_value_heads"],
-            shape["head_dim"], page_bytes, context, seqs, reps]
+            shape["head_dim"], page_bytes, context, seqs, reps, int(kv_cache == "int8")]
     done = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"attention_alone failed ({done.returncode}): {done.stderr.strip()}")
@@ -69,15 +70,17 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5, help="passes of each case (the fastest counts)")
     ap.add_argument("--isa", choices=ISAS, help="the kernel build (default: the best this CPU runs)")
     ap.add_argument("--page-bytes", type=int, default=256 * 1024, help="the arena's page size")
+    ap.add_argument("--kv-cache", choices=("bf16", "int8"), default="bf16", help="how K/V are stored (kv_cache=)")
     args = ap.parse_args(argv)
     if min(args.context, args.seqs, args.reps, args.page_bytes) < 1:
         ap.error("--context, --seqs, --reps and --page-bytes must be positive")
     shape = SHAPES[args.shape]
     exe, isa = build_driver(args.isa)
-    ns = run(exe, shape, args.context, args.seqs, args.reps, args.page_bytes)
-    key_bytes = 2 * shape["num_key_value_heads"] * shape["head_dim"] * 2  # K and V rows, bfloat16
-    print(f"{args.shape}, build {isa}, one thread, {args.context}-key context, {args.seqs} sequences cold; "
-          f"a key is {key_bytes} bytes of K and V")
+    ns = run(exe, shape, args.context, args.seqs, args.reps, args.page_bytes, args.kv_cache)
+    values = 2 * shape["num_key_value_heads"] * shape["head_dim"]  # K and V rows
+    key_bytes = values * 2 if args.kv_cache == "bf16" else values + values // shape["head_dim"] * 4  # int8: a scale a row
+    print(f"{args.shape}, build {isa}, {args.kv_cache} K/V, one thread, {args.context}-key context, {args.seqs} "
+          f"sequences cold; a key is {key_bytes} bytes of K and V")
     print("| case | ns per key | GB/s |\n|---|---|---|")
     for name in CASES:
         print(f"| {name} | {ns[name]:.1f} | {key_bytes / ns[name]:.2f} |")

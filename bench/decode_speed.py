@@ -143,22 +143,22 @@ class Seqs:
         return groups
 
 
-def make_runner(spec, dtype, page_bytes: int, num_pages: int, path: str, fmt: str, isa: str | None = None):
+def make_runner(spec, dtype, page_bytes: int, num_pages: int, path: str, fmt: str, isa: str | None = None,
+                kv_cache: str | None = None):
     """`path` "torch" (the PyTorch path) or "kernel" (the fused kernel, weights in `fmt`; `isa`: that instruction
-    set's build, else the best this CPU runs)."""
+    set's build, else the best this CPU runs; `kv_cache`: the runner's option)."""
     from multihead_nb.memory import Arena
     from multihead_nb.backends.native import ModelRunner
 
     arena = Arena(num_pages, page_bytes)
     quantize = None if fmt == "bf16" else fmt
     kernel = (isa or True) if path == "kernel" else False
-    return ModelRunner(spec, arena, dtype=dtype, device="cpu", kernel=kernel, quantize=quantize)
+    return ModelRunner(spec, arena, dtype=dtype, device="cpu", kernel=kernel, quantize=quantize, kv_cache=kv_cache)
 
 
 def bench_ours(spec, runner, batch: int, context: int, steps: int, trials: int, page_bytes: int) -> float:
     """Seconds per decode step at `batch` (fastest of `trials` runs of `steps`, each started when quiet)."""
-    layout = spec.kv_layout(runner.dtype, page_bytes)
-    seqs = Seqs(runner, layout, batch, context + (trials + 1) * steps + 8)
+    seqs = Seqs(runner, runner.layout, batch, context + (trials + 1) * steps + 8)
     g = torch.Generator().manual_seed(0)
     state = {"next": seqs.forward([torch.randint(3, spec.vocab_size, (context,), generator=g).tolist()
                                    for _ in range(batch)])}
@@ -173,7 +173,7 @@ def prefilled_groups(spec, runner, batches: tuple[int, ...], context: int, total
                      page_bytes: int) -> tuple[list[Seqs], list[list[int]]]:
     """Groups of `batches` sequences (room for `total` tokens each, pages interleaved on one arena), every sequence
     prefilled with its own random `context`-token prompt in one forward: the groups and each group's next tokens."""
-    seqs = Seqs(runner, spec.kv_layout(runner.dtype, page_bytes), sum(batches), total)
+    seqs = Seqs(runner, runner.layout, sum(batches), total)
     g = torch.Generator().manual_seed(0)
     first = seqs.forward([torch.randint(3, spec.vocab_size, (context,), generator=g).tolist()
                           for _ in range(sum(batches))])

@@ -5,7 +5,7 @@
 
 A variant is a space-separated list of C macros (`-DNAME` or `-DNAME=VALUE`, added to its kernel's build through
 $MULTIHEAD_KERNEL_DEFINES) and environment variables (`NAME=VALUE`, set while its runner is built, e.g.
-`MULTIHEAD_CPU_FLAGS_OFF=avx512f`), given as `--variant=...` (a value starting with `-` needs the `=`; quote one
+`MULTIHEAD_CPU_FLAGS_OFF=avx512f`) or the runner's `kv_cache=int8`, given as `--variant=...` (a value starting with `-` needs the `=`; quote one
 with spaces); an empty one is the code as it is. One process: each variant its own runner (its own arena,
 its sequences prefilled with the same prompts), then `--steps` rounds of one step of every variant at every batch
 size, the order reversed each round, after 3 warm-up rounds. Per variant and batch: the median step, and in how many
@@ -30,8 +30,12 @@ from multihead_nb.backends.native.cpu_kernel import DEFINES_ENV
 from .decode_speed import make_runner, prefilled_groups
 
 
+RUNNER_OPTIONS = ("kv_cache",)  # variant items passed to the runner, not set in the environment
+
+
 def parse_variant(text: str) -> dict[str, str]:
-    """A variant's environment: its `-D` macros joined into $MULTIHEAD_KERNEL_DEFINES, its NAME=VALUE settings."""
+    """A variant's environment: its `-D` macros joined into $MULTIHEAD_KERNEL_DEFINES, its NAME=VALUE settings
+    (RUNNER_OPTIONS among them: `runner_options` takes those out)."""
     env, defines = {}, []
     for item in text.split():
         if item.startswith("-D") and len(item) > 2:
@@ -46,6 +50,11 @@ def parse_variant(text: str) -> dict[str, str]:
             raise ValueError(f"variant {text!r} sets {DEFINES_ENV} and -D macros: use one of the two")
         env[DEFINES_ENV] = " ".join(defines)
     return env
+
+
+def runner_options(env: dict[str, str]) -> dict[str, str]:
+    """The RUNNER_OPTIONS of a parsed variant, removed from it."""
+    return {name: env.pop(name) for name in RUNNER_OPTIONS if name in env}
 
 
 def environment(env: dict[str, str]):
@@ -96,6 +105,7 @@ def main(argv=None) -> None:
         envs = [parse_variant(v) for v in args.variant]
     except ValueError as e:
         ap.error(str(e))
+    options = [runner_options(env) for env in envs]
 
     from multihead_nb.backends.native import read_spec
     from multihead_nb.testing import shape_checkpoint
@@ -110,9 +120,9 @@ def main(argv=None) -> None:
     layout = spec.kv_layout(torch.bfloat16, args.page_bytes)
     pages = sum(args.batches) * layout.pages_for(args.context + args.steps + 11) + 2
     runners = []
-    for text, env in zip(args.variant, envs):
+    for text, env, opts in zip(args.variant, envs, options):
         with environment(env):
-            runner = make_runner(spec, torch.bfloat16, args.page_bytes, pages, "kernel", quantize, args.isa)
+            runner = make_runner(spec, torch.bfloat16, args.page_bytes, pages, "kernel", quantize, args.isa, **opts)
         if runner.fused is None:
             raise SystemExit(f"variant {text!r}: no fused kernel ({runner.kernel_note})")
         runners.append(runner)

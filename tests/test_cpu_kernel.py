@@ -66,10 +66,11 @@ def kernel(request):
     return load_kernel(request.param)
 
 
-def runner_on(spec, arena, kernel, quantize=None, int8: bool = True) -> ModelRunner:
+def runner_on(spec, arena, kernel, quantize=None, int8: bool = True, kv_cache: str = "bf16") -> ModelRunner:
     """A runner of `spec` whose forward is `kernel`'s build (whatever the default would pick); `int8`: quantized
-    weights multiply int8 activations (else float32 ones)."""
+    weights multiply int8 activations (else float32 ones); `kv_cache`: how its K/V are kept."""
     runner = ModelRunner(spec, arena, dtype=BF16, device="cpu", kernel=False, quantize=quantize)
+    runner.layout = spec.kv_layout(BF16, arena.page_bytes, kv_cache)
     weights = KernelWeights.build(spec, load_weights(spec, torch.float32 if quantize else BF16), quantize)
     runner.fused = FusedForward(kernel, spec, weights, arena.data, runner.layout, arena.page_bytes, int8)
     runner.model = None
@@ -81,16 +82,16 @@ class Pair:
     own arena, sequences on shuffled pages."""
 
     def __init__(self, path, kernel, num_seqs: int, tokens_per_page: int = 3, pages_per_seq: int = 24,
-                 quantize: str | None = None, int8: bool = True):
+                 quantize: str | None = None, int8: bool = True, kv_cache: str = "bf16"):
         spec = read_spec(path)
         self.spec = spec
         self.runners, self.arenas, self.tables = {}, {}, {}
         for name, dtype in (("kernel", BF16), ("ref", torch.float32)):
-            bpt = spec.kv_layout(dtype, 1 << 20).bytes_per_token
+            bpt = spec.kv_layout(dtype, 1 << 20, kv_cache if name == "kernel" else None).bytes_per_token
             page_bytes = -(-bpt * tokens_per_page // 256) * 256  # arena pages are multiples of 256 bytes
             arena = Arena(2 * num_seqs * pages_per_seq, page_bytes, device="cpu")
             if name == "kernel":
-                runner = runner_on(spec, arena, kernel, quantize, int8)
+                runner = runner_on(spec, arena, kernel, quantize, int8, kv_cache)
             else:
                 runner = ModelRunner(spec, arena, dtype=dtype, device="cpu", kernel=False, quantize=quantize)
             assert tokens_per_page <= runner.tokens_per_page < 2 * tokens_per_page + 2  # several pages per sequence
@@ -128,7 +129,15 @@ class Pair:
         """The K/V of sequence `seq` as `name` wrote it: [n, 2, layers, KV, d] float32."""
         runner = self.runners[name]
         tpp, table = runner.tokens_per_page, self.tables[name][seq]
-        full = runner.layout.view(self.arenas[name])  # [P, 2, layers, tpp, KV, d]
+        lay = runner.layout
+        if lay.int8:  # the int8 cache: each row's values times its scale
+            raw = self.arenas[name].pages()[:, : lay.used_bytes]  # [P, used_bytes] uint8
+            shape = (raw.shape[0], 2, lay.num_layers, tpp, lay.num_kv_heads)
+            scales = raw[:, lay.scales_offset:].contiguous().view(torch.float32).view(shape)
+            values = raw[:, : lay.scales_offset].contiguous().view(torch.int8).view(*shape, lay.head_dim)
+            full = values.float() * scales[..., None]
+        else:
+            full = lay.view(self.arenas[name])  # [P, 2, layers, tpp, KV, d]
         return torch.stack([full[table[p // tpp], :, :, p % tpp].float() for p in range(self.lens[seq])])
 
 
@@ -286,6 +295,52 @@ ATTENTION_SHAPES = {
     "G3-d64": ("llama", dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64)),
     "G4-d64": ("llama", dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=64)),
 }
+
+
+INT8_KV_SHAPES = ["G8-d32", "G1-d64", "G3-d64"]  # head sizes the int8 K/V cache takes (multiples of 32)
+
+
+@pytest.mark.parametrize("shape", INT8_KV_SHAPES)
+def test_int8_kv_cache_matches_float32(tiny_ckpt, kernel, shape):
+    """kv_cache="int8": keys and values kept as int8 with a scale per row, read by the build's int8 attention
+    (x86: its own tasks; other builds: the portable one). Greedy decode beside prompts, a prefill chunk among decode
+    tokens, a sequence sitting a step out: the logits within 5% of the float32 reference at every step, the K/V in
+    the pages (each int8 times its scale) within 5% of the reference's."""
+    family, overrides = ATTENTION_SHAPES[shape]
+    pair = Pair(tiny_ckpt(family, **overrides), kernel, num_seqs=3, kv_cache="int8")
+    assert pair.runners["kernel"].layout.int8
+    assert run_greedy(pair, tol=0.05) > 0.9
+
+
+@pytest.mark.parametrize("fmt", [None, "q4_0"])
+@pytest.mark.parametrize("shape", INT8_KV_SHAPES)
+def test_int8_kv_cache_same_bits_in_any_batch_or_chunks(tiny_ckpt, kernel, shape, fmt):
+    """With the int8 K/V cache a token's logits are the same bits alone or beside other sequences, and whether its
+    prompt ran in one forward, in uneven chunks, or up to its last token (then a decode step)."""
+    family, overrides = ATTENTION_SHAPES[shape]
+    path = tiny_ckpt(family, **overrides)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 300, (150,), generator=g).tolist()
+    alone = Pair(path, kernel, num_seqs=1, tokens_per_page=16, pages_per_seq=12, quantize=fmt, kv_cache="int8")
+    crowd = Pair(path, kernel, num_seqs=3, tokens_per_page=16, pages_per_seq=12, quantize=fmt, kv_cache="int8")
+    a = alone.step([prompt])["kernel"]
+    c = crowd.step([prompt, prompt[:70], [7, 8, 9]])["kernel"]
+    assert torch.equal(a[0], c[0])
+    for _ in range(3):
+        t = a[0].argmax().item()
+        a = alone.step([[t]])["kernel"]
+        c = crowd.step([[t], [5], [6, 7]])["kernel"]
+        assert torch.equal(a[0], c[0])
+    last = []
+    for cuts in ((150,), (149, 1), (37, 80, 33)):
+        pair = Pair(path, kernel, num_seqs=1, tokens_per_page=16, pages_per_seq=12, quantize=fmt, kv_cache="int8")
+        start = 0
+        for n in cuts:
+            out = pair.step([prompt[start:start + n]])
+            start += n
+        last.append(out["kernel"][0])
+    for other in last[1:]:
+        assert torch.equal(last[0], other)
 
 
 @pytest.mark.parametrize("weights", ["bf16", "q8_0-float32-inputs", "q8_0-int8-inputs", "q4_0-int8-inputs"])
@@ -572,3 +627,34 @@ def test_activations_option(tiny_ckpt):
             ws.add_head("e", str(path), activations="float32")
         with pytest.raises(ConfigError, match="activations='int4'"):
             ws.add_head("x", str(tiny_ckpt("llama")), activations="int4")
+
+
+def test_kv_cache_option(tiny_ckpt):
+    """`kv_cache="int8"` as a head option of a workspace: the kernel note says so, a page holds the int8 layout's
+    tokens, requests run; a head asking the other cache of a loaded model is an error naming both; an unknown value,
+    a head size the int8 cache cannot take, or a workspace whose models run on PyTorch are errors that name why."""
+    import multihead_nb as mh
+
+    path = tiny_ckpt(*ATTENTION_SHAPES["G3-d64"][:1], **ATTENTION_SHAPES["G3-d64"][1])
+    spec = read_spec(str(path))
+    kw = dict(device="cpu", pool="16MiB", page_bytes="64KiB", background=False)
+    with mh.Workspace(dtype="bfloat16", cpu_kernel=True, **kw) as ws:
+        ws.add_head("a", str(path), kv_cache="int8")
+        model = ws.models[str(path.resolve())]
+        assert model.runner.kernel_note.endswith("int8 K/V cache")
+        assert model.built.layout.tokens_per_page == spec.kv_layout(BF16, 1 << 16, "int8").tokens_per_page
+        assert model.built.layout.tokens_per_page > 1.7 * spec.kv_layout(BF16, 1 << 16).tokens_per_page
+        assert len(ws.generate("a", [5, 9, 13, 2, 7], max_tokens=12, ignore_eos=True).token_ids) == 12
+        with pytest.raises(ConfigError, match="kv_cache='int8'.*kv_cache='bf16'"):
+            ws.add_head("b", str(path), kv_cache="bf16")
+        with pytest.raises(ConfigError, match="kv_cache='fp8'"):
+            ws.add_head("c", str(path), kv_cache="fp8")
+        with pytest.raises(ConfigError, match="head_dim.*16"):
+            ws.add_head("d", str(tiny_ckpt("llama")), kv_cache="int8")
+        assert len(ws.generate("a", [5, 9], max_tokens=3, ignore_eos=True).token_ids) == 3  # still serving
+    with mh.Workspace(dtype="float32", **kw) as ws:
+        with pytest.raises(ConfigError, match="fused CPU kernel only.*float32"):
+            ws.add_head("a", str(path), kv_cache="int8")
+    with mh.Workspace(dtype="bfloat16", cpu_kernel=False, **kw) as ws:
+        with pytest.raises(ConfigError, match="cpu_kernel=False"):
+            ws.add_head("a", str(path), kv_cache="int8")

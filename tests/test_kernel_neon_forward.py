@@ -44,7 +44,9 @@ CASES = {  # family, checkpoint overrides, weight format (None: bfloat16)
     "qwen3-qk-norm-q4_0": ("qwen3", {}, "q4_0"),
     "mistral-window-q4_1": ("mistral", {"sliding_window": 5}, "q4_1"),
     "wide-group-q5_0": ("llama", {"hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads": 1}, "q5_0"),
+    "head-dim-32-q8_0": ("llama", {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}, "q8_0"),
 }
+INT8_KV_CASES = ("head-dim-32-q8_0",)  # head sizes the int8 K/V cache takes (multiples of 32)
 
 
 def _matrix(m: PackedMatrix) -> bytes:
@@ -57,11 +59,11 @@ def _vector(t: torch.Tensor | None) -> bytes:
     return struct.pack("<i", t.numel()) + t.detach().to(torch.float32).contiguous().numpy().tobytes()
 
 
-def model_bytes(spec, weights: KernelWeights, pages: int) -> bytes:
+def model_bytes(spec, weights: KernelWeights, pages: int, kv_int8: bool = False) -> bytes:
     """The driver's model input: sizes, then every matrix and vector in the order forward_driver.c reads them."""
-    out = struct.pack("<10if", spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+    out = struct.pack("<11if", spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
                       spec.intermediate_size, spec.vocab_size, TOKENS_PER_PAGE, spec.sliding_window or 0, pages,
-                      spec.rms_norm_eps)
+                      int(kv_int8), spec.rms_norm_eps)
     out += _matrix(weights.embed) + _matrix(weights.lm_head) + _vector(weights.norm)
     for L in weights.layers:
         out += _vector(L.ln1) + _vector(L.ln2) + b"".join(_matrix(L.mats[n]) for n in ("q", "k", "v"))
@@ -93,8 +95,10 @@ def run_driver(cmd: list[str], model: bytes, spec, ids: list[int], chunks: list[
     return done.stderr.decode().strip().removeprefix("isa "), logits
 
 
-def setup_case(tiny_ckpt, case: str, n: int):
-    family, overrides, fmt = CASES[case]
+def setup_case(tiny_ckpt, case: str, n: int, fmt: str | None = "case"):
+    """(spec, weights, format, n token ids) of `case`, its weights in its own format unless `fmt` says another."""
+    family, overrides, case_fmt = CASES[case]
+    fmt = case_fmt if fmt == "case" else fmt
     spec = read_spec(tiny_ckpt(family, **overrides))
     weights = KernelWeights.build(spec, load_weights(spec, torch.float32 if fmt else torch.bfloat16), fmt)
     ids = torch.randint(3, spec.vocab_size, (n,), generator=torch.Generator().manual_seed(7)).tolist()
@@ -139,22 +143,43 @@ def test_neon_forward_matches_float32_in_any_chunks(neon_forward, tiny_ckpt, cas
     assert not np.array_equal(chunked[-2], whole[0])  # a different token's logits, not a copy
 
 
+@pytest.mark.parametrize("kv_cache", ["bf16", "int8"])
 @pytest.mark.parametrize("isa", cpu_isas())
-def test_forward_driver_equals_ctypes_path(tiny_ckpt, isa):
+def test_forward_driver_equals_ctypes_path(tiny_ckpt, isa, kv_cache):
     """The driver built for an instruction set this CPU runs gives that build's ctypes path (the runner's fused
-    forward, 2 threads) the same logits bit for bit: what the NEON tests feed the kernel is the model a runner holds.
-    bfloat16 weights: the x86 builds read quantized rows interleaved, the driver plain ones."""
+    forward, 2 threads) the same logits bit for bit: what the NEON tests feed the kernel is the model a runner holds,
+    its K/V pages laid out as the runner's (bfloat16, or the int8 cache). bfloat16 weights: the x86 builds read
+    quantized rows interleaved, the driver plain ones."""
     machine, feats = cpu_features()
     flags = COMMON_FLAGS + isa_flags(isa, machine, feats) + ("-fopenmp", f"-I{CSRC}")
     exe = compile_c(flags, f"forward_driver-{isa}", sources=(DRIVER,))
-    spec, weights, _, ids = setup_case(tiny_ckpt, "llama-bf16", 23)
-    model = model_bytes(spec, weights, pages=-(-len(ids) // TOKENS_PER_PAGE))
+    case = "llama-bf16" if kv_cache == "bf16" else INT8_KV_CASES[0]
+    spec, weights, _, ids = setup_case(tiny_ckpt, case, 23, fmt=None)
+    model = model_bytes(spec, weights, pages=-(-len(ids) // TOKENS_PER_PAGE), kv_int8=kv_cache == "int8")
     _, whole = run_driver([str(exe)], model, spec, ids, [23])
     _, chunked = run_driver([str(exe)], model, spec, ids, [9, 13, 1])
     assert np.array_equal(chunked[-1], whole[0])
-    arena = Arena(16, 1 << 17, device="cpu")
-    runner = ModelRunner(spec, arena, dtype=torch.bfloat16, device="cpu", kernel=False)
-    runner.fused = FusedForward(load_kernel(isa), spec, setup_case(tiny_ckpt, "llama-bf16", 23)[1], arena.data,
-                                runner.layout, arena.page_bytes)
-    runner.model = None
+    layout = spec.kv_layout(torch.bfloat16, 1 << 17, kv_cache)
+    page_bytes = -(-layout.bytes_per_token * TOKENS_PER_PAGE // 256) * 256  # the driver's tokens per page
+    arena = Arena(16, page_bytes, device="cpu")
+    runner = ModelRunner(spec, arena, dtype=torch.bfloat16, device="cpu", kernel=isa, kv_cache=kv_cache)
+    assert runner.tokens_per_page == TOKENS_PER_PAGE
+    runner.fused = FusedForward(load_kernel(isa), spec, weights, arena.data, runner.layout, arena.page_bytes)
     assert np.array_equal(last_logits(runner, ids).numpy(), whole[0])
+
+
+@pytest.mark.parametrize("case", INT8_KV_CASES)
+def test_neon_forward_int8_kv_cache(neon_forward, tiny_ckpt, case):
+    """The int8 K/V cache (kv_cache="int8") on NEON, its portable attention: the logits near the float32 reference
+    (K/V rounded to int8 on top of the int8 activations), and a token's logits the same bits in any chunks."""
+    _, cmd = neon_forward
+    spec, weights, fmt, ids = setup_case(tiny_ckpt, case, 41)
+    model = model_bytes(spec, weights, pages=-(-len(ids) // TOKENS_PER_PAGE), kv_int8=True)
+    _, whole = run_driver(cmd, model, spec, ids, [41])
+    ref = reference_logits(spec, fmt, ids)
+    err = float((torch.from_numpy(whole[0].copy()) - ref).norm() / ref.norm())
+    assert err < 0.05, f"relative error {err:.4f} against the float32 reference"
+    _, bf16_kv = run_driver(cmd, model_bytes(spec, weights, pages=-(-len(ids) // TOKENS_PER_PAGE)), spec, ids, [41])
+    assert not np.array_equal(bf16_kv[0], whole[0])  # the int8 cache was read, not a bfloat16 one
+    _, chunked = run_driver(cmd, model, spec, ids, [17, 1, 20, 1, 1, 1])
+    assert np.array_equal(chunked[-1], whole[0])

@@ -33,6 +33,19 @@ def test_tokens_per_page_arithmetic():
     assert smol.bytes_per_token == 23040 and smol.tokens_per_page == (1 << 20) // 23040
 
 
+def test_int8_layout_arithmetic():
+    """The int8 K/V cache: a byte a value and a float32 scale a row (head_dim values); the scales after every
+    token's values; no tensor view (the kernel alone reads it); head sizes that are multiples of 32."""
+    smol = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.int8, page_bytes=256 * 1024)
+    assert smol.int8 and smol.bytes_per_token == 2 * 30 * 3 * 64 + 2 * 30 * 3 * 4 == 12240
+    assert smol.tokens_per_page == 256 * 1024 // 12240 == 21  # bfloat16: 11
+    assert smol.scales_offset == 21 * 11520 and smol.used_bytes == 21 * 12240
+    with pytest.raises(ConfigError, match="fused CPU kernel only"):
+        smol.view(Arena(1, 256 * 1024))
+    with pytest.raises(ConfigError, match="head_dim.*multiple of 32.*48"):
+        KVLayout(num_layers=2, num_kv_heads=1, head_dim=48, dtype=torch.int8, page_bytes=4096)
+
+
 def test_page_too_small_for_one_token():
     with pytest.raises(ConfigError, match="cannot hold one token") as e:
         KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.bfloat16, page_bytes=4096)

@@ -5,8 +5,9 @@
  * the same order: what the pattern alone reads at. Pages lie in the arena in a shuffled order.
  *   cold: `seqs` sequences visited in turn, their K/V (seqs x layers x ctx x 2 KV d x 2 bytes) larger than the caches;
  *   hot: one layer's keys of the first sequence attended `layers` times (in L2 or L3 by the second time).
- * argv: layers heads kv_heads head_dim page_bytes ctx seqs reps. stdout: "<case> <ns per key>" per case, a key
- * being one key's K and V rows for every KV head; the fastest of `reps`. x86 builds only. */
+ * argv: layers heads kv_heads head_dim page_bytes ctx seqs reps int8. stdout: "<case> <ns per key>" per case, a key
+ * being one key's K and V rows for every KV head; the fastest of `reps`. int8 1: the int8 K/V cache
+ * (mh_attention_int8.h; attend_part_int8_x86, the same split) instead of bfloat16. x86 builds only. */
 #include <stdio.h>
 #include <time.h>
 #include "cpu_decode.c"
@@ -41,6 +42,16 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
         const mh_att_task k = {0, 1, c}, after = {0, 1, c + 1};
         int j0, n;
         const int ch = att_task_keys(m, b->s, k, &j0, &n);
+        if (m->kv_int8) {
+            if (att_allkv_fits(m))
+                attend_part_int8_x86(m, b->s, l, 0, 0, KV, q, j0, j0 + n - 1, sc, ch, o, mx, sm);
+            else
+                for (int h = 0; h < KV; h++)
+                    attend_part_int8_x86(m, b->s, l, 0, h, 1, q + (size_t)h * G * d, j0, j0 + n - 1, sc, ch, &o[h],
+                                         &mx[h], &sm[h]);
+            sum += o[0][0];
+            continue;
+        }
         const uint16_t *next[MH_KEYS_AHEAD];
         if (att_allkv_fits(m)) {
             const int na = c + 1 < nch ? task_first_rows(m, b->s, l, after, 0, att_allkv_ahead(m), next) : 0;
@@ -63,11 +74,24 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
 /* Plain loads of the K and V rows attend_context reads, in its order (a chunk's keys, then its values). */
 static uint64_t read_context(const bench_case *b, int l) {
     const mh_model *m = b->m;
-    const int nch = context_chunks(b->ctx), words = m->kv_heads * m->head_dim / 4;
+    const int nch = context_chunks(b->ctx), words = m->kv_heads * m->head_dim / (m->kv_int8 ? 8 : 4);
     uint64_t sum = 0;
     for (int c = 0; c < nch; c++) {
         int j0, n;
         att_task_keys(m, b->s, (mh_att_task){0, 1, c}, &j0, &n);
+        if (m->kv_int8) { /* the int8 rows and their scales */
+            const int8_t *rows[n];
+            const float *scs[n];
+            kv8_rows(m, b->s, l, 0, 0, j0, n, rows, scs);
+            for (int part = 0; part < 2; part++)
+                for (int j = 0; j < n; j++) {
+                    const uint64_t *r = (const uint64_t *)(rows[j] + (part ? m->kv_stride : 0));
+                    for (int w = 0; w < words; w++) sum += r[w];
+                    const uint32_t *f = (const uint32_t *)(scs[j] + (part ? m->kv_stride / m->head_dim : 0));
+                    for (int w = 0; w < m->kv_heads; w++) sum += f[w];
+                }
+            continue;
+        }
         const uint16_t *kp[n];
         key_rows(m, b->s, l, 0, 0, j0, n, kp);
         for (int part = 0; part < 2; part++)
@@ -95,8 +119,8 @@ static double run_case(const bench_case *b, int reads, float *q, float *sc, floa
 #endif
 
 int main(int argc, char **argv) {
-    if (argc != 9) {
-        fprintf(stderr, "usage: attention_alone layers heads kv_heads head_dim page_bytes ctx seqs reps\n");
+    if (argc != 10) {
+        fprintf(stderr, "usage: attention_alone layers heads kv_heads head_dim page_bytes ctx seqs reps int8\n");
         return 2;
     }
 #if !defined(MH_ISA_X86)
@@ -105,10 +129,10 @@ int main(int argc, char **argv) {
     return 2;
 #else
     const int L = atoi(argv[1]), H = atoi(argv[2]), KV = atoi(argv[3]), d = atoi(argv[4]), page_bytes = atoi(argv[5]);
-    const int ctx = atoi(argv[6]), seqs = atoi(argv[7]), reps = atoi(argv[8]);
-    const int tpp = page_bytes / (4 * L * KV * d);
+    const int ctx = atoi(argv[6]), seqs = atoi(argv[7]), reps = atoi(argv[8]), int8 = atoi(argv[9]) != 0;
+    const int tpp = int8 ? page_bytes / (2 * L * KV * d + 2 * L * KV * 4) : page_bytes / (4 * L * KV * d);
     if (L < 1 || H < 1 || KV < 1 || H % KV || H / KV > MH_GROUP_MAX || d < 8 || d % 8 || d > MH_GROUP_DIM ||
-        KV > BENCH_MAX_KV || tpp < 1 || ctx < 1 || seqs < 1 || reps < 1) {
+        KV > BENCH_MAX_KV || tpp < 1 || ctx < 1 || seqs < 1 || reps < 1 || (int8 && d % 32)) {
         fprintf(stderr, "attention_alone: a shape or count out of range\n");
         return 2;
     }
@@ -137,6 +161,13 @@ int main(int argc, char **argv) {
     m.num_layers = L, m.heads = H, m.kv_heads = KV, m.head_dim = d, m.tokens_per_page = tpp, m.cache = cache;
     m.page_stride = page_bytes / 2, m.kv_stride = (int64_t)L * tpp * KV * d, m.layer_stride = (int64_t)tpp * KV * d;
     m.num_pages = P;
+    if (int8) { /* strides in bytes; the scales after the int8 values, of magnitude [0.5, 2) / 127 like the values */
+        m.kv_int8 = 1, m.page_stride = page_bytes, m.kv_scales = (int64_t)tpp * 2 * L * KV * d;
+        for (int p = 0; p < P; p++) {
+            float *f = (float *)((int8_t *)cache + (size_t)p * page_bytes + m.kv_scales);
+            for (int64_t i = 0; i < m.kv_scales / d; i++) f[i] = (1.0f + (float)(i % 7) / 7.0f) / 127.0f;
+        }
+    }
     int32_t seq_of = 0, pos = ctx - 1;
     mh_step s = {0};
     s.T = 1, s.S = 1, s.max_pages = pps, s.seq_of = &seq_of, s.pos = &pos;
@@ -152,7 +183,7 @@ int main(int argc, char **argv) {
         }
         printf("%s %.2f\n", names[c], best * 1e9);
     }
-    fprintf(stderr, "isa %s, %d tokens a page, %s, checksum %g\n", mh_isa(), tpp,
+    fprintf(stderr, "isa %s, %s K/V, %d tokens a page, %s, checksum %g\n", mh_isa(), int8 ? "int8" : "bfloat16", tpp,
             att_allkv_fits(&m) ? "a chunk's every KV head in one task" : "a task per KV head", sink);
     return 0;
 #endif

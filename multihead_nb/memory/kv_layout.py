@@ -5,6 +5,10 @@ the model reads and writes its keys and values. Knows nothing of which pages bel
 
 Inside a page the bytes are `[2, layers, tokens_per_page, kv_heads, head_dim]` in the model's dtype; the bytes
 past that are unused. A layer's keys over all pages are one strided view of the arena, no copy.
+With `dtype=torch.int8` (a model loaded with `kv_cache="int8"`, read by the fused CPU kernel only) the same
+elements are int8, followed from `scales_offset` by one float32 scale per row (a token's key or value of one KV
+head: head_dim elements) in the same order (a value is its int8 times its row's scale): 1 + 4 / head_dim bytes an
+element instead of bfloat16's 2.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class KVLayout:
         for name in ("num_layers", "num_kv_heads", "head_dim", "page_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
+        if self.int8 and self.head_dim % 32:
+            raise ConfigError(f"an int8 K/V cache needs a head_dim that is a multiple of 32; this model's is "
+                              f"{self.head_dim}")
         if self.tokens_per_page < 1:
             raise ConfigError(
                 f"a page of {self.page_bytes} bytes cannot hold one token of this model, which needs "
@@ -43,8 +50,24 @@ class KVLayout:
         return self.dtype.itemsize
 
     @property
+    def int8(self) -> bool:
+        """Whether K/V are int8 with a float32 scale per row (the module's docstring)."""
+        return self.dtype == torch.int8
+
+    @property
+    def elements_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    @property
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.itemsize
+        if self.int8:
+            return self.elements_per_token + self.elements_per_token // self.head_dim * 4
+        return self.elements_per_token * self.itemsize
+
+    @property
+    def scales_offset(self) -> int:
+        """int8 layouts: the byte of a page where the scales start (after every token's int8 elements)."""
+        return self.tokens_per_page * self.elements_per_token
 
     @cached_property  # asked for on every step of every request: computed once
     def tokens_per_page(self) -> int:
@@ -62,6 +85,8 @@ class KVLayout:
         """All pages as `[num_pages, 2, layers, tokens_per_page, kv_heads, head_dim]` (a view, no copy)."""
         if arena.page_bytes != self.page_bytes:
             raise ConfigError(f"layout is for pages of {self.page_bytes} bytes, arena has {arena.page_bytes}")
+        if self.int8:
+            raise ConfigError("an int8 K/V cache is read by the fused CPU kernel only; it has no tensor view")
         raw = arena.pages()[:, : self.used_bytes]  # [P, used_bytes] uint8, row stride page_bytes
         typed = raw.view(self.dtype)  # [P, used_bytes / itemsize]
         out = typed.view(

@@ -1,7 +1,7 @@
 """Heads: a model plus a system prompt, sampling defaults and limits.
 
 Owns: `Head` (a named agent's definition, with how its model is run: `backend`; for region backends such as EXL2,
-the `region` of the pool its model's K/V lives in; for native models `quantize` and `activations`; for the remote backend,
+the `region` of the pool its model's K/V lives in; for native models `quantize`, `activations` and `kv_cache`; for the remote backend,
 `remote_model`, `api_key`, `timeout` and `retries`). Knows nothing of pages, tensors or the engine; the workspace
 turns a head's `quota` and `region` into pages, and hands the model options to the backend that loads its model.
 """
@@ -14,7 +14,8 @@ from ..engine.sampling import SAMPLING_OPTIONS, SamplingParams, check_int, check
 from ..errors import ConfigError
 
 LIMIT_OPTIONS = ("quota", "weight", "max_concurrent")
-MODEL_OPTIONS = ("backend", "region", "quantize", "activations", "remote_model", "api_key", "timeout", "retries")
+MODEL_OPTIONS = ("backend", "region", "quantize", "activations", "kv_cache", "remote_model", "api_key", "timeout",
+                 "retries")
 HEAD_OPTIONS = SAMPLING_OPTIONS + LIMIT_OPTIONS + MODEL_OPTIONS
 
 
@@ -36,6 +37,9 @@ class Head:
     # native models in the CPU kernel: "int8" (default: quantized weights times int8 activations, as llama.cpp) or
     # "float32" (slower, logits ~10x closer to the float32 reference)
     activations: str | None = None
+    # native models in the CPU kernel: how K/V are kept in the pool's pages: "bf16" (default) or "int8" (a scale per
+    # row, as llama.cpp's q8_0 cache: ~1.9x the tokens per page, the logits a little further from the reference)
+    kv_cache: str | None = None
     # the remote backend (model="openai:http://HOST:PORT/v1"): the engine's model name, its key, seconds it may
     # stay silent, tries again on connection errors
     remote_model: str | None = None

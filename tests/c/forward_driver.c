@@ -2,7 +2,8 @@
  * stdin, then forwards of one sequence on pages 0, 1, ... of an arena of its own; each forward's last-token logits
  * to stdout.
  * stdin, little-endian:
- *   int32 num_layers, hidden, heads, kv_heads, head_dim, inter, vocab, tokens_per_page, sliding_window, pages;
+ *   int32 num_layers, hidden, heads, kv_heads, head_dim, inter, vocab, tokens_per_page, sliding_window, pages,
+ *   kv_int8 (1: the int8 K/V cache, mh_attention_int8.h's page layout);
  *   float32 eps;
  *   matrices (int32 format, rows, cols; int64 row_bytes; rows x row_bytes bytes): embed, lm_head;
  *   vectors (int32 n; n float32; n = 0 for none): final_norm;
@@ -41,10 +42,11 @@ static const float *read_vector(void) {
 }
 
 int main(void) {
-    int32_t c[10];
+    int32_t c[11];
     float eps;
     read_all(c, sizeof c);
     read_all(&eps, sizeof eps);
+    const int kv_int8 = c[10];
     const int NL = c[0], KV = c[3], d = c[4], V = c[6], tpp = c[7], pages = c[9];
     mh_model m = {NL, c[1], c[2], KV, d, c[5], V, eps, tpp, c[8], NULL, {0}, {0}, NULL, NULL, 0, 0, 0, 1, pages};
     m.embed = read_matrix();
@@ -65,7 +67,11 @@ int main(void) {
     m.layer_stride = (int64_t)tpp * KV * d;
     m.kv_stride = NL * m.layer_stride;
     m.page_stride = 2 * m.kv_stride;
-    m.cache = calloc((size_t)pages * m.page_stride, sizeof(uint16_t));
+    if (kv_int8) { /* strides in bytes; each row's float32 scale after the values, in the same order */
+        m.kv_int8 = 1, m.kv_scales = m.page_stride;
+        m.page_stride += 2 * (int64_t)NL * tpp * KV * 4;
+    }
+    m.cache = calloc(kv_int8 ? ((size_t)pages * m.page_stride + 1) / 2 : (size_t)pages * m.page_stride, sizeof(uint16_t));
     int32_t *table = malloc(sizeof(int32_t) * pages);
     for (int p = 0; p < pages; p++) table[p] = p;
     fprintf(stderr, "isa %s\n", mh_isa());

@@ -63,6 +63,7 @@ class ModelStruct(ctypes.Structure):
         ("cache", ctypes.POINTER(ctypes.c_uint16)),
         ("page_stride", ctypes.c_int64), ("kv_stride", ctypes.c_int64), ("layer_stride", ctypes.c_int64),
         ("int8_activations", ctypes.c_int32), ("num_pages", ctypes.c_int32),
+        ("kv_int8", ctypes.c_int32), ("kv_scales", ctypes.c_int64),
     ]
 
 

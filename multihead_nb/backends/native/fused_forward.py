@@ -54,7 +54,7 @@ class FusedForward:
     def __init__(self, kernel: CpuKernel, spec: ModelSpec, weights: KernelWeights, arena_data: torch.Tensor,
                  layout: KVLayout, page_bytes: int, int8_activations: bool = True):
         assert arena_data.dtype == torch.uint8 and arena_data.is_contiguous() and page_bytes % 2 == 0
-        assert layout.dtype == torch.bfloat16, "the kernel keeps K/V in bfloat16"
+        assert layout.dtype in (torch.bfloat16, torch.int8), "the kernel keeps K/V in bfloat16 or int8"
         if kernel.reads_interleaved(int8_activations):
             weights.interleave_rows()  # 8 rows side by side, as this build's integer products read them
         weights.place_in_one_buffer()  # one stream of huge pages, in the order the forward reads the matrices
@@ -75,8 +75,10 @@ class FusedForward:
             sliding_window=spec.sliding_window or 0, layers=self.layers,
             embed=_matrix(weights.embed), lm_head=_matrix(weights.lm_head), final_norm=_ptr(weights.norm),
             cache=_ptr(arena_data, ctypes.c_uint16),
-            page_stride=page_bytes // 2, kv_stride=spec.num_layers * tpp * KV * d, layer_stride=tpp * KV * d,
-            int8_activations=int(int8_activations), num_pages=arena_data.numel() // page_bytes,
+            page_stride=page_bytes // layout.itemsize, kv_stride=spec.num_layers * tpp * KV * d,
+            layer_stride=tpp * KV * d, int8_activations=int(int8_activations),
+            num_pages=arena_data.numel() // page_bytes,
+            kv_int8=int(layout.int8), kv_scales=layout.scales_offset if layout.int8 else 0,
         )
         self._arena = arena_data
         self.args = StepArgs(d, tpp)

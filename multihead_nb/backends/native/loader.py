@@ -98,9 +98,11 @@ class ModelSpec:
     def weight_bytes(self, dtype: torch.dtype) -> int:
         return self.num_params() * torch.empty((), dtype=dtype).element_size()
 
-    def kv_layout(self, dtype: torch.dtype, page_bytes: int) -> KVLayout:
-        """This model's view of pages of `page_bytes` (raises ConfigError when a page cannot hold one token)."""
-        return KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, dtype, page_bytes)
+    def kv_layout(self, dtype: torch.dtype, page_bytes: int, kv_cache: str | None = None) -> KVLayout:
+        """This model's view of pages of `page_bytes`: K/V in `dtype`, or int8 with scales where `kv_cache` is
+        "int8" (raises ConfigError when a page cannot hold one token)."""
+        kv_dtype = torch.int8 if kv_cache == "int8" else dtype
+        return KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, kv_dtype, page_bytes)
 
 
 # ---- reading config.json -----------------------------------------------------------------------------------

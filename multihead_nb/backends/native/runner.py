@@ -26,6 +26,31 @@ ACTIVATIONS = ("int8", "float32")  # the kernel's inputs to products with quanti
 DEFAULT_ISAS = ("avx2", "avx512")  # builds used by default: measured faster than PyTorch (bench/README.md)
 
 
+KV_CACHES = ("bf16", "int8")  # how the kernel stores K/V; the first is the default
+KV_INT8_MAX_GROUP, KV_INT8_MAX_HEAD_DIM = 8, 256  # the int8 attention's limits (mh_attention_int8.h)
+
+
+def check_kv_cache(value: str | None) -> str:
+    """`kv_cache=` as the kernel takes it ("bf16" when None); an error names a value it does not know."""
+    if value is None:
+        return KV_CACHES[0]
+    if value not in KV_CACHES:
+        raise ConfigError(f"kv_cache={value!r}: expected one of {', '.join(map(repr, KV_CACHES))}")
+    return value
+
+
+def kv_cache_problem(spec: ModelSpec, kv_cache: str) -> str | None:
+    """Why `spec` cannot keep its K/V as `kv_cache` in the kernel, or None."""
+    if kv_cache != "int8":
+        return None
+    group = spec.num_heads // spec.num_kv_heads
+    if spec.head_dim % 32 or spec.head_dim > KV_INT8_MAX_HEAD_DIM or group > KV_INT8_MAX_GROUP:
+        return (f"an int8 K/V cache needs a head_dim that is a multiple of 32 and at most {KV_INT8_MAX_HEAD_DIM}, "
+                f"and at most {KV_INT8_MAX_GROUP} query heads per KV head; {spec.name} has head_dim "
+                f"{spec.head_dim} and {group}")
+    return None
+
+
 def check_activations(value: str | None) -> str:
     """`activations=` as the kernel takes it ("int8" when None); an error names a value it does not know."""
     if value is None:
@@ -52,11 +77,14 @@ class ModelRunner:
     of a product's input to int8, as llama.cpp does, for integer products (faster; logits ~4e-2 from the float32
     reference instead of ~4e-3, see bench/README.md); "float32" multiplies the dequantized weights with float32
     inputs. x86 builds do either for every quantized format; NEON is always int8, the scalar build always float32.
+    `kv_cache`: how the kernel stores K/V in the arena's pages: "bf16" (the default) or "int8" (int8 with a float32
+    scale per 32 values, as llama.cpp's q8_0 cache: 1.78x the tokens per page, half the bytes attention reads;
+    the fused CPU kernel only, `memory/kv_layout.py`).
     """
 
     def __init__(self, spec: ModelSpec, arena: Arena, *, dtype: torch.dtype | str = torch.bfloat16,
                  device: torch.device | str | None = None, packed: bool | None = None, kernel: bool | str | None = None,
-                 quantize: str | None = None, activations: str | None = None):
+                 quantize: str | None = None, activations: str | None = None, kv_cache: str | None = None):
         self.spec = spec
         self.arena = arena
         self.dtype = parse_dtype(dtype)
@@ -74,11 +102,21 @@ class ModelRunner:
                 raise ConfigError(f"cannot quantize {spec.name}: {why}")
         self.quantize = quantize
         self.activations = check_activations(activations)
-        self.layout = spec.kv_layout(self.dtype, arena.page_bytes)  # ConfigError when a page cannot hold a token
-        full = self.layout.view(arena)  # [P, 2, layers, tpp, KV, d]
-        # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
-        self.caches = [full[:, :, layer].permute(0, 2, 1, 3, 4) for layer in range(spec.num_layers)]
+        self.kv_cache = check_kv_cache(kv_cache)
+        why = kv_cache_problem(spec, self.kv_cache)
+        if why:
+            raise ConfigError(f"cannot keep {spec.name}'s K/V as {self.kv_cache}: {why}")
+        # ConfigError when a page cannot hold a token
+        self.layout = spec.kv_layout(self.dtype, arena.page_bytes, self.kv_cache)
         cpu_kernel, self.kernel_note = self._kernel(kernel)
+        self.caches = None
+        if cpu_kernel is None:
+            if self.layout.int8:
+                raise ConfigError(f"kv_cache='int8' is read by the fused CPU kernel only, which {spec.name} does not "
+                                  f"run here: {self.kernel_note}")
+            full = self.layout.view(arena)  # [P, 2, layers, tpp, KV, d]
+            # per layer [P, tpp, 2, KV, d]: keys at [:, :, 0], values at [:, :, 1]; strided views of the arena
+            self.caches = [full[:, :, layer].permute(0, 2, 1, 3, 4) for layer in range(spec.num_layers)]
         if cpu_kernel is not None and quantize is None and getattr(spec, "gguf", None) is not None:
             weights = gguf_weights(spec)  # the file's blocks as they are
         else:  # quantized from float32 (the checkpoint's values, not their bfloat16 rounding), as llama.cpp converts
@@ -90,6 +128,7 @@ class ModelRunner:
                                       int8_activations=self.activations == "int8")
             self.kernel_note = (f"fused CPU kernel {cpu_kernel.isa}, weights {packed_weights.describe()}"
                                 + ("" if packed_weights.formats <= {"bf16"} else f", {self.activations} activations")
+                                + (", int8 K/V cache" if self.layout.int8 else "")
                                 + ("" if cpu_kernel.threaded else ", one thread (the C compiler has no OpenMP)"))
         else:
             if quantize is not None:  # the quantized model's values, run densely

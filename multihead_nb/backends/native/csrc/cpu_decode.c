@@ -2,7 +2,7 @@
  *
  * Owns: the math of every layer for T tokens (decode steps of a few sequences, prefill chunks of any length),
  * reading and writing K/V directly in the arena's pages through the block tables: embedding lookup, RMSNorm,
- * q/k/v (+bias), qwen3's per-head q/k norm, RoPE, the K/V write (bfloat16), causal (optionally sliding-window)
+ * q/k/v (+bias), qwen3's per-head q/k norm, RoPE, the K/V write (bfloat16, or int8 and a scale per row), causal (optionally sliding-window)
  * attention over pages, o_proj + residual, RMSNorm, gate/up, SiLU-times-up, down + residual, the final norm and
  * the lm_head for the rows whose logits are wanted (the last layer's o_proj and MLP run for those rows only).
  * Knows nothing of requests or which pages are whose (the block tables say), nor of Python.
@@ -57,7 +57,8 @@ enum { MH_BAD_SHAPE = -1, MH_BAD_ID = -3, MH_BAD_POS = -4, MH_BAD_PAGE = -5, MH_
 static int check_step(const mh_model *m, const mh_step *s) {
     const int d = m->head_dim, tpp = m->tokens_per_page;
     if (d > 512 || (d & 1) || s->T < 1 || s->S < 1 || m->kv_heads < 1 || m->heads % m->kv_heads ||
-        s->num_logits < 0 || s->num_logits > s->T || tpp < 1)
+        s->num_logits < 0 || s->num_logits > s->T || tpp < 1 ||
+        (m->kv_int8 && (d % 32 || d > MH_GROUP_DIM || m->heads / m->kv_heads > MH_GROUP_MAX)))
         return MH_BAD_SHAPE;
     for (int i = 0; i < s->S; i++) {
         const int ctx = s->ctx_lens[i];
@@ -140,6 +141,14 @@ int mh_forward(const mh_model *m, mh_step *s) {
                     const int64_t off = (int64_t)l * m->layer_stride + slot_offset(m, s, s->seq_of[t], s->pos[t])
                                         + (int64_t)kvh * d;
                     const float *val = w.qkv + (size_t)t * QKV + (size_t)(H + KV + kvh) * d;
+                    if (m->kv_int8) {
+                        int8_t *row;
+                        float *sc;
+                        kv8_slot(m, s, s->seq_of[t], s->pos[t], l, kvh, &row, &sc);
+                        kv8_quantize_row(v, d, row, sc);
+                        kv8_quantize_row(val, d, row + m->kv_stride, sc + m->kv_stride / d);
+                        continue;
+                    }
                     f32_to_bf16_row(v, d, m->cache + off);
                     f32_to_bf16_row(val, d, m->cache + off + m->kv_stride);
                 }

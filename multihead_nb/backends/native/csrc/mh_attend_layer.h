@@ -7,6 +7,8 @@
  * block is in the forward (allkv: each key's row read whole), then one merge per (token, KV head). All give a token
  * the same bits.
  * Without blocks (decode) the tasks go round-robin, so a thread fetches its next task's first keys early.
+ * With the int8 K/V cache (m->kv_int8) no token is in a block: the x86 builds' lone-token tasks run
+ * attend_part_int8_x86 (mh_attention_int8_x86.h), the other builds attend_int8 per (token, KV head).
  * Knows nothing of weights or of the rest of the layer; reads the K/V the forward already wrote for this step. */
 #ifndef MH_ATTEND_LAYER_H
 #define MH_ATTEND_LAYER_H
@@ -61,7 +63,7 @@ static void att_work_free(mh_att_work *a) { /* and every pointer NULL: freeing t
 #if defined(MH_ISA_X86)
 /* Whether token t can share tasks with its neighbours: its chunks are 64 keys from key 0. */
 static int att_blockable(const mh_model *m, const mh_step *s, int t) {
-    return window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64;
+    return !m->kv_int8 && window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64;
 }
 
 /* Rows of a block's attention (MH_ATT_BLOCK tokens x G heads) padded to whole tiles of 3 vectors of 8. */
@@ -153,9 +155,6 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim;
     if (a->allkv) { /* task i: one chunk of a lone token, every KV head */
         const mh_att_task k = a->task[a->tasks - 1 - i];
-        const uint16_t *ahead[MH_KEYS_AHEAD];
-        const int na = next >= 0 ? task_first_rows(m, s, l, a->task[a->tasks - 1 - next], 0, att_allkv_ahead(m), ahead)
-                                 : 0;
         const int t = k.t0, nch = a->tstart[t + 1] - a->tstart[t];
         int j0, n;
         const int ch = att_task_keys(m, s, k, &j0, &n);
@@ -164,6 +163,13 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
             const size_t slot = (size_t)(a->tstart[t] * KV + h * nch + k.c);
             o[h] = a->po + slot * G * d, mx[h] = a->pmx + slot * G, sm[h] = a->psm + slot * G;
         }
+        if (m->kv_int8) {
+            attend_part_int8_x86(m, s, l, t, 0, KV, qkv + (size_t)t * ldq, j0, j0 + n - 1, w->sc, ch, o, mx, sm);
+            return;
+        }
+        const uint16_t *ahead[MH_KEYS_AHEAD];
+        const int na = next >= 0 ? task_first_rows(m, s, l, a->task[a->tasks - 1 - next], 0, att_allkv_ahead(m), ahead)
+                                 : 0;
         attend_part_allkv(m, s, l, t, qkv + (size_t)t * ldq, j0, j0 + n - 1, w->sc, ch, w->sc + (size_t)m->heads * ch,
                           o, mx, sm, ahead, na);
         return;
@@ -181,6 +187,12 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     int j0, n;
     const int ch = att_task_keys(m, s, k, &j0, &n);
     const size_t slot = (size_t)(a->tstart[t] * KV + kvh * nch + k.c);
+    if (m->kv_int8) {
+        float *o = a->po + slot * G * d, *mx = a->pmx + slot * G, *sm = a->psm + slot * G;
+        attend_part_int8_x86(m, s, l, t, kvh, 1, qkv + (size_t)t * ldq + (size_t)kvh * G * d, j0, j0 + n - 1, w->sc,
+                             ch, &o, &mx, &sm);
+        return;
+    }
     attend_part_avx2(m, s, l, t, kvh, qkv + (size_t)t * ldq + (size_t)kvh * G * d, j0, j0 + n - 1, w->sc, ch,
                      a->po + slot * G * d, a->pmx + slot * G, a->psm + slot * G, ahead, na);
 }
@@ -268,7 +280,14 @@ static int attend_layer(const mh_model *m, const mh_step *s, int l, const float 
     (void)ep;
 #endif
     float *sc = a->scores + (size_t)omp_get_thread_num() * (a->mode == ATT_HEADS ? 1 : G) * a->ldsc;
-    if (a->mode == ATT_GROUPED) {
+    if (m->kv_int8) { /* G == 1 where the mode is ATT_HEADS (check_step) */
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < T * KV; i++) {
+            const int t = i / KV, kvh = i % KV;
+            attend_int8(m, s, l, t, kvh, qkv + (size_t)t * ldq + (size_t)kvh * G * d, sc,
+                        attn + (size_t)t * HD + (size_t)kvh * G * d);
+        }
+    } else if (a->mode == ATT_GROUPED) {
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < T * KV; i++) {
             const int t = i / KV, kvh = i % KV;

@@ -1,7 +1,8 @@
 /* Attention of one token over its sequence's K/V pages (causal, optionally a sliding window), read straight from
  * the arena through the block tables: a per-head version for any shape, a grouped one that serves all the query
  * heads of one KV head per pass (each key and value loaded once; plain C the compiler vectorizes), and grouped
- * one in intrinsics for x86 (mh_attention_avx2.h, AVX-512 builds too). Scores in float32; output float32.
+ * one in intrinsics for x86 (mh_attention_avx2.h, AVX-512 builds too); over the int8 K/V cache
+ * mh_attention_int8.h's (and its x86 one, mh_attention_int8_x86.h). Scores in float32; output float32.
  * Reads the K/V the forward already wrote for this step; knows nothing of weights. */
 #ifndef MH_ATTENTION_H
 #define MH_ATTENTION_H
@@ -96,6 +97,7 @@ static __attribute__((unused)) void attend_group_c(const mh_model *m, const mh_s
         for (int c = 0; c < d; c++) out[g * d + c] /= sum[g];
 }
 
+#include "mh_attention_int8.h"
 #include "mh_attention_avx2.h"
 
 

@@ -359,6 +359,7 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
 }
 
 #include "mh_attention_allkv.h"
+#include "mh_attention_int8_x86.h"
 #include "mh_attention_block.h"
 
 /* A token's `nch` chunk results (o [nch, G, d], mx and sm [nch, G]) -> its attention output out [G, d]: each chunk
