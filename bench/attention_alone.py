@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     exe, isa = build_driver(args.isa)
     ns = run(exe, shape, args.context, args.seqs, args.reps, args.page_bytes, args.kv_cache)
     values = 2 * shape["num_key_value_heads"] * shape["head_dim"]  # K and V rows
-    key_bytes = values * 2 if args.kv_cache == "bf16" else values + values // shape["head_dim"] * 4  # int8: a scale a row
+    key_bytes = values * 2 if args.kv_cache == "bf16" else values + values // 32 * 4  # int8: and a scale per 32
     print(f"{args.shape}, build {isa}, {args.kv_cache} K/V, one thread, {args.context}-key context, {args.seqs} "
           f"sequences cold; a key is {key_bytes} bytes of K and V")
     print("| case | ns per key | GB/s |\n|---|---|---|")

@@ -205,8 +205,7 @@ def bench_interleaved(spec, runner, batches: tuple[int, ...], context: int, step
 
 def bench_prefill(spec, runner, tokens: int, trials: int, page_bytes: int) -> float:
     """Seconds to prefill one prompt of `tokens` tokens in one forward (fastest of `trials`, each when quiet)."""
-    layout = spec.kv_layout(runner.dtype, page_bytes)
-    seqs = Seqs(runner, layout, 1, tokens + 1)
+    seqs = Seqs(runner, runner.layout, 1, tokens + 1)
     prompt = torch.randint(3, spec.vocab_size, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     seqs.forward([prompt[:16]])  # warm-up
     best = float("inf")

@@ -161,14 +161,16 @@ def _free_port() -> int:
 
 
 class LlamaServer:
-    """`llama-server -m MODEL -np N -t T -c CTX` on loopback; `complete(ids, n)` -> generated token ids."""
+    """`llama-server -m MODEL -np N -t T -c CTX [extra args]` on loopback; `complete(ids, n)` -> generated token
+    ids."""
 
-    def __init__(self, tools, model: Path, parallel: int = 3, threads: int = 2, ctx_per_slot: int = 2048):
+    def __init__(self, tools, model: Path, parallel: int = 3, threads: int = 2, ctx_per_slot: int = 2048,
+                 extra_args: tuple[str, ...] = ()):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(tools["llama-server"]), "-m", str(model), "-np", str(parallel), "-t", str(threads),
                "-c", str(ctx_per_slot * parallel), "--host", "127.0.0.1", "--port", str(self.port),
-               "--no-webui", "-cb"]
+               "--no-webui", "-cb", *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

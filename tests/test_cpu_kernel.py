@@ -132,10 +132,10 @@ class Pair:
         lay = runner.layout
         if lay.int8:  # the int8 cache: each row's values times its scale
             raw = self.arenas[name].pages()[:, : lay.used_bytes]  # [P, used_bytes] uint8
-            shape = (raw.shape[0], 2, lay.num_layers, tpp, lay.num_kv_heads)
+            shape = (raw.shape[0], 2, lay.num_layers, tpp, lay.num_kv_heads, lay.head_dim // 32)
             scales = raw[:, lay.scales_offset:].contiguous().view(torch.float32).view(shape)
-            values = raw[:, : lay.scales_offset].contiguous().view(torch.int8).view(*shape, lay.head_dim)
-            full = values.float() * scales[..., None]
+            values = raw[:, : lay.scales_offset].contiguous().view(torch.int8).view(*shape, 32)
+            full = (values.float() * scales[..., None]).flatten(-2)
         else:
             full = lay.view(self.arenas[name])  # [P, 2, layers, tpp, KV, d]
         return torch.stack([full[table[p // tpp], :, :, p % tpp].float() for p in range(self.lens[seq])])

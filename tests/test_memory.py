@@ -34,12 +34,12 @@ def test_tokens_per_page_arithmetic():
 
 
 def test_int8_layout_arithmetic():
-    """The int8 K/V cache: a byte a value and a float32 scale a row (head_dim values); the scales after every
-    token's values; no tensor view (the kernel alone reads it); head sizes that are multiples of 32."""
+    """The int8 K/V cache: a byte a value and a float32 scale per 32; the scales after every token's values; no
+    tensor view (the kernel alone reads it); head sizes that are multiples of 32."""
     smol = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.int8, page_bytes=256 * 1024)
-    assert smol.int8 and smol.bytes_per_token == 2 * 30 * 3 * 64 + 2 * 30 * 3 * 4 == 12240
-    assert smol.tokens_per_page == 256 * 1024 // 12240 == 21  # bfloat16: 11
-    assert smol.scales_offset == 21 * 11520 and smol.used_bytes == 21 * 12240
+    assert smol.int8 and smol.bytes_per_token == 2 * 30 * 3 * 64 * 9 // 8 == 12960
+    assert smol.tokens_per_page == 256 * 1024 // 12960 == 20  # bfloat16: 11
+    assert smol.scales_offset == 20 * 11520 and smol.used_bytes == 20 * 12960
     with pytest.raises(ConfigError, match="fused CPU kernel only"):
         smol.view(Arena(1, 256 * 1024))
     with pytest.raises(ConfigError, match="head_dim.*multiple of 32.*48"):

@@ -87,8 +87,8 @@ static uint64_t read_context(const bench_case *b, int l) {
                 for (int j = 0; j < n; j++) {
                     const uint64_t *r = (const uint64_t *)(rows[j] + (part ? m->kv_stride : 0));
                     for (int w = 0; w < words; w++) sum += r[w];
-                    const uint32_t *f = (const uint32_t *)(scs[j] + (part ? m->kv_stride / m->head_dim : 0));
-                    for (int w = 0; w < m->kv_heads; w++) sum += f[w];
+                    const uint32_t *f = (const uint32_t *)(scs[j] + (part ? m->kv_stride / 32 : 0));
+                    for (int w = 0; w < m->kv_heads * m->head_dim / 32; w++) sum += f[w];
                 }
             continue;
         }
@@ -130,7 +130,7 @@ int main(int argc, char **argv) {
 #else
     const int L = atoi(argv[1]), H = atoi(argv[2]), KV = atoi(argv[3]), d = atoi(argv[4]), page_bytes = atoi(argv[5]);
     const int ctx = atoi(argv[6]), seqs = atoi(argv[7]), reps = atoi(argv[8]), int8 = atoi(argv[9]) != 0;
-    const int tpp = int8 ? page_bytes / (2 * L * KV * d + 2 * L * KV * 4) : page_bytes / (4 * L * KV * d);
+    const int tpp = int8 ? page_bytes / (2 * L * KV * d / 32 * 36) : page_bytes / (4 * L * KV * d);
     if (L < 1 || H < 1 || KV < 1 || H % KV || H / KV > MH_GROUP_MAX || d < 8 || d % 8 || d > MH_GROUP_DIM ||
         KV > BENCH_MAX_KV || tpp < 1 || ctx < 1 || seqs < 1 || reps < 1 || (int8 && d % 32)) {
         fprintf(stderr, "attention_alone: a shape or count out of range\n");
@@ -165,7 +165,7 @@ int main(int argc, char **argv) {
         m.kv_int8 = 1, m.page_stride = page_bytes, m.kv_scales = (int64_t)tpp * 2 * L * KV * d;
         for (int p = 0; p < P; p++) {
             float *f = (float *)((int8_t *)cache + (size_t)p * page_bytes + m.kv_scales);
-            for (int64_t i = 0; i < m.kv_scales / d; i++) f[i] = (1.0f + (float)(i % 7) / 7.0f) / 127.0f;
+            for (int64_t i = 0; i < m.kv_scales / 32; i++) f[i] = (1.0f + (float)(i % 7) / 7.0f) / 127.0f;
         }
     }
     int32_t seq_of = 0, pos = ctx - 1;

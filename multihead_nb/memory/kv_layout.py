@@ -6,9 +6,9 @@ the model reads and writes its keys and values. Knows nothing of which pages bel
 Inside a page the bytes are `[2, layers, tokens_per_page, kv_heads, head_dim]` in the model's dtype; the bytes
 past that are unused. A layer's keys over all pages are one strided view of the arena, no copy.
 With `dtype=torch.int8` (a model loaded with `kv_cache="int8"`, read by the fused CPU kernel only) the same
-elements are int8, followed from `scales_offset` by one float32 scale per row (a token's key or value of one KV
-head: head_dim elements) in the same order (a value is its int8 times its row's scale): 1 + 4 / head_dim bytes an
-element instead of bfloat16's 2.
+elements are int8, followed from `scales_offset` by one float32 scale per 32 of them in the same order (a value is
+its int8 times its scale; llama.cpp's q8_0 blocks with float32 scales): 1.125 bytes an element instead of
+bfloat16's 2.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class KVLayout:
 
     @property
     def int8(self) -> bool:
-        """Whether K/V are int8 with a float32 scale per row (the module's docstring)."""
+        """Whether K/V are int8 with a float32 scale per 32 values (the module's docstring)."""
         return self.dtype == torch.int8
 
     @property
@@ -61,7 +61,7 @@ class KVLayout:
     @property
     def bytes_per_token(self) -> int:
         if self.int8:
-            return self.elements_per_token + self.elements_per_token // self.head_dim * 4
+            return self.elements_per_token + self.elements_per_token // 32 * 4
         return self.elements_per_token * self.itemsize
 
     @property

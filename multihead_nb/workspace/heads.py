@@ -38,7 +38,7 @@ class Head:
     # "float32" (slower, logits ~10x closer to the float32 reference)
     activations: str | None = None
     # native models in the CPU kernel: how K/V are kept in the pool's pages: "bf16" (default) or "int8" (a scale per
-    # row, as llama.cpp's q8_0 cache: ~1.9x the tokens per page, the logits a little further from the reference)
+    # 32 values, as llama.cpp's q8_0 cache: ~1.8x the tokens per page, the logits a little further from the reference)
     kv_cache: str | None = None
     # the remote backend (model="openai:http://HOST:PORT/v1"): the engine's model name, its key, seconds it may
     # stay silent, tries again on connection errors

@@ -67,9 +67,9 @@ int main(void) {
     m.layer_stride = (int64_t)tpp * KV * d;
     m.kv_stride = NL * m.layer_stride;
     m.page_stride = 2 * m.kv_stride;
-    if (kv_int8) { /* strides in bytes; each row's float32 scale after the values, in the same order */
+    if (kv_int8) { /* strides in bytes; a float32 scale per 32 values after them, in the same order */
         m.kv_int8 = 1, m.kv_scales = m.page_stride;
-        m.page_stride += 2 * (int64_t)NL * tpp * KV * 4;
+        m.page_stride += m.page_stride / 32 * 4;
     }
     m.cache = calloc(kv_int8 ? ((size_t)pages * m.page_stride + 1) / 2 : (size_t)pages * m.page_stride, sizeof(uint16_t));
     int32_t *table = malloc(sizeof(int32_t) * pages);

@@ -78,7 +78,7 @@ class ModelRunner:
     reference instead of ~4e-3, see bench/README.md); "float32" multiplies the dequantized weights with float32
     inputs. x86 builds do either for every quantized format; NEON is always int8, the scalar build always float32.
     `kv_cache`: how the kernel stores K/V in the arena's pages: "bf16" (the default) or "int8" (int8 with a float32
-    scale per 32 values, as llama.cpp's q8_0 cache: 1.78x the tokens per page, half the bytes attention reads;
+    scale per 32 values, as llama.cpp's q8_0 cache: 1.78x the tokens per page, 56% of the bytes attention reads;
     the fused CPU kernel only, `memory/kv_layout.py`).
     """
 

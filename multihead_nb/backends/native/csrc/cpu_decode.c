@@ -146,7 +146,7 @@ int mh_forward(const mh_model *m, mh_step *s) {
                         float *sc;
                         kv8_slot(m, s, s->seq_of[t], s->pos[t], l, kvh, &row, &sc);
                         kv8_quantize_row(v, d, row, sc);
-                        kv8_quantize_row(val, d, row + m->kv_stride, sc + m->kv_stride / d);
+                        kv8_quantize_row(val, d, row + m->kv_stride, sc + m->kv_stride / 32);
                         continue;
                     }
                     f32_to_bf16_row(v, d, m->cache + off);

@@ -1,10 +1,10 @@
 /* The int8 K/V cache (a model loaded with kv_cache="int8"): how a key or value row is stored, written and read.
  * A page holds the rows' int8 values where a bfloat16 cache holds its elements ([2, layers, tokens_per_page,
- * kv_heads, head_dim], strides in bytes), then from byte m->kv_scales one float32 scale per row (a token's key or
- * value for one KV head, head_dim values) in the same order: a row x is stored as q = round(x / s) with
- * s = max |x| / 127, (1 + 4 / head_dim) bytes a value instead of 2. One scale a row (not one per 32 values as
- * llama.cpp's q8_0 cache) lets attention multiply the int8 themselves and scale each score, or each value row's
- * softmax weight, once.
+ * kv_heads, head_dim], strides in bytes), then from byte m->kv_scales one float32 scale per 32 of them in the same
+ * order: each 32 values x of a row (head_dim % 32 == 0) stored as q = round(x / s), s = max |x| / 127, as llama.cpp's
+ * q8_0 cache (with float32 scales): 1.125 bytes a value instead of 2. (One scale a row, tried first, let attention
+ * scale each score once, but put the logits of SmolLM2-135M 2.18e-2 from the float32 reference against 4e-3 with
+ * bfloat16 K/V; bench/README.md.)
  * The portable attention here (builds without the x86 one, mh_attention_int8_x86.h): a token's keys in chunks of 64,
  * each row turned to float32 once, then the same multiply-adds for every query head of its KV head, in plain C the
  * compiler vectorizes; chunks merged by their running max. A token's result depends on its own context only (never
@@ -14,18 +14,21 @@
 
 static inline float kv8_max(float a, float b) { return a > b ? a : b; } /* inlined, where fmaxf is a call */
 
-/* x [d] -> q [d] int8 and its scale *sc (the value of q[i] is q[i] *sc). */
+/* x [d] -> q [d] int8 and sc [d / 32] (the value of q[i] is q[i] sc[i / 32]). */
 static inline void kv8_quantize_row(const float *x, int d, int8_t *q, float *sc) {
-    float amax = 0.0f;
-    for (int i = 0; i < d; i++) amax = kv8_max(amax, fabsf(x[i]));
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    *sc = amax / 127.0f;
-    for (int i = 0; i < d; i++) q[i] = (int8_t)(int)rintf(x[i] * inv);
+    for (int b = 0; b < d / 32; b++) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = kv8_max(amax, fabsf(xb[i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        sc[b] = amax / 127.0f;
+        for (int i = 0; i < 32; i++) q[32 * b + i] = (int8_t)(int)rintf(xb[i] * inv);
+    }
 }
 
 /* The rows of keys [j0, j0 + n) of sequence seq, KV head kvh, layer `layer`: rows[i] and their scales sc[i], page by
- * page. A key's value row is m->kv_stride bytes further, its scale m->kv_stride / d floats further; KV head kvh + h's
- * row h d bytes further, its scale h floats. */
+ * page. A key's value row is m->kv_stride bytes further, its scales m->kv_stride / 32 floats further; KV head kvh + h's
+ * row h d bytes further, its scales h d / 32 floats. */
 static void kv8_rows(const mh_model *m, const mh_step *s, int layer, int seq, int kvh, int j0, int n,
                      const int8_t **rows, const float **sc) {
     const int tpp = m->tokens_per_page, KVd = m->kv_heads * m->head_dim;
@@ -37,13 +40,13 @@ static void kv8_rows(const mh_model *m, const mh_step *s, int layer, int seq, in
         const float *scales = (const float *)(page + m->kv_scales);
         for (int slot = j % tpp; slot < tpp && i < n; slot++, j++, i++) {
             const int64_t off = in_page + (int64_t)slot * KVd;
-            rows[i] = page + off, sc[i] = scales + off / m->head_dim;
+            rows[i] = page + off, sc[i] = scales + off / 32;
         }
     }
 }
 
 /* Where token position p of sequence seq keeps layer l's key row of KV head kvh (value: m->kv_stride further) and
- * its scale (value's: m->kv_stride / head_dim further). */
+ * its scales (value's: m->kv_stride / 32 further). */
 static inline void kv8_slot(const mh_model *m, const mh_step *s, int seq, int p, int l, int kvh, int8_t **row,
                             float **sc) {
     const int tpp = m->tokens_per_page;
@@ -51,7 +54,7 @@ static inline void kv8_slot(const mh_model *m, const mh_step *s, int seq, int p,
     const int64_t off = (int64_t)l * m->layer_stride + (int64_t)(p % tpp) * m->kv_heads * m->head_dim +
                         (int64_t)kvh * m->head_dim;
     *row = page + off;
-    *sc = (float *)(page + m->kv_scales) + off / m->head_dim;
+    *sc = (float *)(page + m->kv_scales) + off / 32;
 }
 
 /* exp(x) for softmax arguments (x <= 0): 2^n poly(r), |r| <= ln2 / 2, relative error ~1e-7 (exp256's steps, one
@@ -69,9 +72,12 @@ static inline float kv8_exp(float x) {
     return p * e.f;
 }
 
-/* int8 row q [d] -> f [d] float32 (exact; the scale is applied to the row's score or weight). */
-static inline void kv8_row_f32(const int8_t *q, int d, float *f) {
-    for (int i = 0; i < d; i++) f[i] = (float)q[i];
+/* int8 row q [d] with scales sc [d / 32] -> f [d] float32: each int8 times its scale. */
+static inline void kv8_row_f32(const int8_t *q, const float *sc, int d, float *f) {
+    for (int b = 0; b < d / 32; b++) {
+        const float s = sc[b];
+        for (int i = 0; i < 32; i++) f[32 * b + i] = s * (float)q[32 * b + i];
+    }
 }
 
 /* a [d] . b [d] over 16 lanes (lane i: elements i, i + 16, ... in order from zero), the lanes added in one tree. */
@@ -92,7 +98,7 @@ static inline float kv8_dot(const float *a, const float *b, int d) {
 static void attend_part_int8(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q, int j0,
                              int j1, float *sc, int ldsc, float *o, float *mx, float *sm) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1;
-    const int64_t vrow = m->kv_stride, vsc = m->kv_stride / d;
+    const int64_t vrow = m->kv_stride, vsc = m->kv_stride / 32;
     float qs[MH_GROUP_MAX * MH_GROUP_DIM], f[MH_GROUP_DIM];
     const float scale = 1.0f / sqrtf((float)d);
     for (int i = 0; i < G * d; i++) qs[i] = q[i] * scale;
@@ -103,8 +109,8 @@ static void attend_part_int8(const mh_model *m, const mh_step *s, int layer, int
     for (int j = 0; j < n; j++) {
         if (j + MH_KV8_AHEAD < n) __builtin_prefetch(rows[j + MH_KV8_AHEAD]), __builtin_prefetch(scs[j + MH_KV8_AHEAD]);
         __builtin_prefetch(rows[j] + vrow), __builtin_prefetch(scs[j] + vsc);
-        kv8_row_f32(rows[j], d, f);
-        for (int g = 0; g < G; g++) sc[(size_t)g * ldsc + j] = kv8_dot(qs + (size_t)g * d, f, d) * scs[j][0];
+        kv8_row_f32(rows[j], scs[j], d, f);
+        for (int g = 0; g < G; g++) sc[(size_t)g * ldsc + j] = kv8_dot(qs + (size_t)g * d, f, d);
     }
     for (int g = 0; g < G; g++) {
         float *row = sc + (size_t)g * ldsc, best = -INFINITY, tot = 0.0f;
@@ -117,9 +123,9 @@ static void attend_part_int8(const mh_model *m, const mh_step *s, int layer, int
     for (int j = 0; j < n; j++) {
         if (j + MH_KV8_AHEAD < n)
             __builtin_prefetch(rows[j + MH_KV8_AHEAD] + vrow), __builtin_prefetch(scs[j + MH_KV8_AHEAD] + vsc);
-        kv8_row_f32(rows[j] + vrow, d, f);
+        kv8_row_f32(rows[j] + vrow, scs[j] + vsc, d, f);
         for (int g = 0; g < G; g++) {
-            const float e = sc[(size_t)g * ldsc + j] * scs[j][vsc];
+            const float e = sc[(size_t)g * ldsc + j];
             float *og = o + (size_t)g * d;
             for (int c = 0; c < d; c++) og[c] = fmaf(e, f[c], og[c]);
         }

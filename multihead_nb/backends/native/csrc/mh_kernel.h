@@ -75,7 +75,7 @@ typedef struct {
     int32_t int8_activations;          /* x86: products of the 32-element block formats against int8 activations
                                           (else float32); NEON always int8, the scalar build float32 */
     int32_t num_pages;                 /* the arena's pages (a block table's ids are below it) */
-    int32_t kv_int8;                   /* 1: K/V as int8 with a float32 scale per row (mh_attention_int8.h);
+    int32_t kv_int8;                   /* 1: K/V as int8 with a float32 scale per 32 (mh_attention_int8.h);
                                           the strides then count bytes */
     int64_t kv_scales;                 /* kv_int8: the byte in each page where the scales start */
 } mh_model;
