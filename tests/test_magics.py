@@ -167,6 +167,9 @@ BAD = [
     ("cell", "head", "coder --model {model} --backend tpu", "sys"),
     ("cell", "head", "coder --model {model} --backend exl2", "sys"),  # no CUDA / exllamav2 here: named, nothing changed
     ("cell", "head", "newhead --model {model} --backend exl2 --region 10%", "sys"),
+    ("cell", "head", "newhead --model {model} --kv-cache int8", "sys"),  # float32 pool: the PyTorch path, named
+    ("cell", "head", "newhead --model {model} --kv-cache fp8", "sys"),
+    ("cell", "head", "newhead --model {model} --activations int4", "sys"),
     ("cell", "team", "", "this line has no colon"),
     ("cell", "team", "", "  indented first line"),
     ("cell", "team", "", "ghost: {task}"),
