@@ -31,7 +31,8 @@ static int att_mode(const mh_model *m) {
  * plans agree (no sliding window in reach, contexts of at most 64 x 64 keys: chunks of 64 from key 0). */
 #define MH_ATT_BLOCK 32
 
-typedef struct { /* ATT_SPLIT: a token alone (nb = 1) and its chunk c, or nb tokens from t0 (c = -1) */
+typedef struct { /* ATT_SPLIT: a token alone (nb = 1) and its chunk c, or nb tokens from t0 (c = -1; with the int8
+                  * K/V cache their chunk c, each token's own slots: attend_block_int8) */
     int32_t t0, nb, c;
 } mh_att_task;
 
@@ -63,7 +64,7 @@ static void att_work_free(mh_att_work *a) { /* and every pointer NULL: freeing t
 #if defined(MH_ISA_X86)
 /* Whether token t can share tasks with its neighbours: its chunks are 64 keys from key 0. */
 static int att_blockable(const mh_model *m, const mh_step *s, int t) {
-    return !m->kv_int8 && window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64;
+    return window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64 && (!m->kv_int8 || att_allkv_fits(m));
 }
 
 /* Rows of a block's attention (MH_ATT_BLOCK tokens x G heads) padded to whole tiles of 3 vectors of 8. */
@@ -82,11 +83,12 @@ static size_t att_sc_floats(const mh_model *m, int ldsc) {
 static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
     const size_t d = m->head_dim, rows = att_block_rows(m);
     const size_t lone = att_sc_floats(m, ldsc) + 64 * d, block = d * rows + 64 * rows + 1536 + 8 * d;
-    return (lone + block + bch * (d + 2) * rows + 15) / 16 * 16;
+    const size_t kv8 = m->kv_int8 ? 2 * 64 * (size_t)m->kv_heads * d : 0; /* attend_block_int8's float rows */
+    return (lone + block + bch * (d + 2) * rows + kv8 + 15) / 16 * 16;
 }
 
 typedef struct { /* one thread's share of a->scores */
-    float *sc, *f, *ot, *mx, *sm;
+    float *sc, *f, *ot, *mx, *sm, *kv8;
     mh_block_scratch blk;
 } mh_thread_att;
 
@@ -96,7 +98,38 @@ static mh_thread_att thread_att(const mh_model *m, const mh_att_work *a, int thr
     float *f = p + att_sc_floats(m, a->ldsc);
     float *qt = f + 64 * d, *sb = qt + d * rows, *part = sb + 64 * rows, *tmp = part + 1536, *ot = tmp + 8 * d;
     float *mx = ot + (size_t)a->block_chunks * d * rows, *sm = mx + (size_t)a->block_chunks * rows;
-    return (mh_thread_att){p, f, ot, mx, sm, {qt, sb, part, tmp}};
+    return (mh_thread_att){p, f, ot, mx, sm, sm + (size_t)a->block_chunks * rows, {qt, sb, part, tmp}};
+}
+
+/* Where token t's chunk c keeps its partial results, per KV head h: o[h] [G, d], mx[h] and sm[h] [G]. */
+static void chunk_slots(const mh_model *m, const mh_att_work *a, int t, int c, float **o, float **mx, float **sm) {
+    const int KV = m->kv_heads, G = m->heads / KV, nch = a->tstart[t + 1] - a->tstart[t];
+    for (int h = 0; h < KV; h++) {
+        const size_t slot = (size_t)(a->tstart[t] * KV + h * nch + c);
+        o[h] = a->po + slot * G * m->head_dim, mx[h] = a->pmx + slot * G, sm[h] = a->psm + slot * G;
+    }
+}
+
+/* The int8 K/V cache's prompt block k (nb >= 2 consecutive tokens of one sequence from k.t0, their chunk k.c of 64
+ * keys, every KV head): the chunk's rows turned to float32 once (kv8_rows_f32), then each token's share of them
+ * (its first min(64, pos - 64 c + 1) keys) by kv8_token_chunk, into its own chunk slots as a lone token's task
+ * would write them: the same operations on the same values, so the same bits; att_work_alloc plans such blocks
+ * only where they fit (att_allkv_fits, chunks of 64 from key 0, 32-aligned: every token of the block has chunk c). */
+static void attend_block_int8(const mh_model *m, const mh_step *s, int l, const mh_att_work *a, mh_att_task k,
+                              const float *qkv, int ldq, const mh_thread_att *w) {
+    const int KV = m->kv_heads, d = m->head_dim, row = KV * d, j0 = 64 * k.c;
+    const int last = s->pos[k.t0 + k.nb - 1] - j0 + 1, nmax = last < 64 ? last : 64;
+    const int8_t *rows[nmax];
+    const float *scs[nmax];
+    kv8_rows(m, s, l, s->seq_of[k.t0], 0, j0, nmax, rows, scs);
+    float *kf = w->kv8, *vf = kf + (size_t)64 * row;
+    kv8_rows_f32(m, rows, scs, nmax, row, kf, vf);
+    for (int t = k.t0; t < k.t0 + k.nb; t++) {
+        const int n = s->pos[t] - j0 + 1 < 64 ? s->pos[t] - j0 + 1 : 64;
+        float *o[MH_ALLKV_MAX], *mx[MH_ALLKV_MAX], *sm[MH_ALLKV_MAX];
+        chunk_slots(m, a, t, k.c, o, mx, sm);
+        kv8_token_chunk(m, KV, qkv + (size_t)t * ldq, n, rows, scs, kf, vf, w->sc, 64, o, mx, sm);
+    }
 }
 
 /* Task k (nb >= 2 tokens from t0, their whole context) for KV head kvh: chunk by chunk (block_chunk), merged
@@ -155,14 +188,15 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim;
     if (a->allkv) { /* task i: one chunk of a lone token, every KV head */
         const mh_att_task k = a->task[a->tasks - 1 - i];
-        const int t = k.t0, nch = a->tstart[t + 1] - a->tstart[t];
+        if (k.nb > 1) { /* the int8 K/V cache's prompt block (the bfloat16 ones are planned without allkv) */
+            attend_block_int8(m, s, l, a, k, qkv, ldq, w);
+            return;
+        }
+        const int t = k.t0;
         int j0, n;
         const int ch = att_task_keys(m, s, k, &j0, &n);
         float *o[MH_ALLKV_MAX], *mx[MH_ALLKV_MAX], *sm[MH_ALLKV_MAX];
-        for (int h = 0; h < KV; h++) {
-            const size_t slot = (size_t)(a->tstart[t] * KV + h * nch + k.c);
-            o[h] = a->po + slot * G * d, mx[h] = a->pmx + slot * G, sm[h] = a->psm + slot * G;
-        }
+        chunk_slots(m, a, t, k.c, o, mx, sm);
         if (m->kv_int8) {
             attend_part_int8_x86(m, s, l, t, 0, KV, qkv + (size_t)t * ldq, j0, j0 + n - 1, w->sc, ch, o, mx, sm);
             return;
@@ -223,6 +257,12 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
                    s->pos[t0 + nb] == s->pos[t0] + nb && s->pos[t0 + nb] % MH_ATT_BLOCK && att_blockable(m, s, t0 + nb))
                 nb++;
         a->tstart[t0] = a->chunks;
+        if (nb > 1 && m->kv_int8) { /* each token its own chunk slots (all have nch chunks); a task per chunk */
+            const int nch = s->pos[t0] / 64 + 1;
+            for (int b = 0; b < nb; b++) a->tstart[t0 + b] = a->chunks, a->chunks += nch;
+            for (int c = 0; c < nch; c++) a->task[a->tasks++] = (mh_att_task){t0, nb, c};
+            continue;
+        }
         if (nb > 1) {
             for (int b = 1; b < nb; b++) a->tstart[t0 + b] = a->chunks;
             const int bch = s->pos[t0 + nb - 1] / 64 + 1;
