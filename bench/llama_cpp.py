@@ -132,11 +132,11 @@ def apply_fixes(src: Path, log=print) -> int:
 
 # ---- llama-bench ----------------------------------------------------------------------------------------------
 def llama_bench(tools, model: Path, threads: int = 2, prompt: int = 128, gen: int = 128, reps: int = 3,
-                depth: int = 0) -> dict:
-    """`llama-bench -t T -p P -n N -r R -o json`'s figures (`bench_figures`); with `depth`, `-d depth`: both tests
-    after that many tokens of context."""
+                depth: int = 0, extra_args: tuple[str, ...] = ()) -> dict:
+    """`llama-bench -t T -p P -n N -r R -o json [extra args]`'s figures (`bench_figures`); with `depth`, `-d depth`:
+    both tests after that many tokens of context."""
     cmd = [str(tools["llama-bench"]), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
-           "-r", str(reps), "-o", "json", *(["-d", str(depth)] if depth else [])]
+           "-r", str(reps), "-o", "json", *(["-d", str(depth)] if depth else []), *extra_args]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return bench_figures(json.loads(done.stdout))
 
@@ -221,18 +221,19 @@ class LlamaServer:
         self.close()
 
 
-def server_steps(tools, model: Path, threads: int, prompts: list[list[int]], gen: int) -> tuple[float, float]:
+def server_steps(tools, model: Path, threads: int, prompts: list[list[int]], gen: int,
+                 extra_args: tuple[str, ...] = ()) -> tuple[float, float]:
     """llama.cpp's decode step at batch 1 and at batch 3, in seconds: `llama-server -np 3` decoding `gen` tokens after
     `prompts[0]` alone, then after each of the three `prompts` at once (started together, so the three decode in the
     same steps; the median of the three requests' time per token). The three prompts are first sent once each (one
     token predicted, `cache_prompt`), so that each lies in a slot's cache and the timed requests decode only (at
-    most a few prompt tokens evaluated, checked). Unwarmed, three 1024-token prompts (more than one 2048-token
+    most a few prompt tokens evaluated, checked); `extra_args` go to llama-server. Unwarmed, three 1024-token prompts (more than one 2048-token
     batch) were prefilled in turn while the first slots decoded, and those steps counted as decode (Q5_0 on a Zen 2:
     93-102 ms a step, against 43 in a pair where the prompts happened to align)."""
     from concurrent.futures import ThreadPoolExecutor
 
     assert len(prompts) == 3
-    with LlamaServer(tools, model, parallel=3, threads=threads) as srv:
+    with LlamaServer(tools, model, parallel=3, threads=threads, extra_args=extra_args) as srv:
         srv.timed(prompts[0][:16], 4)  # warm-up
         alone = srv.timed(prompts[0], gen)["predicted_per_token_ms"]
         with ThreadPoolExecutor(3) as pool:

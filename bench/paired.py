@@ -2,7 +2,7 @@
 
     python -m bench.paired [--formats bf16 q8_0 q4_0] [--prompt 1024] [--context 128] [--gen 64] [--pairs 10]
                            [--prefill-reps 1] [--threads 2] [--isa avx2] [--llama-isa avx2] [--no-server]
-                           [--csv PATH]
+                           [--kv-cache int8] [--csv PATH]
 
 Why pairs: on a shared VM the same code's speed moves by up to 2x within seconds (a bfloat16 product measured
 35, 50 and 70 GMAC/s in three runs a minute apart, bench/README.md), so the best of rounds taken a minute apart
@@ -23,14 +23,18 @@ cost on each system, which `--context 1024` measures after long contexts, where 
 `--csv` also writes every pair's figures, one row per format and pair (for a notebook). `--isa` runs MultiHead's
 build for that instruction set (e.g. the AVX2 build on an AVX-512 CPU) instead of the best one the CPU runs;
 `--llama-isa avx2` runs llama.cpp's AVX2 build (what GGML_NATIVE gives an AVX2-only CPU) instead of its native one:
-both together set the two systems' AVX2-only builds side by side on a CPU that has more.
+both together set the two systems' AVX2-only builds side by side on a CPU that has more. `--kv-cache int8` runs
+MultiHead with `kv_cache="int8"` and llama.cpp with its q8_0 K/V cache (`-fa on -ctk q8_0 -ctv q8_0`).
 """
+
 
 from __future__ import annotations
 
 import argparse
 import statistics
 from pathlib import Path
+
+LLAMA_KV_ARGS = {"bf16": (), "int8": ("-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0")}  # llama.cpp's nearest cache
 
 
 def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
@@ -45,8 +49,10 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     out = {}
 
     def theirs():  # prefill from an empty context, decode after --context tokens (-d), as MultiHead's
-        pre = llama_bench(tools, path, args.threads, args.prompt, 0, reps=args.prefill_reps)
-        dec = llama_bench(tools, path, args.threads, 0, args.gen, reps=args.prefill_reps, depth=args.context)
+        kv = LLAMA_KV_ARGS[args.kv_cache]
+        pre = llama_bench(tools, path, args.threads, args.prompt, 0, reps=args.prefill_reps, extra_args=kv)
+        dec = llama_bench(tools, path, args.threads, 0, args.gen, reps=args.prefill_reps, depth=args.context,
+                          extra_args=kv)
         out["llama prefill"], out["llama decode"] = pre["prefill_best_tps"], dec["decode_tps"]
 
     def ours():
@@ -60,7 +66,7 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     if not args.no_server:
         g = torch.Generator().manual_seed(i)
         ids = [torch.randint(3, spec.vocab_size, (args.context,), generator=g).tolist() for _ in range(3)]
-        s1, s3 = server_steps(tools, path, args.threads, ids, args.gen)
+        s1, s3 = server_steps(tools, path, args.threads, ids, args.gen, LLAMA_KV_ARGS[args.kv_cache])
         out["llama b3/b1"], out["llama b3 ms"] = s3 / s1, s3 * 1e3
     return out
 
@@ -98,6 +104,8 @@ def main(argv=None) -> None:
     ap.add_argument("--llama-isa", choices=list(LLAMA_BUILDS), default="native",
                     help="llama.cpp's build: native (this CPU's best) or avx2 (what an AVX2-only CPU builds)")
     ap.add_argument("--no-server", action="store_true", help="skip llama-server's batch-3 / batch-1 steps")
+    ap.add_argument("--kv-cache", choices=list(LLAMA_KV_ARGS), default="bf16",
+                    help="MultiHead's kv_cache (int8: llama.cpp with its q8_0 K/V cache)")
     ap.add_argument("--csv", help="also write every pair's figures to this CSV file")
     args = ap.parse_args(argv)
     if min(args.pairs, args.prompt, args.context, args.gen, args.prefill_reps) < 1:
@@ -118,15 +126,15 @@ def main(argv=None) -> None:
     isa = load_kernel(args.isa).isa
     print(f"kernel build {isa}, llama.cpp build {args.llama_isa}, {args.threads} threads, read bandwidth "
           f"{read_bandwidth() / 1e9:.1f} GB/s; {args.pairs} pairs per format, prefill of {args.prompt} tokens "
-          f"(fastest of {args.prefill_reps}), decode after {args.context}")
+          f"(fastest of {args.prefill_reps}), decode after {args.context}; K/V cache {args.kv_cache}")
     rows, every = {}, []
     for fmt, path in files.items():
         spec = read_spec(str(path))
         # four sequences (batch 1 and batch 3 in turn) of the longest use: a prompt, or a context, 3 warm-up steps
         # and --gen steps (bench_interleaved)
         longest = max(args.prompt + 1, args.context + args.gen + 11)
-        pages = 4 * spec.kv_layout(torch.bfloat16, 256 * 1024).pages_for(longest)
-        runner = make_runner(spec, torch.bfloat16, 256 * 1024, pages + 2, "kernel", "bf16", args.isa)
+        pages = 4 * spec.kv_layout(torch.bfloat16, 256 * 1024, args.kv_cache).pages_for(longest)
+        runner = make_runner(spec, torch.bfloat16, 256 * 1024, pages + 2, "kernel", "bf16", args.isa, args.kv_cache)
         pairs = []
         for i in range(args.pairs):
             pairs.append(measure_pair(tools, path, spec, runner, args, i))
