@@ -227,9 +227,10 @@ def server_steps(tools, model: Path, threads: int, prompts: list[list[int]], gen
     `prompts[0]` alone, then after each of the three `prompts` at once (started together, so the three decode in the
     same steps; the median of the three requests' time per token). The three prompts are first sent once each (one
     token predicted, `cache_prompt`), so that each lies in a slot's cache and the timed requests decode only (at
-    most a few prompt tokens evaluated, checked); `extra_args` go to llama-server. Unwarmed, three 1024-token prompts (more than one 2048-token
-    batch) were prefilled in turn while the first slots decoded, and those steps counted as decode (Q5_0 on a Zen 2:
-    93-102 ms a step, against 43 in a pair where the prompts happened to align)."""
+    most a few prompt tokens evaluated, checked); `extra_args` go to llama-server. Unwarmed, three 1024-token
+    prompts (more than one 2048-token batch) were prefilled in turn while the first slots decoded, and those steps
+    counted as decode (Q5_0 on a Zen 2: 93-102 ms a step, against 43 in a pair where the prompts happened to
+    align)."""
     from concurrent.futures import ThreadPoolExecutor
 
     assert len(prompts) == 3

@@ -44,6 +44,8 @@ def test_int8_layout_arithmetic():
         smol.view(Arena(1, 256 * 1024))
     with pytest.raises(ConfigError, match="head_dim.*multiple of 32.*48"):
         KVLayout(num_layers=2, num_kv_heads=1, head_dim=48, dtype=torch.int8, page_bytes=4096)
+    with pytest.raises(ConfigError, match="12960 bytes.*1 byte, and a float32 scale per 32"):
+        KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.int8, page_bytes=8192)
 
 
 def test_page_too_small_for_one_token():

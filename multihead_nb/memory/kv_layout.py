@@ -42,7 +42,9 @@ class KVLayout:
             raise ConfigError(
                 f"a page of {self.page_bytes} bytes cannot hold one token of this model, which needs "
                 f"{self.bytes_per_token} bytes of K/V per token ({self.num_layers} layers x {self.num_kv_heads} "
-                f"KV heads x {self.head_dim} head dim x 2 x {self.itemsize} bytes); use a larger page_bytes"
+                f"KV heads x {self.head_dim} head dim x 2 x "
+                + ("1 byte, and a float32 scale per 32" if self.int8 else f"{self.itemsize} bytes")
+                + "); use a larger page_bytes"
             )
 
     @property

@@ -1,8 +1,8 @@
 """Heads: a model plus a system prompt, sampling defaults and limits.
 
 Owns: `Head` (a named agent's definition, with how its model is run: `backend`; for region backends such as EXL2,
-the `region` of the pool its model's K/V lives in; for native models `quantize`, `activations` and `kv_cache`; for the remote backend,
-`remote_model`, `api_key`, `timeout` and `retries`). Knows nothing of pages, tensors or the engine; the workspace
+the `region` of the pool its model's K/V lives in; for native models `quantize`, `activations` and `kv_cache`; for
+the remote backend, `remote_model`, `api_key`, `timeout` and `retries`). Knows nothing of pages, tensors or the engine; the workspace
 turns a head's `quota` and `region` into pages, and hands the model options to the backend that loads its model.
 """
 

@@ -71,7 +71,8 @@ int main(void) {
         m.kv_int8 = 1, m.kv_scales = m.page_stride;
         m.page_stride += m.page_stride / 32 * 4;
     }
-    m.cache = calloc(kv_int8 ? ((size_t)pages * m.page_stride + 1) / 2 : (size_t)pages * m.page_stride, sizeof(uint16_t));
+    const size_t elements = kv_int8 ? ((size_t)pages * m.page_stride + 1) / 2 : (size_t)pages * m.page_stride;
+    m.cache = calloc(elements, sizeof(uint16_t)); /* page_stride counts bytes with the int8 cache */
     int32_t *table = malloc(sizeof(int32_t) * pages);
     for (int p = 0; p < pages; p++) table[p] = p;
     fprintf(stderr, "isa %s\n", mh_isa());

@@ -3,8 +3,8 @@
 Owns: planning a native model (its spec read and checked, its K/V layout for the arena's page size, its weight
 bytes in the workspace dtype, or packed when `quantize=` asks for a format) and building it (runner, tokenizer with
 a working chat template), and which format each model it built was quantized to, which `activations=` its
-kernel takes and how it keeps its K/V (`kv_cache=`; a head asking another of a loaded model is an error). Knows nothing of the pool's accounting, heads
-or requests.
+kernel takes and how it keeps its K/V (`kv_cache=`; a head asking another of a loaded model is an error). Knows
+nothing of the pool's accounting, heads or requests.
 """
 
 from __future__ import annotations

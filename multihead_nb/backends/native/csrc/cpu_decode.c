@@ -2,9 +2,10 @@
  *
  * Owns: the math of every layer for T tokens (decode steps of a few sequences, prefill chunks of any length),
  * reading and writing K/V directly in the arena's pages through the block tables: embedding lookup, RMSNorm,
- * q/k/v (+bias), qwen3's per-head q/k norm, RoPE, the K/V write (bfloat16, or int8 and a scale per row), causal (optionally sliding-window)
- * attention over pages, o_proj + residual, RMSNorm, gate/up, SiLU-times-up, down + residual, the final norm and
- * the lm_head for the rows whose logits are wanted (the last layer's o_proj and MLP run for those rows only).
+ * q/k/v (+bias), qwen3's per-head q/k norm, RoPE, the K/V write (bfloat16, or int8 and a scale per 32 values),
+ * causal (optionally sliding-window) attention over pages, o_proj + residual, RMSNorm, gate/up, SiLU-times-up,
+ * down + residual, the final norm and the lm_head for the rows whose logits are wanted (the last layer's o_proj and
+ * MLP run for those rows only).
  * Knows nothing of requests or which pages are whose (the block tables say), nor of Python.
  *
  * Weights are bfloat16 or GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), each matrix in its own format,
