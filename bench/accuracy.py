@@ -25,8 +25,6 @@ import argparse
 
 import torch
 
-LLAMA_KV = {"bf16": (), "int8": ("-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0")}  # llama-server's nearest K/V cache
-
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
     "Explain in three sentences why the sky is blue.",
@@ -131,7 +129,7 @@ def main(argv=None) -> None:
         llama_same = {}  # K/V cache -> llama-server's greedy tokens equal to the reference's
         for kv in args.kv_cache if tools is not None else ():
             server = llama_cpp.LlamaServer(tools, llama_gguf.checkpoint_gguf(folder, fmt, tools), parallel=1,
-                                           threads=args.threads, extra_args=LLAMA_KV[kv])
+                                           threads=args.threads, extra_args=llama_cpp.KV_CACHE_ARGS[kv])
             try:
                 llama_same[kv] = sum(sum(x == y for x, y in zip(server.complete(p, args.tokens), r))
                                      for p, r in zip(prompts, ref_tokens_all))

@@ -40,6 +40,9 @@ LLAMA_BUILDS = {
     "avx2": ("build-avx2", ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
                             "-DGGML_BMI2=ON", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF"]),
 }
+# llama-bench / llama-server arguments for the K/V cache nearest MultiHead's `kv_cache=` (its q8_0 cache for "int8",
+# which needs its flash attention)
+KV_CACHE_ARGS = {"bf16": (), "int8": ("-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0")}
 # Source fixes applied before configuring, each (file, text, replacement, why); a fix whose text is absent (fixed
 # upstream) is skipped.
 LLAMA_FIXES = [

@@ -34,7 +34,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-LLAMA_KV_ARGS = {"bf16": (), "int8": ("-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0")}  # llama.cpp's nearest cache
+from .llama_cpp import KV_CACHE_ARGS
 
 
 def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
@@ -49,7 +49,7 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     out = {}
 
     def theirs():  # prefill from an empty context, decode after --context tokens (-d), as MultiHead's
-        kv = LLAMA_KV_ARGS[args.kv_cache]
+        kv = KV_CACHE_ARGS[args.kv_cache]
         pre = llama_bench(tools, path, args.threads, args.prompt, 0, reps=args.prefill_reps, extra_args=kv)
         dec = llama_bench(tools, path, args.threads, 0, args.gen, reps=args.prefill_reps, depth=args.context,
                           extra_args=kv)
@@ -66,7 +66,7 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     if not args.no_server:
         g = torch.Generator().manual_seed(i)
         ids = [torch.randint(3, spec.vocab_size, (args.context,), generator=g).tolist() for _ in range(3)]
-        s1, s3 = server_steps(tools, path, args.threads, ids, args.gen, LLAMA_KV_ARGS[args.kv_cache])
+        s1, s3 = server_steps(tools, path, args.threads, ids, args.gen, KV_CACHE_ARGS[args.kv_cache])
         out["llama b3/b1"], out["llama b3 ms"] = s3 / s1, s3 * 1e3
     return out
 
@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     ap.add_argument("--llama-isa", choices=list(LLAMA_BUILDS), default="native",
                     help="llama.cpp's build: native (this CPU's best) or avx2 (what an AVX2-only CPU builds)")
     ap.add_argument("--no-server", action="store_true", help="skip llama-server's batch-3 / batch-1 steps")
-    ap.add_argument("--kv-cache", choices=list(LLAMA_KV_ARGS), default="bf16",
+    ap.add_argument("--kv-cache", choices=list(KV_CACHE_ARGS), default="bf16",
                     help="MultiHead's kv_cache (int8: llama.cpp with its q8_0 K/V cache)")
     ap.add_argument("--csv", help="also write every pair's figures to this CSV file")
     args = ap.parse_args(argv)

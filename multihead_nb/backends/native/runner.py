@@ -30,13 +30,18 @@ KV_CACHES = ("bf16", "int8")  # how the kernel stores K/V; the first is the defa
 KV_INT8_MAX_GROUP, KV_INT8_MAX_HEAD_DIM = 8, 256  # the int8 attention's limits (mh_attention_int8.h)
 
 
-def check_kv_cache(value: str | None) -> str:
-    """`kv_cache=` as the kernel takes it ("bf16" when None); an error names a value it does not know."""
+def _choice(option: str, value: str | None, choices: tuple[str, ...]) -> str:
+    """`option=value` as the kernel takes it (the first choice when None); an error names a value it does not know."""
     if value is None:
-        return KV_CACHES[0]
-    if value not in KV_CACHES:
-        raise ConfigError(f"kv_cache={value!r}: expected one of {', '.join(map(repr, KV_CACHES))}")
+        return choices[0]
+    if value not in choices:
+        raise ConfigError(f"{option}={value!r}: expected one of {', '.join(map(repr, choices))}")
     return value
+
+
+def check_kv_cache(value: str | None) -> str:
+    """`kv_cache=` as the kernel takes it ("bf16" when None)."""
+    return _choice("kv_cache", value, KV_CACHES)
 
 
 def kv_cache_problem(spec: ModelSpec, kv_cache: str) -> str | None:
@@ -52,12 +57,8 @@ def kv_cache_problem(spec: ModelSpec, kv_cache: str) -> str | None:
 
 
 def check_activations(value: str | None) -> str:
-    """`activations=` as the kernel takes it ("int8" when None); an error names a value it does not know."""
-    if value is None:
-        return ACTIVATIONS[0]
-    if value not in ACTIVATIONS:
-        raise ConfigError(f"activations={value!r}: expected one of {', '.join(map(repr, ACTIVATIONS))}")
-    return value
+    """`activations=` as the kernel takes it ("int8" when None)."""
+    return _choice("activations", value, ACTIVATIONS)
 
 
 class ModelRunner:

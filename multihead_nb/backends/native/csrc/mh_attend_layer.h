@@ -7,8 +7,9 @@
  * block is in the forward (allkv: each key's row read whole), then one merge per (token, KV head). All give a token
  * the same bits.
  * Without blocks (decode) the tasks go round-robin, so a thread fetches its next task's first keys early.
- * With the int8 K/V cache (m->kv_int8) no token is in a block: the x86 builds' lone-token tasks run
- * attend_part_int8_x86 (mh_attention_int8_x86.h), the other builds attend_int8 per (token, KV head).
+ * With the int8 K/V cache (m->kv_int8) the x86 builds' lone-token tasks run attend_part_int8_x86
+ * (mh_attention_int8_x86.h) and its prompt blocks attend_block_int8 (a task per chunk, each token its own chunk slots,
+ * merged as a lone token's); the other builds run attend_int8 per (token, KV head).
  * Knows nothing of weights or of the rest of the layer; reads the K/V the forward already wrote for this step. */
 #ifndef MH_ATTEND_LAYER_H
 #define MH_ATTEND_LAYER_H
@@ -320,7 +321,7 @@ static int attend_layer(const mh_model *m, const mh_step *s, int l, const float 
     (void)ep;
 #endif
     float *sc = a->scores + (size_t)omp_get_thread_num() * (a->mode == ATT_HEADS ? 1 : G) * a->ldsc;
-    if (m->kv_int8) { /* G == 1 where the mode is ATT_HEADS (check_step) */
+    if (m->kv_int8) { /* check_step keeps G <= 8 and d <= 256: ATT_HEADS only where G == 1 (sc: G ldsc floats) */
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < T * KV; i++) {
             const int t = i / KV, kvh = i % KV;
