@@ -29,7 +29,7 @@ CASES = ("attention-cold", "reads-cold", "attention-hot", "reads-hot")
 def build_driver(isa: str | None = None) -> tuple[Path, str]:
     """(executable, build name): the driver compiled with `isa`'s flags (default: the best this CPU runs)."""
     from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, OPENMP_FLAG, compile_c, cpu_features,
-                                                         cpu_isas, isa_flags)
+                                                         cpu_isas, isa_flags, kernel_defines)
 
     machine, feats = cpu_features()
     isa = isa or cpu_isas()[0]
@@ -38,7 +38,7 @@ def build_driver(isa: str | None = None) -> tuple[Path, str]:
         raise SystemExit(f"this CPU cannot run the {isa} build (it runs: {', '.join(cpu_isas())})")
     if isa not in ("avx512", "avx2"):
         raise SystemExit(f"the {isa} build has no x86 attention tasks to time; use avx2 or avx512")
-    return compile_c(COMMON_FLAGS + flags + (OPENMP_FLAG, f"-I{CSRC}"), f"attention_alone-{isa}",
+    return compile_c(COMMON_FLAGS + kernel_defines() + flags + (OPENMP_FLAG, f"-I{CSRC}"), f"attention_alone-{isa}",
                      sources=(DRIVER,)), isa
 
 

@@ -7,7 +7,8 @@
  *   hot: one layer's keys of the first sequence attended `layers` times (in L2 or L3 by the second time).
  * argv: layers heads kv_heads head_dim page_bytes ctx seqs reps int8. stdout: "<case> <ns per key>" per case, a key
  * being one key's K and V rows for every KV head; the fastest of `reps`. int8 1: the int8 K/V cache
- * (mh_attention_int8.h; attend_part_int8_x86, the same split) instead of bfloat16. x86 builds only. */
+ * (mh_attention_int8.h; AVX-512 BF16 builds: each task's rows turned into bfloat16 ones, kv8_turn_keys; the others:
+ * attend_part_int8_x86; the same split) instead of bfloat16. x86 builds only. */
 #include <stdio.h>
 #include <time.h>
 #include "cpu_decode.c"
@@ -25,6 +26,7 @@ typedef struct {
     mh_step *s;
     const int32_t *tables; /* [seqs, pages per sequence] */
     int pps, ctx, seqs, hot;
+    uint16_t *kv8; /* AVX-512 BF16 builds: the int8 cache's task rows in bfloat16 (a chunk, every KV head) */
 } bench_case;
 
 /* The chunks (tasks per KV head) of a lone token's context of ctx keys. */
@@ -42,6 +44,7 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
         const mh_att_task k = {0, 1, c}, after = {0, 1, c + 1};
         int j0, n;
         const int ch = att_task_keys(m, b->s, k, &j0, &n);
+#if !defined(MH_ATT_BF16)
         if (m->kv_int8) {
             if (att_allkv_fits(m))
                 attend_part_int8_x86(m, b->s, l, 0, 0, KV, q, j0, j0 + n - 1, sc, ch, o, mx, sm);
@@ -52,19 +55,22 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
             sum += o[0][0];
             continue;
         }
-        const uint16_t *next[MH_KEYS_AHEAD];
+#endif
+        const uint16_t *next[MH_KEYS_AHEAD]; /* (not with the int8 cache: its rows are read as they are turned) */
         if (att_allkv_fits(m)) {
-            const int na = c + 1 < nch ? task_first_rows(m, b->s, l, after, 0, att_allkv_ahead(m), next) : 0;
-            attend_part_allkv(m, b->s, l, 0, q, j0, j0 + n - 1, sc, ch, qf, o, mx, sm, next, na);
+            const int na =
+                c + 1 < nch && !m->kv_int8 ? task_first_rows(m, b->s, l, after, 0, att_allkv_ahead(m), next) : 0;
+            attend_part_allkv(m, b->s, l, 0, q, j0, j0 + n - 1, sc, ch, qf, o, mx, sm, next, na, b->kv8);
             sum += o[0][0];
             continue;
         }
         for (int h = 0; h < KV; h++) {
-            const int na = h + 1 < KV    ? task_first_rows(m, b->s, l, k, h + 1, MH_KEYS_AHEAD, next)
+            const int na = m->kv_int8   ? 0
+                           : h + 1 < KV  ? task_first_rows(m, b->s, l, k, h + 1, MH_KEYS_AHEAD, next)
                            : c + 1 < nch ? task_first_rows(m, b->s, l, after, 0, MH_KEYS_AHEAD, next)
                                          : 0;
             attend_part_avx2(m, b->s, l, 0, h, q + (size_t)h * G * d, j0, j0 + n - 1, sc, ch, o[h], mx[h], sm[h], next,
-                             na);
+                             na, b->kv8);
             sum += o[h][0];
         }
     }
@@ -141,7 +147,8 @@ int main(int argc, char **argv) {
     int32_t *tables = malloc(sizeof(int32_t) * P);
     float *q = alloc64(sizeof(float) * H * d), *qf = alloc64(sizeof(float) * KV * queries_kvh_floats(H / KV, d));
     float *sc = alloc64(sizeof(float) * H * (size_t)att_chunk(ctx)), *out = alloc64(sizeof(float) * H * (d + 2));
-    if (!cache || !tables || !q || !qf || !sc || !out) {
+    uint16_t *kv8 = alloc64(sizeof(uint16_t) * 2 * (size_t)att_chunk(ctx) * KV * d); /* a chunk's K and V rows */
+    if (!cache || !tables || !q || !qf || !sc || !out || !kv8) {
         fprintf(stderr, "attention_alone: out of memory\n");
         return 3;
     }
@@ -175,7 +182,7 @@ int main(int argc, char **argv) {
     double sink = 0.0;
     for (int c = 0; c < 4; c++) {
         const int hot = c >= 2;
-        bench_case b = {&m, &s, tables, pps, ctx, hot ? 1 : seqs, hot};
+        bench_case b = {&m, &s, tables, pps, ctx, hot ? 1 : seqs, hot, kv8};
         double best = 1e30;
         for (int r = 0; r < reps + hot; r++) { /* hot: one more, the first filling the caches */
             const double t = run_case(&b, c % 2, q, sc, qf, out, &sink);

@@ -7,9 +7,10 @@
  * block is in the forward (allkv: each key's row read whole), then one merge per (token, KV head). All give a token
  * the same bits.
  * Without blocks (decode) the tasks go round-robin, so a thread fetches its next task's first keys early.
- * With the int8 K/V cache (m->kv_int8) the x86 builds' lone-token tasks run attend_part_int8_x86
- * (mh_attention_int8_x86.h) and its prompt blocks attend_block_int8 (a task per chunk, each token its own chunk slots,
- * merged as a lone token's); the other builds run attend_int8 per (token, KV head).
+ * With the int8 K/V cache (m->kv_int8) the AVX-512 BF16 builds' tasks are the same, each turning its chunk's rows into
+ * bfloat16 ones in the thread's scratch (kv8_turn_keys, mh_attention_int8_bf16.h); the other x86 builds' lone-token
+ * tasks run attend_part_int8_x86 (mh_attention_int8_x86.h) and their prompt blocks attend_block_int8 (a task per chunk,
+ * each token its own chunk slots, merged as a lone token's); the other builds run attend_int8 per (token, KV head).
  * Knows nothing of weights or of the rest of the layer; reads the K/V the forward already wrote for this step. */
 #ifndef MH_ATTEND_LAYER_H
 #define MH_ATTEND_LAYER_H
@@ -33,7 +34,7 @@ static int att_mode(const mh_model *m) {
 #define MH_ATT_BLOCK 32
 
 typedef struct { /* ATT_SPLIT: a token alone (nb = 1) and its chunk c, or nb tokens from t0 (c = -1; with the int8
-                  * K/V cache their chunk c, each token's own slots: attend_block_int8) */
+                  * K/V cache outside AVX-512 BF16 builds their chunk c, each token's own slots: attend_block_int8) */
     int32_t t0, nb, c;
 } mh_att_task;
 
@@ -65,7 +66,11 @@ static void att_work_free(mh_att_work *a) { /* and every pointer NULL: freeing t
 #if defined(MH_ISA_X86)
 /* Whether token t can share tasks with its neighbours: its chunks are 64 keys from key 0. */
 static int att_blockable(const mh_model *m, const mh_step *s, int t) {
+#if defined(MH_ATT_BF16)
+    return window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64;
+#else
     return window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64 && (!m->kv_int8 || att_allkv_fits(m));
+#endif
 }
 
 /* Rows of a block's attention (MH_ATT_BLOCK tokens x G heads) padded to whole tiles of 3 vectors of 8. */
@@ -80,11 +85,17 @@ static size_t att_sc_floats(const mh_model *m, int ldsc) {
 
 /* Floats of one thread's attention scratch: a lone token's scores (att_sc_floats) and widened keys [64, d] (a block's
  * too); a block's queries [d, rows], scores [64, rows], one score tile's partials [16, 12, 8], a merge's [d, 8], and
- * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each. */
+ * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each; with the int8 K/V cache a task's rows in
+ * bfloat16 (AVX-512 BF16: kv8_scratch_halves of a chunk of ldsc >= 64 keys, every KV head) or a block's chunk's rows
+ * in float32 (the other builds: attend_block_int8's [2, 64, KV d]). */
 static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
     const size_t d = m->head_dim, rows = att_block_rows(m);
     const size_t lone = att_sc_floats(m, ldsc) + 64 * d, block = d * rows + 64 * rows + 1536 + 8 * d;
-    const size_t kv8 = m->kv_int8 ? 2 * 64 * (size_t)m->kv_heads * d : 0; /* attend_block_int8's float rows */
+#if defined(MH_ATT_BF16)
+    const size_t kv8 = m->kv_int8 ? (kv8_scratch_halves(ldsc, m->kv_heads, (int)d) + 1) / 2 : 0;
+#else
+    const size_t kv8 = m->kv_int8 ? 2 * 64 * (size_t)m->kv_heads * d : 0;
+#endif
     return (lone + block + bch * (d + 2) * rows + kv8 + 15) / 16 * 16;
 }
 
@@ -111,6 +122,7 @@ static void chunk_slots(const mh_model *m, const mh_att_work *a, int t, int c, f
     }
 }
 
+#if !defined(MH_ATT_BF16)
 /* The int8 K/V cache's prompt block k (nb >= 2 consecutive tokens of one sequence from k.t0, their chunk k.c of 64
  * keys, every KV head): the chunk's rows turned to float32 once (kv8_rows_f32), then each token's share of them
  * (its first min(64, pos - 64 c + 1) keys) by kv8_token_chunk, into its own chunk slots as a lone token's task
@@ -132,6 +144,7 @@ static void attend_block_int8(const mh_model *m, const mh_step *s, int l, const 
         kv8_token_chunk(m, KV, qkv + (size_t)t * ldq, n, rows, scs, kf, vf, w->sc, 64, o, mx, sm);
     }
 }
+#endif
 
 /* Task k (nb >= 2 tokens from t0, their whole context) for KV head kvh: chunk by chunk (block_chunk), merged
  * (block_merge) straight into attn [T, H d]. */
@@ -152,8 +165,18 @@ static void attend_block(const mh_model *m, const mh_step *s, int l, mh_att_task
             nrow[r] = p - j0 + 1 < 64 ? p - j0 + 1 : 64;
         }
         const uint16_t *kp[n];
-        key_rows(m, s, l, s->seq_of[k.t0], kvh, j0, n, kp);
-        block_chunk(m, kp, w->f, n, nrow, ldr, &w->blk, w->ot + (size_t)c * d * ldr, w->mx + (size_t)c * ldr,
+        const mh_model *mc = m; /* the int8 cache: the chunk's rows turned into bfloat16, and where they are */
+#if defined(MH_ATT_BF16)
+        mh_model mb;
+        if (m->kv_int8) {
+            const int8_t *rows[n];
+            const float *scs[n];
+            mc = kv8_chunk_rows(m, s, l, s->seq_of[k.t0], kvh, 1, j0, n, (uint16_t *)w->kv8, rows, scs, kp, &mb);
+            kv8_turn_keys(m, rows, scs, d, n, (uint16_t *)w->kv8, 0, n);
+        } else
+#endif
+            key_rows(m, s, l, s->seq_of[k.t0], kvh, j0, n, kp);
+        block_chunk(mc, kp, w->f, n, nrow, ldr, &w->blk, w->ot + (size_t)c * d * ldr, w->mx + (size_t)c * ldr,
                     w->sm + (size_t)c * ldr);
     }
     block_merge(G, d, R, ldr, nch, w->ot, w->mx, w->sm, w->blk.tmp,
@@ -189,24 +212,29 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim;
     if (a->allkv) { /* task i: one chunk of a lone token, every KV head */
         const mh_att_task k = a->task[a->tasks - 1 - i];
+#if !defined(MH_ATT_BF16)
         if (k.nb > 1) { /* the int8 K/V cache's prompt block (the bfloat16 ones are planned without allkv) */
             attend_block_int8(m, s, l, a, k, qkv, ldq, w);
             return;
         }
+#endif
         const int t = k.t0;
         int j0, n;
         const int ch = att_task_keys(m, s, k, &j0, &n);
         float *o[MH_ALLKV_MAX], *mx[MH_ALLKV_MAX], *sm[MH_ALLKV_MAX];
         chunk_slots(m, a, t, k.c, o, mx, sm);
+#if !defined(MH_ATT_BF16)
         if (m->kv_int8) {
             attend_part_int8_x86(m, s, l, t, 0, KV, qkv + (size_t)t * ldq, j0, j0 + n - 1, w->sc, ch, o, mx, sm);
             return;
         }
-        const uint16_t *ahead[MH_KEYS_AHEAD];
-        const int na = next >= 0 ? task_first_rows(m, s, l, a->task[a->tasks - 1 - next], 0, att_allkv_ahead(m), ahead)
-                                 : 0;
+#endif
+        const uint16_t *ahead[MH_KEYS_AHEAD]; /* (not with the int8 cache: its rows are read as they are turned) */
+        const int na = next >= 0 && !m->kv_int8
+                           ? task_first_rows(m, s, l, a->task[a->tasks - 1 - next], 0, att_allkv_ahead(m), ahead)
+                           : 0;
         attend_part_allkv(m, s, l, t, qkv + (size_t)t * ldq, j0, j0 + n - 1, w->sc, ch, w->sc + (size_t)m->heads * ch,
-                          o, mx, sm, ahead, na);
+                          o, mx, sm, ahead, na, (uint16_t *)w->kv8);
         return;
     }
     const mh_att_task k = a->task[a->tasks - 1 - i / KV];
@@ -217,19 +245,22 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     }
     const uint16_t *ahead[MH_KEYS_AHEAD];
     const mh_att_task k2 = a->task[a->tasks - 1 - (next >= 0 ? next : i) / KV];
-    const int na = next >= 0 && k2.nb == 1 ? task_first_rows(m, s, l, k2, next % KV, MH_KEYS_AHEAD, ahead) : 0;
+    const int na = next >= 0 && k2.nb == 1 && !m->kv_int8 ? task_first_rows(m, s, l, k2, next % KV, MH_KEYS_AHEAD, ahead)
+                                                           : 0;
     const int t = k.t0, nch = a->tstart[t + 1] - a->tstart[t];
     int j0, n;
     const int ch = att_task_keys(m, s, k, &j0, &n);
     const size_t slot = (size_t)(a->tstart[t] * KV + kvh * nch + k.c);
+#if !defined(MH_ATT_BF16)
     if (m->kv_int8) {
         float *o = a->po + slot * G * d, *mx = a->pmx + slot * G, *sm = a->psm + slot * G;
         attend_part_int8_x86(m, s, l, t, kvh, 1, qkv + (size_t)t * ldq + (size_t)kvh * G * d, j0, j0 + n - 1, w->sc,
                              ch, &o, &mx, &sm);
         return;
     }
+#endif
     attend_part_avx2(m, s, l, t, kvh, qkv + (size_t)t * ldq + (size_t)kvh * G * d, j0, j0 + n - 1, w->sc, ch,
-                     a->po + slot * G * d, a->pmx + slot * G, a->psm + slot * G, ahead, na);
+                     a->po + slot * G * d, a->pmx + slot * G, a->psm + slot * G, ahead, na, (uint16_t *)w->kv8);
 }
 #endif
 
@@ -258,12 +289,14 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
                    s->pos[t0 + nb] == s->pos[t0] + nb && s->pos[t0 + nb] % MH_ATT_BLOCK && att_blockable(m, s, t0 + nb))
                 nb++;
         a->tstart[t0] = a->chunks;
+#if !defined(MH_ATT_BF16)
         if (nb > 1 && m->kv_int8) { /* each token its own chunk slots (all have nch chunks); a task per chunk */
             const int nch = s->pos[t0] / 64 + 1;
             for (int b = 0; b < nb; b++) a->tstart[t0 + b] = a->chunks, a->chunks += nch;
             for (int c = 0; c < nch; c++) a->task[a->tasks++] = (mh_att_task){t0, nb, c};
             continue;
         }
+#endif
         if (nb > 1) {
             for (int b = 1; b < nb; b++) a->tstart[t0 + b] = a->chunks;
             const int bch = s->pos[t0 + nb - 1] / 64 + 1;

@@ -48,25 +48,34 @@ static inline int att_allkv_ahead(const mh_model *m) {
  * ns per key (bench/README.md). q: the token's H d queries; sc: scratch
  * [H, ldsc >= n]; qf: scratch [KV, queries_kvh_floats(G, d)] (each KV head's queries as queries_kvh prepares them); per KV
  * head h: o[h] [G, d], mx[h], sm[h] [G] (attend_part_avx2's outputs); next [nnext]: key rows (KV head 0) of the
- * thread's next task, fetched whole while the values are summed. */
+ * thread's next task, fetched whole while the values are summed. With the int8 K/V cache (m->kv_int8; AVX-512 BF16
+ * builds: the others run attend_part_int8_x86) the chunk's rows are turned into bfloat16 ones in kv8 (kv8_scratch_halves(n, KV, d)), 4 keys at a time before their scores
+ * (kv8_turn_keys), which the rest reads. */
 static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, int t, const float *q, int j0, int j1,
                               float *sc, int ldsc, float *qf, float *const *o, float *const *mx, float *const *sm,
-                              const uint16_t *const *next, int nnext) {
+                              const uint16_t *const *next, int nnext, uint16_t *kv8) {
     const int d = m->head_dim, KV = m->kv_heads, G = m->heads / KV, n = j1 - j0 + 1, qkv = queries_kvh_floats(G, d);
     for (int kvh = 0; kvh < KV; kvh++) queries_kvh(q + (size_t)kvh * G * d, G, d, qf + (size_t)kvh * qkv);
     const uint16_t *kp_all[n];
-    key_rows(m, s, layer, s->seq_of[t], 0, j0, n, kp_all); /* KV head 0's rows; head h's are h d further */
+    const int8_t *rows8[m->kv_int8 ? n : 1]; /* the int8 cache's rows and scales, turned 4 keys at a time */
+    const float *scs8[m->kv_int8 ? n : 1];
+    const mh_model *m8 = m; /* the cache's model; m, where the rows read are (KV head 0's; head h's h d further) */
+    mh_model mb;
+    m = task_rows(m8, s, layer, s->seq_of[t], 0, KV, j0, n, kv8, rows8, scs8, kp_all, &mb);
     const int row_bytes = 2 * d * KV, ahead = att_allkv_ahead(m);
-    for (int j = 0; j < n && j < ahead; j++) prefetch_row(kp_all[j], row_bytes);
+    for (int j = 0; j < n && j < ahead && !m8->kv_int8; j++) prefetch_row(kp_all[j], row_bytes);
     for (int k0 = 0; k0 < n; k0 += 4) {
         const int nk = n - k0 < 4 ? n - k0 : 4;
+#if defined(MH_ATT_BF16)
+        if (m8->kv_int8) kv8_turn_keys(m8, rows8, scs8, KV * d, n, kv8, k0, k0 + nk);
+#endif
         for (int kvh = 0; kvh < KV; kvh++) {
             /* this KV head's lines of the key rows `ahead` keys on and of the 4 keys' value rows: a few at a time
              * between the products, not the rows' every line at once (48 fetches in a burst filled the L1's miss
              * buffers). Zen 2, Q4_0, builds alternated in one process: a step at batch 3 after 1024-token contexts
              * 11.40 -> 10.41 ms, at batch 1 6.49 -> 6.14; after 160 tokens 5.72 -> 5.42 (bench/README.md). And in
              * AVX-512 builds the rows MH_ALLKV_FAR_KEYS on, into the L2. */
-            for (int i = 0; i < nk; i++)
+            for (int i = 0; i < nk && !m8->kv_int8; i++) /* (the int8 rows: kv8_turn_keys) */
                 for (int c = kvh * 2 * d; c < (kvh + 1) * 2 * d; c += 64) {
                     if (k0 + ahead + i < n) _mm_prefetch((const char *)kp_all[k0 + ahead + i] + c, _MM_HINT_T0);
                     _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);

@@ -304,6 +304,23 @@ static inline void values_x3(const uint16_t *const *kp, int64_t off, int n, cons
  * and batch 1 0.57 -> 0.49 M (64, the whole chunk at once, no better). */
 #define MH_KEYS_AHEAD 32
 
+#include "mh_attention_int8_bf16.h"
+
+/* The rows a lone token's task reads: keys [j0, j0 + n) of KV heads [h0, h0 + nh), KV head h0's rows into kp (head
+ * h0 + h's h d further). Returns the model that says where their value rows are: m, or with the int8 K/V cache of
+ * AVX-512 BF16 builds mb, for the bfloat16 rows kv8_chunk_rows places in kv8 (rows8, scs8 [n]: the int8 rows and
+ * scales kv8_turn_keys turns into them). */
+static const mh_model *task_rows(const mh_model *m, const mh_step *s, int layer, int seq, int h0, int nh, int j0, int n,
+                                 uint16_t *kv8, const int8_t **rows8, const float **scs8, const uint16_t **kp,
+                                 mh_model *mb) {
+#if defined(MH_ATT_BF16)
+    if (m->kv_int8) return kv8_chunk_rows(m, s, layer, seq, h0, nh, j0, n, kv8, rows8, scs8, kp, mb);
+#endif
+    (void)nh, (void)kv8, (void)rows8, (void)scs8, (void)mb;
+    key_rows(m, s, layer, seq, h0, j0, n, kp);
+    return m;
+}
+
 /* One chunk [j0, j1] of token t's keys, the G (<= 8) query heads of KV head kvh (d % 8 == 0, d <= 256), in AVX2 +
  * FMA: scores of 4 keys x 3 heads at a time (each key row widened once for 3 heads), a vectorized exp, values
  * summed 32 columns x 3 heads at a time (values_32x3). AVX-512 builds sum the values' same multiply-adds 64 columns
@@ -313,15 +330,21 @@ static inline void values_x3(const uint16_t *const *kp, int64_t off, int n, cons
  * queries_x3, scores_x3, weights_for_values and values_x3 choose among them. Writes the
  * unnormalized output o [G, d], the scores' max mx [G] and the sum of exp(score - max) sm [G]; `attn_merge`
  * combines a token's chunks. sc: scratch [G, ldsc >= n]. next [nnext]: key rows to fetch for the thread's next
- * task. */
+ * task. With the int8 K/V cache (m->kv_int8; AVX-512 BF16 builds: the others run attend_part_int8_x86) the chunk's
+ * rows are turned into bfloat16 ones in kv8 (kv8_scratch_halves(n, 1, d)), 4 keys at a time before their scores
+ * (kv8_turn_keys), which the rest reads. */
 static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int t, int kvh, const float *q, int j0,
                              int j1, float *sc, int ldsc, float *o, float *mx, float *sm, const uint16_t *const *next,
-                             int nnext) {
+                             int nnext, uint16_t *kv8) {
     const int d = m->head_dim, G = m->heads / m->kv_heads, n = j1 - j0 + 1, seq = s->seq_of[t];
     float qf[(MH_GROUP_MAX + 2) / 3 * 3 * MH_GROUP_DIM];
     queries_kvh(q, G, d, qf);
     const uint16_t *kp_all[n];
-    key_rows(m, s, layer, seq, kvh, j0, n, kp_all);
+    const int8_t *rows8[m->kv_int8 ? n : 1]; /* the int8 cache's rows and scales, turned 4 keys at a time */
+    const float *scs8[m->kv_int8 ? n : 1];
+    const mh_model *m8 = m; /* the cache's model; m, where the rows read are */
+    mh_model mb;
+    m = task_rows(m8, s, layer, seq, kvh, 1, j0, n, kv8, rows8, scs8, kp_all, &mb);
     /* The pages are scattered in the arena and the weights streamed since this layer's keys were written have
      * pushed them out of cache: fetch each key row MH_KEYS_AHEAD keys ahead, and its value row while its key is
      * used (the hardware prefetchers do not follow a block table). */
@@ -334,7 +357,10 @@ static void attend_part_avx2(const mh_model *m, const mh_step *s, int layer, int
             const int nk = n - k0 < 4 ? n - k0 : 4;
             const uint16_t *kp[4];
             for (int i = 0; i < 4; i++) kp[i] = kp_all[k0 + (i < nk ? i : nk - 1)];
-            if (g0 == 0)
+#if defined(MH_ATT_BF16)
+            if (g0 == 0 && m8->kv_int8) kv8_turn_keys(m8, rows8, scs8, d, n, kv8, k0, k0 + nk);
+#endif
+            if (g0 == 0 && !m8->kv_int8)
                 for (int i = 0; i < nk; i++)
                     for (int c = 0; c < row_bytes; c += 64) {
                         if (k0 + MH_KEYS_AHEAD + i < n)

@@ -1,5 +1,5 @@
-/* Attention over an int8 K/V cache (mh_attention_int8.h's rows, a scale per 32 values) in AVX2 + FMA, 16 lanes
- * wide in AVX-512 builds: one chunk of a lone token's keys for KV heads [h0, h0 + nh), all of them in one task where
+/* Attention over an int8 K/V cache (mh_attention_int8.h's rows, a scale per 32 values) in the x86 builds without
+ * AVX-512 BF16 (those: mh_attention_int8_bf16.h), in AVX2 + FMA, 16 lanes wide in AVX-512 builds: one chunk of a lone token's keys for KV heads [h0, h0 + nh), all of them in one task where
  * a key's row for every KV head is a few cache lines (att_allkv_fits), else one. Scores: 4 keys x 3 query heads at a
  * time, each key's int8 turned to float32 in registers once for the 3 heads (times its 32 values' scale), summed over
  * the lanes (hsum4x8 / hsum16x4). Values: 32 or 64 columns x 3 heads of multiply-adds in registers, each value row's
@@ -8,6 +8,7 @@
  * threads' split. */
 #ifndef MH_ATTENTION_INT8_X86_H
 #define MH_ATTENTION_INT8_X86_H
+#if !defined(MH_ATT_BF16)
 
 static inline __m256 kv8_f32x8(const int8_t *p, __m256 s) { /* 8 int8 -> float32, times s */
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), s);
@@ -228,4 +229,5 @@ static void attend_part_int8_x86(const mh_model *m, const mh_step *s, int layer,
     kv8_token_chunk(m, nh, q, n, rows, scs, NULL, NULL, sc, ldsc, o, mx, sm);
 }
 
+#endif
 #endif
