@@ -245,8 +245,9 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     }
     const uint16_t *ahead[MH_KEYS_AHEAD];
     const mh_att_task k2 = a->task[a->tasks - 1 - (next >= 0 ? next : i) / KV];
-    const int na = next >= 0 && k2.nb == 1 && !m->kv_int8 ? task_first_rows(m, s, l, k2, next % KV, MH_KEYS_AHEAD, ahead)
-                                                           : 0;
+    const int na = next >= 0 && k2.nb == 1 && !m->kv_int8
+                       ? task_first_rows(m, s, l, k2, next % KV, MH_KEYS_AHEAD, ahead)
+                       : 0;
     const int t = k.t0, nch = a->tstart[t + 1] - a->tstart[t];
     int j0, n;
     const int ch = att_task_keys(m, s, k, &j0, &n);

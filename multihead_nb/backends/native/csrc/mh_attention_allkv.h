@@ -49,8 +49,8 @@ static inline int att_allkv_ahead(const mh_model *m) {
  * [H, ldsc >= n]; qf: scratch [KV, queries_kvh_floats(G, d)] (each KV head's queries as queries_kvh prepares them); per KV
  * head h: o[h] [G, d], mx[h], sm[h] [G] (attend_part_avx2's outputs); next [nnext]: key rows (KV head 0) of the
  * thread's next task, fetched whole while the values are summed. With the int8 K/V cache (m->kv_int8; AVX-512 BF16
- * builds: the others run attend_part_int8_x86) the chunk's rows are turned into bfloat16 ones in kv8 (kv8_scratch_halves(n, KV, d)), 4 keys at a time before their scores
- * (kv8_turn_keys), which the rest reads. */
+ * builds: the others run attend_part_int8_x86) the chunk's rows are turned into bfloat16 ones in kv8
+ * (kv8_scratch_halves(n, KV, d)), 4 keys at a time before their scores (kv8_turn_keys), which the rest reads. */
 static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, int t, const float *q, int j0, int j1,
                               float *sc, int ldsc, float *qf, float *const *o, float *const *mx, float *const *sm,
                               const uint16_t *const *next, int nnext, uint16_t *kv8) {

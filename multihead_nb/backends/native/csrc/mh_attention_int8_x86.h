@@ -1,11 +1,14 @@
 /* Attention over an int8 K/V cache (mh_attention_int8.h's rows, a scale per 32 values) in the x86 builds without
- * AVX-512 BF16 (those: mh_attention_int8_bf16.h), in AVX2 + FMA, 16 lanes wide in AVX-512 builds: one chunk of a lone token's keys for KV heads [h0, h0 + nh), all of them in one task where
- * a key's row for every KV head is a few cache lines (att_allkv_fits), else one. Scores: 4 keys x 3 query heads at a
+ * AVX-512 BF16 (those: mh_attention_int8_bf16.h), in AVX2 + FMA, 16 lanes wide in AVX-512 builds: one chunk of a lone
+ * token's keys for KV heads [h0, h0 + nh), all of them in one task where a key's row for every KV head is a few cache
+ * lines (att_allkv_fits), else one. Scores: 4 keys x 3 query heads at a
  * time, each key's int8 turned to float32 in registers once for the 3 heads (times its 32 values' scale), summed over
  * the lanes (hsum4x8 / hsum16x4). Values: 32 or 64 columns x 3 heads of multiply-adds in registers, each value row's
  * int8 turned to float32 times its scale once for the 3 heads. Outputs as attend_part_avx2's (merged by attn_merge).
  * Included by mh_attention_avx2.h (its helpers: softmax_rows, hsum4x8, store_scores4, rows3); knows nothing of the
- * threads' split. */
+ * threads' split. (Turning the rows into bfloat16 for the bfloat16 cache's attention, as the AVX-512 BF16 builds do,
+ * cost the AVX2 build more than it saved: without vcvtne2ps2bf16, rounding and packing take 7 instructions per 8 values
+ * on top of the widening's 3, and its decode at batch 3 was 8% slower; bench/README.md.) */
 #ifndef MH_ATTENTION_INT8_X86_H
 #define MH_ATTENTION_INT8_X86_H
 #if !defined(MH_ATT_BF16)
