@@ -9,8 +9,10 @@
  * Without blocks (decode) the tasks go round-robin, so a thread fetches its next task's first keys early.
  * With the int8 K/V cache (m->kv_int8) the AVX-512 BF16 builds' tasks are the same, each turning its chunk's rows into
  * bfloat16 ones in the thread's scratch (kv8_turn_keys, mh_attention_int8_bf16.h); the other x86 builds' lone-token
- * tasks run attend_part_int8_x86 (mh_attention_int8_x86.h) and their prompt blocks attend_block_int8 (a task per chunk,
- * each token its own chunk slots, merged as a lone token's); the other builds run attend_int8 per (token, KV head).
+ * tasks run attend_part_int8_x86 (mh_attention_int8_x86.h), and their prompt blocks the same tasks as the bfloat16
+ * cache's on the rows turned into float32 (AVX2) or, where MH_KV8_OWN_BLOCKS (AVX-512 without BF16),
+ * attend_block_int8 (a task per chunk, each token its own chunk slots, merged as a lone token's); the other builds run
+ * attend_int8 per (token, KV head).
  * Knows nothing of weights or of the rest of the layer; reads the K/V the forward already wrote for this step. */
 #ifndef MH_ATTEND_LAYER_H
 #define MH_ATTEND_LAYER_H
@@ -34,7 +36,7 @@ static int att_mode(const mh_model *m) {
 #define MH_ATT_BLOCK 32
 
 typedef struct { /* ATT_SPLIT: a token alone (nb = 1) and its chunk c, or nb tokens from t0 (c = -1; with the int8
-                  * K/V cache outside AVX-512 BF16 builds their chunk c, each token's own slots: attend_block_int8) */
+                  * K/V cache where MH_KV8_OWN_BLOCKS their chunk c, each token's own slots: attend_block_int8) */
     int32_t t0, nb, c;
 } mh_att_task;
 
@@ -66,11 +68,8 @@ static void att_work_free(mh_att_work *a) { /* and every pointer NULL: freeing t
 #if defined(MH_ISA_X86)
 /* Whether token t can share tasks with its neighbours: its chunks are 64 keys from key 0. */
 static int att_blockable(const mh_model *m, const mh_step *s, int t) {
-#if defined(MH_ATT_BF16)
-    return window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64;
-#else
-    return window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64 && (!m->kv_int8 || att_allkv_fits(m));
-#endif
+    return window_lo(m, s->pos[t]) == 0 && att_chunk(s->pos[t] + 1) == 64 &&
+           (!MH_KV8_OWN_BLOCKS || !m->kv_int8 || att_allkv_fits(m));
 }
 
 /* Rows of a block's attention (MH_ATT_BLOCK tokens x G heads) padded to whole tiles of 3 vectors of 8. */
@@ -87,14 +86,14 @@ static size_t att_sc_floats(const mh_model *m, int ldsc) {
  * too); a block's queries [d, rows], scores [64, rows], one score tile's partials [16, 12, 8], a merge's [d, 8], and
  * its chunks' results: outputs [bch, d, rows], max and sum [bch, rows] each; with the int8 K/V cache a task's rows in
  * bfloat16 (AVX-512 BF16: kv8_scratch_halves of a chunk of ldsc >= 64 keys, every KV head) or a block's chunk's rows
- * in float32 (the other builds: attend_block_int8's [2, 64, KV d]). */
+ * in float32 (MH_KV8_OWN_BLOCKS: attend_block_int8's [2, 64, KV d]). */
 static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
     const size_t d = m->head_dim, rows = att_block_rows(m);
     const size_t lone = att_sc_floats(m, ldsc) + 64 * d, block = d * rows + 64 * rows + 1536 + 8 * d;
 #if defined(MH_ATT_BF16)
     const size_t kv8 = m->kv_int8 ? (kv8_scratch_halves(ldsc, m->kv_heads, (int)d) + 1) / 2 : 0;
 #else
-    const size_t kv8 = m->kv_int8 ? 2 * 64 * (size_t)m->kv_heads * d : 0;
+    const size_t kv8 = m->kv_int8 && MH_KV8_OWN_BLOCKS ? 2 * 64 * (size_t)m->kv_heads * d : 0;
 #endif
     return (lone + block + bch * (d + 2) * rows + kv8 + 15) / 16 * 16;
 }
@@ -122,7 +121,7 @@ static void chunk_slots(const mh_model *m, const mh_att_work *a, int t, int c, f
     }
 }
 
-#if !defined(MH_ATT_BF16)
+#if MH_KV8_OWN_BLOCKS
 /* The int8 K/V cache's prompt block k (nb >= 2 consecutive tokens of one sequence from k.t0, their chunk k.c of 64
  * keys, every KV head): the chunk's rows turned to float32 once (kv8_rows_f32), then each token's share of them
  * (its first min(64, pos - 64 c + 1) keys) by kv8_token_chunk, into its own chunk slots as a lone token's task
@@ -165,18 +164,25 @@ static void attend_block(const mh_model *m, const mh_step *s, int l, mh_att_task
             nrow[r] = p - j0 + 1 < 64 ? p - j0 + 1 : 64;
         }
         const uint16_t *kp[n];
-        const mh_model *mc = m; /* the int8 cache: the chunk's rows turned into bfloat16, and where they are */
+        const mh_model *mc = m; /* where the rows read are (the int8 cache, AVX-512 BF16: rows turned into bfloat16) */
+        const int8_t *rows8[m->kv_int8 ? n : 1]; /* the int8 cache's rows and scales */
+        const float *scs8[m->kv_int8 ? n : 1];
+        const mh_kv8_chunk c8 = {rows8, scs8}, *r8 = NULL; /* AVX2: turned into float32 by block_chunk */
+        (void)c8;
 #if defined(MH_ATT_BF16)
         mh_model mb;
         if (m->kv_int8) {
-            const int8_t *rows[n];
-            const float *scs[n];
-            mc = kv8_chunk_rows(m, s, l, s->seq_of[k.t0], kvh, 1, j0, n, (uint16_t *)w->kv8, rows, scs, kp, &mb);
-            kv8_turn_keys(m, rows, scs, d, n, (uint16_t *)w->kv8, 0, n);
+            mc = kv8_chunk_rows(m, s, l, s->seq_of[k.t0], kvh, 1, j0, n, (uint16_t *)w->kv8, rows8, scs8, kp, &mb);
+            kv8_turn_keys(m, rows8, scs8, d, n, (uint16_t *)w->kv8, 0, n);
+        } else
+#else
+        if (m->kv_int8) {
+            kv8_rows(m, s, l, s->seq_of[k.t0], kvh, j0, n, rows8, scs8);
+            r8 = &c8;
         } else
 #endif
             key_rows(m, s, l, s->seq_of[k.t0], kvh, j0, n, kp);
-        block_chunk(mc, kp, w->f, n, nrow, ldr, &w->blk, w->ot + (size_t)c * d * ldr, w->mx + (size_t)c * ldr,
+        block_chunk(mc, kp, r8, w->f, n, nrow, ldr, &w->blk, w->ot + (size_t)c * d * ldr, w->mx + (size_t)c * ldr,
                     w->sm + (size_t)c * ldr);
     }
     block_merge(G, d, R, ldr, nch, w->ot, w->mx, w->sm, w->blk.tmp,
@@ -212,7 +218,7 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
     const int KV = m->kv_heads, G = m->heads / KV, d = m->head_dim;
     if (a->allkv) { /* task i: one chunk of a lone token, every KV head */
         const mh_att_task k = a->task[a->tasks - 1 - i];
-#if !defined(MH_ATT_BF16)
+#if MH_KV8_OWN_BLOCKS
         if (k.nb > 1) { /* the int8 K/V cache's prompt block (the bfloat16 ones are planned without allkv) */
             attend_block_int8(m, s, l, a, k, qkv, ldq, w);
             return;
@@ -290,7 +296,7 @@ static int att_work_alloc(const mh_model *m, const mh_step *s, int nt, mh_att_wo
                    s->pos[t0 + nb] == s->pos[t0] + nb && s->pos[t0 + nb] % MH_ATT_BLOCK && att_blockable(m, s, t0 + nb))
                 nb++;
         a->tstart[t0] = a->chunks;
-#if !defined(MH_ATT_BF16)
+#if MH_KV8_OWN_BLOCKS
         if (nb > 1 && m->kv_int8) { /* each token its own chunk slots (all have nch chunks); a task per chunk */
             const int nch = s->pos[t0] / 64 + 1;
             for (int b = 0; b < nb; b++) a->tstart[t0 + b] = a->chunks, a->chunks += nch;

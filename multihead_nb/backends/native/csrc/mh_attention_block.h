@@ -264,12 +264,14 @@ static void block_queries(const float *q, int ldq, int G, int d, int R, int ldr,
         }
 }
 
-/* One chunk of n (<= 64) keys (kp: their rows; kf: scratch [n, d]) for a block's rows (queries w->qt [d, ldr], row r
+/* One chunk of n (<= 64) keys (kp: their rows; r8: NULL, or, in AVX2 builds, the int8 cache's rows, turned into
+ * float32 here where bfloat16 ones are widened; kf: scratch [n, d]) for a block's rows (queries w->qt [d, ldr], row r
  * using its first nrow[r] >= 1 keys): ot [d, ldr] the unnormalized outputs, mx [ldr] the scores' max and sm [ldr]
  * the sum of exp(score - max), each as attend_part_avx2 forms them for a token alone. */
-static void block_chunk(const mh_model *m, const uint16_t *const *kp, float *kf, int n, const int *nrow, int ldr,
-                        const mh_block_scratch *w, float *ot, float *mx, float *sm) {
+static void block_chunk(const mh_model *m, const uint16_t *const *kp, const mh_kv8_chunk *r8, float *kf, int n,
+                        const int *nrow, int ldr, const mh_block_scratch *w, float *ot, float *mx, float *sm) {
     const int d = m->head_dim;
+    (void)r8; /* (AVX-512 BF16 builds turn the int8 rows into bfloat16 ones before) */
 #if defined(MH_ATT_BF16)
     const int bf = att_bf16(d); /* w->qt holds the queries' bfloat16 pairs (block_queries_bf16) */
 #else
@@ -278,6 +280,10 @@ static void block_chunk(const mh_model *m, const uint16_t *const *kp, float *kf,
     if (bf)
         for (int j = 0; j < n && j < 8; j++) /* the first rows; each tile fetches the rows 8 keys on */
             prefetch_row(kp[j], 2 * d);
+#if !defined(MH_ATT_BF16)
+    else if (r8)
+        kv8_f32_rows(m, r8, n, 0, kf);
+#endif
     else
         widen_rows(kp, 0, n, d, m->kv_stride, kf);
     for (int v0 = 0; v0 < ldr; v0 += 24) /* scores s [n, ldr], 3 row vectors x 4 keys a tile */
@@ -341,7 +347,12 @@ static void block_chunk(const mh_model *m, const uint16_t *const *kp, float *kf,
     }
 #endif
     /* values: widened over the keys, outputs ot [d, ldr], 3 row vectors x 4 columns a tile */
-    widen_rows(kp, m->kv_stride, n, d, 0, kf);
+#if !defined(MH_ATT_BF16)
+    if (r8)
+        kv8_f32_rows(m, r8, n, 1, kf);
+    else
+#endif
+        widen_rows(kp, m->kv_stride, n, d, 0, kf);
     for (int v0 = 0; v0 < ldr; v0 += 24) {
         __m256i nr[3];
         int n0 = n;

@@ -5,9 +5,9 @@
  * page lays them out (a key's KV heads side by side, its value row a fixed stride further). The bfloat16 cache's own
  * attention then runs on them unchanged: lone tokens (attend_part_avx2, attend_part_allkv) and prompt blocks
  * (block_chunk, its vdpbf16ps tiles) alike, so a token's attention is the same bits alone, in a batch, in chunks and
- * in a prompt block, and a prompt's attention is as fast as with the bfloat16 cache (turning the rows to float32
- * instead, as the other builds do, left each prompt token's multiply-adds its own: prefill 18-30% slower). The
- * values carry one more rounding than those builds' float32 rows, to bfloat16: what the bfloat16 cache stores.
+ * in a prompt block, and a prompt's attention is as fast as with the bfloat16 cache (the earlier form, float32 rows
+ * and each prompt token's multiply-adds its own, took 18-30% longer prefills here). The values carry one more
+ * rounding than the other builds' float32 rows, to bfloat16: what the bfloat16 cache stores.
  * Included by mh_attention_avx2.h; knows nothing of the threads' split. */
 #ifndef MH_ATTENTION_INT8_BF16_H
 #define MH_ATTENTION_INT8_BF16_H

@@ -1,16 +1,34 @@
 /* Attention over an int8 K/V cache (mh_attention_int8.h's rows, a scale per 32 values) in the x86 builds without
  * AVX-512 BF16 (those: mh_attention_int8_bf16.h), in AVX2 + FMA, 16 lanes wide in AVX-512 builds: one chunk of a lone
  * token's keys for KV heads [h0, h0 + nh), all of them in one task where a key's row for every KV head is a few cache
- * lines (att_allkv_fits), else one. Scores: 4 keys x 3 query heads at a
- * time, each key's int8 turned to float32 in registers once for the 3 heads (times its 32 values' scale), summed over
- * the lanes (hsum4x8 / hsum16x4). Values: 32 or 64 columns x 3 heads of multiply-adds in registers, each value row's
- * int8 turned to float32 times its scale once for the 3 heads. Outputs as attend_part_avx2's (merged by attn_merge).
+ * lines (att_allkv_fits), else one. Scores: 4 keys x 3 query heads at a time, each key's int8 turned to float32 in
+ * registers once for the 3 heads (times its 32 values' scale), summed over the lanes (hsum4x8 / hsum16x4). Values: 32
+ * or 64 columns x 3 heads of multiply-adds in registers, each value row's int8 turned to float32 times its scale once
+ * for the 3 heads. Outputs as attend_part_avx2's (merged by attn_merge).
+ * In AVX2 builds these 8-lane sums are the bfloat16 attention's operations in its order, on rows turned into float32
+ * instead of widened, so their prompt blocks run the bfloat16 cache's tiles on such rows (kv8_f32_rows, block_chunk);
+ * the AVX-512 ones sum 16 lanes in an order of their own and keep attend_block_int8 (MH_KV8_OWN_BLOCKS). Turning the
+ * rows into bfloat16 for the bfloat16 attention, as the AVX-512 BF16 builds do, cost the AVX2 build more than it saved
+ * (without vcvtne2ps2bf16 rounding and packing take 7 instructions per 8 values on top of the widening's 3; decode at
+ * batch 3 8% slower; bench/README.md).
  * Included by mh_attention_avx2.h (its helpers: softmax_rows, hsum4x8, store_scores4, rows3); knows nothing of the
- * threads' split. (Turning the rows into bfloat16 for the bfloat16 cache's attention, as the AVX-512 BF16 builds do,
- * cost the AVX2 build more than it saved: without vcvtne2ps2bf16, rounding and packing take 7 instructions per 8 values
- * on top of the widening's 3, and its decode at batch 3 was 8% slower; bench/README.md.) */
+ * threads' split. */
 #ifndef MH_ATTENTION_INT8_X86_H
 #define MH_ATTENTION_INT8_X86_H
+/* Whether the int8 cache's prompt blocks run attend_block_int8 (AVX-512 builds without BF16: their lone tokens' int8
+ * scores sum 16 lanes in an order of their own, which the bfloat16 blocks' tiles do not share), or the bfloat16
+ * blocks' own tiles (block_chunk) on the rows turned into float32 (AVX2 builds: kv8_f32_rows; their lone tokens' 8-lane
+ * order is the tiles') or into bfloat16 (AVX-512 BF16 builds: mh_attention_int8_bf16.h). */
+#if defined(MH_ATT_ZMM) && !defined(MH_ATT_BF16)
+#define MH_KV8_OWN_BLOCKS 1
+#else
+#define MH_KV8_OWN_BLOCKS 0
+#endif
+
+typedef struct { /* a chunk's int8 rows of one KV head and their scales (kv8_rows), for block_chunk */
+    const int8_t *const *rows;
+    const float *const *scs;
+} mh_kv8_chunk;
 #if !defined(MH_ATT_BF16)
 
 static inline __m256 kv8_f32x8(const int8_t *p, __m256 s) { /* 8 int8 -> float32, times s */
@@ -135,6 +153,7 @@ static inline int kv8_keys_ahead(int row) { return (MH_ALLKV_LINES_AHEAD + row /
 
 #define MH_KV8_MAX_ROW 256 /* values of a key's row over the task's KV heads (att_allkv_fits: 2 d KV <= 512) */
 
+#if MH_KV8_OWN_BLOCKS /* attend_block_int8's */
 /* n key rows (rows[j], scales scs[j], `row` values) and their value rows (m->kv_stride further) -> kf [n, row] and
  * vf [n, row] float32: each int8 times its scale, the values kv8_scores_4x3 and the value sums form in registers. */
 static void kv8_rows_f32(const mh_model *m, const int8_t *const *rows, const float *const *scs, int n, int row,
@@ -146,6 +165,23 @@ static void kv8_rows_f32(const mh_model *m, const int8_t *const *rows, const flo
             _mm256_storeu_ps(kf + (size_t)j * row + c, kv8_f32x8(rows[j] + c, sk));
             _mm256_storeu_ps(vf + (size_t)j * row + c, kv8_f32x8(rows[j] + vrow + c, sv));
         }
+}
+#endif
+
+/* A chunk's n key rows (r->rows[j], r->scs[j]: one KV head's; values = 1: their value rows, m->kv_stride bytes
+ * further) -> f [n, d] float32, each int8 times its scale: the values kv8_scores_4x3 and kv8_values_32x3 form in
+ * registers, so the prompt blocks' tiles on them give a lone token's bits (AVX2 builds). */
+static void kv8_f32_rows(const mh_model *m, const mh_kv8_chunk *r, int n, int values, float *f) {
+    const int d = m->head_dim;
+    const int64_t off = values ? m->kv_stride : 0, soff = values ? m->kv_stride / 32 : 0;
+    for (int j = 0; j < n; j++, f += d) {
+        if (j + 8 < n) {
+            for (int c = 0; c < d; c += 64) _mm_prefetch((const char *)(r->rows[j + 8] + off + c), _MM_HINT_T0);
+            _mm_prefetch((const char *)(r->scs[j + 8] + soff), _MM_HINT_T0);
+        }
+        for (int c = 0; c < d; c += 8)
+            _mm256_storeu_ps(f + c, kv8_f32x8(r->rows[j] + off + c, _mm256_set1_ps(r->scs[j][soff + c / 32])));
+    }
 }
 
 /* Token's chunk of n keys for nh KV heads (rows[j] / scs[j]: KV head 0's of the task; q: [nh, G, d] unscaled): the
