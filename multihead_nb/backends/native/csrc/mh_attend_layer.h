@@ -90,8 +90,8 @@ static size_t att_sc_floats(const mh_model *m, int ldsc) {
 static size_t att_thread_floats(const mh_model *m, int ldsc, int bch) {
     const size_t d = m->head_dim, rows = att_block_rows(m);
     const size_t lone = att_sc_floats(m, ldsc) + 64 * d, block = d * rows + 64 * rows + 1536 + 8 * d;
-#if defined(MH_ATT_BF16)
-    const size_t kv8 = m->kv_int8 ? (kv8_scratch_halves(ldsc, m->kv_heads, (int)d) + 1) / 2 : 0;
+#if defined(MH_ATT_BF16) /* (and 16 floats to start it on a cache line) */
+    const size_t kv8 = m->kv_int8 ? (kv8_scratch_halves(ldsc, m->kv_heads, (int)d) + 1) / 2 + 16 : 0;
 #else
     const size_t kv8 = m->kv_int8 && MH_KV8_OWN_BLOCKS ? 2 * 64 * (size_t)m->kv_heads * d : 0;
 #endif
@@ -109,7 +109,11 @@ static mh_thread_att thread_att(const mh_model *m, const mh_att_work *a, int thr
     float *f = p + att_sc_floats(m, a->ldsc);
     float *qt = f + 64 * d, *sb = qt + d * rows, *part = sb + 64 * rows, *tmp = part + 1536, *ot = tmp + 8 * d;
     float *mx = ot + (size_t)a->block_chunks * d * rows, *sm = mx + (size_t)a->block_chunks * rows;
-    return (mh_thread_att){p, f, ot, mx, sm, sm + (size_t)a->block_chunks * rows, {qt, sb, part, tmp}};
+    float *kv8 = sm + (size_t)a->block_chunks * rows;
+#if defined(MH_ATT_BF16) /* on a cache line: its rows are written and read 64 bytes at a time */
+    kv8 = (float *)(((uintptr_t)kv8 + 63) & ~(uintptr_t)63);
+#endif
+    return (mh_thread_att){p, f, ot, mx, sm, kv8, {qt, sb, part, tmp}};
 }
 
 /* Where token t's chunk c keeps its partial results, per KV head h: o[h] [G, d], mx[h] and sm[h] [G]. */
