@@ -29,6 +29,15 @@ static inline size_t kv8_scratch_halves(int n, int nh, int d) { return 2 * (size
 #define MH_KV8_AHEAD_X86 4 /* keys whose int8 rows kv8_turn_keys asks for ahead of the ones it turns */
 #endif
 
+/* A key's int8 rows (r: its key row of `row` values, the value row m->kv_stride bytes on) and their scales (sc) asked
+ * for into L1 (the hardware prefetchers do not follow a block table). */
+static inline void kv8_fetch_key(const mh_model *m, const int8_t *r, const float *sc, int row) {
+    for (int c = 0; c < row; c += 64) _mm_prefetch((const char *)(r + c), _MM_HINT_T0);
+    for (int c = 0; c < row; c += 64) _mm_prefetch((const char *)(r + m->kv_stride + c), _MM_HINT_T0);
+    _mm_prefetch((const char *)sc, _MM_HINT_T0);
+    _mm_prefetch((const char *)(sc + m->kv_stride / 32), _MM_HINT_T0);
+}
+
 /* Keys [j0, j0 + n) of sequence seq, layer `layer`, KV heads [h0, h0 + nh), of the int8 cache: their rows and scales
  * (rows, scs: kv8_rows) and where kv8_turn_keys puts them in bfloat16 in buf (kv8_scratch_halves(n, nh, d)): key j's
  * row (its nh heads side by side) at kp[j] = buf + j nh d, its value row n nh d further. Returns mb, a copy of m
@@ -42,12 +51,7 @@ static const mh_model *kv8_chunk_rows(const mh_model *m, const mh_step *s, int l
     for (int j = 0; j < n; j++) kp[j] = buf + (size_t)j * row;
     *mb = *m;
     mb->kv_stride = (int64_t)n * row, mb->kv_int8 = 0;
-    for (int j = 0; j < n && j < MH_KV8_AHEAD_X86; j++) {
-        for (int c = 0; c < row; c += 64) _mm_prefetch((const char *)(rows[j] + c), _MM_HINT_T0);
-        for (int c = 0; c < row; c += 64) _mm_prefetch((const char *)(rows[j] + m->kv_stride + c), _MM_HINT_T0);
-        _mm_prefetch((const char *)scs[j], _MM_HINT_T0);
-        _mm_prefetch((const char *)(scs[j] + m->kv_stride / 32), _MM_HINT_T0);
-    }
+    for (int j = 0; j < n && j < MH_KV8_AHEAD_X86; j++) kv8_fetch_key(m, rows[j], scs[j], row);
     return mb;
 }
 
@@ -57,13 +61,8 @@ static inline void kv8_turn_keys(const mh_model *m, const int8_t *const *rows, c
                                  uint16_t *buf, int a, int b) {
     const int64_t vrow = m->kv_stride, vsc = m->kv_stride / 32, vbuf = (int64_t)n * row;
     for (int j = a; j < b; j++) {
-        if (j + MH_KV8_AHEAD_X86 < n) {
-            const int8_t *r = rows[j + MH_KV8_AHEAD_X86];
-            for (int c = 0; c < row; c += 64) _mm_prefetch((const char *)(r + c), _MM_HINT_T0);
-            for (int c = 0; c < row; c += 64) _mm_prefetch((const char *)(r + vrow + c), _MM_HINT_T0);
-            _mm_prefetch((const char *)scs[j + MH_KV8_AHEAD_X86], _MM_HINT_T0);
-            _mm_prefetch((const char *)(scs[j + MH_KV8_AHEAD_X86] + vsc), _MM_HINT_T0);
-        }
+        if (j + MH_KV8_AHEAD_X86 < n)
+            kv8_fetch_key(m, rows[j + MH_KV8_AHEAD_X86], scs[j + MH_KV8_AHEAD_X86], row);
         uint16_t *k = buf + (size_t)j * row;
         for (int c = 0; c < row / 32; c++) {
             kv8_block_bf16(rows[j] + 32 * c, scs[j][c], k + 32 * c);
