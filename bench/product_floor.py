@@ -2,9 +2,9 @@
 
     python -m bench.product_floor [--formats bf16 q8_0 q4_0 q5_0 q4_k q6_k] [--threads 2] [--tokens 1 2 3 4]
                                   [--streamed-mib 64] [--cols 1536] [--rounds 5]
-                                  [--ratio-at 3]
+                                  [--ratio-at 3] [--isa avx2]
 
-One process, the fused kernel's build for this CPU (`mh_matmul_test`: activations prepared as in the forward, the
+One process, the fused kernel's build for this CPU, or `--isa`'s (`mh_matmul_test`: activations prepared as in the forward, the
 threads' split of the rows, the tiles; the same code a decode step runs). Per format, two matrices of `--cols`
 columns (the MLP's down projection of SmolLM2-135M has 1536):
 - *resident*: 256 KiB of weights per thread (they stay in L2 between calls): the time per call is arithmetic only;
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from multihead_nb.backends.native.cpu_kernel import MatrixStruct, load_kernel
+from multihead_nb.backends.native.cpu_kernel import KernelUnavailable, MatrixStruct, load_kernel
 from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, PackedMatrix, interleave, quantize
 
 RANDOM_BLOCK_FORMATS = ("q4_k", "q5_k", "q6_k")  # no quantizer at load: random blocks with small scales
@@ -105,6 +105,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cols", type=int, default=1536)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ratio-at", type=int, default=3, help="the token count whose ratio to the first is shown")
+    ap.add_argument("--isa", help="the kernel build by name, e.g. avx2 (default: the best this CPU runs)")
     args = ap.parse_args(argv)
     unknown = [f for f in args.formats if f not in FORMATS or f in INTERLEAVED.values()]
     if unknown:
@@ -113,7 +114,10 @@ def main(argv=None) -> None:
     if args.tokens != sorted(set(args.tokens)) or args.tokens[0] < 1:
         ap.error(f"--tokens must be increasing positive counts, not {args.tokens}")
     torch.set_num_threads(args.threads)
-    kernel = load_kernel()
+    try:
+        kernel = load_kernel(args.isa)
+    except KernelUnavailable as e:
+        ap.error(f"no kernel build {args.isa or ''}: {e.reason}")
     print(f"kernel build {kernel.isa}, {args.threads} threads, {args.cols} columns, "
           f"streamed matrices ~{args.streamed_mib} MiB, resident {256 * args.threads} KiB")
     at = args.ratio_at if args.ratio_at in args.tokens else args.tokens[-1]

@@ -139,7 +139,8 @@ def test_llama_cpp_source_fixes_apply_once(tmp_path):
                     reason="no C compiler here: the fused CPU kernel cannot be built")
 def test_product_floor_quick(capsys):
     """bench.product_floor on small matrices: one table row per format, every time measured and positive, the
-    ratios consistent with them; an unknown format is refused by name."""
+    ratios consistent with them; the portable build by name (`--isa scalar`: every CPU builds it); an unknown format
+    or build is refused by name."""
     from bench import product_floor
 
     product_floor.main(["--formats", "q4_0", "q6_k", "--tokens", "1", "3", "--streamed-mib", "2", "--rounds", "1"])
@@ -152,6 +153,12 @@ def test_product_floor_quick(capsys):
     with pytest.raises(SystemExit):
         product_floor.main(["--formats", "q9_9"])
     assert "unknown format(s) q9_9" in capsys.readouterr().err
+    product_floor.main(["--formats", "q8_0", "--tokens", "1", "--streamed-mib", "1", "--rounds", "1", "--isa", "scalar"])
+    out = capsys.readouterr().out
+    assert "kernel build scalar" in out and any(line.startswith("| q8_0") for line in out.splitlines())
+    with pytest.raises(SystemExit):
+        product_floor.main(["--formats", "q8_0", "--isa", "avx9"])
+    assert "no kernel build avx9" in capsys.readouterr().err
 
 
 def test_paired_summary_takes_ratios_within_pairs(capsys):
