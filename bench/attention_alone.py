@@ -4,9 +4,10 @@
                                     [--page-bytes 262144] [--kv-cache int8]
 
 Builds `bench/c/attention_alone.c` against the kernel's sources with the flags of the chosen build (the best this
-CPU runs by default; x86 builds only: the others have no such tasks; plus the macros of $MULTIHEAD_KERNEL_DEFINES, as
-the kernel's own build takes them) and runs one token's attention over a `--context`-key context in every layer of
-`--shape`, chunk by chunk by the kernel's own task functions, its pages shuffled in an arena. Reported in ns per key (one key's K and V rows for every KV head) and the bytes' rate:
+CPU runs by default; x86 builds only: the others have no such tasks; plus the macros of $MULTIHEAD_KERNEL_DEFINES,
+as the kernel's own build takes them) and runs one token's attention over a `--context`-key context in every layer
+of `--shape`, chunk by chunk by the kernel's own task functions, its pages shuffled in an arena. Reported in ns per
+key (one key's K and V rows for every KV head) and the bytes' rate:
 - attention, cold: `--seqs` sequences in turn, more K/V than the caches hold (a decode step finds its K/V so, the
   weights streamed since having pushed them out);
 - plain reads of the same rows in the same order, cold: what the access pattern alone reads at on one thread;

@@ -27,7 +27,6 @@ both together set the two systems' AVX2-only builds side by side on a CPU that h
 MultiHead with `kv_cache="int8"` and llama.cpp with its q8_0 K/V cache (`-fa on -ctk q8_0 -ctv q8_0`).
 """
 
-
 from __future__ import annotations
 
 import argparse

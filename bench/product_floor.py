@@ -4,9 +4,9 @@
                                   [--streamed-mib 64] [--cols 1536] [--rounds 5]
                                   [--ratio-at 3] [--isa avx2]
 
-One process, the fused kernel's build for this CPU, or `--isa`'s (`mh_matmul_test`: activations prepared as in the forward, the
-threads' split of the rows, the tiles; the same code a decode step runs). Per format, two matrices of `--cols`
-columns (the MLP's down projection of SmolLM2-135M has 1536):
+One process, the fused kernel's build for this CPU, or `--isa`'s (`mh_matmul_test`: activations prepared as in the
+forward, the threads' split of the rows, the tiles; the same code a decode step runs). Per format, two matrices of
+`--cols` columns (the MLP's down projection of SmolLM2-135M has 1536):
 - *resident*: 256 KiB of weights per thread (they stay in L2 between calls): the time per call is arithmetic only;
 - *streamed*: `--streamed-mib` of weights (past the last-level cache): read from memory on every call, as a
   decode step reads its weights.
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     try:
         kernel = load_kernel(args.isa)
     except KernelUnavailable as e:
-        ap.error(f"no kernel build {args.isa or ''}: {e.reason}")
+        ap.error(f"no kernel build {args.isa}: {e.reason}" if args.isa else f"no kernel build: {e.reason}")
     print(f"kernel build {kernel.isa}, {args.threads} threads, {args.cols} columns, "
           f"streamed matrices ~{args.streamed_mib} MiB, resident {256 * args.threads} KiB")
     at = args.ratio_at if args.ratio_at in args.tokens else args.tokens[-1]

@@ -5,14 +5,14 @@
 
 A variant is a space-separated list of C macros (`-DNAME` or `-DNAME=VALUE`, added to its kernel's build through
 $MULTIHEAD_KERNEL_DEFINES) and environment variables (`NAME=VALUE`, set while its runner is built, e.g.
-`MULTIHEAD_CPU_FLAGS_OFF=avx512f`) or the runner's `kv_cache=int8`, given as `--variant=...` (a value starting
-with `-` needs the `=`; quote one with spaces); an empty one is the code as it is. One process: each variant its own runner (its own arena,
-its sequences prefilled with the same prompts), then `--steps` rounds of one step of every variant at every batch
-size, the order reversed each round, after 3 warm-up rounds. Per variant and batch: the median step, and in how many
-rounds its step was faster than the first variant's (a 2% difference shows as 60-65% of 300 rounds where the medians
-of blocks of steps spread by 5%; bench/README.md, "Zen 4 again"). Weights: SmolLM2-135M's shape with random values
-in `--format` (quantized at load), or with `--gguf` the real SmolLM2-135M-Instruct in that format (bench.llama_gguf:
-llama.cpp's tools make the files once).
+`MULTIHEAD_CPU_FLAGS_OFF=avx512f`) or the runner's `kv_cache=int8`, given as `--variant=...` (a value starting with
+`-` needs the `=`; quote one with spaces); an empty one is the code as it is. One process: each variant its own
+runner (its own arena, its sequences prefilled with the same prompts), then `--steps` rounds of one step of every
+variant at every batch size, the order reversed each round, after 3 warm-up rounds. Per variant and batch: the
+median step, and in how many rounds its step was faster than the first variant's (a 2% difference shows as 60-65% of
+300 rounds where the medians of blocks of steps spread by 5%; bench/README.md, "Zen 4 again"). Weights:
+SmolLM2-135M's shape with random values in `--format` (quantized at load), or with `--gguf` the real
+SmolLM2-135M-Instruct in that format (bench.llama_gguf: llama.cpp's tools make the files once).
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ def test_product_floor_quick(capsys):
     with pytest.raises(SystemExit):
         product_floor.main(["--formats", "q9_9"])
     assert "unknown format(s) q9_9" in capsys.readouterr().err
-    product_floor.main(["--formats", "q8_0", "--tokens", "1", "--streamed-mib", "1", "--rounds", "1", "--isa", "scalar"])
+    product_floor.main(["--formats", "q8_0", "--tokens", "1", "--streamed-mib", "1", "--rounds", "1",
+                        "--isa", "scalar"])
     out = capsys.readouterr().out
     assert "kernel build scalar" in out and any(line.startswith("| q8_0") for line in out.splitlines())
     with pytest.raises(SystemExit):

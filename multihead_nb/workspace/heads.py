@@ -2,8 +2,9 @@
 
 Owns: `Head` (a named agent's definition, with how its model is run: `backend`; for region backends such as EXL2,
 the `region` of the pool its model's K/V lives in; for native models `quantize`, `activations` and `kv_cache`; for
-the remote backend, `remote_model`, `api_key`, `timeout` and `retries`). Knows nothing of pages, tensors or the engine; the workspace
-turns a head's `quota` and `region` into pages, and hands the model options to the backend that loads its model.
+the remote backend, `remote_model`, `api_key`, `timeout` and `retries`). Knows nothing of pages, tensors or the
+engine; the workspace turns a head's `quota` and `region` into pages, and hands the model options to the backend
+that loads its model.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ typedef struct {
 } mh_att_work;
 
 /* What the forward does with a lone token's merged output while it is in the merging core's cache: fn(ctx, t, row,
- * c0, n) once the columns [c0, c0 + n) of attn row t (row: its start) are final (attend_layer says when it calls it). */
+ * c0, n) once the columns [c0, c0 + n) of attn row t (row: its start) are final (attend_layer says when it calls
+ * it). */
 typedef struct {
     void (*fn)(void *ctx, int t, const float *row, int c0, int n);
     void *ctx;

@@ -45,9 +45,9 @@ static inline int att_allkv_ahead(const mh_model *m) {
  * 14.00; after 160 tokens 6.05 -> 5.86 and 8.85 -> 8.23. In AVX-512 builds (their bfloat16 and 16-lane scores,
  * by queries_x3 / scores_x3) on a Zen 4, Q4_0, a task per KV head against this: batch 3 after 1024-token contexts
  * 13.58 -> 10.47 ms, batch 1 7.21 -> 6.58; after 160 tokens 6.74 -> 6.18; attention alone (cold, 1024 keys) 145 -> 92
- * ns per key (bench/README.md). q: the token's H d queries; sc: scratch
- * [H, ldsc >= n]; qf: scratch [KV, queries_kvh_floats(G, d)] (each KV head's queries as queries_kvh prepares them); per KV
- * head h: o[h] [G, d], mx[h], sm[h] [G] (attend_part_avx2's outputs); next [nnext]: key rows (KV head 0) of the
+ * ns per key (bench/README.md). q: the token's H d queries; sc: scratch [H, ldsc >= n]; qf: scratch [KV,
+ * queries_kvh_floats(G, d)] (each KV head's queries as queries_kvh prepares them); per KV head h: o[h] [G, d],
+ * mx[h], sm[h] [G] (attend_part_avx2's outputs); next [nnext]: key rows (KV head 0) of the
  * thread's next task, fetched whole while the values are summed. With the int8 K/V cache (m->kv_int8; AVX-512 BF16
  * builds: the others run attend_part_int8_x86) the chunk's rows are turned into bfloat16 ones in kv8
  * (kv8_scratch_halves(n, KV, d)), 4 keys at a time before their scores (kv8_turn_keys), which the rest reads. */
