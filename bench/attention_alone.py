@@ -1,6 +1,6 @@
 """Decode attention alone, on one thread, beside plain reads of the same bytes: where a long context's step goes.
 
-    python -m bench.attention_alone [--shape smollm2-135m] [--context 2048] [--seqs 4] [--reps 5] [--isa avx2]
+    python -m bench.attention_alone [--shape smollm2-135m] [--context 2048] [--seqs N] [--reps 5] [--isa avx2]
                                     [--page-bytes 262144] [--kv-cache int8]
 
 Builds `bench/c/attention_alone.c` against the kernel's sources with the flags of the chosen build (the best this
@@ -9,7 +9,8 @@ as the kernel's own build takes them) and runs one token's attention over a `--c
 of `--shape`, chunk by chunk by the kernel's own task functions, its pages shuffled in an arena. Reported in ns per
 key (one key's K and V rows for every KV head) and the bytes' rate:
 - attention, cold: `--seqs` sequences in turn, more K/V than the caches hold (a decode step finds its K/V so, the
-  weights streamed since having pushed them out);
+  weights streamed since having pushed them out); by default as many as make their K/V at least 4 times the
+  last-level cache (and at least 4): 4 sequences of 192 keys of SmolLM2-135M are 17.7 MB, which a 32 MiB L3 holds;
 - plain reads of the same rows in the same order, cold: what the access pattern alone reads at on one thread;
 - attention, hot: one layer's keys again and again (in L2 or L3): the arithmetic's own time;
 - plain reads, hot.
@@ -43,6 +44,27 @@ def build_driver(isa: str | None = None) -> tuple[Path, str]:
                      sources=(DRIVER,)), isa
 
 
+def last_level_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The size of cpu0's highest cache level (Linux's sysfs), or None where it is not told."""
+    units, best = {"K": 2**10, "M": 2**20, "G": 2**30}, None
+    for index in sysfs.glob("index*"):
+        try:
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+            nbytes = int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+        except (OSError, ValueError):
+            continue
+        if nbytes > 0 and (best is None or (level, nbytes) > best):
+            best = (level, nbytes)
+    return best[1] if best else None
+
+
+def cold_seqs(seq_bytes: int, llc_bytes: int | None) -> int:
+    """Sequences whose K/V (`seq_bytes` each) are at least 4 times the last-level cache (32 MiB where it is not
+    known), and at least 4."""
+    target = 4 * (llc_bytes or 32 * 2**20)
+    return max(4, -(-target // seq_bytes))
+
+
 def run(exe: Path, shape: dict, context: int, seqs: int, reps: int, page_bytes: int,
         kv_cache: str = "bf16") -> dict[str, float]:
     """ns per key of each case (`CASES`), as the driver prints them."""
@@ -67,21 +89,27 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
     ap.add_argument("--context", type=int, default=2048, help="keys of the token's context")
-    ap.add_argument("--seqs", type=int, default=4, help="sequences visited in turn for the cold cases")
+    ap.add_argument("--seqs", type=int, help="sequences visited in turn for the cold cases (default: enough for 4 "
+                    "times the last-level cache, at least 4)")
     ap.add_argument("--reps", type=int, default=5, help="passes of each case (the fastest counts)")
     ap.add_argument("--isa", choices=ISAS, help="the kernel build (default: the best this CPU runs)")
     ap.add_argument("--page-bytes", type=int, default=256 * 1024, help="the arena's page size")
     ap.add_argument("--kv-cache", choices=("bf16", "int8"), default="bf16", help="how K/V are stored (kv_cache=)")
     args = ap.parse_args(argv)
-    if min(args.context, args.seqs, args.reps, args.page_bytes) < 1:
+    if min(args.context, args.reps, args.page_bytes) < 1 or (args.seqs is not None and args.seqs < 1):
         ap.error("--context, --seqs, --reps and --page-bytes must be positive")
     shape = SHAPES[args.shape]
-    exe, isa = build_driver(args.isa)
-    ns = run(exe, shape, args.context, args.seqs, args.reps, args.page_bytes, args.kv_cache)
     values = 2 * shape["num_key_value_heads"] * shape["head_dim"]  # K and V rows
     key_bytes = values * 2 if args.kv_cache == "bf16" else values + values // 32 * 4  # int8: and a scale per 32
-    print(f"{args.shape}, build {isa}, {args.kv_cache} K/V, one thread, {args.context}-key context, {args.seqs} "
-          f"sequences cold; a key is {key_bytes} bytes of K and V")
+    llc = last_level_cache_bytes()
+    seq_bytes = shape["num_hidden_layers"] * args.context * key_bytes
+    seqs = args.seqs or cold_seqs(seq_bytes, llc)
+    exe, isa = build_driver(args.isa)
+    ns = run(exe, shape, args.context, seqs, args.reps, args.page_bytes, args.kv_cache)
+    cache = f"{llc / 2**20:.0f} MiB last-level cache" if llc else "last-level cache not told"
+    print(f"{args.shape}, build {isa}, {args.kv_cache} K/V, one thread, {args.context}-key context, {seqs} "
+          f"sequences cold ({seqs * seq_bytes / 2**20:.0f} MiB of K/V; {cache}); a key is {key_bytes} bytes of K "
+          "and V")
     print("| case | ns per key | GB/s |\n|---|---|---|")
     for name in CASES:
         print(f"| {name} | {ns[name]:.1f} | {key_bytes / ns[name]:.2f} |")

@@ -271,6 +271,24 @@ def test_attention_alone_quick(capsys):
         assert f"build {isa}" in table
 
 
+def test_attention_alone_cold_cases_outgrow_the_last_level_cache(tmp_path):
+    """bench.attention_alone's cold cases visit enough sequences by default that their K/V is 4 times the last-level
+    cache sysfs tells (the highest level's size; 32 MiB where none is told), and at least 4."""
+    from bench.attention_alone import cold_seqs, last_level_cache_bytes
+
+    for name, level, size in (("index0", 1, "32K"), ("index2", 2, "1024K"), ("index3", 3, "32768K")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(f"{level}\n")
+        (tmp_path / name / "size").write_text(f"{size}\n")
+    (tmp_path / "index9").mkdir()  # unreadable entries are passed over
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert last_level_cache_bytes(tmp_path / "none") is None
+    seq = 30 * 192 * 768  # SmolLM2-135M, 192 keys, bfloat16 K/V: 4.4 MB a sequence
+    assert cold_seqs(seq, 32 * 2**20) == 31 and cold_seqs(seq, None) == 31
+    assert cold_seqs(seq, 96 * 2**20) == 92
+    assert cold_seqs(30 * 2048 * 768, 32 * 2**20) == 4  # long contexts: the floor of 4
+
+
 def test_step_pairs_variants_parse_and_refuse():
     """bench.step_pairs: a variant's -D macros become $MULTIHEAD_KERNEL_DEFINES, NAME=VALUE items settings; anything
     else, or both kinds of macros at once, is refused by name; the environment is restored after a variant's build."""
