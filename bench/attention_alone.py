@@ -1,7 +1,7 @@
 """Decode attention alone, on one thread, beside plain reads of the same bytes: where a long context's step goes.
 
     python -m bench.attention_alone [--shape smollm2-135m] [--context 2048] [--seqs N] [--reps 5] [--isa avx2]
-                                    [--page-bytes 262144] [--kv-cache int8]
+                                    [--page-bytes 262144] [--kv-cache int8] [--threads 2]
 
 Builds `bench/c/attention_alone.c` against the kernel's sources with the flags of the chosen build (the best this
 CPU runs by default; x86 builds only: the others have no such tasks; plus the macros of $MULTIHEAD_KERNEL_DEFINES,
@@ -15,7 +15,10 @@ key (one key's K and V rows for every KV head) and the bytes' rate:
 - attention, hot: one layer's keys again and again (in L2 or L3): the arithmetic's own time;
 - plain reads, hot.
 Attention cold near reads cold: bound by the memory; near attention hot: by the arithmetic; above both: the two do
-not overlap. A decode step runs such tasks on every thread at once (bench.decode_speed measures whole steps).
+not overlap. A decode step runs such tasks on every thread at once: `--threads N` runs N threads side by side, each
+on its own sequences (cold: every N-th; hot: its own), the time a key being the wall time over one thread's keys, so
+that it compares with one thread's; what it adds is the threads' contention for the memory and the shared cache
+(bench.decode_speed measures whole steps).
 """
 
 from __future__ import annotations
@@ -66,10 +69,10 @@ def cold_seqs(seq_bytes: int, llc_bytes: int | None) -> int:
 
 
 def run(exe: Path, shape: dict, context: int, seqs: int, reps: int, page_bytes: int,
-        kv_cache: str = "bf16") -> dict[str, float]:
+        kv_cache: str = "bf16", threads: int = 1) -> dict[str, float]:
     """ns per key of each case (`CASES`), as the driver prints them."""
     args = [shape["num_hidden_layers"], shape["num_attention_heads"], shape["num_key_value_heads"],
-            shape["head_dim"], page_bytes, context, seqs, reps, int(kv_cache == "int8")]
+            shape["head_dim"], page_bytes, context, seqs, reps, int(kv_cache == "int8"), threads]
     done = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"attention_alone failed ({done.returncode}): {done.stderr.strip()}")
@@ -95,24 +98,29 @@ def main(argv=None) -> None:
     ap.add_argument("--isa", choices=ISAS, help="the kernel build (default: the best this CPU runs)")
     ap.add_argument("--page-bytes", type=int, default=256 * 1024, help="the arena's page size")
     ap.add_argument("--kv-cache", choices=("bf16", "int8"), default="bf16", help="how K/V are stored (kv_cache=)")
+    ap.add_argument("--threads", type=int, default=1, help="threads attending side by side, each on its own "
+                    "sequences (at most 64)")
     args = ap.parse_args(argv)
     if min(args.context, args.reps, args.page_bytes) < 1 or (args.seqs is not None and args.seqs < 1):
         ap.error("--context, --seqs, --reps and --page-bytes must be positive")
+    if not 1 <= args.threads <= 64 or (args.seqs is not None and args.seqs < args.threads):
+        ap.error("--threads must be 1-64 and at most --seqs")
     shape = SHAPES[args.shape]
     values = 2 * shape["num_key_value_heads"] * shape["head_dim"]  # K and V rows
     key_bytes = values * 2 if args.kv_cache == "bf16" else values + values // 32 * 4  # int8: and a scale per 32
     llc = last_level_cache_bytes()
     seq_bytes = shape["num_hidden_layers"] * args.context * key_bytes
-    seqs = args.seqs or cold_seqs(seq_bytes, llc)
+    seqs = args.seqs or -(-cold_seqs(seq_bytes, llc) // args.threads) * args.threads  # (each thread as many)
     exe, isa = build_driver(args.isa)
-    ns = run(exe, shape, args.context, seqs, args.reps, args.page_bytes, args.kv_cache)
+    ns = run(exe, shape, args.context, seqs, args.reps, args.page_bytes, args.kv_cache, args.threads)
     cache = f"{llc / 2**20:.0f} MiB last-level cache" if llc else "last-level cache not told"
-    print(f"{args.shape}, build {isa}, {args.kv_cache} K/V, one thread, {args.context}-key context, {seqs} "
+    who = "one thread" if args.threads == 1 else f"{args.threads} threads side by side (ns per key of one thread)"
+    print(f"{args.shape}, build {isa}, {args.kv_cache} K/V, {who}, {args.context}-key context, {seqs} "
           f"sequences cold ({seqs * seq_bytes / 2**20:.0f} MiB of K/V; {cache}); a key is {key_bytes} bytes of K "
           "and V")
-    print("| case | ns per key | GB/s |\n|---|---|---|")
+    print("| case | ns per key | GB/s (all threads) |\n|---|---|---|")
     for name in CASES:
-        print(f"| {name} | {ns[name]:.1f} | {key_bytes / ns[name]:.2f} |")
+        print(f"| {name} | {ns[name]:.1f} | {args.threads * key_bytes / ns[name]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -249,8 +249,8 @@ def test_interleaved_steps_feed_each_group_its_own_sequences(tiny_ckpt):
 
 def test_attention_alone_quick(capsys):
     """bench.attention_alone builds its driver with a kernel build's flags and times the four cases (attention and
-    plain reads, cold and hot) on a short context; the builds without x86 attention tasks and non-positive counts
-    are refused by name."""
+    plain reads, cold and hot) on a short context, on one thread and on two side by side; the builds without x86
+    attention tasks, non-positive counts and more threads than sequences are refused by name."""
     from bench import attention_alone
     from multihead_nb.backends.native.cpu_kernel import cpu_isas
 
@@ -269,6 +269,13 @@ def test_attention_alone_quick(capsys):
                 if line.startswith("| ") and line.split("|")[2].strip().replace(".", "").isdigit()}
         assert set(rows) == set(attention_alone.CASES) and min(rows.values()) > 0, table
         assert f"build {isa}" in table
+    # threads side by side, each on its own sequences; more threads than sequences refused
+    attention_alone.main(["--isa", x86[0], "--context", "150", "--seqs", "2", "--reps", "1", "--threads", "2"])
+    table = capsys.readouterr().out
+    assert "2 threads side by side" in table and table.count("| attention-") == 2, table
+    with pytest.raises(SystemExit):
+        attention_alone.main(["--context", "150", "--seqs", "2", "--threads", "3"])
+    assert "at most --seqs" in capsys.readouterr().err
 
 
 def test_attention_alone_cold_cases_outgrow_the_last_level_cache(tmp_path):

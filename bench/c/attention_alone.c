@@ -5,8 +5,11 @@
  * the same order: what the pattern alone reads at. Pages lie in the arena in a shuffled order.
  *   cold: `seqs` sequences visited in turn, their K/V (seqs x layers x ctx x 2 KV d x 2 bytes) larger than the caches;
  *   hot: one layer's keys of the first sequence attended `layers` times (in L2 or L3 by the second time).
- * argv: layers heads kv_heads head_dim page_bytes ctx seqs reps int8. stdout: "<case> <ns per key>" per case, a key
- * being one key's K and V rows for every KV head; the fastest of `reps`. int8 1: the int8 K/V cache
+ *   threads > 1: as many threads at once (OpenMP), each on its own sequences (cold: sequence r, r + threads, ...;
+ *   hot: sequence r's), as a decode step's threads attend side by side; the time a key is the wall time over the
+ *   keys each thread attends.
+ * argv: layers heads kv_heads head_dim page_bytes ctx seqs reps int8 threads. stdout: "<case> <ns per key>" per
+ * case, a key being one key's K and V rows for every KV head; the fastest of `reps`. int8 1: the int8 K/V cache
  * (mh_attention_int8.h; AVX-512 BF16 builds: each task's rows turned into bfloat16 ones, kv8_turn_keys; the others:
  * attend_part_int8_x86; the same split) instead of bfloat16. x86 builds only. */
 #include <stdio.h>
@@ -21,13 +24,21 @@ static double now_s(void) {
 }
 
 #define BENCH_MAX_KV 64
+#define BENCH_MAX_THREADS 64
 typedef struct {
     const mh_model *m;
     mh_step *s;
     const int32_t *tables; /* [seqs, pages per sequence] */
-    int pps, ctx, seqs, hot;
+    int pps, ctx, seqs, hot, first, step; /* this thread's sequences: first, first + step, ... < seqs */
     uint16_t *kv8; /* AVX-512 BF16 builds: the int8 cache's task rows in bfloat16 (a chunk, every KV head) */
 } bench_case;
+
+typedef struct { /* one thread's step and scratch */
+    mh_step s;
+    int32_t seq_of, pos;
+    float *q, *sc, *qf, *out;
+    uint16_t *kv8;
+} bench_thread;
 
 /* The chunks (tasks per KV head) of a lone token's context of ctx keys. */
 static int context_chunks(int ctx) { return (ctx + att_chunk(ctx) - 1) / att_chunk(ctx); }
@@ -109,24 +120,46 @@ static uint64_t read_context(const bench_case *b, int l) {
     return sum;
 }
 
-/* Seconds per key of one pass over the case (attention, or plain reads). */
-static double run_case(const bench_case *b, int reads, float *q, float *sc, float *qf, float *out, double *sink) {
+/* One thread's pass over its sequences of the case (attention, or plain reads): keys attended. */
+static double run_thread(const bench_case *b, int reads, float *q, float *sc, float *qf, float *out, double *sink) {
     const int L = b->m->num_layers;
-    const double t0 = now_s();
-    for (int sq = 0; sq < b->seqs; sq++) {
+    double keys = 0.0;
+    for (int sq = b->first; sq < b->seqs; sq += b->step) {
         b->s->block_tables = b->tables + (size_t)sq * b->pps;
         for (int i = 0; i < L; i++) {
             const int l = b->hot ? 0 : i;
             *sink += reads ? (double)(read_context(b, l) & 1) : attend_context(b, l, q, sc, qf, out);
         }
+        keys += (double)L * b->ctx;
     }
-    return (now_s() - t0) / ((double)b->seqs * L * b->ctx);
+    return keys;
+}
+
+/* Seconds per key of one pass of `nt` threads at once over the case (each its share of the sequences): the wall
+ * time over the keys of the thread with the most. */
+static double run_case(const bench_case *proto, int nt, bench_thread *th, int reads, double *sink) {
+    double most = 0.0, sum = 0.0, t0 = 0.0;
+#pragma omp parallel num_threads(nt) reduction(+ : sum) reduction(max : most)
+    {
+        const int r = omp_get_thread_num();
+        bench_thread *w = &th[r];
+        bench_case b = *proto;
+        b.s = &w->s, b.kv8 = w->kv8, b.first = r, b.step = nt;
+#pragma omp barrier
+#pragma omp single
+        t0 = now_s();
+        const double keys = run_thread(&b, reads, w->q, w->sc, w->qf, w->out, &sum);
+        most = keys > most ? keys : most;
+    }
+    *sink += sum;
+    return (now_s() - t0) / most;
 }
 #endif
 
 int main(int argc, char **argv) {
-    if (argc != 10) {
-        fprintf(stderr, "usage: attention_alone layers heads kv_heads head_dim page_bytes ctx seqs reps int8\n");
+    if (argc != 11) {
+        fprintf(stderr, "usage: attention_alone layers heads kv_heads head_dim page_bytes ctx seqs reps int8 "
+                        "threads\n");
         return 2;
     }
 #if !defined(MH_ISA_X86)
@@ -136,19 +169,33 @@ int main(int argc, char **argv) {
 #else
     const int L = atoi(argv[1]), H = atoi(argv[2]), KV = atoi(argv[3]), d = atoi(argv[4]), page_bytes = atoi(argv[5]);
     const int ctx = atoi(argv[6]), seqs = atoi(argv[7]), reps = atoi(argv[8]), int8 = atoi(argv[9]) != 0;
+    const int nt = atoi(argv[10]);
     const int tpp = int8 ? page_bytes / (2 * L * KV * d / 32 * 36) : page_bytes / (4 * L * KV * d);
     if (L < 1 || H < 1 || KV < 1 || H % KV || H / KV > MH_GROUP_MAX || d < 8 || d % 8 || d > MH_GROUP_DIM ||
-        KV > BENCH_MAX_KV || tpp < 1 || ctx < 1 || seqs < 1 || reps < 1 || (int8 && d % 32)) {
+        KV > BENCH_MAX_KV || tpp < 1 || ctx < 1 || seqs < nt || reps < 1 || (int8 && d % 32) || nt < 1 ||
+        nt > BENCH_MAX_THREADS) {
         fprintf(stderr, "attention_alone: a shape or count out of range\n");
         return 2;
     }
     const int pps = (ctx + tpp - 1) / tpp, P = pps * seqs;
     uint16_t *cache = alloc64((size_t)P * page_bytes);
     int32_t *tables = malloc(sizeof(int32_t) * P);
-    float *q = alloc64(sizeof(float) * H * d), *qf = alloc64(sizeof(float) * KV * queries_kvh_floats(H / KV, d));
-    float *sc = alloc64(sizeof(float) * H * (size_t)att_chunk(ctx)), *out = alloc64(sizeof(float) * H * (d + 2));
-    uint16_t *kv8 = alloc64(sizeof(uint16_t) * 2 * (size_t)att_chunk(ctx) * KV * d); /* a chunk's K and V rows */
-    if (!cache || !tables || !q || !qf || !sc || !out || !kv8) {
+    bench_thread th[BENCH_MAX_THREADS];
+    for (int r = 0; r < nt; r++) { /* each thread's queries, scratch and step (the sequence's pos: ctx - 1) */
+        bench_thread *w = &th[r];
+        w->q = alloc64(sizeof(float) * H * d), w->qf = alloc64(sizeof(float) * KV * queries_kvh_floats(H / KV, d));
+        w->sc = alloc64(sizeof(float) * H * (size_t)att_chunk(ctx)), w->out = alloc64(sizeof(float) * H * (d + 2));
+        w->kv8 = alloc64(sizeof(uint16_t) * 2 * (size_t)att_chunk(ctx) * KV * d); /* a chunk's K and V rows */
+        if (!w->q || !w->qf || !w->sc || !w->out || !w->kv8) {
+            fprintf(stderr, "attention_alone: out of memory\n");
+            return 3;
+        }
+        for (int i = 0; i < H * d; i++) w->q[i] = (float)((i * 37) % 17 - 8) / 8.0f;
+        w->seq_of = 0, w->pos = ctx - 1;
+        memset(&w->s, 0, sizeof w->s);
+        w->s.T = 1, w->s.S = 1, w->s.max_pages = pps, w->s.seq_of = &w->seq_of, w->s.pos = &w->pos;
+    }
+    if (!cache || !tables) {
         fprintf(stderr, "attention_alone: out of memory\n");
         return 3;
     }
@@ -157,7 +204,6 @@ int main(int argc, char **argv) {
         x = x * 1664525u + 1013904223u;
         cache[i] = (uint16_t)(0x3f00u | (x >> 24) | ((x >> 8) & 0x8000u));
     }
-    for (int i = 0; i < H * d; i++) q[i] = (float)((i * 37) % 17 - 8) / 8.0f;
     for (int i = 0; i < P; i++) tables[i] = i;
     for (int i = P - 1; i > 0; i--) { /* the pages shuffled: a sequence's pages scattered in the arena */
         x = x * 1664525u + 1013904223u;
@@ -175,23 +221,21 @@ int main(int argc, char **argv) {
             for (int64_t i = 0; i < m.kv_scales / 32; i++) f[i] = (1.0f + (float)(i % 7) / 7.0f) / 127.0f;
         }
     }
-    int32_t seq_of = 0, pos = ctx - 1;
-    mh_step s = {0};
-    s.T = 1, s.S = 1, s.max_pages = pps, s.seq_of = &seq_of, s.pos = &pos;
     const char *names[4] = {"attention-cold", "reads-cold", "attention-hot", "reads-hot"};
     double sink = 0.0;
     for (int c = 0; c < 4; c++) {
         const int hot = c >= 2;
-        bench_case b = {&m, &s, tables, pps, ctx, hot ? 1 : seqs, hot, kv8};
+        const bench_case b = {&m, NULL, tables, pps, ctx, hot ? nt : seqs, hot, 0, 1, NULL};
         double best = 1e30;
         for (int r = 0; r < reps + hot; r++) { /* hot: one more, the first filling the caches */
-            const double t = run_case(&b, c % 2, q, sc, qf, out, &sink);
+            const double t = run_case(&b, nt, th, c % 2, &sink);
             if (r >= hot && t < best) best = t;
         }
         printf("%s %.2f\n", names[c], best * 1e9);
     }
-    fprintf(stderr, "isa %s, %s K/V, %d tokens a page, %s, checksum %g\n", mh_isa(), int8 ? "int8" : "bfloat16", tpp,
-            att_allkv_fits(&m) ? "a chunk's every KV head in one task" : "a task per KV head", sink);
+    fprintf(stderr, "isa %s, %s K/V, %d tokens a page, %s, %d thread(s), checksum %g\n", mh_isa(),
+            int8 ? "int8" : "bfloat16", tpp, att_allkv_fits(&m) ? "a chunk's every KV head in one task" :
+            "a task per KV head", nt, sink);
     return 0;
 #endif
 }
