@@ -1,4 +1,4 @@
-"""Decode attention alone, on one thread, beside plain reads of the same bytes: where a long context's step goes.
+"""Decode attention alone, on one thread (or several side by side), beside plain reads of the same bytes.
 
     python -m bench.attention_alone [--shape smollm2-135m] [--context 2048] [--seqs N] [--reps 5] [--isa avx2]
                                     [--page-bytes 262144] [--kv-cache int8] [--threads 2]

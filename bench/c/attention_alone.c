@@ -1,10 +1,10 @@
-/* Decode attention alone, on one thread (bench/attention_alone.py builds and runs it): one token's context of `ctx`
- * keys in every layer, chunk by chunk as a decode step's tasks take it, by the kernel's own task functions
- * (attend_part_allkv where the build gives a lone token's chunk every KV head, else attend_part_avx2 per KV head),
- * each task fetching the next one's first keys as att_task has it. Beside it, plain loads of the same K/V bytes in
- * the same order: what the pattern alone reads at. Pages lie in the arena in a shuffled order.
+/* Decode attention alone, on one thread or several side by side (bench/attention_alone.py builds and runs it): one
+ * token's context of `ctx` keys in every layer, chunk by chunk as a decode step's tasks take it, by the kernel's own
+ * task functions (attend_part_allkv where the build gives a lone token's chunk every KV head, else attend_part_avx2
+ * per KV head), each task fetching the next one's first keys as att_task has it. Beside it, plain loads of the same
+ * K/V bytes in the same order: what the pattern alone reads at. Pages lie in the arena in a shuffled order.
  *   cold: `seqs` sequences visited in turn, their K/V (seqs x layers x ctx x 2 KV d x 2 bytes) larger than the caches;
- *   hot: one layer's keys of the first sequence attended `layers` times (in L2 or L3 by the second time).
+ *   hot: one layer's keys of a sequence attended `layers` times (in L2 or L3 by the second time).
  *   threads > 1: as many threads at once (OpenMP), each on its own sequences (cold: sequence r, r + threads, ...;
  *   hot: sequence r's), as a decode step's threads attend side by side; the time a key is the wall time over the
  *   keys each thread attends.
@@ -121,14 +121,14 @@ static uint64_t read_context(const bench_case *b, int l) {
 }
 
 /* One thread's pass over its sequences of the case (attention, or plain reads): keys attended. */
-static double run_thread(const bench_case *b, int reads, float *q, float *sc, float *qf, float *out, double *sink) {
+static double run_thread(const bench_case *b, const bench_thread *w, int reads, double *sink) {
     const int L = b->m->num_layers;
     double keys = 0.0;
     for (int sq = b->first; sq < b->seqs; sq += b->step) {
         b->s->block_tables = b->tables + (size_t)sq * b->pps;
         for (int i = 0; i < L; i++) {
             const int l = b->hot ? 0 : i;
-            *sink += reads ? (double)(read_context(b, l) & 1) : attend_context(b, l, q, sc, qf, out);
+            *sink += reads ? (double)(read_context(b, l) & 1) : attend_context(b, l, w->q, w->sc, w->qf, w->out);
         }
         keys += (double)L * b->ctx;
     }
@@ -148,7 +148,7 @@ static double run_case(const bench_case *proto, int nt, bench_thread *th, int re
 #pragma omp barrier
 #pragma omp single
         t0 = now_s();
-        const double keys = run_thread(&b, reads, w->q, w->sc, w->qf, w->out, &sum);
+        const double keys = run_thread(&b, w, reads, &sum);
         most = keys > most ? keys : most;
     }
     *sink += sum;
