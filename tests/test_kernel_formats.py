@@ -334,13 +334,30 @@ def test_cpu_flags_off_hides_features(monkeypatch):
     assert cpu_features() == (machine, feats)
 
 
+def test_far_attention_fetches_only_where_prefetcht1_stops_at_l2():
+    """The AVX2 build asks the attention's far fetches into the L2 (MH_PREFETCH_L2) only on CPUs whose prefetcht1
+    stops there: Intel's and AMD's from Zen 4 (family 25 with AVX-512, later families), not Zen 1-3 (families 23 and
+    25 without AVX-512), whose prefetcht1 fills the L1 too."""
+    from multihead_nb.backends.native.cpu_kernel import PREFETCH_T1_L2, prefetch_t1_stops_at_l2
+
+    assert prefetch_t1_stops_at_l2("GenuineIntel", 6, {"avx2"})
+    assert prefetch_t1_stops_at_l2("AuthenticAMD", 25, {"avx2", "avx512f"})  # Zen 4
+    assert prefetch_t1_stops_at_l2("AuthenticAMD", 26, {"avx2"})  # Zen 5 (its AVX-512 hidden or not)
+    assert not prefetch_t1_stops_at_l2("AuthenticAMD", 25, {"avx2"})  # Zen 3
+    assert not prefetch_t1_stops_at_l2("AuthenticAMD", 23, {"avx2"})  # Zen 1 and 2
+    assert not prefetch_t1_stops_at_l2("HygonGenuine", 24, {"avx2"})
+    avx2 = frozenset({"avx2", "fma", "f16c"})
+    assert "-DMH_PREFETCH_L2=1" in isa_flags("avx2", "x86_64", avx2 | {PREFETCH_T1_L2})
+    assert not any("MH_PREFETCH_L2" in f for f in isa_flags("avx2", "x86_64", avx2))
+
+
 # ---- AVX-512 where this CPU cannot run it: it must at least compile --------------------------------------------
 def test_every_x86_build_compiles():
     machine, _ = cpu_features()
     if machine not in ("x86_64", "amd64"):
         pytest.skip("not an x86 machine")
     plain = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"})
-    for feats in (plain, plain | {"avx_vnni", "avx512_vnni"}):
+    for feats in (plain, plain | {"avx_vnni", "avx512_vnni", "prefetch_t1_l2"}):
         for isa in ("avx512", "avx2"):
             flags = isa_flags(isa, machine, feats)
             assert ("avx_vnni" in feats) == any(f in VNNI_FLAGS for f in flags)

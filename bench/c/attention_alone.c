@@ -70,7 +70,7 @@ static float attend_context(const bench_case *b, int l, float *q, float *sc, flo
         const uint16_t *next[MH_KEYS_AHEAD]; /* (not with the int8 cache: its rows are read as they are turned) */
         if (att_allkv_fits(m)) {
             const int na =
-                c + 1 < nch && !m->kv_int8 ? task_first_rows(m, b->s, l, after, 0, att_allkv_ahead(m), next) : 0;
+                c + 1 < nch && !m->kv_int8 ? task_first_rows(m, b->s, l, after, 0, att_allkv_next(m), next) : 0;
             attend_part_allkv(m, b->s, l, 0, q, j0, j0 + n - 1, sc, ch, qf, o, mx, sm, next, na, b->kv8);
             sum += o[0][0];
             continue;

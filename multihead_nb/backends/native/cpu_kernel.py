@@ -132,6 +132,7 @@ class CpuKernel:
 # ---- the CPU ---------------------------------------------------------------------------------------------------
 FLAGS_OFF_ENV = "MULTIHEAD_CPU_FLAGS_OFF"
 DOUBLE_PUMPED = "avx512_double_pumped"  # not a /proc/cpuinfo flag: AVX-512 on 256-bit units (cpu_features)
+PREFETCH_T1_L2 = "prefetch_t1_l2"  # not a /proc/cpuinfo flag: prefetcht1 stops at the L2 (prefetch_t1_stops_at_l2)
 DEFINES_ENV = "MULTIHEAD_KERNEL_DEFINES"
 
 
@@ -147,11 +148,21 @@ def kernel_defines() -> tuple[str, ...]:
     return tuple(out)
 
 
+def prefetch_t1_stops_at_l2(vendor: str, family: int, feats: set[str] | frozenset[str]) -> bool:
+    """Whether this x86 CPU's `prefetcht1` fills the L2 and not the L1: Intel's do (its manuals: "into level 2 cache and higher"), AMD's
+    from Zen 4 (family 25 with AVX-512, or later families); before Zen 4 AMD's fill the L1 too (public
+    measurements), where the attention's far fetches (mh_attention_allkv.h) would crowd the L1."""
+    if vendor == "GenuineIntel":
+        return True
+    return vendor == "AuthenticAMD" and (family > 25 or (family == 25 and "avx512f" in feats))
+
+
 def cpu_features() -> tuple[str, frozenset[str]]:
     """(machine, feature flags): x86 `flags` or ARM `Features` of /proc/cpuinfo (macOS: sysctl), plus
     `avx512_double_pumped` where AVX-512 runs on 256-bit units (AMD family 25, Zen 4: the kernel's Q8_0 decode then
-    goes 256 bits wide), less those named in $MULTIHEAD_CPU_FLAGS_OFF (e.g. "avx_vnni avx512_vnni": the builds a CPU
-    without VNNI gets, to measure them on this one)."""
+    goes 256 bits wide) and `prefetch_t1_l2` where prefetcht1 stops at the L2 (prefetch_t1_stops_at_l2), less those
+    named in $MULTIHEAD_CPU_FLAGS_OFF (e.g. "avx_vnni avx512_vnni": the builds a CPU without VNNI gets, to measure
+    them on this one)."""
     machine = platform.machine().lower()
     feats: set[str] = set()
     vendor = family = ""
@@ -168,6 +179,8 @@ def cpu_features() -> tuple[str, frozenset[str]]:
         pass
     if vendor == "AuthenticAMD" and family == "25" and "avx512f" in feats:
         feats.add(DOUBLE_PUMPED)
+    if family.isdigit() and prefetch_t1_stops_at_l2(vendor, int(family), feats):
+        feats.add(PREFETCH_T1_L2)
     if sys.platform == "darwin" and machine == "arm64":
         feats.add("asimd")
         try:
@@ -191,7 +204,8 @@ def isa_flags(isa: str, machine: str, feats: frozenset[str]) -> tuple[str, ...] 
                 *(("-mavx512vnni",) if "avx512_vnni" in feats else ()),
                 *(("-DMH_X8_Q8_YMM",) if DOUBLE_PUMPED in feats else ()))  # Q8_0's decode 256 bits wide
     if isa == "avx2" and x86 and {"avx2", "fma", "f16c"} <= feats:
-        return (*avx2, "-mtune=native", *(("-mavxvnni",) if "avx_vnni" in feats else ()))
+        return (*avx2, "-mtune=native", *(("-mavxvnni",) if "avx_vnni" in feats else ()),
+                *(("-DMH_PREFETCH_L2=1",) if PREFETCH_T1_L2 in feats else ()))  # the attention's far fetches
     if isa == "neon" and arm:
         return ("-march=armv8.2-a+dotprod",) if "asimddp" in feats else ("-march=armv8-a",)
     if isa == "scalar":

@@ -242,7 +242,7 @@ static void att_task(const mh_model *m, const mh_step *s, int l, const mh_att_wo
 #endif
         const uint16_t *ahead[MH_KEYS_AHEAD]; /* (not with the int8 cache: its rows are read as they are turned) */
         const int na = next >= 0 && !m->kv_int8
-                           ? task_first_rows(m, s, l, a->task[a->tasks - 1 - next], 0, att_allkv_ahead(m), ahead)
+                           ? task_first_rows(m, s, l, a->task[a->tasks - 1 - next], 0, att_allkv_next(m), ahead)
                            : 0;
         attend_part_allkv(m, s, l, t, qkv + (size_t)t * ldq, j0, j0 + n - 1, w->sc, ch, w->sc + (size_t)m->heads * ch,
                           o, mx, sm, ahead, na, (uint16_t *)w->kv8);

@@ -20,21 +20,35 @@ static inline int att_allkv_fits(const mh_model *m) {
 #ifndef MH_ALLKV_LINES_AHEAD
 #define MH_ALLKV_LINES_AHEAD 24
 #endif
-/* How many keys ahead attend_part_allkv also asks for its key and value rows into the L2 (prefetcht1), in AVX-512
- * builds: the near fetches above fill the L1's miss buffers, the L2 has more. On a Zen 4 (Q4_0, builds alternated in
- * one process) a step at batch 3 after 1024-token contexts 9.13 -> 8.41 ms and 9.83 -> 9.49 in two runs, batch 1
- * 5.60 -> 5.24 and 5.59 -> 5.44; after 160 tokens no change; attention alone (cold) 84 -> 70 ns per key. AVX2
- * builds leave it out: on the AVX2-only AMD CPUs before Zen 4 prefetcht1 fills the L1 too (public measurements),
- * where 32 keys of rows asked for at once into the L1 was slower (MH_ALLKV_LINES_AHEAD; not measured there). */
-#if defined(MH_ATT_ZMM)
+/* How many keys ahead attend_part_allkv also asks for its key and value rows into the L2 (prefetcht1): the near
+ * fetches above fill the L1's miss buffers, the L2 has more. In AVX-512 builds, and in AVX2 builds where the CPU's
+ * prefetcht1 stops at the L2 (MH_PREFETCH_L2: cpu_kernel.py's prefetch_t1_l2, Intel and AMD from Zen 4; on the AMD
+ * CPUs before Zen 4 prefetcht1 fills the L1 too, per public measurements, and 32 keys of rows asked for into the L1
+ * was slower). Near the end of a chunk the stream goes on into the thread's next task's first keys (`next`), so a
+ * task's first 32 keys do not wait on the memory one fetch at a time. Zen 4, the real Q4_0 file, in one process
+ * against the stream stopping at the chunk's end (bench/README.md): a step at batch 3 after 1024-token contexts 8.93
+ * -> 8.16 ms, batch 1 5.33 -> 5.13; after 128 tokens batch 3 5.24 -> 5.01; the AVX2 build, which had no far stream,
+ * 12.48 -> 10.77 and 5.46 -> 4.95. Zen 4 before the stream went on past the chunk: a step at batch 3 after
+ * 1024-token contexts 9.13 -> 8.41 ms (none against some). */
+#ifndef MH_ALLKV_FAR_KEYS
+#if defined(MH_ATT_ZMM) || MH_PREFETCH_L2
 #define MH_ALLKV_FAR_KEYS 32
 #else
 #define MH_ALLKV_FAR_KEYS 0
 #endif
+#endif
+_Static_assert(MH_ALLKV_FAR_KEYS <= MH_KEYS_AHEAD, "the next task's rows are at most MH_KEYS_AHEAD");
 
 static inline int att_allkv_ahead(const mh_model *m) {
     const int lines = (2 * m->head_dim * m->kv_heads + 63) / 64, keys = (MH_ALLKV_LINES_AHEAD + lines - 1) / lines;
     return keys < MH_KEYS_AHEAD ? keys : MH_KEYS_AHEAD;
+}
+
+/* How many of the thread's next task's first key rows attend_part_allkv is handed (`next`): those it fetches into
+ * the L1 (att_allkv_ahead) or, where the far stream runs, into the L2. */
+static inline int att_allkv_next(const mh_model *m) {
+    const int near = att_allkv_ahead(m);
+    return near > MH_ALLKV_FAR_KEYS ? near : MH_ALLKV_FAR_KEYS;
 }
 
 /* One chunk [j0, j1] of token t for every KV head at once (att_allkv_fits): for each 4 keys, each KV head's scores as
@@ -47,9 +61,10 @@ static inline int att_allkv_ahead(const mh_model *m) {
  * 13.58 -> 10.47 ms, batch 1 7.21 -> 6.58; after 160 tokens 6.74 -> 6.18; attention alone (cold, 1024 keys) 145 -> 92
  * ns per key (bench/README.md). q: the token's H d queries; sc: scratch [H, ldsc >= n]; qf: scratch [KV,
  * queries_kvh_floats(G, d)] (each KV head's queries as queries_kvh prepares them); per KV head h: o[h] [G, d],
- * mx[h], sm[h] [G] (attend_part_avx2's outputs); next [nnext]: key rows (KV head 0) of the
- * thread's next task, fetched whole while the values are summed. With the int8 K/V cache (m->kv_int8; AVX-512 BF16
- * builds: the others run attend_part_int8_x86) the chunk's rows are turned into bfloat16 ones in kv8
+ * mx[h], sm[h] [G] (attend_part_avx2's outputs); next [nnext <= att_allkv_next]: key rows (KV head 0) of the
+ * thread's next task's first keys: the far stream's (MH_ALLKV_FAR_KEYS) into the L2 during the last keys' scores, the
+ * first att_allkv_ahead whole into the L1 while the values are summed. With the int8 K/V cache (m->kv_int8;
+ * AVX-512 BF16 builds: the others run attend_part_int8_x86) the chunk's rows are turned into bfloat16 ones in kv8
  * (kv8_scratch_halves(n, KV, d)), 4 keys at a time before their scores (kv8_turn_keys), which the rest reads. */
 static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, int t, const float *q, int j0, int j1,
                               float *sc, int ldsc, float *qf, float *const *o, float *const *mx, float *const *sm,
@@ -79,8 +94,9 @@ static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, in
                 for (int c = kvh * 2 * d; c < (kvh + 1) * 2 * d; c += 64) {
                     if (k0 + ahead + i < n) _mm_prefetch((const char *)kp_all[k0 + ahead + i] + c, _MM_HINT_T0);
                     _mm_prefetch((const char *)(kp_all[k0 + i] + m->kv_stride) + c, _MM_HINT_T0);
-                    if (MH_ALLKV_FAR_KEYS && k0 + MH_ALLKV_FAR_KEYS + i < n) {
-                        const uint16_t *far = kp_all[k0 + MH_ALLKV_FAR_KEYS + i];
+                    const int jf = k0 + MH_ALLKV_FAR_KEYS + i; /* past the chunk: the next task's key jf - n */
+                    if (MH_ALLKV_FAR_KEYS && jf < n + nnext) {
+                        const uint16_t *far = jf < n ? kp_all[jf] : next[jf - n];
                         _mm_prefetch((const char *)far + c, _MM_HINT_T1);
                         _mm_prefetch((const char *)(far + m->kv_stride) + c, _MM_HINT_T1);
                     }
@@ -98,7 +114,7 @@ static void attend_part_allkv(const mh_model *m, const mh_step *s, int layer, in
     }
     for (int kvh = 0; kvh < KV; kvh++) softmax_rows(sc + (size_t)kvh * G * ldsc, ldsc, G, n, mx[kvh], sm[kvh]);
     weights_for_values(sc, ldsc, KV * G, n, d);
-    for (int j = 0; j < nnext; j++) prefetch_row(next[j], row_bytes);
+    for (int j = 0; j < nnext && j < ahead; j++) prefetch_row(next[j], row_bytes);
     for (int kvh = 0; kvh < KV; kvh++)
         for (int g0 = 0; g0 < G; g0 += 3) {
             const int ng = G - g0 < 3 ? G - g0 : 3;
