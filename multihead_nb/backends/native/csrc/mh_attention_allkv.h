@@ -1,7 +1,7 @@
 /* Attention of a lone token's chunk of keys for every KV head in one task (x86 builds): attend_part_allkv reads each
  * key's whole row, its KV heads side by side, where attend_part_avx2 reads one head's; the per-(head, key) operations
- * are attend_part_avx2's, so the bits are the same. Included by mh_attention_avx2.h (its helpers); the task plan that
- * chooses it is mh_attention_plan.h's. */
+ * are attend_part_avx2's, so the bits are the same. Included by mh_attention_avx2.h (its helpers:
+ * mh_attention_x86_ops.h); the task plan that chooses it is mh_attention_plan.h's. */
 #ifndef MH_ATTENTION_ALLKV_H
 #define MH_ATTENTION_ALLKV_H
 /* Whether a lone token's chunk takes all its KV heads in one task (attend_part_allkv): where a key's row for every KV

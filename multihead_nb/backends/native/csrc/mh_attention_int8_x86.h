@@ -11,8 +11,8 @@
  * rows into bfloat16 for the bfloat16 attention, as the AVX-512 BF16 builds do, cost the AVX2 build more than it saved
  * (without vcvtne2ps2bf16 rounding and packing take 7 instructions per 8 values on top of the widening's 3; decode at
  * batch 3 8% slower; bench/README.md).
- * Included by mh_attention_avx2.h (its helpers: softmax_rows, hsum4x8, store_scores4, rows3); knows nothing of the
- * threads' split. */
+ * Included by mh_attention_avx2.h (the helpers of mh_attention_x86_ops.h: softmax_rows, hsum4x8, store_scores4,
+ * rows3); knows nothing of the threads' split. */
 #ifndef MH_ATTENTION_INT8_X86_H
 #define MH_ATTENTION_INT8_X86_H
 /* Whether the int8 cache's prompt blocks run attend_block_int8 (AVX-512 builds without BF16: their lone tokens' int8

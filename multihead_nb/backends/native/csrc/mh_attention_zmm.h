@@ -1,4 +1,4 @@
-/* The lone-token attention's inner loops 512 bits wide, for AVX-512 builds: mh_attention_avx2.h includes it, and
+/* The lone-token attention's inner loops 512 bits wide, for AVX-512 builds: mh_attention_x86_ops.h includes it, and
  * where MH_ATT_ZMM is defined takes values_64x3 for each 64 value columns (each output's multiply-adds as the 8-lane
  * loops do them: the same bits as there) and, for head sizes that are multiples of 32, scores16_4x3 (below): each
  * score summed over 16 lanes, an order of this build's own, which the prompt blocks (mh_attention_block.h,
