@@ -5,8 +5,9 @@
 
 A variant is a space-separated list of C macros (`-DNAME` or `-DNAME=VALUE`, added to its kernel's build through
 $MULTIHEAD_KERNEL_DEFINES) and environment variables (`NAME=VALUE`, set while its runner is built, e.g.
-`MULTIHEAD_CPU_FLAGS_OFF=avx512f`) or the runner's `kv_cache=int8`, given as `--variant=...` (a value starting with
-`-` needs the `=`; quote one with spaces); an empty one is the code as it is. One process: each variant its own
+`MULTIHEAD_CPU_FLAGS_OFF=avx512f`; a kernel macro's name there is refused) or the runner's `kv_cache=int8`, given
+as `--variant=...` (a value starting with `-` needs the `=`; quote one with spaces); an empty one is the code as it
+is. One process: each variant its own
 runner (its own arena, its sequences prefilled with the same prompts), then `--steps` rounds of one step of every
 variant at every batch size, the order reversed each round, after 3 warm-up rounds. Per variant and batch: the
 median step, and in how many rounds its step was faster than the first variant's (a 2% difference shows as 60-65% of
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import time
 from unittest import mock
 
 import torch
 
-from multihead_nb.backends.native.cpu_kernel import DEFINES_ENV
+from multihead_nb.backends.native.cpu_kernel import CSRC, DEFINES_ENV
 
 from .decode_speed import make_runner, prefilled_groups
 
@@ -33,15 +35,29 @@ from .decode_speed import make_runner, prefilled_groups
 RUNNER_OPTIONS = ("kv_cache",)  # variant items passed to the runner, not set in the environment
 
 
+def kernel_macros() -> frozenset[str]:
+    """The MH_* names the kernel's C sources use (macros: a variant sets them with -D, never as NAME=VALUE)."""
+    names: set[str] = set()
+    for path in CSRC.iterdir():
+        if path.suffix in (".c", ".h"):
+            names.update(re.findall(r"\bMH_[A-Z0-9_]+\b", path.read_text()))
+    return frozenset(names)
+
+
 def parse_variant(text: str) -> dict[str, str]:
     """A variant's environment: its `-D` macros joined into $MULTIHEAD_KERNEL_DEFINES, its NAME=VALUE settings
-    (RUNNER_OPTIONS among them: `runner_options` takes those out)."""
+    (RUNNER_OPTIONS among them: `runner_options` takes those out). A NAME=VALUE naming one of the kernel's macros is
+    refused: as an environment variable the build would ignore it, and the variant would be the code as it is."""
     env, defines = {}, []
+    macros = kernel_macros()
     for item in text.split():
         if item.startswith("-D") and len(item) > 2:
             defines.append(item[2:])
         elif "=" in item and item.split("=", 1)[0].replace("_", "").isalnum():
             name, value = item.split("=", 1)
+            if name in macros:
+                raise ValueError(f"variant item {item!r} names the kernel's macro {name}: write -D{item} (as "
+                                 "NAME=VALUE it would only set an environment variable, which the build ignores)")
             env[name] = value
         else:
             raise ValueError(f"variant item {item!r} is neither -DNAME[=VALUE] nor NAME=VALUE")

@@ -298,7 +298,8 @@ def test_attention_alone_cold_cases_outgrow_the_last_level_cache(tmp_path):
 
 def test_step_pairs_variants_parse_and_refuse():
     """bench.step_pairs: a variant's -D macros become $MULTIHEAD_KERNEL_DEFINES, NAME=VALUE items settings; anything
-    else, or both kinds of macros at once, is refused by name; the environment is restored after a variant's build."""
+    else, both kinds of macros at once, or a kernel macro as NAME=VALUE, is refused by name; the environment is
+    restored after a variant's build."""
     from bench.step_pairs import environment, parse_variant
 
     assert parse_variant("") == {}
@@ -307,6 +308,9 @@ def test_step_pairs_variants_parse_and_refuse():
     for bad in ("-D", "fast", "-O2", "MULTIHEAD_KERNEL_DEFINES=A -DB"):
         with pytest.raises(ValueError, match="variant"):
             parse_variant(bad)
+    with pytest.raises(ValueError, match="-DMH_PF_AHEAD=8192"):  # a kernel macro without -D: refused, not ignored
+        parse_variant("MH_PF_AHEAD=8192")
+    assert parse_variant("MH_DUMMY=1") == {"MH_DUMMY": "1"}  # a name the kernel never reads: the code as it is
     os.environ.pop("MH_STEP_PAIRS_PROBE", None)
     with environment({"MH_STEP_PAIRS_PROBE": "1"}):
         assert os.environ["MH_STEP_PAIRS_PROBE"] == "1"
