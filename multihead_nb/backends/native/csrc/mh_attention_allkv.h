@@ -28,8 +28,8 @@ static inline int att_allkv_fits(const mh_model *m) {
  * task's first 32 keys do not wait on the memory one fetch at a time. Zen 4, the real Q4_0 file, in one process
  * against the stream stopping at the chunk's end (bench/README.md): a step at batch 3 after 1024-token contexts 8.93
  * -> 8.16 ms, batch 1 5.33 -> 5.13; after 128 tokens batch 3 5.24 -> 5.01; the AVX2 build, which had no far stream,
- * 12.48 -> 10.77 and 5.46 -> 4.95. Zen 4 before the stream went on past the chunk: a step at batch 3 after
- * 1024-token contexts 9.13 -> 8.41 ms (none against some). */
+ * 12.48 -> 10.77 and 5.46 -> 4.95. Zen 4, when the far stream came in (then stopping at the chunk's end), against
+ * none: a step at batch 3 after 1024-token contexts 9.13 -> 8.41 ms. */
 #ifndef MH_ALLKV_FAR_KEYS
 #if defined(MH_ATT_ZMM) || MH_PREFETCH_L2
 #define MH_ALLKV_FAR_KEYS 32
