@@ -7,11 +7,11 @@ A variant is a space-separated list of C macros (`-DNAME` or `-DNAME=VALUE`, add
 $MULTIHEAD_KERNEL_DEFINES) and environment variables (`NAME=VALUE`, set while its runner is built, e.g.
 `MULTIHEAD_CPU_FLAGS_OFF=avx512f`; a kernel macro's name there is refused) or the runner's `kv_cache=int8`, given
 as `--variant=...` (a value starting with `-` needs the `=`; quote one with spaces); an empty one is the code as it
-is. One process: each variant its own
-runner (its own arena, its sequences prefilled with the same prompts), then `--steps` rounds of one step of every
-variant at every batch size, the order reversed each round, after 3 warm-up rounds. Per variant and batch: the
-median step, and in how many rounds its step was faster than the first variant's (a 2% difference shows as 60-65% of
-300 rounds where the medians of blocks of steps spread by 5%; bench/README.md, "Zen 4 again"). Weights:
+is. One process: each variant its own runner (its own arena, its sequences prefilled with the same prompts), then
+`--steps` rounds of one step of every variant at every batch size, the order reversed each round, after 3 warm-up
+rounds. Per variant and batch: the median step, and in how many rounds its step was faster than the first
+variant's (a 2% difference shows as 60-65% of 300 rounds where the medians of blocks of steps spread by 5%;
+bench/README.md, "Zen 4 again"). Weights:
 SmolLM2-135M's shape with random values in `--format` (quantized at load), or with `--gguf` the real
 SmolLM2-135M-Instruct in that format (bench.llama_gguf: llama.cpp's tools make the files once).
 """
@@ -27,7 +27,7 @@ from unittest import mock
 
 import torch
 
-from multihead_nb.backends.native.cpu_kernel import CSRC, DEFINES_ENV
+from multihead_nb.backends.native.cpu_kernel import DEFINES_ENV, kernel_source_paths
 
 from .decode_speed import make_runner, prefilled_groups
 
@@ -37,11 +37,8 @@ RUNNER_OPTIONS = ("kv_cache",)  # variant items passed to the runner, not set in
 
 def kernel_macros() -> frozenset[str]:
     """The MH_* names the kernel's C sources use (macros: a variant sets them with -D, never as NAME=VALUE)."""
-    names: set[str] = set()
-    for path in CSRC.iterdir():
-        if path.suffix in (".c", ".h"):
-            names.update(re.findall(r"\bMH_[A-Z0-9_]+\b", path.read_text()))
-    return frozenset(names)
+    return frozenset(name for path in kernel_source_paths()
+                     for name in re.findall(r"\bMH_[A-Z0-9_]+\b", path.read_text()))
 
 
 def parse_variant(text: str) -> dict[str, str]:

@@ -149,9 +149,9 @@ def kernel_defines() -> tuple[str, ...]:
 
 
 def prefetch_t1_stops_at_l2(vendor: str, family: int, feats: set[str] | frozenset[str]) -> bool:
-    """Whether this x86 CPU's `prefetcht1` fills the L2 and not the L1: Intel's do (its manuals: "into level 2 cache and higher"), AMD's
-    from Zen 4 (family 25 with AVX-512, or later families); before Zen 4 AMD's fill the L1 too (public
-    measurements), where the attention's far fetches (mh_attention_allkv.h) would crowd the L1."""
+    """Whether this x86 CPU's `prefetcht1` fills the L2 and not the L1: Intel's do (its manuals: "into level 2 cache
+    and higher"), AMD's from Zen 4 (family 25 with AVX-512, or later families); before Zen 4 AMD's fill the L1 too
+    (public measurements), where the attention's far fetches (mh_attention_allkv.h) would crowd the L1."""
     if vendor == "GenuineIntel":
         return True
     return vendor == "AuthenticAMD" and (family > 25 or (family == 25 and "avx512f" in feats))
@@ -241,6 +241,11 @@ def _cpu_identity() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def kernel_source_paths() -> list[Path]:
+    """The kernel's C sources (csrc's .c and .h files), in name order."""
+    return [p for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h")]
+
+
 def compile_c(flags: tuple[str, ...], out_name: str, *, cc: str | None = None, sources: tuple[Path, ...] = (SOURCE,),
               cache_dir: Path | None = None) -> Path:
     """Compile `sources` with `cc` and `flags` (once per sources, flags, compiler and CPU); the output's path.
@@ -252,7 +257,7 @@ def compile_c(flags: tuple[str, ...], out_name: str, *, cc: str | None = None, s
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"C compiler {cc!r} does not run: {e}") from e
-    texts = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".c", ".h"))
+    texts = b"".join(p.read_bytes() for p in kernel_source_paths())
     texts += b"".join(p.read_bytes() for p in sources)
     key = hashlib.sha256(texts + repr((flags, cc, version, _cpu_identity())).encode()).hexdigest()[:16]
     stem, _, suffix = out_name.partition(".")
