@@ -76,7 +76,7 @@ def runner_for(spec, dtype, kernel: bool | str, fmt: str, tokens: int, activatio
 
 
 def main(argv=None) -> None:
-    from multihead_nb.backends.native.cpu_kernel import ISAS
+    from multihead_nb.backends.native.cpu_isa import ISAS
 
     from .llama_cpp import LLAMA_BUILDS
 
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     from multihead_nb.backends.native import read_spec
     from multihead_nb.backends.native.quant import QUANTIZABLE
 
-    from . import llama_cpp, llama_gguf
+    from . import llama_cpp, llama_gguf, llama_server
     from .real_model import real_checkpoint
 
     folder = real_checkpoint()
@@ -128,8 +128,8 @@ def main(argv=None) -> None:
                 fmt_same += sum(x == y for x, y in zip(ref_tokens_all[i], base_tokens[i]))
         llama_same = {}  # K/V cache -> llama-server's greedy tokens equal to the reference's
         for kv in args.kv_cache if tools is not None else ():
-            server = llama_cpp.LlamaServer(tools, llama_gguf.checkpoint_gguf(folder, fmt, tools), parallel=1,
-                                           threads=args.threads, extra_args=llama_cpp.KV_CACHE_ARGS[kv])
+            server = llama_server.LlamaServer(tools, llama_gguf.checkpoint_gguf(folder, fmt, tools), parallel=1,
+                                             threads=args.threads, extra_args=llama_cpp.KV_CACHE_ARGS[kv])
             try:
                 llama_same[kv] = sum(sum(x == y for x, y in zip(server.complete(p, args.tokens), r))
                                      for p, r in zip(prompts, ref_tokens_all))

@@ -33,8 +33,8 @@ CASES = ("attention-cold", "reads-cold", "attention-hot", "reads-hot")
 
 def build_driver(isa: str | None = None) -> tuple[Path, str]:
     """(executable, build name): the driver compiled with `isa`'s flags (default: the best this CPU runs)."""
-    from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, OPENMP_FLAG, compile_c, cpu_features,
-                                                         cpu_isas, isa_flags, kernel_defines)
+    from multihead_nb.backends.native.cpu_isa import cpu_features, cpu_isas, isa_flags
+    from multihead_nb.backends.native.cpu_kernel import COMMON_FLAGS, CSRC, OPENMP_FLAG, compile_c, kernel_defines
 
     machine, feats = cpu_features()
     isa = isa or cpu_isas()[0]
@@ -86,7 +86,7 @@ def run(exe: Path, shape: dict, context: int, seqs: int, reps: int, page_bytes: 
 
 
 def main(argv=None) -> None:
-    from multihead_nb.backends.native.cpu_kernel import ISAS
+    from multihead_nb.backends.native.cpu_isa import ISAS
     from multihead_nb.testing.checkpoints import SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -261,7 +261,8 @@ def main(argv=None) -> None:
 
     from multihead_nb.config import parse_dtype
     from multihead_nb.backends.native import read_spec
-    from multihead_nb.backends.native.cpu_kernel import cpu_features, cpu_isas, load_kernel
+    from multihead_nb.backends.native.cpu_isa import cpu_features, cpu_isas
+    from multihead_nb.backends.native.cpu_kernel import load_kernel
     from multihead_nb.testing import shape_checkpoint
 
     torch.set_num_threads(args.threads)

@@ -41,7 +41,8 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     import torch
 
     from .decode_speed import bench_interleaved, bench_prefill, wait_quiet
-    from .llama_cpp import llama_bench, server_steps
+    from .llama_cpp import llama_bench
+    from .llama_server import server_steps
 
     page_bytes = 256 * 1024
     wait_quiet()
@@ -85,7 +86,7 @@ def summary(pairs: list[dict]) -> dict:
 
 
 def main(argv=None) -> None:
-    from multihead_nb.backends.native.cpu_kernel import ISAS
+    from multihead_nb.backends.native.cpu_isa import ISAS
 
     from .llama_cpp import LLAMA_BUILDS
 

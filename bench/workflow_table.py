@@ -46,7 +46,8 @@ import sys
 import time
 from pathlib import Path
 
-from multihead_nb.backends.native.cpu_kernel import FLAGS_OFF_ENV, KernelUnavailable, load_kernel
+from multihead_nb.backends.native.cpu_isa import FLAGS_OFF_ENV
+from multihead_nb.backends.native.cpu_kernel import KernelUnavailable, load_kernel
 
 from . import vllm_peer
 from .llama_cpp import LLAMA_BUILDS
@@ -150,13 +151,13 @@ def main(argv=None) -> int:
     runners = {"sequential": bench.sequential_row, "transformers_cb": bench.cb_row, "multihead": bench.multihead_row}
     server = None
     if args.llama_server:
-        from . import llama_cpp, llama_gguf, llama_server_peer
+        from . import llama_cpp, llama_gguf, llama_server, llama_server_peer
 
         tools = llama_cpp.build(isa=args.llama_isa)
         gguf = llama_gguf.checkpoint_gguf(bench.ckpt, args.quantize or "bf16", tools)
         ctx = max(len(p) for plan in plans for p in plan.prompts.values()) + args.new_tokens + 64
-        server = llama_cpp.LlamaServer(tools, gguf, parallel=args.llama_parallel, threads=args.threads,
-                                       ctx_per_slot=ctx)
+        server = llama_server.LlamaServer(tools, gguf, parallel=args.llama_parallel, threads=args.threads,
+                                         ctx_per_slot=ctx)
         llama_server_peer.warm_up(server, plans)
         runners["llama_server"] = lambda plan: llama_server_peer.run_plan(server, plan, bench.n, args.llama_parallel)
         meta["llama_server"] = {"gguf": str(gguf), "parallel": args.llama_parallel, "format": args.quantize or "bf16",

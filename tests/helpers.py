@@ -31,7 +31,8 @@ def neon_build(isa: str, driver):
 
     import pytest
 
-    from multihead_nb.backends.native.cpu_kernel import COMMON_FLAGS, CSRC, compile_c, isa_flags
+    from multihead_nb.backends.native.cpu_isa import isa_flags
+    from multihead_nb.backends.native.cpu_kernel import COMMON_FLAGS, CSRC, compile_c
 
     cc = shutil.which("aarch64-linux-gnu-gcc")
     qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")

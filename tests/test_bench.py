@@ -252,7 +252,7 @@ def test_attention_alone_quick(capsys):
     plain reads, cold and hot) on a short context, on one thread and on two side by side; the builds without x86
     attention tasks, non-positive counts and more threads than sequences are refused by name."""
     from bench import attention_alone
-    from multihead_nb.backends.native.cpu_kernel import cpu_isas
+    from multihead_nb.backends.native.cpu_isa import cpu_isas
 
     with pytest.raises(SystemExit):
         attention_alone.main(["--context", "0"])

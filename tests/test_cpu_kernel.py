@@ -20,8 +20,8 @@ import torch
 from multihead_nb.errors import ConfigError
 from multihead_nb.memory import Arena
 from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
-from multihead_nb.backends.native.cpu_kernel import (DEFINES_ENV, DOUBLE_PUMPED, FLAGS_OFF_ENV, ISAS, _compiler,
-                                                   cpu_features, cpu_isas, load_kernel)
+from multihead_nb.backends.native.cpu_isa import DOUBLE_PUMPED, FLAGS_OFF_ENV, ISAS, cpu_features, cpu_isas
+from multihead_nb.backends.native.cpu_kernel import DEFINES_ENV, _compiler, load_kernel
 from multihead_nb.backends.native.fused_forward import FusedForward
 from multihead_nb.backends.native.kernel_weights import KernelWeights
 from multihead_nb.backends.native.quant import INTERLEAVED

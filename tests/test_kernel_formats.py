@@ -24,9 +24,9 @@ import pytest
 import torch
 from gguf.quants import quantize as gguf_quantize
 
-from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, ISAS, VNNI_FLAGS, CpuKernel, MatrixStruct,
-                                                     _compiler, compile_c, cpu_features, cpu_isas, isa_flags,
-                                                     load_kernel)
+from multihead_nb.backends.native.cpu_isa import FLAGS_OFF_ENV, ISAS, cpu_features, cpu_isas, isa_flags
+from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, VNNI_FLAGS, CpuKernel, MatrixStruct, _compiler,
+                                                     compile_c, load_kernel)
 from multihead_nb.backends.native.quant import FORMATS, INTERLEAVED, PackedMatrix, ggml_type, interleave, quantize
 
 from helpers import neon_build
@@ -321,16 +321,14 @@ def test_vnni_flag_unknown_to_the_compiler(tmp_path, monkeypatch):
 def test_cpu_flags_off_hides_features(monkeypatch):
     """$MULTIHEAD_CPU_FLAGS_OFF hides CPU features from the choice of build (to measure an older CPU's build here):
     without VNNI's flags no build compiles vpdpbusd in, without avx512f the best build is not AVX-512."""
-    import multihead_nb.backends.native.cpu_kernel as ck
-
     machine, feats = cpu_features()
-    monkeypatch.setenv(ck.FLAGS_OFF_ENV, "avx_vnni, avx512_vnni avx512f")
+    monkeypatch.setenv(FLAGS_OFF_ENV, "avx_vnni, avx512_vnni avx512f")
     _, hidden = cpu_features()
     assert hidden == feats - {"avx_vnni", "avx512_vnni", "avx512f"}
     assert "avx512" not in cpu_isas()
     if machine in ("x86_64", "amd64") and "avx2" in feats:
         assert not any(f in VNNI_FLAGS for f in isa_flags("avx2", machine, hidden))
-    monkeypatch.delenv(ck.FLAGS_OFF_ENV)
+    monkeypatch.delenv(FLAGS_OFF_ENV)
     assert cpu_features() == (machine, feats)
 
 
@@ -338,7 +336,7 @@ def test_far_attention_fetches_only_where_prefetcht1_stops_at_l2():
     """The AVX2 build asks the attention's far fetches into the L2 (MH_PREFETCH_L2) only on CPUs whose prefetcht1
     stops there: Intel's and AMD's from Zen 4 (family 25 with AVX-512, later families), not Zen 1-3 (families 23 and
     25 without AVX-512), whose prefetcht1 fills the L1 too."""
-    from multihead_nb.backends.native.cpu_kernel import PREFETCH_T1_L2, prefetch_t1_stops_at_l2
+    from multihead_nb.backends.native.cpu_isa import PREFETCH_T1_L2, prefetch_t1_stops_at_l2
 
     assert prefetch_t1_stops_at_l2("GenuineIntel", 6, {"avx2"})
     assert prefetch_t1_stops_at_l2("AuthenticAMD", 25, {"avx2", "avx512f"})  # Zen 4

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from multihead_nb.backends.native import ForwardBatch, ModelRunner, read_spec
-from multihead_nb.backends.native.cpu_kernel import (COMMON_FLAGS, CSRC, _compiler, compile_c, cpu_features, cpu_isas,
-                                                     isa_flags, load_kernel)
+from multihead_nb.backends.native.cpu_isa import cpu_features, cpu_isas, isa_flags
+from multihead_nb.backends.native.cpu_kernel import COMMON_FLAGS, CSRC, _compiler, compile_c, load_kernel
 from multihead_nb.backends.native.fused_forward import FusedForward
 from multihead_nb.backends.native.kernel_weights import KernelWeights
 from multihead_nb.backends.native.llama import RotaryTable

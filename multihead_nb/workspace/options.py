@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.native.cpu_kernel import ISAS
+from ..backends.native.cpu_isa import ISAS
 from ..config import device_memory, format_size, parse_size, resolve_device, resolve_dtype
 from ..errors import ConfigError
 

@@ -1,11 +1,10 @@
 """Build and load the fused CPU forward (`csrc/cpu_decode.c`) at run time, once per instruction set, with the C
 compiler the machine has.
 
-Owns: which instruction sets this CPU runs (`cpu_isas`: AVX-512 with BF16 and VNNI where present, AVX2 + FMA with
-AVX-VNNI where present, ARM NEON with dotprod where present, and scalar C for the rest, best first), the compiler
-flags of each, compiling the C source into a shared library cached on disk (keyed by the source, the flags, the
-compiler and the CPU), loading it with ctypes, and the ctypes mirrors of its structs. Knows nothing of models or
-batches (`fused_forward.py` fills the structs).
+Owns: compiling the C source with the flags of an instruction set this CPU runs (`cpu_isa.py` says which, best
+first, and their flags) into a shared library cached on disk (keyed by the source, the flags, the compiler and the
+CPU), trying the next set where one fails, loading it with ctypes, and the ctypes mirrors of its structs. Knows
+nothing of models or batches (`fused_forward.py` fills the structs).
 
 For measuring the kernel's tunables (`#ifndef` constants such as `MH_PF_AHEAD`), $MULTIHEAD_KERNEL_DEFINES adds
 macros to every build (`NAME` or `NAME=VALUE`, space-separated; part of the cache key); `bench.step_pairs` sets it per
@@ -25,17 +24,17 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .cpu_isa import ISAS, cpu_features, cpu_isas, isa_flags
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "cpu_decode.c"  # includes the headers beside it
 COMMON_FLAGS = ("-O3", "-std=gnu11", "-ffp-contract=off", "-Werror=implicit-function-declaration")  # no implicit FMA: one rounding order in every tile shape
 OPENMP_FLAG = "-fopenmp"  # left out, as a last resort, where the compiler has no OpenMP (Apple's clang): one thread
 LIB_FLAGS = (OPENMP_FLAG, "-shared", "-fPIC")
-ISAS = ("avx512", "avx2", "neon", "scalar")  # best first
 VNNI_FLAGS = ("-mavxvnni", "-mavx512vnni")  # integer products in one instruction where the CPU has it
 
 _f32p = ctypes.POINTER(ctypes.c_float)
@@ -129,10 +128,7 @@ class CpuKernel:
         return self.lib.mh_forward(ctypes.byref(model), ctypes.byref(step))
 
 
-# ---- the CPU ---------------------------------------------------------------------------------------------------
-FLAGS_OFF_ENV = "MULTIHEAD_CPU_FLAGS_OFF"
-DOUBLE_PUMPED = "avx512_double_pumped"  # not a /proc/cpuinfo flag: AVX-512 on 256-bit units (cpu_features)
-PREFETCH_T1_L2 = "prefetch_t1_l2"  # not a /proc/cpuinfo flag: prefetcht1 stops at the L2 (prefetch_t1_stops_at_l2)
+# ---- the build's macros ----------------------------------------------------------------------------------------
 DEFINES_ENV = "MULTIHEAD_KERNEL_DEFINES"
 
 
@@ -146,77 +142,6 @@ def kernel_defines() -> tuple[str, ...]:
             raise KernelUnavailable(f"${DEFINES_ENV} holds {item!r}, not a macro (NAME or NAME=VALUE)")
         out.append(f"-D{item}")
     return tuple(out)
-
-
-def prefetch_t1_stops_at_l2(vendor: str, family: int, feats: set[str] | frozenset[str]) -> bool:
-    """Whether this x86 CPU's `prefetcht1` fills the L2 and not the L1: Intel's do (its manuals: "into level 2 cache
-    and higher"), AMD's from Zen 4 (family 25 with AVX-512, or later families); before Zen 4 AMD's fill the L1 too
-    (public measurements), where the attention's far fetches (mh_attention_allkv.h) would crowd the L1."""
-    if vendor == "GenuineIntel":
-        return True
-    return vendor == "AuthenticAMD" and (family > 25 or (family == 25 and "avx512f" in feats))
-
-
-def cpu_features() -> tuple[str, frozenset[str]]:
-    """(machine, feature flags): x86 `flags` or ARM `Features` of /proc/cpuinfo (macOS: sysctl), plus
-    `avx512_double_pumped` where AVX-512 runs on 256-bit units (AMD family 25, Zen 4: the kernel's Q8_0 decode then
-    goes 256 bits wide) and `prefetch_t1_l2` where prefetcht1 stops at the L2 (prefetch_t1_stops_at_l2), less those
-    named in $MULTIHEAD_CPU_FLAGS_OFF (e.g. "avx_vnni avx512_vnni": the builds a CPU without VNNI gets, to measure
-    them on this one)."""
-    machine = platform.machine().lower()
-    feats: set[str] = set()
-    vendor = family = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    feats.update(line.split(":", 1)[1].split())
-                elif line.startswith("vendor_id"):
-                    vendor = line.split(":", 1)[1].strip()
-                elif line.startswith("cpu family"):
-                    family = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if vendor == "AuthenticAMD" and family == "25" and "avx512f" in feats:
-        feats.add(DOUBLE_PUMPED)
-    if family.isdigit() and prefetch_t1_stops_at_l2(vendor, int(family), feats):
-        feats.add(PREFETCH_T1_L2)
-    if sys.platform == "darwin" and machine == "arm64":
-        feats.add("asimd")
-        try:
-            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True,
-                                 timeout=10).stdout.strip()
-            if out == "1":
-                feats.add("asimddp")
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return machine, frozenset(feats - set(os.environ.get(FLAGS_OFF_ENV, "").replace(",", " ").split()))
-
-
-def isa_flags(isa: str, machine: str, feats: frozenset[str]) -> tuple[str, ...] | None:
-    """The compiler flags of `isa` on this CPU, or None where the CPU cannot run it."""
-    x86 = machine in ("x86_64", "amd64")
-    arm = machine in ("aarch64", "arm64")
-    avx2 = ("-mavx2", "-mfma", "-mf16c")
-    if isa == "avx512" and x86 and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= feats:
-        return (*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mtune=native",
-                *(("-mavx512bf16",) if "avx512_bf16" in feats else ()),
-                *(("-mavx512vnni",) if "avx512_vnni" in feats else ()),
-                *(("-DMH_X8_Q8_YMM",) if DOUBLE_PUMPED in feats else ()))  # Q8_0's decode 256 bits wide
-    if isa == "avx2" and x86 and {"avx2", "fma", "f16c"} <= feats:
-        return (*avx2, "-mtune=native", *(("-mavxvnni",) if "avx_vnni" in feats else ()),
-                *(("-DMH_PREFETCH_L2=1",) if PREFETCH_T1_L2 in feats else ()))  # the attention's far fetches
-    if isa == "neon" and arm:
-        return ("-march=armv8.2-a+dotprod",) if "asimddp" in feats else ("-march=armv8-a",)
-    if isa == "scalar":
-        return ("-DMH_SCALAR",)
-    return None
-
-
-def cpu_isas() -> list[str]:
-    """The instruction sets this CPU runs, best first (scalar always last)."""
-    machine, feats = cpu_features()
-    return [isa for isa in ISAS if isa_flags(isa, machine, feats) is not None]
 
 
 # ---- building --------------------------------------------------------------------------------------------------

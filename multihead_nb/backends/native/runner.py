@@ -14,7 +14,8 @@ from ...errors import ConfigError
 from ...memory import Arena
 from .attention import build_metadata
 from ..batch import ForwardBatch
-from .cpu_kernel import ISAS, KernelUnavailable, load_kernel
+from .cpu_isa import ISAS
+from .cpu_kernel import KernelUnavailable, load_kernel
 from .fused_forward import FusedForward, unsupported
 from .kernel_weights import KernelWeights, gguf_weights
 from .kernel_weights import problem as weight_problem

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from ...backends.native.cpu_kernel import ISAS
+from ...backends.native.cpu_isa import ISAS
 from ...config import parse_size
 from ...errors import ConfigError
 from ...workspace.heads import HEAD_OPTIONS
