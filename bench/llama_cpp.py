@@ -165,7 +165,8 @@ def compare(tools, files: dict[str, Path], threads: int, prompt: int, gen: int, 
 
     from multihead_nb.backends.native import read_spec
 
-    from .decode_speed import bench_interleaved, bench_prefill, make_runner, wait_quiet
+    from .decode_speed import bench_interleaved, bench_prefill, make_runner
+    from .host import wait_quiet
     from .llama_server import server_steps
 
     torch.set_num_threads(threads)
@@ -230,7 +231,7 @@ def main(argv=None) -> None:
         print("\n".join(f"{k}: {v}" for k, v in files.items()))
         return
     if args.command == "compare":
-        from .decode_speed import read_bandwidth
+        from .host import read_bandwidth
 
         import torch
 

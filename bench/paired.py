@@ -40,7 +40,8 @@ def measure_pair(tools, path: Path, spec, runner, args, i: int) -> dict:
     """One pair's figures for one format: llama.cpp's and MultiHead's, back to back."""
     import torch
 
-    from .decode_speed import bench_interleaved, bench_prefill, wait_quiet
+    from .decode_speed import bench_interleaved, bench_prefill
+    from .host import wait_quiet
     from .llama_cpp import llama_bench
     from .llama_server import server_steps
 
@@ -116,7 +117,8 @@ def main(argv=None) -> None:
     from multihead_nb.backends.native import read_spec
     from multihead_nb.backends.native.cpu_kernel import load_kernel
 
-    from .decode_speed import make_runner, read_bandwidth
+    from .decode_speed import make_runner
+    from .host import read_bandwidth
     from .llama_cpp import build
     from .llama_gguf import gguf_files
 
