@@ -95,9 +95,11 @@ static inline void kv8_values_64x3(const int8_t *const *rows, int64_t off, const
         for (int i = 0; i < 4; i++) _mm512_storeu_ps(o + (size_t)g * d + 16 * i, res[g][i]);
 }
 #else
-/* As above, 8 lanes (c = l, l + 8, ...; hsum4x8). */
+/* As above, 8 lanes (c = l, l + 8, ...; hsum4x8). kf: always NULL here (only the 16-lane builds turn a block's rows
+ * into float32 first: MH_KV8_OWN_BLOCKS). */
 static inline void kv8_scores_4x3(const float *const *qg, const int8_t *const *kp, const float *const *ks,
                                   const float *const *kf, int d, __m128 out[3]) {
+    (void)kf;
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
     for (int c = 0; c < d; c += 8) {
@@ -105,7 +107,7 @@ static inline void kv8_scores_4x3(const float *const *qg, const int8_t *const *k
         const __m256 q2 = _mm256_loadu_ps(qg[2] + c);
 #define MH_KV8_KEY(i, x0, x1, x2)                                                                                  \
     {                                                                                                              \
-        const __m256 k = kf ? _mm256_loadu_ps(kf[i] + c) : kv8_f32x8(kp[i] + c, _mm256_set1_ps(ks[i][c / 32]));  \
+        const __m256 k = kv8_f32x8(kp[i] + c, _mm256_set1_ps(ks[i][c / 32]));                                     \
         x0 = _mm256_fmadd_ps(q0, k, x0), x1 = _mm256_fmadd_ps(q1, k, x1), x2 = _mm256_fmadd_ps(q2, k, x2);         \
     }
         MH_KV8_KEY(0, a00, a10, a20) MH_KV8_KEY(1, a01, a11, a21) MH_KV8_KEY(2, a02, a12, a22)
