@@ -22,7 +22,7 @@ static inline int att_allkv_fits(const mh_model *m) {
 #endif
 /* How many keys ahead attend_part_allkv also asks for its key and value rows into the L2 (prefetcht1): the near
  * fetches above fill the L1's miss buffers, the L2 has more. In AVX-512 builds, and in AVX2 builds where the CPU's
- * prefetcht1 stops at the L2 (MH_PREFETCH_L2: cpu_kernel.py's prefetch_t1_l2, Intel and AMD from Zen 4; on the AMD
+ * prefetcht1 stops at the L2 (MH_PREFETCH_L2: cpu_isa.py's prefetch_t1_l2, Intel and AMD from Zen 4; on the AMD
  * CPUs before Zen 4 prefetcht1 fills the L1 too, per public measurements, and 32 keys of rows asked for into the L1
  * was slower). Near the end of a chunk the stream goes on into the thread's next task's first keys (`next`), so a
  * task's first 32 keys do not wait on the memory one fetch at a time. Zen 4, the real Q4_0 file, in one process

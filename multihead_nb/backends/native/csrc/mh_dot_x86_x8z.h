@@ -2,7 +2,7 @@
  * consecutive blocks of a group of 8 rows per vector (tile_x8_blocks2: decode, and Q8_0's prefill) and Q4_0x8 ..
  * Q5_1x8 two groups per vector (tile_x8_groups2: prefill), both summing even and odd blocks apart, so one format's
  * products have one order in this build. Where the CPU runs 512-bit operations on 256-bit units (Zen 4:
- * MH_X8_Q8_YMM, set by cpu_kernel.py), Q8_0x8's decode takes the 256-bit tile_x8 instead (bench/README.md: Q8_0
+ * MH_X8_Q8_YMM, set by cpu_isa.py), Q8_0x8's decode takes the 256-bit tile_x8 instead (bench/README.md: Q8_0
  * steps 6-15% faster there) and its prefill tile_x8_groups2 with every block in one chain, in tile_x8's order.
  * Included by mh_dot_x86_x8.h, whose 256-bit tiles the other builds (and the K-quants here) run; reads the
  * activations as mh_matmul.h arranges them (ACT_Z). Knows nothing of the tiling. */
